@@ -1,0 +1,1 @@
+"""The ``vpsde`` command line."""

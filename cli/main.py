@@ -1,0 +1,201 @@
+"""``vpsde export | sample | inspect``: one command, subcommands, no tracebacks unless --verbose."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from vpsde.runtime.errors import VpsdeError
+
+EXAMPLES = """examples:
+  vpsde export --model gmm --steps 1000 --out build/gmm-em
+  vpsde sample build/gmm-em --num 64 --seed 0 --out out/gmm
+  vpsde inspect build/gmm-em
+"""
+
+
+class UsageError(VpsdeError):
+    """A bad command-line argument."""
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated sizes like 1,16,16, got {text!r}") from None
+    if not shape or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"sizes must be positive, got {text!r}")
+    return shape
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"expected 0 <= seed < 2^64, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(prog="vpsde", description="Deploy VP-SDE score-model samplers as ONNX bundles.",
+                                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--verbose", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{export,sample,inspect}")
+
+    p = sub.add_parser("export", help="export a score model + sampler step to a bundle (needs torch)",
+                       formatter_class=fmt, description="Export the sampler step around a score model to ONNX "
+                       "and write a bundle directory (graphs + manifest.json).")
+    p.add_argument("--model", required=True,
+                   help="model spec: gmm[:dim=2,components=3,seed=0] | unet-random[:seed=0,channels=16] | "
+                        "py:package.module:factory")
+    p.add_argument("--out", required=True, type=Path, help="bundle directory to write")
+    p.add_argument("--sampler", default="em", choices=["em"], help="step kind")
+    p.add_argument("--steps", type=_positive, default=1000, help="number of sampler steps N")
+    p.add_argument("--grid", default="diffusers", choices=["diffusers", "uniform"],
+                   help="time grid: diffusers = linspace(1, eps, N) with dt = -1/N (bit parity with diffusers); "
+                        "uniform = N equal steps from 1 to eps")
+    p.add_argument("--noise", default="philox", choices=["philox", "torch"],
+                   help="default noise generator recorded in the manifest (philox = portable spec)")
+    p.add_argument("--beta-min", type=float, default=0.1)
+    p.add_argument("--beta-max", type=float, default=20.0)
+    p.add_argument("--sampling-eps", type=float, default=1e-3)
+    p.add_argument("--sample-shape", type=_shape, default=None, help="C,H,W for a py: model that is a plain nn.Module")
+    p.add_argument("--value-range", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="data range of image samples, for PNG output (default: the model's, else none)")
+    p.add_argument("--opset", type=int, default=18)
+    p.add_argument("--force", action="store_true", help="replace an existing bundle directory")
+
+    p = sub.add_parser("sample", help="draw samples from a bundle (no torch needed)", formatter_class=fmt,
+                       description="Run the bundle's timestep loop and write samples.npz (+ grid.png for images).")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--out", type=Path, default=Path("out"), help="output directory")
+    p.add_argument("--num", type=_positive, default=64, help="number of samples")
+    p.add_argument("--seed", type=_seed, default=0)
+    p.add_argument("--batch-size", type=_positive, default=None, help="samples per graph call (default: all)")
+    p.add_argument("--first-sample", type=int, default=0,
+                   help="global index of the first sample (for sharding: same seed, disjoint index ranges)")
+    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime"])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--noise", default=None, choices=["philox", "torch"], help="override the manifest's generator")
+    p.add_argument("--no-nan-guard", action="store_true", help="skip the per-step NaN/Inf check")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("inspect", help="validate a bundle and print its manifest summary", formatter_class=fmt)
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
+    return parser
+
+
+def _noise_id(name: str | None) -> str | None:
+    from vpsde.runtime.noise import PHILOX_ID, TORCH_ID
+
+    return {None: None, "philox": PHILOX_ID, "torch": TORCH_ID}[name]
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    try:
+        from vpsde.export import VPSDE, export_bundle, load_model
+        from vpsde.export.sources import ModelSpecError
+    except ImportError as e:
+        raise UsageError(f"vpsde export needs torch and onnx ({e}); install them with pip install 'vpsde[export]' "
+                         "after installing the torch build you want") from None
+    try:
+        sde = VPSDE(args.beta_min, args.beta_max, args.sampling_eps,
+                    std_formula="diffusers" if args.grid == "diffusers" else "expm1")
+        model = load_model(args.model, sde, sample_shape=args.sample_shape)
+    except (ModelSpecError, ValueError) as e:
+        raise UsageError(str(e)) from e
+    value_range = args.value_range or getattr(model, "value_range", None)
+    if value_range is None and len(model.sample_shape) == 3:
+        value_range = (-1.0, 1.0)
+    try:
+        export_bundle(model, args.out, steps=args.steps, grid=args.grid, sde=sde, noise=_noise_id(args.noise),
+                      opset=args.opset, value_range=value_range, source=args.model, overwrite=args.force)
+    except FileExistsError as e:
+        raise UsageError(str(e)) from e
+    print(args.out)
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    from vpsde.runtime import Bundle, Sampler
+    from vpsde.runtime.images import image_grid, save_npz, save_png
+
+    if args.first_sample < 0:
+        raise UsageError(f"--first-sample must be >= 0, got {args.first_sample}")
+    bundle = Bundle.load(args.bundle)
+    sampler = Sampler(bundle, backend=args.backend, device=args.device, nan_guard=not args.no_nan_guard,
+                      progress=not args.no_progress)
+    t0 = time.perf_counter()
+    samples = sampler.sample(args.num, seed=args.seed, batch_size=args.batch_size, first_sample=args.first_sample,
+                             generator=_noise_id(args.noise))
+    elapsed = time.perf_counter() - t0
+    args.out.mkdir(parents=True, exist_ok=True)
+    m = bundle.manifest
+    npz = args.out / "samples.npz"
+    save_npz(npz, samples=samples, seed=np.uint64(args.seed), first_sample=np.int64(args.first_sample),
+             generator=np.str_(_noise_id(args.noise) or m.noise.generator), bundle=np.str_(str(args.bundle)))
+    print(f"sampled {args.num} x {m.model.sample_shape} in {elapsed:.2f} s "
+          f"({m.sampler.steps} {m.sampler.name} steps, {args.backend}/{args.device})")
+    print(f"wrote {npz}")
+    if m.model.value_range and len(m.model.sample_shape) == 3:
+        png = args.out / "grid.png"
+        save_png(png, image_grid(samples, tuple(m.model.value_range)))
+        print(f"wrote {png}")
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    from vpsde.runtime import Bundle
+
+    bundle = Bundle.load(args.bundle)
+    m = bundle.manifest
+    if args.json:
+        print(json.dumps(m.to_dict(), indent=2))
+        return
+    print(f"bundle      {bundle.root}  (schema v{m.schema_version}, sha256 verified)")
+    print(f"model       {m.model.name}  sample {m.model.sample_shape}  time label {m.model.time_label}")
+    print(f"sde         VP beta [{m.sde.beta_min}, {m.sde.beta_max}]  eps {m.sde.sampling_eps}  std {m.sde.std_formula}")
+    print(f"sampler     {m.sampler.name}  {m.sampler.steps} steps  {m.sampler.grid} grid  final {m.sampler.final}")
+    print(f"program     {' -> '.join(f'{c.graph}x{c.repeat}' for c in m.sampler.program)}")
+    print(f"noise       {m.noise.generator}")
+    for key, g in m.graphs.items():
+        io = lambda specs: ", ".join(f"{s.name}:{s.dtype}{s.shape}" for s in specs)  # noqa: E731
+        print(f"graph {key:<5} {g.file} opset {g.opset}\n  in  {io(g.inputs)}\n  out {io(g.outputs)}")
+    print(f"producer    {', '.join(f'{k} {v}' for k, v in m.producer.items())}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        {"export": cmd_export, "sample": cmd_sample, "inspect": cmd_inspect}[args.command](args)
+    except VpsdeError as e:
+        if args.verbose:
+            raise
+        print(f"vpsde {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,278 @@
+"""The bundle manifest (``manifest.json``, schema version 1): typed, validated on read, written atomically.
+
+Every host (this runtime, the C++ host, a serving engine) drives a bundle from this file alone. Errors name
+the file and the dotted field path, and say what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import tempfile
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+from vpsde.runtime.errors import BundleError
+
+FORMAT = "vpsde-bundle"
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+DTYPES = ("float32", "float16", "bfloat16", "int64", "int32")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A graph input or output: dtype name and shape, with a string (e.g. "batch") for a symbolic dimension."""
+
+    name: str
+    dtype: str
+    shape: list[Union[int, str]]
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """One ONNX graph of the bundle (one per step kind)."""
+
+    file: str
+    sha256: str
+    opset: int
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+
+@dataclass(frozen=True)
+class SDESpec:
+    """The VP-SDE the graphs implement (metadata: the schedule arrays already carry what a host needs)."""
+
+    kind: str
+    beta_min: float
+    beta_max: float
+    sampling_eps: float
+    num_train_timesteps: int
+    std_formula: str
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The score model fused into the graphs. ``sample_shape`` excludes the batch dimension; ``value_range``
+    is the data range of image samples ([lo, hi] maps to pixel 0..255), null for non-image data."""
+
+    name: str
+    sample_shape: list[int]
+    time_label: str
+    weights_sha256: Union[str, None] = None
+    source: str = ""
+    value_range: Union[list[float], None] = None
+
+
+@dataclass(frozen=True)
+class ProgramCall:
+    """One graph call of a sampler step: the graph's key in ``graphs``, repeated ``repeat`` times."""
+
+    graph: str
+    repeat: int = 1
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """What to run: ``program`` is the sequence of graph calls made at every step, in order; ``final`` names
+    the output of the last call that is the sample (``x_mean``: no noise added at the last step)."""
+
+    name: str
+    steps: int
+    grid: str
+    program: list[ProgramCall]
+    final: str = "x_mean"
+
+
+@dataclass(frozen=True)
+class ScheduleSpec:
+    """Per-step scalars, one entry per step, fed to the graph inputs of the same name (cast to the input's
+    dtype; the values are exactly representable in float32)."""
+
+    t: list[float]
+    dt: list[float]
+    sqrt_neg_dt: list[float]
+
+
+@dataclass(frozen=True)
+class NoiseSpec:
+    """How the host draws noise. ``generator``: "philox4x32-10/box-muller/v1" (portable) or "torch".
+    The prior x_T is noise call 0; each graph call with a ``noise`` input consumes the next call index."""
+
+    generator: str
+    prior: str = "call 0"
+    per_call: str = "one draw per graph call with a 'noise' input, counted in program order from 1"
+
+
+@dataclass(frozen=True)
+class Manifest:
+    format: str
+    schema_version: int
+    sde: SDESpec
+    model: ModelSpec
+    sampler: SamplerSpec
+    schedule: ScheduleSpec
+    graphs: dict[str, GraphSpec]
+    noise: NoiseSpec
+    producer: dict[str, str] = field(default_factory=dict)
+
+    # -- (de)serialisation --------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = MANIFEST_NAME) -> "Manifest":
+        """Validate ``data`` (parsed JSON) field by field; raise :class:`BundleError` naming the field."""
+        if not isinstance(data, dict):
+            raise BundleError(f"{source}: expected a JSON object at the top level, got {type(data).__name__}")
+        if data.get("format") != FORMAT:
+            raise BundleError(f"{source}: field 'format': expected {FORMAT!r}, got {data.get('format')!r}")
+        version = data.get("schema_version")
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise BundleError(f"{source}: field 'schema_version': expected an integer, got {version!r}")
+        if version != SCHEMA_VERSION:
+            raise BundleError(
+                f"{source}: field 'schema_version': this runtime reads schema version {SCHEMA_VERSION}, the "
+                f"bundle has {version}; re-export the bundle or use a vpsde release that reads version {version}"
+            )
+        manifest = _convert(cls, data, source, "")
+        manifest._check_consistency(source)
+        return manifest
+
+    def _check_consistency(self, source: str) -> None:
+        n = self.sampler.steps
+        if n < 1:
+            raise BundleError(f"{source}: field 'sampler.steps': expected >= 1, got {n}")
+        for key in ("t", "dt", "sqrt_neg_dt"):
+            values = getattr(self.schedule, key)
+            if len(values) != n:
+                raise BundleError(f"{source}: field 'schedule.{key}': expected {n} values (sampler.steps), got {len(values)}")
+        if any(d >= 0 for d in self.schedule.dt):
+            raise BundleError(f"{source}: field 'schedule.dt': reverse-time steps must be negative")
+        if not self.sampler.program:
+            raise BundleError(f"{source}: field 'sampler.program': expected at least one graph call")
+        for i, call in enumerate(self.sampler.program):
+            if call.graph not in self.graphs:
+                raise BundleError(f"{source}: field 'sampler.program[{i}].graph': {call.graph!r} is not in 'graphs' "
+                                  f"(have {sorted(self.graphs)})")
+            if call.repeat < 1:
+                raise BundleError(f"{source}: field 'sampler.program[{i}].repeat': expected >= 1, got {call.repeat}")
+        if any(s < 1 for s in self.model.sample_shape):
+            raise BundleError(f"{source}: field 'model.sample_shape': expected positive sizes, got {self.model.sample_shape}")
+        for key, g in self.graphs.items():
+            for kind, specs in (("inputs", g.inputs), ("outputs", g.outputs)):
+                for j, spec in enumerate(specs):
+                    if spec.dtype not in DTYPES:
+                        raise BundleError(f"{source}: field 'graphs.{key}.{kind}[{j}].dtype': expected one of "
+                                          f"{DTYPES}, got {spec.dtype!r}")
+            last = self.sampler.program[-1].graph
+            if key == last and self.sampler.final not in {o.name for o in g.outputs}:
+                raise BundleError(f"{source}: field 'sampler.final': graph {key!r} has no output {self.sampler.final!r}")
+
+    # -- files ----------------------------------------------------------------------------------------------
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> "Manifest":
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise BundleError(f"{path}: no manifest here; a bundle is a directory with {MANIFEST_NAME}") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise BundleError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_dict(data, source=str(path))
+
+    def write(self, path: str | os.PathLike) -> None:
+        """Write as JSON, atomically (temporary file in the same directory, then rename)."""
+        text = json.dumps(self.to_dict(), indent=2)
+        # one line per number list (schedule arrays, shapes) keeps the file readable
+        text = re.sub(r"\[\s*([-+0-9.eE,\s\"a-z]*?)\s*\]", lambda m: "[" + re.sub(r"\s*,\s*", ", ", m.group(1)) + "]", text)
+        atomic_write_text(Path(path), text + "\n")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file in the same directory and a rename (mode 0644)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o644)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# -- generic, field-naming conversion of parsed JSON into the dataclasses above -------------------------------
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return f"an object of {_type_name(typing.get_args(tp)[1])}"
+    if dataclasses.is_dataclass(tp):
+        return "an object"
+    return {int: "an integer", float: "a number", str: "a string", type(None): "null"}.get(tp, str(tp))
+
+
+def _convert(tp: Any, value: Any, source: str, where: str) -> Any:
+    def fail() -> BundleError:
+        return BundleError(f"{source}: field '{where or '<root>'}': expected {_type_name(tp)}, got {value!r:.80}")
+
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _convert(arg, value, source, where)
+            except BundleError:
+                continue
+        raise fail()
+    if origin is list:
+        if not isinstance(value, list):
+            raise fail()
+        (arg,) = typing.get_args(tp)
+        return [_convert(arg, v, source, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise fail()
+        arg = typing.get_args(tp)[1]
+        return {str(k): _convert(arg, v, source, f"{where}.{k}" if where else str(k)) for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise fail()
+        hints = typing.get_type_hints(tp)
+        kwargs = {}
+        for f in dataclasses.fields(tp):
+            sub = f"{where}.{f.name}" if where else f.name
+            if f.name not in value:
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                    raise BundleError(f"{source}: field '{sub}' is missing ({_type_name(hints[f.name])} expected)")
+                continue
+            kwargs[f.name] = _convert(hints[f.name], value[f.name], source, sub)
+        return tp(**kwargs)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise fail()
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise fail()
+        return value
+    if tp is type(None):
+        if value is not None:
+            raise fail()
+        return None
+    if not isinstance(value, tp):
+        raise fail()
+    return value
