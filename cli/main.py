@@ -92,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="global index of the first sample (for sharding: same seed, disjoint index ranges)")
     p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime"])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--threads", type=_positive, default=None, help="intra-op CPU threads (default: all cores)")
     p.add_argument("--noise", default=None, choices=["philox", "torch"], help="override the manifest's generator")
     p.add_argument("--no-nan-guard", action="store_true", help="skip the per-step NaN/Inf check")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -142,7 +143,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
         raise UsageError(f"--first-sample must be >= 0, got {args.first_sample}")
     bundle = Bundle.load(args.bundle)
     sampler = Sampler(bundle, backend=args.backend, device=args.device, nan_guard=not args.no_nan_guard,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, threads=args.threads)
     t0 = time.perf_counter()
     samples = sampler.sample(args.num, seed=args.seed, batch_size=args.batch_size, first_sample=args.first_sample,
                              generator=_noise_id(args.noise))

@@ -2,7 +2,7 @@
 
 from vpsde.export.bundle import export_bundle
 from vpsde.export.grids import time_grid
-from vpsde.export.sde import VPSDE
+from vpsde.models.sde import VPSDE
 from vpsde.export.sources import load_model
 from vpsde.export.steps import EulerMaruyamaStep
 

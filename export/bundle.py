@@ -14,7 +14,7 @@ import torch
 
 from vpsde.export.grids import GRIDS, time_grid
 from vpsde.export.onnx_export import DEFAULT_OPSET, export_step_graph
-from vpsde.export.sde import VPSDE
+from vpsde.models.sde import VPSDE
 from vpsde.export.steps import EulerMaruyamaStep
 from vpsde.models.base import ScoreModel
 from vpsde.runtime.bundle import Bundle, sha256_file

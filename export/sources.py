@@ -1,5 +1,7 @@
 """Resolve a model spec string (the CLI's ``--model``) into a :class:`ScoreModel`. No hub downloads.
 
+    digits                                    the shipped model: DDPM++-style UNet trained on 16x16 digits
+    weights:PATH.json                         a SmallUNet trained by vpsde.models.train_digits (its JSON config)
     gmm[:dim=2,components=3,seed=0]           analytic Gaussian-mixture score (exact, known ground truth)
     unet-random[:seed=0,channels=16,...]      small DDPM++-style UNet with random weights, sample [1, 16, 16]
     py:package.module:factory                 any callable returning a ScoreModel, or an nn.Module
@@ -14,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vpsde.export.sde import VPSDE
+from vpsde.models.sde import VPSDE
 from vpsde.models import GaussianMixture, GaussianMixtureScore, ScoreModel, SmallUNet, TimeLabelAdapter, UNetConfig
 
 SPEC_HELP = __doc__
@@ -41,7 +43,14 @@ def load_model(spec: str, sde: VPSDE, sample_shape: tuple[int, ...] | None = Non
                label_scale: float = 999.0) -> ScoreModel:
     """Build the model a spec names, in eval mode."""
     kind, _, rest = spec.partition(":")
-    if kind == "gmm":
+    if kind in ("digits", "weights"):
+        from vpsde.models.shipped import WeightsError, load_shipped
+
+        try:
+            model = load_shipped(rest if kind == "weights" else None)
+        except WeightsError as e:
+            raise ModelSpecError(str(e)) from None
+    elif kind == "gmm":
         o = _options(rest, {"dim": int, "components": int, "seed": int})
         model: ScoreModel = GaussianMixtureScore(GaussianMixture.default(**o), sde, name=f"gmm:{rest}" if rest else "gmm")
     elif kind == "unet-random":

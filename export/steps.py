@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vpsde.export.sde import VPSDE
+from vpsde.models.sde import VPSDE
 from vpsde.models.base import ScoreModel
 
 

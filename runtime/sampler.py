@@ -32,13 +32,14 @@ class Sampler:
         backend: "onnxruntime" (CPU by default; ``device="cuda"`` for the CUDA execution provider).
         nan_guard: check every graph output for NaN/Inf and raise :class:`NonFiniteError` naming the step.
         progress: show a progress bar over steps.
+        threads: intra-op CPU threads of the backend (default: all cores).
     """
 
     def __init__(self, bundle: Bundle | str | os.PathLike, backend: str = "onnxruntime", device: str = "cpu",
-                 nan_guard: bool = True, progress: bool = True) -> None:
+                 nan_guard: bool = True, progress: bool = True, threads: int | None = None) -> None:
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(Path(bundle))
         self.manifest = self.bundle.manifest
-        self.runners = {key: make_runner(backend, self.bundle, key, device) for key in self.manifest.graphs}
+        self.runners = {key: make_runner(backend, self.bundle, key, device, threads) for key in self.manifest.graphs}
         self.nan_guard = nan_guard
         self.progress = progress
         self.sample_shape = tuple(self.manifest.model.sample_shape)
@@ -105,6 +106,6 @@ class Sampler:
                 bad = np.unique(np.nonzero(~np.isfinite(arr.reshape(size, -1)))[0] + start)
                 raise NonFiniteError(
                     f"graph {graph!r} ({self.bundle.graph_path(graph)}) produced NaN/Inf in output {name!r} at step "
-                    f"{step} of {self.manifest.sampler.steps} (t = {self._schedule['t'][step]:.6g}), in samples "
+                    f"{step} (of 0..{self.manifest.sampler.steps - 1}, t = {self._schedule['t'][step]:.6g}), in samples "
                     f"{bad[:8].tolist()}{' ...' if bad.size > 8 else ''}"
                 )

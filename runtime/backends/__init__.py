@@ -12,10 +12,11 @@ from vpsde.runtime.errors import BackendUnavailable
 BACKENDS = ("onnxruntime",)
 
 
-def make_runner(backend: str, bundle, graph_key: str, device: str = "cpu"):
-    """Open graph ``graph_key`` of ``bundle`` on ``backend`` (imported only when asked for)."""
+def make_runner(backend: str, bundle, graph_key: str, device: str = "cpu", threads: int | None = None):
+    """Open graph ``graph_key`` of ``bundle`` on ``backend`` (imported only when asked for); ``threads``
+    caps intra-op CPU threads (default: the backend's, all cores)."""
     if backend == "onnxruntime":
         from vpsde.runtime.backends.onnxruntime import OnnxRuntimeRunner, session_from_bundle
 
-        return OnnxRuntimeRunner(session_from_bundle(bundle, graph_key, device), bundle, graph_key)
+        return OnnxRuntimeRunner(session_from_bundle(bundle, graph_key, device, threads), bundle, graph_key)
     raise BackendUnavailable(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")

@@ -26,11 +26,14 @@ def providers_for(device: str) -> list[str]:
     return wanted
 
 
-def session_from_bundle(bundle: Bundle, graph_key: str, device: str = "cpu") -> ort.InferenceSession:
+def session_from_bundle(bundle: Bundle, graph_key: str, device: str = "cpu",
+                        threads: int | None = None) -> ort.InferenceSession:
     """Loader: an InferenceSession for one graph of the bundle; ORT failures become a :class:`BundleError`."""
     path = bundle.graph_path(graph_key)
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=providers_for(device))
     except BackendUnavailable:

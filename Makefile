@@ -1,0 +1,36 @@
+# Set-up and the two jobs README.md opens with. Everything lands in .venv; nothing is pulled from a model hub.
+# TORCH is installed first and on its own so that nothing later pulls a multi-GB CUDA build onto a CPU machine;
+# override it for your platform, e.g. make demo TORCH="torch --index-url https://download.pytorch.org/whl/cpu".
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+VENV := .venv
+BIN := $(VENV)/bin
+BUNDLE := build/digits-em1000
+OUT := out/digits
+
+.PHONY: install demo test bench clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+# Export the shipped digits model with the 1000-step Euler-Maruyama sampler, sample 64 digits on
+# ONNX Runtime (CPU), write a PNG grid and an .npz.
+demo: install
+	$(BIN)/vpsde export --model digits --steps 1000 --out $(BUNDLE) --force
+	$(BIN)/vpsde inspect $(BUNDLE)
+	$(BIN)/vpsde sample $(BUNDLE) --num 64 --seed 0 --out $(OUT)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python bench/cpu_loop.py
+
+clean:
+	rm -rf build out

@@ -1,0 +1,102 @@
+"""The model the project trains and ships: EMA weights as safetensors + a JSON config. Loading never runs
+pickled code; every problem is reported with the file and what is wrong."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vpsde.models.base import TimeLabelAdapter
+from vpsde.models.unet import SmallUNet, UNetConfig
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+REQUIRED_KEYS = ("name", "architecture", "unet", "time_label", "value_range", "weights", "weights_sha256")
+
+
+class WeightsError(ValueError):
+    """A weights file or config that does not fit (the message names the file)."""
+
+
+def _atomic_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o644)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_weights(net: nn.Module, meta: dict, out: Path) -> None:
+    """Write ``{name}.safetensors`` and ``{name}.json`` (config + sha256 of the weights) into ``out``."""
+    from safetensors.torch import save
+
+    out.mkdir(parents=True, exist_ok=True)
+    blob = save({k: v.detach().contiguous().float() for k, v in net.state_dict().items()})
+    name = meta["name"]
+    meta = {**meta, "weights": f"{name}.safetensors", "weights_sha256": hashlib.sha256(blob).hexdigest()}
+    _atomic_bytes(out / f"{name}.safetensors", blob)
+    _atomic_bytes(out / f"{name}.json", (json.dumps(meta, indent=2) + "\n").encode())
+
+
+def load_shipped(config_path: str | os.PathLike | None = None) -> TimeLabelAdapter:
+    """Load a trained SmallUNet from its JSON config (default: the shipped digits16) as a ScoreModel."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    path = Path(config_path) if config_path else WEIGHTS_DIR / "digits16.json"
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise WeightsError(f"{path}: model config not found") from None
+    except json.JSONDecodeError as e:
+        raise WeightsError(f"{path}: not valid JSON ({e})") from None
+    missing = [k for k in REQUIRED_KEYS if k not in meta]
+    if missing:
+        raise WeightsError(f"{path}: missing config key(s) {missing}; expected {list(REQUIRED_KEYS)}")
+    if meta["architecture"] != "SmallUNet":
+        raise WeightsError(f"{path}: field 'architecture': expected 'SmallUNet', got {meta['architecture']!r}")
+    try:
+        config = UNetConfig.from_dict(meta["unet"])
+    except (KeyError, TypeError) as e:
+        raise WeightsError(f"{path}: field 'unet': {e}") from None
+    weights = path.parent / meta["weights"]
+    try:
+        blob = weights.read_bytes()
+    except FileNotFoundError:
+        raise WeightsError(f"{weights}: weights file named by {path} is missing") from None
+    sha = hashlib.sha256(blob).hexdigest()
+    if sha != meta["weights_sha256"]:
+        raise WeightsError(f"{weights}: sha256 {sha} does not match 'weights_sha256' in {path}")
+    try:
+        state = load(blob)
+    except SafetensorError as e:
+        raise WeightsError(f"{weights}: not a readable safetensors file ({e})") from None
+    net = SmallUNet(config)
+    expected = net.state_dict()
+    problems = [f"missing {k}" for k in expected if k not in state]
+    problems += [f"unexpected {k}" for k in state if k not in expected]
+    problems += [f"{k}: shape {tuple(state[k].shape)}, architecture needs {tuple(v.shape)}"
+                 for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if problems:
+        raise WeightsError(f"{weights}: does not match the architecture in {path}: {'; '.join(problems[:5])}"
+                           f"{' ...' if len(problems) > 5 else ''}")
+    bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise WeightsError(f"{weights}: non-finite values in {bad[:5]}")
+    net.load_state_dict(state)
+    label = meta["time_label"]
+    if not label.endswith("t"):
+        raise WeightsError(f"{path}: field 'time_label': expected '<scale>t' like '999t', got {label!r}")
+    model = TimeLabelAdapter(net, (config.in_channels, config.resolution, config.resolution),
+                             scale=float(label[:-1] or 1), name=meta["name"], weights_sha256=sha)
+    model.value_range = tuple(meta["value_range"])
+    return model.eval()
