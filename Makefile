@@ -1,6 +1,6 @@
 # Set-up and the two jobs README.md opens with. Everything lands in .venv; nothing is pulled from a model hub.
 # TORCH is installed first and on its own so that nothing later pulls a multi-GB CUDA build onto a CPU machine;
-# override it for your platform, e.g. make demo TORCH="torch --index-url https://download.pytorch.org/whl/cpu".
+# override it for your platform, e.g. make demo TORCH="torch==2.5.1" (with pip pointed at the index you use).
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
 VENV := .venv

@@ -2,6 +2,7 @@
 
     digits                                    the shipped model: DDPM++-style UNet trained on 16x16 digits
     weights:PATH.json                         a SmallUNet trained by vpsde.models.train_digits (its JSON config)
+    diffusers:DIR                             a diffusers UNet2DModel save_pretrained directory (label 999 t)
     gmm[:dim=2,components=3,seed=0]           analytic Gaussian-mixture score (exact, known ground truth)
     unet-random[:seed=0,channels=16,...]      small DDPM++-style UNet with random weights, sample [1, 16, 16]
     py:package.module:factory                 any callable returning a ScoreModel, or an nn.Module
@@ -50,6 +51,13 @@ def load_model(spec: str, sde: VPSDE, sample_shape: tuple[int, ...] | None = Non
             model = load_shipped(rest if kind == "weights" else None)
         except WeightsError as e:
             raise ModelSpecError(str(e)) from None
+    elif kind == "diffusers":
+        from vpsde.models.diffusers_unet import load_diffusers_unet
+
+        try:
+            model = load_diffusers_unet(rest, label_scale)
+        except (OSError, ValueError) as e:
+            raise ModelSpecError(f"--model {spec!r}: {e}") from None
     elif kind == "gmm":
         o = _options(rest, {"dim": int, "components": int, "seed": int})
         model: ScoreModel = GaussianMixtureScore(GaussianMixture.default(**o), sde, name=f"gmm:{rest}" if rest else "gmm")

@@ -6,13 +6,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from vpsde.models.base import TimeLabelAdapter
+from vpsde.runtime.atomic import atomic_path
 from vpsde.models.unet import SmallUNet, UNetConfig
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -24,15 +24,8 @@ class WeightsError(ValueError):
 
 
 def _atomic_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def save_weights(net: nn.Module, meta: dict, out: Path) -> None:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
-from pathlib import Path
 
 import numpy as np
+
+from vpsde.runtime.atomic import atomic_path
 
 
 def to_uint8(samples: np.ndarray, value_range: tuple[float, float]) -> np.ndarray:
@@ -36,26 +36,12 @@ def save_png(path: str | os.PathLike, image: np.ndarray) -> None:
     """Write a uint8 [H, W, 1|3] image as PNG, atomically."""
     from PIL import Image
 
-    path = Path(path)
     img = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         img.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
     """np.savez_compressed, atomically."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp.npz")
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=".tmp.npz") as tmp:
         np.savez_compressed(tmp, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -10,13 +10,13 @@ import dataclasses
 import json
 import os
 import re
-import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
+from vpsde.runtime.atomic import atomic_path
 from vpsde.runtime.errors import BundleError
 
 FORMAT = "vpsde-bundle"
@@ -198,18 +198,9 @@ class Manifest:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file in the same directory and a rename (mode 0644)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``text`` to ``path`` atomically (temporary file in the same directory, then rename)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 # -- generic, field-naming conversion of parsed JSON into the dataclasses above -------------------------------

@@ -1,0 +1,215 @@
+"""Models: the analytic Gaussian mixture against float64 autograd and as a sampling yardstick, the diffusers
+UNet2DModel adapter, and the shipped weights' loader (with its error cases)."""
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from vpsde.export import VPSDE, export_bundle, load_model
+from vpsde.export.sources import ModelSpecError
+from vpsde.models import GaussianMixture, GaussianMixtureScore
+from vpsde.models.shipped import WEIGHTS_DIR, WeightsError, load_shipped
+from vpsde.runtime import Sampler
+
+
+def test_gmm_eps_is_minus_std_times_exact_score(rng):
+    """eps(x, t) == -std(t) * grad_x log p_t(x), the gradient by autograd of the float64 mixture density."""
+    sde = VPSDE()
+    mix = GaussianMixture.default(dim=3, components=4, seed=2)
+    model = GaussianMixtureScore(mix, sde).double()
+    x = 3 * torch.randn(64, 3, generator=rng, dtype=torch.float64)
+    t = 1e-3 + torch.rand(64, generator=rng, dtype=torch.float64)
+    a, s = sde.mean_coeff(t)[:, None, None], sde.std(t)[:, None, None]
+    xx = x.clone().requires_grad_(True)
+    # the model stores its parameters in float32: build the reference from the same rounded values
+    mu, var = model.mu.double(), model.var.double()
+    comp = torch.distributions.Normal(a * mu, torch.sqrt(a * a * var + s * s))  # [B, K, D]
+    log_p = torch.logsumexp(model.log_w.double() + comp.log_prob(xx[:, None]).sum(-1), dim=-1)
+    (score,) = torch.autograd.grad(log_p.sum(), xx)
+    torch.testing.assert_close(model(x, t), -s[:, 0] * score, rtol=1e-10, atol=1e-12)
+
+
+def _mmd2_permutation_pvalue(x, y, permutations=200, seed=0):
+    """MMD^2 (RBF kernel, median-heuristic bandwidth, kernel diagonal excluded) and its permutation p-value:
+    the tolerance is the permutation null at this sample size, not a number tuned on a run."""
+    z = np.concatenate([x, y])
+    d2 = ((z[:, None, :] - z[None, :, :]) ** 2).sum(-1)
+    k = np.exp(-d2 / np.median(d2[d2 > 0]))
+    np.fill_diagonal(k, 0.0)
+    n, m = len(x), len(y)
+
+    def stat(sign):  # sign: +1 for the first sample, -1 for the second
+        a = (sign > 0) / n - (sign < 0) / m
+        return a @ k @ a
+
+    base = np.r_[np.ones(n), -np.ones(m)]
+    observed = stat(base)
+    rs = np.random.default_rng(seed)
+    null = np.array([stat(rs.permutation(base)) for _ in range(permutations)])
+    return observed, (1 + (null >= observed).sum()) / (1 + permutations)
+
+
+@pytest.mark.slow
+def test_gmm_samples_through_runtime_match_the_truth(tmp_path):
+    """1000-step EM on ONNX Runtime vs the known mixture. Tolerances are 5 standard errors at this sample
+    size: weights sqrt(w(1-w)/n), means sigma/sqrt(n_k), variances sigma^2 sqrt(2/(n_k-1)); plus an MMD
+    permutation test at p > 0.001 against fresh exact draws. A perturbed sample must fail the same checks."""
+    sde = VPSDE()
+    model = GaussianMixtureScore(GaussianMixture.default(), sde)
+    mix = model.mixture
+    bundle = export_bundle(model, tmp_path / "gmm", steps=1000, grid="uniform", sde=sde, log=lambda _: None)
+    n = 20000
+    x = Sampler(bundle, progress=False).sample(n, seed=7).astype(np.float64)
+    assert np.isfinite(x).all()
+
+    def check(samples):
+        log_r = np.log(mix.weights) - 0.5 * (((samples[:, None] - mix.means) / mix.stds) ** 2
+                                             + 2 * np.log(mix.stds)).sum(-1)
+        label = log_r.argmax(1)
+        fails = []
+        for k, w in enumerate(mix.weights):
+            frac = (label == k).mean()
+            if abs(frac - w) > 5 * math.sqrt(w * (1 - w) / n):
+                fails.append(f"weight {k}: {frac:.4f} vs {w:.4f}")
+            xk = samples[label == k]
+            nk = len(xk)
+            se_mean = mix.stds[k] / math.sqrt(nk)
+            if (np.abs(xk.mean(0) - mix.means[k]) > 5 * se_mean).any():
+                fails.append(f"mean {k}: {xk.mean(0)} vs {mix.means[k]}")
+            var = mix.stds[k] ** 2
+            if (np.abs(xk.var(0, ddof=1) - var) > 5 * var * math.sqrt(2 / (nk - 1))).any():
+                fails.append(f"var {k}: {xk.var(0, ddof=1)} vs {var}")
+        truth, _ = mix.sample(2000, np.random.default_rng(1))
+        mmd2, p = _mmd2_permutation_pvalue(samples[:2000], truth)
+        if p <= 1e-3:
+            fails.append(f"MMD^2 {mmd2:.3g}, permutation p = {p:.4f}")
+        return fails
+
+    assert check(x) == []
+    assert check(x * 1.1) != []  # negative control: a 10% scale error is caught
+
+
+@pytest.fixture(scope="module")
+def diffusers_unet_dir(tmp_path_factory):
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=16, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(16, 32),
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                       norm_num_groups=8, attention_head_dim=8)
+    path = tmp_path_factory.mktemp("diffusers") / "unet"
+    unet.save_pretrained(path)
+    return path
+
+
+def test_diffusers_unet_adapter_parity(diffusers_unet_dir, tmp_path, rng):
+    """A tiny random UNet2DModel, saved and loaded from disk: ORT fused step vs eager <= 1e-5 at batch 1, 3."""
+    from vpsde.export.steps import EulerMaruyamaStep
+    from vpsde.runtime.backends.onnxruntime import OnnxRuntimeRunner, session_from_bundle
+
+    sde = VPSDE(std_formula="diffusers")
+    model = load_model(f"diffusers:{diffusers_unet_dir}", sde)
+    assert model.time_label == "999t" and model.sample_shape == (1, 16, 16)
+    bundle = export_bundle(model, tmp_path / "b", steps=10, sde=sde, log=lambda _: None)
+    runner = OnnxRuntimeRunner(session_from_bundle(bundle, "em"), bundle, "em")
+    step = EulerMaruyamaStep(model, sde)
+    for batch in (1, 3):
+        x, noise = torch.randn(batch, 1, 16, 16, generator=rng), torch.randn(batch, 1, 16, 16, generator=rng)
+        t, dt = torch.rand(batch, generator=rng) + 1e-3, -0.01 * torch.rand(batch, generator=rng) - 1e-4
+        with torch.no_grad():
+            ref = step(x, t, dt, torch.sqrt(-dt), noise)
+        out = runner.infer({"x": x.numpy(), "t": t.numpy(), "dt": dt.numpy(), "sqrt_neg_dt": torch.sqrt(-dt).numpy(),
+                            "noise": noise.numpy()})
+        assert np.abs(out["x_next"] - ref[0].numpy()).max() <= 1e-5
+        assert np.abs(out["x_mean"] - ref[1].numpy()).max() <= 1e-5
+
+
+def test_diffusers_spec_without_a_directory_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelSpecError, match="not a diffusers save_pretrained directory"):
+        load_model(f"diffusers:{tmp_path}", VPSDE())
+
+
+# -- shipped weights -------------------------------------------------------------------------------------------
+def test_shipped_model_loads_and_predicts_noise(rng):
+    """The shipped model is trained: at t = 0.5 its noise prediction on noised real digits beats predicting 0
+    by a wide margin (DSM loss well below 1, the loss of eps = 0)."""
+    from vpsde.models.digits_data import train_heldout_split
+
+    model = load_shipped()
+    assert model.time_label == "999t" and model.sample_shape == (1, 16, 16) and model.weights_sha256
+    _, (x_ho, _) = train_heldout_split()
+    x0 = torch.from_numpy(x_ho[:128])
+    sde = VPSDE()
+    t = torch.full((128,), 0.5)
+    z = torch.randn(x0.shape, generator=rng)
+    with torch.no_grad():
+        eps = model(sde.mean_coeff(t)[:, None, None, None] * x0 + sde.std(t)[:, None, None, None] * z, t)
+    assert ((eps - z) ** 2).mean() < 0.2
+
+
+@pytest.fixture
+def weights_copy(tmp_path):
+    for f in ("digits16.json", "digits16.safetensors"):
+        shutil.copy(WEIGHTS_DIR / f, tmp_path / f)
+    return tmp_path / "digits16.json"
+
+
+def _edit_json(path, edit):
+    meta = json.loads(path.read_text())
+    edit(meta)
+    path.write_text(json.dumps(meta))
+
+
+def test_weights_for_another_architecture(weights_copy):
+    _edit_json(weights_copy, lambda m: m["unet"].update(channels=16))
+    with pytest.raises(WeightsError, match=r"digits16\.safetensors: does not match the architecture"):
+        load_shipped(weights_copy)
+
+
+def test_missing_config_key(weights_copy):
+    _edit_json(weights_copy, lambda m: m.pop("time_label"))
+    with pytest.raises(WeightsError, match=r"digits16\.json: missing config key\(s\) \['time_label'\]"):
+        load_shipped(weights_copy)
+
+
+def test_non_finite_weight(weights_copy):
+    import hashlib
+
+    from safetensors.torch import load, save
+
+    wpath = weights_copy.parent / "digits16.safetensors"
+    state = load(wpath.read_bytes())
+    key = sorted(state)[0]
+    state[key] = state[key].clone()
+    state[key].view(-1)[0] = float("nan")
+    blob = save(state)
+    wpath.write_bytes(blob)
+    _edit_json(weights_copy, lambda m: m.update(weights_sha256=hashlib.sha256(blob).hexdigest()))
+    with pytest.raises(WeightsError, match=f"non-finite values in \\['{key}'\\]"):
+        load_shipped(weights_copy)
+
+
+def test_tampered_weights_fail_sha256(weights_copy):
+    with open(weights_copy.parent / "digits16.safetensors", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(WeightsError, match="sha256"):
+        load_shipped(weights_copy)
+
+
+def test_quick_training_is_reproducible_and_loadable(tmp_path):
+    """The training script's quick mode, twice with one seed: identical weights; they load as a ScoreModel."""
+    from vpsde.models.train_digits import QUICK_CONFIG, train
+
+    for i in range(2):
+        train(tmp_path / f"run{i}", steps=8, batch=16, lr=1e-3, ema_decay=0.9, seed=3, config=QUICK_CONFIG,
+              warmup=2, progress=False)
+    a = json.loads((tmp_path / "run0" / "digits16.json").read_text())
+    b = json.loads((tmp_path / "run1" / "digits16.json").read_text())
+    assert a["weights_sha256"] == b["weights_sha256"]
+    model = load_shipped(tmp_path / "run0" / "digits16.json")
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randn(2, 1, 16, 16), torch.rand(2))).all()

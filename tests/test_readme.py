@@ -1,0 +1,36 @@
+"""README's command-line examples run verbatim (in a scratch directory), so the docs cannot rot."""
+
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+README = Path(__file__).parent.parent / "README.md"
+
+
+def readme_cli_commands() -> list[str]:
+    """The `vpsde ...` lines of README's "Command line" section, comments stripped."""
+    section = README.read_text().split("## Command line", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    return [line.split("#", 1)[0].strip() for line in block.splitlines() if line.startswith("vpsde ")]
+
+
+def test_readme_has_the_two_setup_commands_first():
+    first_block = re.search(r"```bash\n(.*?)```", README.read_text(), re.S).group(1)
+    assert [line.split("#")[0].strip() for line in first_block.strip().splitlines()] == ["make demo", "make test"]
+
+
+@pytest.mark.slow
+def test_readme_cli_examples_run(tmp_path):
+    commands = readme_cli_commands()
+    assert len(commands) >= 4
+    for cmd in commands:
+        args = shlex.split(cmd)[1:]
+        r = subprocess.run([sys.executable, "-m", "vpsde.cli.main", *args, *(["--no-progress"] if args[0] == "sample" else [])],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, f"{cmd}\n{r.stderr[-2000:]}"
+    assert (tmp_path / "out" / "digits" / "grid.png").is_file()
+    assert (tmp_path / "out" / "shard1" / "samples.npz").is_file()
