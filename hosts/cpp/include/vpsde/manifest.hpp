@@ -1,0 +1,52 @@
+// The bundle manifest (schema version 1), read and checked: errors name the file and the field.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace vpsde {
+
+// A user-facing error: the CLI prints its message and exits non-zero.
+struct Error : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+inline constexpr int kSchemaVersion = 1;
+inline constexpr const char* kPhiloxId = "philox4x32-10/box-muller/v1";
+
+struct TensorSpec {
+  std::string name, dtype;
+  std::vector<std::int64_t> shape;  // -1 for a symbolic dimension (the batch)
+};
+
+struct GraphSpec {
+  std::string file, sha256;
+  std::vector<TensorSpec> inputs, outputs;
+};
+
+struct ProgramCall {
+  std::string graph;
+  int repeat = 1;
+};
+
+struct Manifest {
+  std::vector<std::int64_t> sample_shape;
+  int steps = 0;
+  std::vector<ProgramCall> program;
+  std::string final_output;
+  std::map<std::string, std::vector<double>> schedule;  // "t", "dt", "sqrt_neg_dt": one value per step
+  std::map<std::string, GraphSpec> graphs;
+  std::string noise_generator;
+
+  std::int64_t sample_numel() const;
+};
+
+// Read <bundle>/manifest.json; check fields, files present and their sha256, IO shapes vs the sample shape.
+Manifest load_bundle(const std::string& bundle_dir);
+
+std::string sha256_file(const std::string& path);
+
+}  // namespace vpsde

@@ -1,0 +1,44 @@
+// Drives a bundle's timestep loop on ONNX Runtime, like vpsde.runtime.Sampler:
+//   x = noise(call 0); for each step, for each graph call of the program: x, x_mean = graph(x, t, dt,
+//   sqrt_neg_dt, noise(next call)); the sample is the manifest's `final` output of the last call.
+#pragma once
+
+#include <onnxruntime_cxx_api.h>
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "vpsde/manifest.hpp"
+
+namespace vpsde {
+
+struct SamplerOptions {
+  std::string provider = "cpu";  // cpu | cuda | tensorrt (through ONNX Runtime's execution providers)
+  int threads = 0;               // intra-op threads; 0 = ONNX Runtime's default
+  bool nan_guard = true;
+};
+
+class Sampler {
+ public:
+  Sampler(std::string bundle_dir, SamplerOptions options);
+  ~Sampler();  // out of line: Graph is incomplete here
+  // Samples first_sample .. first_sample + num - 1 (global indices), `batch` at a time, with the portable
+  // Philox noise of `seed`: float32 [num, *sample_shape], row-major.
+  std::vector<float> sample(std::int64_t num, std::uint64_t seed, std::int64_t batch, std::uint64_t first_sample = 0);
+  const Manifest& manifest() const { return manifest_; }
+
+ private:
+  struct Graph;  // a session with its buffers and IO binding
+  void sample_batch(std::uint64_t seed, std::uint64_t first, std::int64_t size, float* out);
+
+  std::string bundle_dir_;
+  SamplerOptions options_;
+  Manifest manifest_;
+  Ort::Env env_;
+  std::map<std::string, std::unique_ptr<Graph>> graphs_;
+};
+
+}  // namespace vpsde

@@ -1,0 +1,157 @@
+#include "vpsde/sampler.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <filesystem>
+#include <utility>
+
+#include "vpsde/philox.hpp"
+
+namespace vpsde {
+
+// One graph: its session and, per batch size, host buffers bound once (no allocation inside the loop).
+struct Sampler::Graph {
+  std::string key, path;
+  GraphSpec spec;
+  Ort::Session session{nullptr};
+  std::int64_t batch = 0;
+  std::map<std::string, std::vector<float>> buffers;  // every input and output, by name
+  std::unique_ptr<Ort::IoBinding> binding;
+
+  void activate(std::int64_t b) {
+    if (batch == b) return;
+    const Ort::MemoryInfo cpu = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
+    binding = std::make_unique<Ort::IoBinding>(session);
+    buffers.clear();
+    auto bind = [&](const TensorSpec& t, bool is_input) {
+      std::vector<std::int64_t> shape = t.shape;
+      for (auto& d : shape) d = d < 0 ? b : d;
+      std::int64_t n = 1;
+      for (auto d : shape) n *= d;
+      auto& buf = buffers[t.name];
+      buf.assign(static_cast<std::size_t>(n), 0.0f);
+      Ort::Value v = Ort::Value::CreateTensor<float>(cpu, buf.data(), buf.size(), shape.data(), shape.size());
+      if (is_input) binding->BindInput(t.name.c_str(), v);
+      else binding->BindOutput(t.name.c_str(), v);
+    };
+    for (const auto& t : spec.inputs) bind(t, true);
+    for (const auto& t : spec.outputs) bind(t, false);
+    batch = b;
+  }
+};
+
+namespace {
+
+Ort::SessionOptions session_options(const SamplerOptions& o) {
+  Ort::SessionOptions so;
+  if (o.threads > 0) so.SetIntraOpNumThreads(o.threads);
+  so.SetLogSeverityLevel(3);
+  if (o.provider == "cuda") {
+    OrtCUDAProviderOptions cuda{};
+    so.AppendExecutionProvider_CUDA(cuda);
+  } else if (o.provider == "tensorrt") {
+    OrtTensorRTProviderOptions trt{};
+    so.AppendExecutionProvider_TensorRT(trt);
+    OrtCUDAProviderOptions cuda{};  // fallback for nodes TensorRT does not take
+    so.AppendExecutionProvider_CUDA(cuda);
+  } else if (o.provider != "cpu") {
+    throw Error("unknown provider '" + o.provider + "'; expected cpu, cuda or tensorrt");
+  }
+  return so;
+}
+
+std::string first_line(const std::string& s) { return s.substr(0, s.find('\n')); }
+
+}  // namespace
+
+Sampler::Sampler(std::string bundle_dir, SamplerOptions options)
+    : bundle_dir_(std::move(bundle_dir)), options_(std::move(options)), manifest_(load_bundle(bundle_dir_)),
+      env_(ORT_LOGGING_LEVEL_ERROR, "vpsde") {
+  if (manifest_.noise_generator != kPhiloxId)
+    throw Error(bundle_dir_ + "/manifest.json: field 'noise.generator': this host implements '" + std::string(kPhiloxId) +
+                "', the bundle asks for '" + manifest_.noise_generator + "'");
+  Ort::SessionOptions so;
+  try {
+    so = session_options(options_);
+  } catch (const Ort::Exception& e) {
+    throw Error("ONNX Runtime provider '" + options_.provider + "' is not available in this build: " + first_line(e.what()));
+  }
+  for (const auto& [key, spec] : manifest_.graphs) {
+    auto g = std::make_unique<Graph>();
+    g->key = key;
+    g->spec = spec;
+    g->path = (std::filesystem::path(bundle_dir_) / spec.file).string();
+    try {
+      g->session = Ort::Session(env_, g->path.c_str(), so);
+    } catch (const Ort::Exception& e) {
+      throw Error(g->path + ": ONNX Runtime could not load graph '" + key + "': " + first_line(e.what()));
+    }
+    const std::size_t n_in = g->session.GetInputCount(), n_out = g->session.GetOutputCount();
+    if (n_in != spec.inputs.size() || n_out != spec.outputs.size())
+      throw Error(g->path + ": graph has " + std::to_string(n_in) + " inputs / " + std::to_string(n_out) +
+                  " outputs, 'graphs." + key + "' in the manifest declares " + std::to_string(spec.inputs.size()) + " / " +
+                  std::to_string(spec.outputs.size()));
+    graphs_.emplace(key, std::move(g));
+  }
+}
+
+Sampler::~Sampler() = default;
+
+std::vector<float> Sampler::sample(std::int64_t num, std::uint64_t seed, std::int64_t batch, std::uint64_t first_sample) {
+  if (num < 1) throw Error("--num must be >= 1");
+  if (batch < 1) batch = num;
+  const std::int64_t numel = manifest_.sample_numel();
+  std::vector<float> out(static_cast<std::size_t>(num * numel));
+  for (std::int64_t start = 0; start < num; start += batch) {
+    const std::int64_t size = std::min(batch, num - start);
+    sample_batch(seed, first_sample + static_cast<std::uint64_t>(start), size, out.data() + start * numel);
+  }
+  return out;
+}
+
+void Sampler::sample_batch(std::uint64_t seed, std::uint64_t first, std::int64_t size, float* out) {
+  const std::size_t numel = static_cast<std::size_t>(manifest_.sample_numel());
+  auto draw = [&](std::uint32_t call, float* dst) {
+    for (std::int64_t b = 0; b < size; ++b) philox_normal(seed, call, first + static_cast<std::uint64_t>(b), dst + b * numel, numel);
+  };
+  for (auto& [key, g] : graphs_) g->activate(size);
+
+  std::vector<float> x(static_cast<std::size_t>(size) * numel);
+  draw(0, x.data());  // the prior x_T is noise call 0
+  std::uint32_t call = 1;
+  const std::vector<float>* last = nullptr;
+  Graph* last_graph = nullptr;
+  for (int i = 0; i < manifest_.steps; ++i) {
+    for (const ProgramCall& pc : manifest_.program) {
+      Graph& g = *graphs_.at(pc.graph);
+      for (int r = 0; r < pc.repeat; ++r) {
+        std::copy(x.begin(), x.end(), g.buffers.at("x").begin());
+        for (auto& [name, values] : manifest_.schedule) {
+          auto it = g.buffers.find(name);
+          if (it != g.buffers.end()) std::fill(it->second.begin(), it->second.end(), static_cast<float>(values[i]));
+        }
+        if (auto it = g.buffers.find("noise"); it != g.buffers.end()) draw(call++, it->second.data());
+        try {
+          g.session.Run(Ort::RunOptions{nullptr}, *g.binding);
+        } catch (const Ort::Exception& e) {
+          throw Error(g.path + ": ONNX Runtime failed running graph '" + g.key + "' at step " + std::to_string(i) + ": " +
+                      first_line(e.what()));
+        }
+        if (options_.nan_guard)
+          for (const auto& t : g.spec.outputs) {
+            const auto& buf = g.buffers.at(t.name);
+            if (!std::all_of(buf.begin(), buf.end(), [](float v) { return std::isfinite(v); }))
+              throw Error(g.path + ": graph '" + g.key + "' produced NaN/Inf in output '" + t.name + "' at step " +
+                          std::to_string(i) + " (of 0.." + std::to_string(manifest_.steps - 1) + ")");
+          }
+        const auto& x_next = g.buffers.at("x_next");
+        std::copy(x_next.begin(), x_next.end(), x.begin());
+        last_graph = &g;
+      }
+    }
+  }
+  last = &last_graph->buffers.at(manifest_.final_output);
+  std::copy(last->begin(), last->end(), out);
+}
+
+}  // namespace vpsde

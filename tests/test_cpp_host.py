@@ -1,0 +1,132 @@
+"""The C++ host (hosts/cpp) against the Python runtime: same noise, same samples, same errors.
+
+Built by hosts/cpp/build.sh (Debian's nlohmann-json, trixie's ONNX Runtime headers, the onnxruntime wheel's
+library). Skips only when there is no C++ compiler or cmake; a failing build fails the test.
+Bound for samples: max abs <= 1e-6 (DESIGN: same graph, same ORT library, same float32 noise; measured: 0,
+bit-identical, with one intra-op thread on both sides)."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vpsde.export import VPSDE, export_bundle, load_model
+from vpsde.runtime import Sampler
+from vpsde.runtime.bundle import sha256_file
+from vpsde.runtime.noise import philox_normal
+
+ROOT = Path(__file__).parent.parent
+KAT = ROOT / "tests" / "data" / "philox4x32_10_kat.json"
+
+
+@pytest.fixture(scope="module")
+def host():
+    missing = [tool for tool in ("cmake", "g++") if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"no {' or '.join(missing)} on this machine: the C++ host cannot be built")
+    r = subprocess.run(["bash", "hosts/cpp/build.sh"], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                       env={"PYTHON": sys.executable, "PATH": "/usr/local/bin:/usr/bin:/bin", "JOBS": "2"})
+    assert r.returncode == 0, f"C++ host build failed:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
+    return ROOT / "build" / "cpp"
+
+
+def run(exe, *args):
+    return subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, timeout=600)
+
+
+def test_philox_known_answers_in_cpp(host):
+    r = run(host / "vpsde-noise", "--kat", KAT)
+    assert r.returncode == 0 and "3 vectors, 0 mismatching words" in r.stdout, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("seed, call, first, num, numel", [
+    (0, 0, 0, 4, 256), (2**40 + 7, 3, 2**32 - 2, 5, 13), (2**64 - 1, 999, 12345, 3, 2)])
+def test_cpp_noise_is_bit_identical_to_python(host, tmp_path, seed, call, first, num, numel):
+    out = tmp_path / "z.npy"
+    r = run(host / "vpsde-noise", "--seed", seed, "--call", call, "--first-sample", first, "--num", num,
+            "--numel", numel, "--out", out)
+    assert r.returncode == 0, r.stderr
+    np.testing.assert_array_equal(np.load(out), philox_normal(seed, call, first, num, (numel,)))
+
+
+@pytest.fixture(scope="module")
+def shipped_bundle(tmp_path_factory):
+    return export_bundle(load_model("digits", VPSDE(std_formula="diffusers")),
+                         tmp_path_factory.mktemp("cpp") / "digits-em50", steps=50, value_range=(-1, 1), log=lambda _: None)
+
+
+@pytest.mark.parametrize("which", ["shipped", "gmm"])
+def test_cpp_samples_equal_python_runtime(host, tmp_path, which, request):
+    bundle = request.getfixturevalue("shipped_bundle" if which == "shipped" else "gmm_bundle")
+    out = tmp_path / "x.npy"
+    r = run(host / "vpsde-sample", bundle.root, "--num", 6, "--seed", 42, "--first-sample", 10, "--threads", 1, "--out", out)
+    assert r.returncode == 0, r.stderr
+    cpp = np.load(out)
+    py = Sampler(bundle, progress=False, threads=1).sample(6, seed=42, first_sample=10)
+    assert cpp.shape == py.shape and np.isfinite(cpp).all()
+    assert np.abs(cpp - py).max() <= 1e-6
+
+
+def test_cpp_batch_size_invariance(host, tmp_path, gmm_bundle):
+    outs = []
+    for batch in (3, 8):
+        out = tmp_path / f"b{batch}.npy"
+        r = run(host / "vpsde-sample", gmm_bundle.root, "--num", 8, "--seed", 1, "--batch", batch, "--out", out)
+        assert r.returncode == 0, r.stderr
+        outs.append(np.load(out))
+    np.testing.assert_array_equal(*outs)
+
+
+def _copy(bundle, tmp_path):
+    dst = tmp_path / "b"
+    shutil.copytree(bundle.root, dst)
+    return dst
+
+
+def _edit(root, edit):
+    data = json.loads((root / "manifest.json").read_text())
+    edit(data)
+    (root / "manifest.json").write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("case, expect", [
+    ("missing_graph", "em.onnx: graph file named by 'graphs.em.file'"),
+    ("schema_version", "field 'schema_version': this host reads schema version 1, the bundle has 7"),
+    ("sha_mismatch", "sha256 is"),
+    ("shape_mismatch", "field 'graphs.em.inputs[0].shape': expected [batch, 2]"),
+    ("ort_status", "ONNX Runtime could not load graph 'em'"),
+    ("not_json", "not valid JSON"),
+])
+def test_cpp_errors_are_clear(host, tmp_path, gmm_bundle, case, expect):
+    root = _copy(gmm_bundle, tmp_path)
+    if case == "missing_graph":
+        (root / "em.onnx").unlink()
+    elif case == "schema_version":
+        _edit(root, lambda d: d.update(schema_version=7))
+    elif case == "sha_mismatch":
+        with open(root / "em.onnx", "ab") as f:
+            f.write(b"\0")
+    elif case == "shape_mismatch":
+        _edit(root, lambda d: d["model"].update(sample_shape=[2]) or d["graphs"]["em"]["inputs"][0].update(shape=["batch", 3]))
+    elif case == "ort_status":
+        (root / "em.onnx").write_bytes(b"not an onnx model")
+        _edit(root, lambda d: d["graphs"]["em"].update(sha256=sha256_file(root / "em.onnx")))
+    elif case == "not_json":
+        (root / "manifest.json").write_text("{oops")
+    r = run(host / "vpsde-sample", root, "--num", 2, "--seed", 0, "--out", tmp_path / "x.npy")
+    assert r.returncode == 2, (r.returncode, r.stderr)  # a message and exit 2, never a crash (negative code)
+    assert expect in r.stderr and "vpsde-sample: error:" in r.stderr
+    assert not (tmp_path / "x.npy").exists()
+
+
+def test_cpp_bad_arguments(host, gmm_bundle, tmp_path):
+    r = run(host / "vpsde-sample", gmm_bundle.root, "--num", "x", "--seed", 0, "--out", tmp_path / "x.npy")
+    assert r.returncode == 2 and "--num: expected a non-negative integer" in r.stderr
+    r = run(host / "vpsde-sample", gmm_bundle.root, "--num", 2, "--seed", 0, "--provider", "tpu", "--out", tmp_path / "x.npy")
+    assert r.returncode == 2 and "unknown provider 'tpu'" in r.stderr
+    r = run(host / "vpsde-sample", gmm_bundle.root, "--num", 2, "--seed", 0, "--provider", "cuda", "--out", tmp_path / "x.npy")
+    assert r.returncode == 2 and "provider 'cuda'" in r.stderr  # this ORT build has no CUDA: a message, not a crash
