@@ -59,6 +59,9 @@ class Sampler:
             raise InputError(f"num must be >= 1, got {num}")
         if not 0 <= seed < 2**64:
             raise InputError(f"seed must be in [0, 2^64), got {seed}")
+        if not 0 <= first_sample <= 2**64 - num:
+            raise InputError(f"sample indices first_sample .. first_sample + num - 1 must lie in [0, 2^64), "
+                             f"got first_sample = {first_sample}")
         generator = generator or self.manifest.noise.generator
         batch_size = min(batch_size or num, num)
         if generator == TORCH_ID and batch_size < num:

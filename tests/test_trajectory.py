@@ -56,3 +56,14 @@ def test_samples_independent_of_batch_and_sharding(unet_bundle):
     shards = np.concatenate([s.sample(4, seed=1), s.sample(4, seed=1, first_sample=4)])
     np.testing.assert_array_equal(whole, shards)
     np.testing.assert_array_equal(whole, s.sample(8, seed=1, batch_size=3))
+
+
+def test_bad_sample_arguments(gmm_bundle):
+    from vpsde.runtime import InputError
+
+    s = Sampler(gmm_bundle, progress=False)
+    for kwargs, msg in [({"num": 0}, "num must be >= 1"), ({"num": 2, "seed": -1}, "seed must be"),
+                        ({"num": 2, "first_sample": -3}, "sample indices"),
+                        ({"num": 4, "batch_size": 2, "generator": "torch"}, "single batch")]:
+        with pytest.raises(InputError, match=msg):
+            s.sample(**kwargs)
