@@ -56,7 +56,8 @@ def _mmd2_permutation_pvalue(x, y, permutations=200, seed=0):
 @pytest.mark.slow
 def test_gmm_samples_through_runtime_match_the_truth(tmp_path):
     """1000-step EM on ONNX Runtime vs the known mixture. Tolerances are 5 standard errors at this sample
-    size: weights sqrt(w(1-w)/n), means sigma/sqrt(n_k), variances sigma^2 sqrt(2/(n_k-1)); plus an MMD
+    size: weights sqrt(w(1-w)/n), means sigma/sqrt(n_k), variances sigma^2 sqrt(2/(n_k-1)), covariances
+    sigma_i sigma_j / sqrt(n_k); plus an MMD
     permutation test at p > 0.001 against fresh exact draws. A perturbed sample must fail the same checks."""
     sde = VPSDE()
     model = GaussianMixtureScore(GaussianMixture.default(), sde)
@@ -83,6 +84,10 @@ def test_gmm_samples_through_runtime_match_the_truth(tmp_path):
             var = mix.stds[k] ** 2
             if (np.abs(xk.var(0, ddof=1) - var) > 5 * var * math.sqrt(2 / (nk - 1))).any():
                 fails.append(f"var {k}: {xk.var(0, ddof=1)} vs {var}")
+            cov = np.cov(xk, rowvar=False)  # true covariance is diagonal: off-diagonal SE = s_i s_j / sqrt(n_k)
+            off = ~np.eye(mix.dim, dtype=bool)
+            if (np.abs(cov[off]) > 5 * np.outer(mix.stds[k], mix.stds[k])[off] / math.sqrt(nk)).any():
+                fails.append(f"covariance {k}: {cov}")
         truth, _ = mix.sample(2000, np.random.default_rng(1))
         mmd2, p = _mmd2_permutation_pvalue(samples[:2000], truth)
         if p <= 1e-3:
