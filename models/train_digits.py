@@ -15,14 +15,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import os
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 

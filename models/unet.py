@@ -8,7 +8,7 @@ Only ops that export to plain ONNX (no custom ops); the batch dimension stays sy
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn

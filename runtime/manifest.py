@@ -171,9 +171,9 @@ class Manifest:
                     if spec.dtype not in DTYPES:
                         raise BundleError(f"{source}: field 'graphs.{key}.{kind}[{j}].dtype': expected one of "
                                           f"{DTYPES}, got {spec.dtype!r}")
-            last = self.sampler.program[-1].graph
-            if key == last and self.sampler.final not in {o.name for o in g.outputs}:
-                raise BundleError(f"{source}: field 'sampler.final': graph {key!r} has no output {self.sampler.final!r}")
+        last = self.sampler.program[-1].graph
+        if self.sampler.final not in {o.name for o in self.graphs[last].outputs}:
+            raise BundleError(f"{source}: field 'sampler.final': graph {last!r} has no output {self.sampler.final!r}")
 
     # -- files ----------------------------------------------------------------------------------------------
     @classmethod
