@@ -12,17 +12,14 @@ from pathlib import Path
 import onnx
 import torch
 
-from vpsde.export.grids import GRIDS, time_grid
 from vpsde.export.onnx_export import DEFAULT_OPSET, export_step_graph
-from vpsde.models.sde import VPSDE
-from vpsde.export.steps import EulerMaruyamaStep
+from vpsde.export.samplers import DEFAULT_GRID, SAMPLERS, SamplerRecipe, build_sampler
 from vpsde.models.base import ScoreModel
+from vpsde.models.sde import VPSDE
 from vpsde.runtime.bundle import Bundle, sha256_file
-from vpsde.runtime.manifest import (FORMAT, SCHEMA_VERSION, GraphSpec, Manifest, ModelSpec, NoiseSpec,
-                                    ProgramCall, SamplerSpec, ScheduleSpec, SDESpec)
+from vpsde.runtime.manifest import (FORMAT, SCHEMA_VERSION, GraphSpec, Manifest, ModelSpec, NoiseSpec, SamplerSpec,
+                                    SDESpec)
 from vpsde.runtime.noise import GENERATORS, PHILOX_ID
-
-SAMPLERS = {"em": ("euler-maruyama", EulerMaruyamaStep)}
 
 
 def _version(pkg: str) -> str:
@@ -33,38 +30,39 @@ def _version(pkg: str) -> str:
 
 
 def export_bundle(model: ScoreModel, out: str | Path, *, sampler: str = "em", steps: int = 1000,
-                  grid: str = "diffusers", sde: VPSDE | None = None, noise: str = PHILOX_ID,
+                  grid: str | None = None, sde: VPSDE | None = None, noise: str = PHILOX_ID,
                   opset: int = DEFAULT_OPSET, value_range: tuple[float, float] | None = None,
-                  source: str = "", overwrite: bool = False, log=None) -> Bundle:
-    """Export ``model`` with the ``sampler`` step into the bundle directory ``out``.
+                  source: str = "", overwrite: bool = False, log=None, **sampler_options) -> Bundle:
+    """Export ``model`` with the ``sampler``'s step graphs into the bundle directory ``out``.
 
-    ``sde`` defaults to the paper's VP-SDE; its std formula defaults to diffusers' for the "diffusers" grid
-    (bit parity with ``ScoreSdeVpScheduler``) and to the stable expm1 form otherwise.
+    ``grid`` defaults to the sampler's (``samplers.DEFAULT_GRID``). ``sde`` defaults to the paper's VP-SDE;
+    its std formula defaults to diffusers' for the "diffusers" grid (bit parity with ``ScoreSdeVpScheduler``)
+    and to the stable expm1 form otherwise. ``sampler_options`` go to :func:`build_sampler` (snr,
+    corrector_steps, coupling).
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
     if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; expected one of {sorted(SAMPLERS)}")
-    if grid not in GRIDS:
-        raise ValueError(f"unknown grid {grid!r}; expected one of {GRIDS}")
+        raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}")
+    grid = grid or DEFAULT_GRID[sampler]
     if noise not in GENERATORS:
         raise ValueError(f"unknown noise generator {noise!r}; expected one of {GENERATORS}")
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
     sde = sde or VPSDE(std_formula="diffusers" if grid == "diffusers" else "expm1")
+    recipe = build_sampler(sampler, model, sde, steps, grid, **sampler_options)
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True (--force) to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
 
-    sampler_name, step_cls = SAMPLERS[sampler]
-    step = step_cls(model, sde).eval()
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     tmp.chmod(0o755)
     try:
-        graph_file = f"{step.kind}.onnx"
-        log(f"exporting {sampler_name} step of {model.name} to ONNX (opset {opset})...")
-        inputs, outputs = export_step_graph(step, tuple(model.sample_shape), tmp / graph_file, opset)
-        t, dt, sqrt_neg_dt = time_grid(grid, steps, sde.sampling_eps)
+        graphs = {}
+        for key, step in recipe.graphs.items():
+            graph_file = f"{key}.onnx"
+            log(f"exporting {recipe.name} graph {key!r} of {model.name} to ONNX (opset {opset})...")
+            inputs, outputs = export_step_graph(step.eval(), tuple(model.sample_shape), tmp / graph_file, opset)
+            graphs[key] = GraphSpec(file=graph_file, sha256=sha256_file(tmp / graph_file), opset=opset,
+                                    inputs=inputs, outputs=outputs)
         manifest = Manifest(
             format=FORMAT,
             schema_version=SCHEMA_VERSION,
@@ -73,12 +71,10 @@ def export_bundle(model: ScoreModel, out: str | Path, *, sampler: str = "em", st
             model=ModelSpec(name=model.name, sample_shape=list(model.sample_shape), time_label=model.time_label,
                             weights_sha256=model.weights_sha256, source=source or model.name,
                             value_range=list(value_range) if value_range else None),
-            sampler=SamplerSpec(name=sampler_name, steps=steps, grid=grid, program=[ProgramCall(step.kind)],
-                                final="x_mean"),
-            schedule=ScheduleSpec(t=t.tolist(), dt=dt.tolist(), sqrt_neg_dt=sqrt_neg_dt.tolist()),
-            graphs={step.kind: GraphSpec(file=graph_file, sha256=sha256_file(tmp / graph_file), opset=opset,
-                                         inputs=inputs, outputs=outputs)},
-            noise=NoiseSpec(generator=noise),
+            sampler=_sampler_spec(recipe),
+            schedule={name: values.float().tolist() for name, values in recipe.schedule.items()},
+            graphs=graphs,
+            noise=NoiseSpec(generator=noise, inputs=list(recipe.noise_inputs)),
             producer={"vpsde": _version("vpsde"), "torch": torch.__version__, "onnx": onnx.__version__},
         )
         manifest.write(tmp / "manifest.json")
@@ -93,5 +89,11 @@ def export_bundle(model: ScoreModel, out: str | Path, *, sampler: str = "em", st
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log(f"wrote bundle {out} ({steps} steps, {grid} grid, noise {noise})")
+    log(f"wrote bundle {out} ({recipe.name}, {steps} steps, {recipe.nfe} NFE, {grid} grid, noise {noise})")
     return Bundle.load(out)
+
+
+def _sampler_spec(recipe: SamplerRecipe) -> SamplerSpec:
+    return SamplerSpec(name=recipe.name, steps=recipe.steps, grid=recipe.grid, program=recipe.program,
+                       final=recipe.final, state=recipe.state, conditioning=recipe.conditioning,
+                       params={"id": recipe.sampler, **recipe.params})

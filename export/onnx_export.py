@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import warnings
 from pathlib import Path
@@ -10,6 +11,7 @@ import onnx
 import torch
 from torch import nn
 
+from vpsde.export.steps import SAMPLE_INPUTS
 from vpsde.runtime.manifest import TensorSpec
 
 BATCH = "batch"
@@ -18,13 +20,33 @@ ONNX_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "flo
                onnx.TensorProto.BFLOAT16: "bfloat16", onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32"}
 
 
-def example_inputs(sample_shape: tuple[int, ...], batch: int = 2, seed: int = 0) -> tuple[torch.Tensor, ...]:
-    """Fresh random (x, t, dt, sqrt_neg_dt, noise) for tracing a step; t in (0.01, 1), dt in (-0.1, 0)."""
+def example_inputs(input_names: tuple[str, ...], sample_shape: tuple[int, ...], batch: int = 2,
+                   seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Random tracing inputs: sample-shaped ones ~ N(0, 1) (the mask uniform in [0, 1]), per-sample scalars in
+    (0.01, 0.1) (negated for dt) and t in (0.01, 1). Only shapes matter for tracing; values keep it finite."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn((batch, *sample_shape), generator=g)
-    t = 0.01 + 0.99 * torch.rand(batch, generator=g)
-    dt = -0.1 * torch.rand(batch, generator=g) - 1e-4
-    return x, t, dt, torch.sqrt(-dt), torch.randn((batch, *sample_shape), generator=g)
+    args = []
+    for name in input_names:
+        if name == "mask":
+            args.append(torch.rand((batch, *sample_shape), generator=g))
+        elif name in SAMPLE_INPUTS:
+            args.append(torch.randn((batch, *sample_shape), generator=g))
+        elif name in ("t", "t_next"):
+            args.append(0.01 + 0.99 * torch.rand(batch, generator=g))
+        else:
+            v = 0.01 + 0.09 * torch.rand(batch, generator=g)
+            args.append(-v if name == "dt" else v)
+    return tuple(args)
+
+
+def _dynamic_batch(step: nn.Module, n_args: int) -> dict[str, object]:
+    """dynamic_shapes for torch.export: dim 0 of every input is the symbolic batch, by parameter name (a
+    ``*inputs`` parameter takes a tuple)."""
+    batch = torch.export.Dim(BATCH, min=1, max=1 << 20)
+    params = list(inspect.signature(step.forward).parameters.values())
+    if params and params[0].kind is inspect.Parameter.VAR_POSITIONAL:
+        return {params[0].name: tuple({0: batch} for _ in range(n_args))}
+    return {p.name: {0: batch} for p in params[:n_args]}
 
 
 def export_step_graph(step: nn.Module, sample_shape: tuple[int, ...], path: Path,
@@ -34,8 +56,7 @@ def export_step_graph(step: nn.Module, sample_shape: tuple[int, ...], path: Path
     Traced at batch 2 with the batch dimension symbolic ("batch"); onnx.checker (full) and strict shape
     inference must pass.
     """
-    args = example_inputs(sample_shape)
-    batch = torch.export.Dim(BATCH, min=1, max=1 << 20)
+    args = example_inputs(tuple(step.input_names), sample_shape)
     registry_log = logging.getLogger("torch.onnx._internal.exporter._registration")
     level = registry_log.level
     registry_log.setLevel(logging.ERROR)  # "torchvision is not installed" notices: irrelevant here
@@ -43,7 +64,7 @@ def export_step_graph(step: nn.Module, sample_shape: tuple[int, ...], path: Path
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             step, args, input_names=list(step.input_names), output_names=list(step.output_names),
-            opset_version=opset, dynamo=True, dynamic_shapes=tuple({0: batch} for _ in args),
+            opset_version=opset, dynamo=True, dynamic_shapes=_dynamic_batch(step, len(args)),
             verbose=False, optimize=True,
         )
     registry_log.setLevel(level)

@@ -1,12 +1,27 @@
-"""Sampler steps as traceable torch modules: everything a step needs comes in as an input (stateless)."""
+"""Sampler steps as traceable torch modules: everything a step needs comes in as an input (stateless).
+
+Every step maps ``forward(*input_names) -> output_names`` with x and the other sample-shaped inputs float32
+[B, *sample_shape] and per-step scalars float32 [B] (one value per sample: the host broadcasts the schedule).
+Scalars the host can precompute (grid times, discrete betas, solver coefficients) are inputs taken from the
+manifest's schedule, computed there in float64 and rounded once; the graphs hold only the model and the
+update. Random numbers never live in a graph: noise is an input.
+
+Notation: eps(x, t) is the network's noise prediction, score = -eps / std(t), alpha(t) = mean coefficient,
+sigma(t) = std(t), beta(t) the linear VP beta.
+"""
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 from torch import nn
 
-from vpsde.models.sde import VPSDE
 from vpsde.models.base import ScoreModel
+from vpsde.models.sde import VPSDE
+
+SAMPLE_INPUTS = frozenset({"x", "noise", "known", "mask", "known_noise", "x0_prev"})
+"""Inputs shaped like the sample [B, *sample_shape]; every other input is a per-sample scalar [B]."""
 
 
 def per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -14,36 +29,44 @@ def per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.reshape((-1,) + (1,) * (like.dim() - 1))
 
 
-class EulerMaruyamaStep(nn.Module):
-    """One Euler-Maruyama step of the reverse-time VP-SDE (diffusers ``step_pred``, score_sde
-    ``EulerMaruyamaPredictor``).
+class Step(nn.Module):
+    """Base of the step modules: the score model and the SDE, and the score from the noise prediction."""
 
-        score  = -eps(x, t) / std(t)
-        drift  = -1/2 beta(t) x - beta(t) score
-        x_mean = x + drift dt
-        x_next = x_mean + sqrt(beta(t)) sqrt(-dt) noise
-
-    ``forward(x, t, dt, sqrt_neg_dt, noise) -> (x_next, x_mean)``: x, noise float32 [B, *sample_shape];
-    t, dt, sqrt_neg_dt float32 [B] (per sample, dt < 0). sqrt_neg_dt = sqrt(-dt) comes from the schedule,
-    computed in float64 from the exact step and rounded once: a float32 sqrt of the rounded dt differs in the
-    last bit for N = 20, 50, 1000 (diffusers computes ``math.sqrt(-dt)`` in float64, too). The expression
-    order is diffusers' (including beta written as sqrt(beta)^2), so with ``std_formula="diffusers"`` the
-    result is bit-identical to ``ScoreSdeVpScheduler.step_pred`` in float32.
-    """
-
-    kind = "em"
-    input_names = ("x", "t", "dt", "sqrt_neg_dt", "noise")
-    output_names = ("x_next", "x_mean")
+    kind: str
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...] = ("x_next", "x_mean")
 
     def __init__(self, model: ScoreModel, sde: VPSDE) -> None:
         super().__init__()
         self.model = model
         self.sde = sde
 
-    def forward(
-        self, x: torch.Tensor, t: torch.Tensor, dt: torch.Tensor, sqrt_neg_dt: torch.Tensor, noise: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        score = -self.model(x, t) / per_sample(self.sde.std(t), x)
+    def score(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """grad_x log p_t(x) = -eps(x, t) / std(t)."""
+        return -self.model(x, t) / per_sample(self.sde.std(t), x)
+
+
+class EulerMaruyamaStep(Step):
+    """One Euler-Maruyama step of the reverse-time VP-SDE (diffusers ``step_pred``, score_sde
+    ``EulerMaruyamaPredictor``).
+
+        drift  = -1/2 beta(t) x - beta(t) score
+        x_mean = x + drift dt
+        x_next = x_mean + sqrt(beta(t)) sqrt(-dt) noise
+
+    Inputs x, t, dt (< 0), sqrt_neg_dt, noise. sqrt_neg_dt = sqrt(-dt) comes from the schedule, computed in
+    float64 from the exact step and rounded once: a float32 sqrt of the rounded dt differs in the last bit for
+    N = 20, 50, 1000 (diffusers computes ``math.sqrt(-dt)`` in float64, too). The expression order is
+    diffusers' (including beta written as sqrt(beta)^2), so with ``std_formula="diffusers"`` the result is
+    bit-identical to ``ScoreSdeVpScheduler.step_pred`` in float32.
+    """
+
+    kind = "em"
+    input_names = ("x", "t", "dt", "sqrt_neg_dt", "noise")
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, dt: torch.Tensor, sqrt_neg_dt: torch.Tensor,
+                noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        score = self.score(x, t)
         beta_t = per_sample(self.sde.beta(t), x)
         diffusion = torch.sqrt(beta_t)
         drift = -0.5 * beta_t * x - diffusion**2 * score
@@ -52,4 +75,154 @@ class EulerMaruyamaStep(nn.Module):
         return x_next, x_mean
 
 
-STEP_KINDS: dict[str, type[nn.Module]] = {EulerMaruyamaStep.kind: EulerMaruyamaStep}
+class DiscretePredictorStep(Step):
+    """The predictors of score_sde that use the discrete DDPM betas of an N-step chain (``beta`` input: beta_i
+    = linspace(beta_min/N, beta_max/N, N)[i], the step's index from t).
+
+    ``rule="reverse-diffusion"`` (``ReverseDiffusionPredictor``, the discretised reverse SDE):
+        x_mean = x - (sqrt(1 - beta) x - x) + beta score,       x_next = x_mean + sqrt(beta) noise
+    ``rule="ancestral"`` (``AncestralSamplingPredictor``, DDPM ancestral sampling):
+        x_mean = (x + beta score) / sqrt(1 - beta),              x_next = x_mean + sqrt(beta) noise
+    """
+
+    input_names = ("x", "t", "beta", "noise")
+
+    def __init__(self, model: ScoreModel, sde: VPSDE, rule: Literal["reverse-diffusion", "ancestral"]) -> None:
+        super().__init__(model, sde)
+        if rule not in ("reverse-diffusion", "ancestral"):
+            raise ValueError(f"unknown discrete predictor {rule!r}")
+        self.rule = rule
+        self.kind = rule.replace("-", "_")
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, beta: torch.Tensor,
+                noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        score = self.score(x, t)
+        beta = per_sample(beta, x)
+        if self.rule == "reverse-diffusion":
+            f = torch.sqrt(1.0 - beta) * x - x
+            x_mean = x - (f - beta * score)
+        else:
+            x_mean = (x + beta * score) / torch.sqrt(1.0 - beta)
+        return x_mean + torch.sqrt(beta) * noise, x_mean
+
+
+class LangevinCorrectorStep(Step):
+    """One Langevin MCMC correction at fixed t (score_sde ``LangevinCorrector`` for the VP-SDE):
+
+        step   = 2 alpha_i (snr |noise| / |score|)^2,   alpha_i = 1 - beta_i (``beta`` input)
+        x_mean = x + step score,                         x_next = x_mean + sqrt(2 step) noise
+
+    |.| is the L2 norm of one sample. ``coupling="batch"`` averages both norms over the batch, exactly as
+    score_sde does (every sample's step then depends on the rest of its batch); ``"per-sample"`` uses each
+    sample's own norms, so results do not depend on how samples are batched.
+    """
+
+    kind = "langevin"
+    input_names = ("x", "t", "beta", "noise")
+
+    def __init__(self, model: ScoreModel, sde: VPSDE, snr: float, coupling: Literal["batch", "per-sample"]) -> None:
+        super().__init__(model, sde)
+        if coupling not in ("batch", "per-sample"):
+            raise ValueError(f"coupling must be 'batch' or 'per-sample', got {coupling!r}")
+        if not snr > 0:
+            raise ValueError(f"snr must be > 0, got {snr}")
+        self.snr, self.coupling = float(snr), coupling
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, beta: torch.Tensor,
+                noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        grad = self.score(x, t)
+        grad_norm = torch.linalg.vector_norm(grad.flatten(1), dim=-1)
+        noise_norm = torch.linalg.vector_norm(noise.flatten(1), dim=-1)
+        if self.coupling == "batch":
+            grad_norm, noise_norm = grad_norm.mean(), noise_norm.mean()
+        step_size = per_sample((self.snr * noise_norm / grad_norm) ** 2 * 2.0 * (1.0 - beta), x)
+        x_mean = x + step_size * grad
+        return x_mean + torch.sqrt(step_size * 2.0) * noise, x_mean
+
+
+class ProbabilityFlowStep(Step):
+    """One step of the probability-flow ODE  dx/dt = -1/2 beta(t) (x + score(x, t)), deterministic.
+
+    ``order=1`` (Euler):  x_next = x + dt v(x, t)                        inputs x, t, dt
+    ``order=2`` (Heun):   x_e = x + dt v(x, t);
+                          x_next = x + dt/2 (v(x, t) + v(x_e, t_next))     inputs x, t, dt, t_next (2 model calls)
+    """
+
+    output_names = ("x_next",)
+
+    def __init__(self, model: ScoreModel, sde: VPSDE, order: int) -> None:
+        super().__init__(model, sde)
+        if order not in (1, 2):
+            raise ValueError(f"order must be 1 (Euler) or 2 (Heun), got {order}")
+        self.order = order
+        self.kind = "ode_euler" if order == 1 else "ode_heun"
+        self.input_names = ("x", "t", "dt") if order == 1 else ("x", "t", "dt", "t_next")
+
+    def velocity(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return -0.5 * per_sample(self.sde.beta(t), x) * (x + self.score(x, t))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, dt: torch.Tensor,
+                t_next: torch.Tensor | None = None) -> torch.Tensor:
+        dt = per_sample(dt, x)
+        d = self.velocity(x, t)
+        if self.order == 1:
+            return x + dt * d
+        d_next = self.velocity(x + dt * d, t_next)
+        return x + dt * (0.5 * (d + d_next))
+
+
+class DPMSolverPP2MStep(Step):
+    """One step of multistep DPM-Solver++(2M) (Lu et al. 2022, Alg. 2), data prediction, from t_i to t_{i+1}:
+
+        x0     = (x - sigma_i eps(x, t_i)) / alpha_i
+        D      = w_cur x0 + w_prev x0_prev
+        x_next = c_x x + c_d D
+
+    with c_x = sigma_{i+1}/sigma_i, c_d = -alpha_{i+1} expm1(-h_i), h_i = lambda_{i+1} - lambda_i (lambda =
+    log alpha/sigma), and (w_cur, w_prev) = (1 + 1/(2 r_i), -1/(2 r_i)), r_i = h_{i-1}/h_i, or (1, 0) for a
+    first-order step (the first step, and the last when N < 15). All from the schedule (float64 on the host).
+    ``x0_prev`` is state the host carries: the previous call's ``x0`` output.
+    """
+
+    kind = "dpmpp_2m"
+    input_names = ("x", "t", "alpha", "sigma", "c_x", "c_d", "w_cur", "w_prev", "x0_prev")
+    output_names = ("x_next", "x0")
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, c_x: torch.Tensor,
+                c_d: torch.Tensor, w_cur: torch.Tensor, w_prev: torch.Tensor,
+                x0_prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x0 = (x - per_sample(sigma, x) * self.model(x, t)) / per_sample(alpha, x)
+        d = per_sample(w_cur, x) * x0 + per_sample(w_prev, x) * x0_prev
+        return per_sample(c_x, x) * x + per_sample(c_d, x) * d, x0
+
+
+class InpaintStep(nn.Module):
+    """Wraps a noisy step (score_sde ``controllable_generation`` inpainting): after the step, re-impose the known
+    pixels noised to the step's t with host noise,
+
+        x_next = x_next (1 - mask) + (alpha(t) known + std(t) known_noise) mask
+        x_mean = x_mean (1 - mask) + alpha(t) known mask
+
+    Inputs: the wrapped step's, then known [B, *sample] (data, model value range), mask [B, *sample] (1 =
+    known), known_noise [B, *sample]. score_sde builds x_mean from the noisy x in the unknown region; this uses
+    the step's x_mean there, so the final sample carries no last-step noise (as every other sampler here).
+    """
+
+    def __init__(self, step: Step) -> None:
+        super().__init__()
+        if step.output_names != ("x_next", "x_mean") or "t" not in step.input_names:
+            raise ValueError(f"inpainting wraps a noisy step with outputs (x_next, x_mean), not {step.kind!r}")
+        self.step = step
+        self.sde = step.sde
+        self.kind = f"inpaint_{step.kind}"
+        self.input_names = (*step.input_names, "known", "mask", "known_noise")
+        self.output_names = step.output_names
+        self._t = step.input_names.index("t")
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        *step_inputs, known, mask, known_noise = inputs
+        x_next, x_mean = self.step(*step_inputs)
+        t = step_inputs[self._t]
+        known_mean = per_sample(self.sde.mean_coeff(t), known) * known
+        known_noisy = known_mean + per_sample(self.sde.std(t), known) * known_noise
+        return x_next * (1.0 - mask) + known_noisy * mask, x_mean * (1.0 - mask) + known_mean * mask

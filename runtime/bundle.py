@@ -10,12 +10,6 @@ from pathlib import Path
 from vpsde.runtime.errors import BundleError
 from vpsde.runtime.manifest import MANIFEST_NAME, GraphSpec, Manifest
 
-# Inputs every step graph has, with the shape relative to the sample shape: "sample" = [batch, *sample_shape],
-# "batch" = [batch].
-SAMPLE_INPUTS = ("x", "noise")
-PER_SAMPLE_INPUTS = ("t", "dt", "sqrt_neg_dt")
-
-
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -61,12 +55,9 @@ class Bundle:
                                   f"{graph.sha256}; the file was modified or the manifest edited — re-export the bundle")
         sample = list(self.manifest.model.sample_shape)
         for i, spec in enumerate(graph.inputs):
-            expected = None
-            if spec.name in SAMPLE_INPUTS:
-                expected = sample
-            elif spec.name in PER_SAMPLE_INPUTS:
-                expected = []
-            if expected is not None and (len(spec.shape) != len(expected) + 1 or list(spec.shape[1:]) != expected):
+            # schedule scalars are [batch]; every other input (x, noise, state, conditioning) is [batch, *sample]
+            expected = [] if self.manifest.input_role(spec.name) == "schedule" else sample
+            if len(spec.shape) != len(expected) + 1 or list(spec.shape[1:]) != expected:
                 raise BundleError(f"{source}: field 'graphs.{key}.inputs[{i}].shape': expected [batch, "
                                   f"{', '.join(map(str, expected))}] for input {spec.name!r} (model.sample_shape is "
                                   f"{sample}), got {spec.shape}")

@@ -1,4 +1,5 @@
-"""The bundle manifest (``manifest.json``, schema version 1): typed, validated on read, written atomically.
+"""The bundle manifest (``manifest.json``, schema version 2; version 1 still reads): typed, validated on read,
+written atomically.
 
 Every host (this runtime, the C++ host, a serving engine) drives a bundle from this file alone. Errors name
 the file and the dotted field path, and say what was expected.
@@ -20,7 +21,8 @@ from vpsde.runtime.atomic import atomic_path
 from vpsde.runtime.errors import BundleError
 
 FORMAT = "vpsde-bundle"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # v1 = the Euler-Maruyama-only subset of v2 (no state, no conditioning)
 MANIFEST_NAME = "manifest.json"
 DTYPES = ("float32", "float16", "bfloat16", "int64", "int32")
 
@@ -79,35 +81,46 @@ class ProgramCall:
 
 
 @dataclass(frozen=True)
+class StateSpec:
+    """Host-carried state between graph calls (e.g. DPM-Solver++'s previous data prediction): the host feeds
+    its buffer to graph input ``input`` and replaces it with graph output ``output`` after every call of a
+    graph that has that output. ``init``: its value before the first call ("zeros")."""
+
+    input: str
+    output: str
+    init: str = "zeros"
+
+
+@dataclass(frozen=True)
 class SamplerSpec:
     """What to run: ``program`` is the sequence of graph calls made at every step, in order; ``final`` names
-    the output of the last call that is the sample (``x_mean``: no noise added at the last step)."""
+    the output of the last call that is the sample (``x_mean``: no noise added at the last step).
+
+    ``state``: buffers carried between calls; ``conditioning``: graph inputs [batch, *sample_shape] the user
+    supplies per sample (inpainting: ``known``, ``mask``); ``params``: what the sampler was exported with
+    (e.g. ``snr``, ``corrector_steps``, ``coupling``: "batch" when a graph mixes samples of one batch, so
+    results depend on how samples are batched)."""
 
     name: str
     steps: int
     grid: str
     program: list[ProgramCall]
     final: str = "x_mean"
-
-
-@dataclass(frozen=True)
-class ScheduleSpec:
-    """Per-step scalars, one entry per step, fed to the graph inputs of the same name (cast to the input's
-    dtype; the values are exactly representable in float32)."""
-
-    t: list[float]
-    dt: list[float]
-    sqrt_neg_dt: list[float]
+    state: list[StateSpec] = field(default_factory=list)
+    conditioning: list[str] = field(default_factory=list)
+    params: dict[str, Union[int, float, str]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class NoiseSpec:
     """How the host draws noise. ``generator``: "philox4x32-10/box-muller/v1" (portable) or "torch".
-    The prior x_T is noise call 0; each graph call with a ``noise`` input consumes the next call index."""
+    The prior x_T is noise call 0; every graph input named in ``inputs`` takes the next call index, counted
+    over the program's calls in order and, within one call, in the order of ``inputs``."""
 
     generator: str
+    inputs: list[str] = field(default_factory=lambda: ["noise"])
     prior: str = "call 0"
-    per_call: str = "one draw per graph call with a 'noise' input, counted in program order from 1"
+    per_call: str = "one draw per noise input of each graph call, counted in program order from 1"
 
 
 @dataclass(frozen=True)
@@ -117,7 +130,7 @@ class Manifest:
     sde: SDESpec
     model: ModelSpec
     sampler: SamplerSpec
-    schedule: ScheduleSpec
+    schedule: dict[str, list[float]]
     graphs: dict[str, GraphSpec]
     noise: NoiseSpec
     producer: dict[str, str] = field(default_factory=dict)
@@ -136,9 +149,9 @@ class Manifest:
         version = data.get("schema_version")
         if not isinstance(version, int) or isinstance(version, bool):
             raise BundleError(f"{source}: field 'schema_version': expected an integer, got {version!r}")
-        if version != SCHEMA_VERSION:
+        if version not in READABLE_VERSIONS:
             raise BundleError(
-                f"{source}: field 'schema_version': this runtime reads schema version {SCHEMA_VERSION}, the "
+                f"{source}: field 'schema_version': this runtime reads schema versions {READABLE_VERSIONS}, the "
                 f"bundle has {version}; re-export the bundle or use a vpsde release that reads version {version}"
             )
         manifest = _convert(cls, data, source, "")
@@ -149,11 +162,10 @@ class Manifest:
         n = self.sampler.steps
         if n < 1:
             raise BundleError(f"{source}: field 'sampler.steps': expected >= 1, got {n}")
-        for key in ("t", "dt", "sqrt_neg_dt"):
-            values = getattr(self.schedule, key)
+        for key, values in self.schedule.items():
             if len(values) != n:
                 raise BundleError(f"{source}: field 'schedule.{key}': expected {n} values (sampler.steps), got {len(values)}")
-        if any(d >= 0 for d in self.schedule.dt):
+        if any(d >= 0 for d in self.schedule.get("dt", [])):
             raise BundleError(f"{source}: field 'schedule.dt': reverse-time steps must be negative")
         if not self.sampler.program:
             raise BundleError(f"{source}: field 'sampler.program': expected at least one graph call")
@@ -165,15 +177,41 @@ class Manifest:
                 raise BundleError(f"{source}: field 'sampler.program[{i}].repeat': expected >= 1, got {call.repeat}")
         if any(s < 1 for s in self.model.sample_shape):
             raise BundleError(f"{source}: field 'model.sample_shape': expected positive sizes, got {self.model.sample_shape}")
+        for i, st in enumerate(self.sampler.state):
+            if st.init != "zeros":
+                raise BundleError(f"{source}: field 'sampler.state[{i}].init': expected 'zeros', got {st.init!r}")
         for key, g in self.graphs.items():
             for kind, specs in (("inputs", g.inputs), ("outputs", g.outputs)):
                 for j, spec in enumerate(specs):
                     if spec.dtype not in DTYPES:
                         raise BundleError(f"{source}: field 'graphs.{key}.{kind}[{j}].dtype': expected one of "
                                           f"{DTYPES}, got {spec.dtype!r}")
+            for j, spec in enumerate(g.inputs):
+                if self.input_role(spec.name) is None:
+                    raise BundleError(
+                        f"{source}: field 'graphs.{key}.inputs[{j}]': no source for input {spec.name!r}; a graph input "
+                        "is 'x', a 'schedule' array, one of 'noise.inputs', a 'sampler.state' input or one of "
+                        "'sampler.conditioning'")
+            if "x_next" not in {o.name for o in g.outputs}:
+                raise BundleError(f"{source}: field 'graphs.{key}.outputs': expected an output named 'x_next'")
         last = self.sampler.program[-1].graph
         if self.sampler.final not in {o.name for o in self.graphs[last].outputs}:
             raise BundleError(f"{source}: field 'sampler.final': graph {last!r} has no output {self.sampler.final!r}")
+
+    def input_role(self, name: str) -> str | None:
+        """Where a graph input's values come from: "x", "schedule", "noise", "state", "conditioning" (or None).
+        Every role but "schedule" ([batch], one scalar per step) is a [batch, *sample_shape] tensor."""
+        if name == "x":
+            return "x"
+        if name in self.schedule:
+            return "schedule"
+        if name in self.noise.inputs:
+            return "noise"
+        if name in {s.input for s in self.sampler.state}:
+            return "state"
+        if name in self.sampler.conditioning:
+            return "conditioning"
+        return None
 
     # -- files ----------------------------------------------------------------------------------------------
     @classmethod

@@ -3,17 +3,20 @@
 The loop is the manifest's program, verbatim:
 
     x = noise(call 0)                                   # prior x_T ~ N(0, I)
+    state = zeros                                       # sampler.state, if any (e.g. DPM-Solver++ history)
     for i in range(steps):
-        for graph call in program:                      # e.g. [em]
-            x, x_mean = graph(x, t_i, dt_i, sqrt_neg_dt_i, noise(next call))
-    return x_mean                                       # sampler.final
+        for graph call in program:                      # e.g. [em], or [langevin x n, reverse_diffusion]
+            feed: x; schedule[name][i] for every schedule input; noise(next call) for every noise input;
+                  state buffers; the user's conditioning (inpainting: known, mask)
+            outputs = graph(feed); x = outputs.x_next; state = outputs[state.output]
+    return outputs[final]                               # of the last call: x_mean, or x_next (ODE samplers)
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -43,17 +46,20 @@ class Sampler:
         self.nan_guard = nan_guard
         self.progress = progress
         self.sample_shape = tuple(self.manifest.model.sample_shape)
-        sched = self.manifest.schedule
-        self._schedule = {name: np.asarray(getattr(sched, name), dtype=np.float64) for name in ("t", "dt", "sqrt_neg_dt")}
+        self._schedule = {name: np.asarray(v, dtype=np.float64) for name, v in self.manifest.schedule.items()}
 
     def sample(self, num: int, seed: int = 0, *, batch_size: int | None = None, first_sample: int = 0,
-               generator: str | None = None, callback: Callable[[int, np.ndarray], None] | None = None) -> np.ndarray:
+               generator: str | None = None, callback: Callable[[int, np.ndarray], None] | None = None,
+               conditioning: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
         """Draw ``num`` samples -> float32 [num, *sample_shape].
 
         Samples are global indices ``first_sample .. first_sample + num - 1``: with the portable generator,
         sample s is the same whatever the batch size or sharding (shard k passes its own ``first_sample``).
         ``generator`` overrides the manifest's (``"torch"`` reproduces diffusers' noise order; it depends on
         the batch, so it needs a single batch). ``callback(step, x)`` sees x after every step.
+        ``conditioning``: the arrays the bundle's ``sampler.conditioning`` names (inpainting: ``known`` data in
+        the model's value range and ``mask``, 1 where known), each [num, *sample_shape] or [*sample_shape]
+        (shared by all samples).
         """
         if num < 1:
             raise InputError(f"num must be >= 1, got {num}")
@@ -69,39 +75,68 @@ class Sampler:
                              "use batch_size >= num or the portable philox generator")
         steps = self.manifest.sampler.steps
         batches = [(s, min(batch_size, first_sample + num - s)) for s in range(first_sample, first_sample + num, batch_size)]
+        cond = self._check_conditioning(conditioning, num)
         out = np.empty((num, *self.sample_shape), dtype=np.float32)
         with tqdm(total=steps * len(batches), desc="sampling", unit="step", disable=not self.progress, leave=False) as bar:
             for start, size in batches:
                 noise = make_noise(generator, seed)
-                out[start - first_sample:start - first_sample + size] = self._sample_batch(noise, start, size, bar, callback)
+                lo = start - first_sample
+                batch_cond = {k: v[lo:lo + size] if v.shape[0] == num else np.broadcast_to(v, (size, *self.sample_shape))
+                              for k, v in cond.items()}
+                out[lo:lo + size] = self._sample_batch(noise, start, size, bar, callback, batch_cond)
         return out
 
-    def _sample_batch(self, noise, start: int, size: int, bar, callback) -> np.ndarray:
+    def _check_conditioning(self, conditioning: Mapping[str, np.ndarray] | None, num: int) -> dict[str, np.ndarray]:
+        wanted = list(self.manifest.sampler.conditioning)
+        given = dict(conditioning or {})
+        if sorted(given) != sorted(wanted):
+            raise InputError(f"bundle {self.bundle.root} ({self.manifest.sampler.name}) takes conditioning inputs "
+                             f"{wanted or 'none'}, got {sorted(given) or 'none'}")
+        out = {}
+        for name, arr in given.items():
+            arr = np.asarray(arr, dtype=np.float32)
+            if arr.shape not in (self.sample_shape, (num, *self.sample_shape)):
+                raise InputError(f"conditioning input {name!r}: expected shape {list(self.sample_shape)} or "
+                                 f"{[num, *self.sample_shape]}, got {list(arr.shape)}")
+            if not np.isfinite(arr).all():
+                raise InputError(f"conditioning input {name!r} contains NaN/Inf")
+            out[name] = arr if arr.shape[0] == num and arr.ndim == len(self.sample_shape) + 1 else arr[None]
+        return out
+
+    def _sample_batch(self, noise, start: int, size: int, bar, callback, cond: dict[str, np.ndarray]) -> np.ndarray:
+        m = self.manifest
         x = noise(0, start, size, self.sample_shape)
         call = 1
-        final = self.manifest.sampler.final
+        state = {s.input: np.zeros((size, *self.sample_shape), dtype=np.float32) for s in m.sampler.state}
         for runner in self.runners.values():
             runner.activate(size)
-        for i in range(self.manifest.sampler.steps):
-            for pc in self.manifest.sampler.program:
+        for i in range(m.sampler.steps):
+            for pc in m.sampler.program:
                 runner = self.runners[pc.graph]
+                inputs = runner.inputs
                 for _ in range(pc.repeat):
-                    inputs = runner.inputs
                     np.copyto(inputs["x"], x)
                     for name, values in self._schedule.items():
                         if name in inputs:
                             inputs[name].fill(values[i])
-                    if "noise" in inputs:
-                        np.copyto(inputs["noise"], noise(call, start, size, self.sample_shape))
-                        call += 1
+                    for name in m.noise.inputs:
+                        if name in inputs:
+                            np.copyto(inputs[name], noise(call, start, size, self.sample_shape))
+                            call += 1
+                    for name, value in (*state.items(), *cond.items()):
+                        if name in inputs:
+                            np.copyto(inputs[name], value)
                     outputs = runner.run()
                     if self.nan_guard:
                         self._check_finite(outputs, pc.graph, i, start, size)
                     x = outputs["x_next"]
+                    for s in m.sampler.state:
+                        if s.output in outputs:
+                            np.copyto(state[s.input], outputs[s.output])
             if callback is not None:
                 callback(i, x)
             bar.update(1)
-        return outputs[final].copy()
+        return outputs[m.sampler.final].copy()
 
     def _check_finite(self, outputs: dict[str, np.ndarray], graph: str, step: int, start: int, size: int) -> None:
         for name, arr in outputs.items():

@@ -28,7 +28,7 @@ def _edit_manifest(root, edit):
 
 
 @pytest.mark.parametrize("edit, field", [
-    (lambda d: d.update(schema_version=2), "schema_version"),
+    (lambda d: d.update(schema_version=3), "schema_version"),
     (lambda d: d.update(format="something"), "format"),
     (lambda d: d["sampler"].update(steps="1000"), "sampler.steps"),
     (lambda d: d["sde"].pop("beta_max"), "sde.beta_max"),
@@ -38,12 +38,25 @@ def _edit_manifest(root, edit):
     (lambda d: d["graphs"]["em"]["inputs"][0].update(shape=["batch", 3]), "graphs.em.inputs[0].shape"),
     (lambda d: d["graphs"]["em"]["inputs"][0].update(dtype="float99"), "graphs.em.inputs[0].dtype"),
     (lambda d: d["graphs"]["em"].update(file="../elsewhere.onnx"), "graphs.em.file"),
+    (lambda d: d["noise"].update(inputs=[]), "graphs.em.inputs[4]"),  # 'noise' would have no source
+    (lambda d: d["sampler"].update(state=[{"input": "h", "output": "h_out", "init": "ones"}]), "sampler.state[0].init"),
+    (lambda d: d["sampler"].update(params={"snr": True}), "sampler.params.snr"),
 ])
 def test_edited_manifest_names_the_field(bundle_copy, edit, field):
     _edit_manifest(bundle_copy, edit)
     with pytest.raises(BundleError) as e:
         Bundle.load(bundle_copy)
     assert f"'{field}" in str(e.value) and "manifest.json" in str(e.value)
+
+
+def test_schema_version_1_still_reads(bundle_copy):
+    """A v1 manifest (EM only: no noise.inputs, state, conditioning or params) reads as the same sampler."""
+    def to_v1(d):
+        d["schema_version"] = 1
+        del d["noise"]["inputs"], d["sampler"]["state"], d["sampler"]["conditioning"], d["sampler"]["params"]
+    _edit_manifest(bundle_copy, to_v1)
+    m = Bundle.load(bundle_copy).manifest
+    assert m.schema_version == 1 and m.noise.inputs == ["noise"] and m.sampler.state == []
 
 
 def test_missing_graph(bundle_copy):

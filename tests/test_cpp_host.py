@@ -95,7 +95,7 @@ def _edit(root, edit):
 
 @pytest.mark.parametrize("case, expect", [
     ("missing_graph", "em.onnx: graph file named by 'graphs.em.file'"),
-    ("schema_version", "field 'schema_version': this host reads schema version 1, the bundle has 7"),
+    ("schema_version", "field 'schema_version': this host reads schema versions 1..2, the bundle has 7"),
     ("sha_mismatch", "sha256 is"),
     ("shape_mismatch", "field 'graphs.em.inputs[0].shape': expected [batch, 2]"),
     ("ort_status", "ONNX Runtime could not load graph 'em'"),

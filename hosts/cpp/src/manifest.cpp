@@ -117,8 +117,8 @@ Manifest load_bundle(const std::string& bundle_dir) {
   if (!doc.is_object()) throw Error(path.string() + ": expected a JSON object at the top level");
   if (r.str(doc, "format", "") != "vpsde-bundle") r.fail("format", "expected \"vpsde-bundle\"");
   const auto version = r.integer(doc, "schema_version", "");
-  if (version != kSchemaVersion)
-    r.fail("schema_version", "this host reads schema version " + std::to_string(kSchemaVersion) + ", the bundle has " +
+  if (version < 1 || version > kSchemaVersion)
+    r.fail("schema_version", "this host reads schema versions 1.." + std::to_string(kSchemaVersion) + ", the bundle has " +
                                  std::to_string(version) + "; re-export the bundle or use a matching vpsde-sample");
 
   Manifest m;
@@ -144,17 +144,47 @@ Manifest load_bundle(const std::string& bundle_dir) {
     m.program.push_back(call);
   }
 
+  if (sampler.contains("state")) {
+    const json& state = sampler.at("state");
+    if (!state.is_array()) r.fail("sampler.state", "expected a list");
+    for (std::size_t i = 0; i < state.size(); ++i) {
+      const std::string w = "sampler.state[" + std::to_string(i) + "]";
+      m.state.push_back({r.str(state[i], "input", w), r.str(state[i], "output", w)});
+      if (state[i].contains("init") && state[i].at("init") != "zeros") r.fail(w + ".init", "expected \"zeros\"");
+    }
+  }
+  if (sampler.contains("conditioning") && !sampler.at("conditioning").empty())
+    r.fail("sampler.conditioning", "this bundle needs conditioning inputs " + sampler.at("conditioning").dump() +
+                                       " (inpainting); vpsde-sample does not take them: use the Python runtime");
+
   const json& schedule = r.at(doc, "schedule", "");
-  for (const char* key : {"t", "dt", "sqrt_neg_dt"}) {
+  if (!schedule.is_object()) r.fail("schedule", "expected an object of per-step arrays");
+  for (const auto& [key, _] : schedule.items()) {
     m.schedule[key] = r.numbers(schedule, key, "schedule");
     if (static_cast<int>(m.schedule[key].size()) != m.steps)
-      r.fail(std::string("schedule.") + key, "expected " + std::to_string(m.steps) + " values (sampler.steps), got " +
-                                                 std::to_string(m.schedule[key].size()));
+      r.fail("schedule." + key, "expected " + std::to_string(m.steps) + " values (sampler.steps), got " +
+                                    std::to_string(m.schedule[key].size()));
   }
-  for (double dt : m.schedule["dt"])
-    if (!(dt < 0)) r.fail("schedule.dt", "reverse-time steps must be negative");
+  if (m.schedule.count("dt"))
+    for (double dt : m.schedule["dt"])
+      if (!(dt < 0)) r.fail("schedule.dt", "reverse-time steps must be negative");
 
-  m.noise_generator = r.str(r.at(doc, "noise", ""), "generator", "noise");
+  const json& noise = r.at(doc, "noise", "");
+  m.noise_generator = r.str(noise, "generator", "noise");
+  if (noise.contains("inputs")) {
+    m.noise_inputs.clear();
+    const json& inputs = noise.at("inputs");
+    if (!inputs.is_array()) r.fail("noise.inputs", "expected a list of input names");
+    for (const auto& v : inputs) {
+      if (!v.is_string()) r.fail("noise.inputs", "expected a list of input names, found " + v.dump());
+      m.noise_inputs.push_back(v.get<std::string>());
+    }
+  }
+  auto is_sample_input = [&](const std::string& name) {
+    if (name == "x") return true;
+    if (std::find(m.noise_inputs.begin(), m.noise_inputs.end(), name) != m.noise_inputs.end()) return true;
+    return std::any_of(m.state.begin(), m.state.end(), [&](const StateSpec& s) { return s.input == name; });
+  };
 
   const json& graphs = r.at(doc, "graphs", "");
   if (!graphs.is_object() || graphs.empty()) r.fail("graphs", "expected an object of graph specs");
@@ -173,8 +203,13 @@ Manifest load_bundle(const std::string& bundle_dir) {
     for (std::size_t i = 0; i < spec.inputs.size(); ++i) {
       const TensorSpec& t = spec.inputs[i];
       if (t.dtype != "float32") r.fail(w + ".inputs[" + std::to_string(i) + "].dtype", "this host runs float32 graph IO, got " + t.dtype);
+      const std::string w_in = w + ".inputs[" + std::to_string(i) + "]";
+      const bool scalar = m.schedule.count(t.name) > 0;
+      if (!scalar && !is_sample_input(t.name))
+        r.fail(w_in, "no source for input '" + t.name + "'; a graph input is 'x', a 'schedule' array, one of "
+                     "'noise.inputs' or a 'sampler.state' input");
       std::vector<std::int64_t> want{-1};
-      if (t.name == "x" || t.name == "noise") want.insert(want.end(), m.sample_shape.begin(), m.sample_shape.end());
+      if (!scalar) want.insert(want.end(), m.sample_shape.begin(), m.sample_shape.end());
       if (t.shape != want)
         r.fail(w + ".inputs[" + std::to_string(i) + "].shape",
                "expected " + shape_str(want) + " for input '" + t.name + "' (model.sample_shape), got " + shape_str(t.shape));

@@ -119,6 +119,8 @@ void Sampler::sample_batch(std::uint64_t seed, std::uint64_t first, std::int64_t
   std::vector<float> x(static_cast<std::size_t>(size) * numel);
   draw(0, x.data());  // the prior x_T is noise call 0
   std::uint32_t call = 1;
+  std::map<std::string, std::vector<float>> state;  // host-carried state (e.g. DPM-Solver++ history), zeros
+  for (const StateSpec& s : manifest_.state) state[s.input].assign(x.size(), 0.0f);
   const std::vector<float>* last = nullptr;
   Graph* last_graph = nullptr;
   for (int i = 0; i < manifest_.steps; ++i) {
@@ -130,7 +132,10 @@ void Sampler::sample_batch(std::uint64_t seed, std::uint64_t first, std::int64_t
           auto it = g.buffers.find(name);
           if (it != g.buffers.end()) std::fill(it->second.begin(), it->second.end(), static_cast<float>(values[i]));
         }
-        if (auto it = g.buffers.find("noise"); it != g.buffers.end()) draw(call++, it->second.data());
+        for (const std::string& name : manifest_.noise_inputs)
+          if (auto it = g.buffers.find(name); it != g.buffers.end()) draw(call++, it->second.data());
+        for (const auto& [name, value] : state)
+          if (auto it = g.buffers.find(name); it != g.buffers.end()) std::copy(value.begin(), value.end(), it->second.begin());
         try {
           g.session.Run(Ort::RunOptions{nullptr}, *g.binding);
         } catch (const Ort::Exception& e) {
@@ -146,6 +151,9 @@ void Sampler::sample_batch(std::uint64_t seed, std::uint64_t first, std::int64_t
           }
         const auto& x_next = g.buffers.at("x_next");
         std::copy(x_next.begin(), x_next.end(), x.begin());
+        for (const StateSpec& s : manifest_.state)
+          if (auto it = g.buffers.find(s.output); it != g.buffers.end())
+            std::copy(it->second.begin(), it->second.end(), state[s.input].begin());
         last_graph = &g;
       }
     }

@@ -1,4 +1,4 @@
-// The bundle manifest (schema version 1), read and checked: errors name the file and the field.
+// The bundle manifest (schema version 2; version 1 reads too), read and checked: errors name the file and the field.
 #pragma once
 
 #include <cstdint>
@@ -14,7 +14,7 @@ struct Error : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-inline constexpr int kSchemaVersion = 1;
+inline constexpr int kSchemaVersion = 2;  // newest version read; 1 (Euler-Maruyama only) reads too
 inline constexpr const char* kPhiloxId = "philox4x32-10/box-muller/v1";
 
 struct TensorSpec {
@@ -32,14 +32,21 @@ struct ProgramCall {
   int repeat = 1;
 };
 
+// Host-carried state: fed to graph input `input`, replaced by graph output `output` after each call (init zeros).
+struct StateSpec {
+  std::string input, output;
+};
+
 struct Manifest {
   std::vector<std::int64_t> sample_shape;
   int steps = 0;
   std::vector<ProgramCall> program;
   std::string final_output;
-  std::map<std::string, std::vector<double>> schedule;  // "t", "dt", "sqrt_neg_dt": one value per step
+  std::map<std::string, std::vector<double>> schedule;  // per-step scalars by graph input name, one value per step
   std::map<std::string, GraphSpec> graphs;
   std::string noise_generator;
+  std::vector<std::string> noise_inputs{"noise"};  // each takes the next noise call, in this order
+  std::vector<StateSpec> state;
 
   std::int64_t sample_numel() const;
 };

@@ -1,6 +1,7 @@
 // Drives a bundle's timestep loop on ONNX Runtime, like vpsde.runtime.Sampler:
-//   x = noise(call 0); for each step, for each graph call of the program: x, x_mean = graph(x, t, dt,
-//   sqrt_neg_dt, noise(next call)); the sample is the manifest's `final` output of the last call.
+//   x = noise(call 0); state = zeros; for each step, for each graph call of the program: feed x, the step's
+//   schedule scalars by input name, one noise call per noise input, the state buffers; x = x_next,
+//   state = its outputs; the sample is the manifest's `final` output of the last call.
 #pragma once
 
 #include <onnxruntime_cxx_api.h>
