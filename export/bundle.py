@@ -35,9 +35,8 @@ def export_bundle(model: ScoreModel, out: str | Path, *, sampler: str = "em", st
                   source: str = "", overwrite: bool = False, log=None, **sampler_options) -> Bundle:
     """Export ``model`` with the ``sampler``'s step graphs into the bundle directory ``out``.
 
-    ``grid`` defaults to the sampler's (``samplers.DEFAULT_GRID``). ``sde`` defaults to the paper's VP-SDE;
-    its std formula defaults to diffusers' for the "diffusers" grid (bit parity with ``ScoreSdeVpScheduler``)
-    and to the stable expm1 form otherwise. ``sampler_options`` go to :func:`build_sampler` (snr,
+    ``grid`` defaults to the sampler's (``samplers.DEFAULT_GRID``). ``sde`` defaults to the paper's VP-SDE
+    with :func:`default_std_formula`. ``sampler_options`` go to :func:`build_sampler` (snr,
     corrector_steps, coupling).
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
@@ -46,7 +45,7 @@ def export_bundle(model: ScoreModel, out: str | Path, *, sampler: str = "em", st
     grid = grid or DEFAULT_GRID[sampler]
     if noise not in GENERATORS:
         raise ValueError(f"unknown noise generator {noise!r}; expected one of {GENERATORS}")
-    sde = sde or VPSDE(std_formula="diffusers" if grid == "diffusers" else "expm1")
+    sde = sde or VPSDE(std_formula=default_std_formula(sampler, grid))
     recipe = build_sampler(sampler, model, sde, steps, grid, **sampler_options)
     out = Path(out)
     if out.exists() and not overwrite:
@@ -91,6 +90,13 @@ def export_bundle(model: ScoreModel, out: str | Path, *, sampler: str = "em", st
         raise
     log(f"wrote bundle {out} ({recipe.name}, {steps} steps, {recipe.nfe} NFE, {grid} grid, noise {noise})")
     return Bundle.load(out)
+
+
+def default_std_formula(sampler: str, grid: str | None) -> str:
+    """diffusers' sqrt(1 - exp(2 lmc)) for EM on the diffusers grid (bit parity with ``ScoreSdeVpScheduler``);
+    the stable expm1 form everywhere else (diffusers' loses ~1e-3 of std^2 to cancellation at t = 1e-3 in
+    float32, which the score amplifies by 1/std)."""
+    return "diffusers" if sampler == "em" and (grid or DEFAULT_GRID[sampler]) == "diffusers" else "expm1"
 
 
 def _sampler_spec(recipe: SamplerRecipe) -> SamplerSpec:

@@ -1,0 +1,248 @@
+"""Eager reference samplers in plain torch, written from the paper and score_sde formulas.
+
+They share nothing with the exported step modules, the schedule code or ``models/sde.py``: the SDE
+coefficients, time grids (the log-SNR grid by bisection, not the closed form), discrete betas and solver
+coefficients are recomputed here, so parity tests of the bundles against these functions check the export
+path end to end. They run in the dtype of ``x`` (float64 for an exact reference).
+
+A sampler is a short function over a noise-prediction callable and a schedule (k-diffusion style):
+
+    eps_fn(x [B, ...], t [B]) -> eps [B, ...]
+    noise(call) -> standard normal [B, ...] for noise call ``call`` (the prior is call 0, then one call per
+        noise draw in order; the bundles number their calls the same way)
+    callback(record) per graph-equivalent call, record = {"kind", "step", "inputs": {...}, "outputs": {...}}
+        with tensors named as the exported graph's inputs and outputs (for per-call parity tests)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+NoiseFn = Callable[[int], torch.Tensor]
+Callback = Callable[[dict], None]
+
+
+@dataclass(frozen=True)
+class VP:
+    """The VP-SDE of the paper: beta(t) = b0 + t (b1 - b0); x_t = alpha(t) x_0 + sigma(t) z."""
+
+    beta_min: float = 0.1
+    beta_max: float = 20.0
+    eps: float = 1e-3
+
+    def beta(self, t: torch.Tensor) -> torch.Tensor:
+        return self.beta_min + (self.beta_max - self.beta_min) * t
+
+    def log_alpha(self, t: torch.Tensor) -> torch.Tensor:
+        """log alpha(t) = -int_0^t beta(s)/2 ds."""
+        return -0.5 * self.beta_min * t - 0.25 * (self.beta_max - self.beta_min) * t * t
+
+    def alpha(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.exp(self.log_alpha(t))
+
+    def sigma(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.sqrt(-torch.expm1(2.0 * self.log_alpha(t)))
+
+    def lam(self, t: torch.Tensor) -> torch.Tensor:
+        """lambda(t) = log(alpha / sigma)."""
+        return self.log_alpha(t) - torch.log(self.sigma(t))
+
+
+def times(vp: VP, steps: int, grid: str) -> torch.Tensor:
+    """N + 1 float64 times from 1 down to eps: "uniform" in t, or "logsnr" (equal steps in lambda, found by
+    bisection of the monotone lambda(t))."""
+    if grid == "uniform":
+        return torch.linspace(1.0, vp.eps, steps + 1, dtype=torch.float64)
+    if grid != "logsnr":
+        raise ValueError(f"grid {grid!r}: expected uniform or logsnr")
+    one = torch.tensor([1.0, vp.eps], dtype=torch.float64)
+    target = torch.linspace(float(vp.lam(one[:1])), float(vp.lam(one[1:])), steps + 1, dtype=torch.float64)
+    lo, hi = torch.zeros_like(target), torch.ones_like(target)
+    for _ in range(80):  # lambda decreases in t
+        mid = 0.5 * (lo + hi)
+        above = vp.lam(mid) > target
+        lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
+    out = 0.5 * (lo + hi)
+    out[0], out[-1] = 1.0, vp.eps
+    return out
+
+
+def _vec(t: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
+    return torch.full((x.shape[0],), float(t), dtype=x.dtype)
+
+
+def _b(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return v.reshape((-1,) + (1,) * (x.dim() - 1))
+
+
+def _score(eps_fn: EpsFn, vp: VP, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return -eps_fn(x, t) / _b(vp.sigma(t), x)
+
+
+def _emit(callback: Callback | None, kind: str, step: int, inputs: dict, outputs: dict) -> None:
+    if callback is not None:
+        callback({"kind": kind, "step": step, "inputs": inputs, "outputs": outputs})
+
+
+# -- reverse SDE: Euler-Maruyama ------------------------------------------------------------------------------
+def _em_grid(vp: VP, steps: int, grid: str) -> list[tuple[float, float]]:
+    """(t_i, dt_i): score_sde/diffusers' linspace(1, eps, N) with dt = -1/N, or an edge grid."""
+    if grid == "diffusers":
+        return [(float(t), -1.0 / steps) for t in torch.linspace(1.0, vp.eps, steps, dtype=torch.float64)]
+    e = times(vp, steps, grid)
+    return [(float(e[i]), float(e[i + 1] - e[i])) for i in range(steps)]
+
+
+def sample_em(eps_fn: EpsFn, x: torch.Tensor, noise: NoiseFn, vp: VP = VP(), steps: int = 1000,
+              grid: str = "diffusers", callback: Callback | None = None,
+              inpaint: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Euler-Maruyama on the reverse SDE dx = [-1/2 beta x - beta score] dt + sqrt(beta) dw-bar; returns the
+    last x_mean. ``inpaint=(known, mask)``: after every step, known pixels are replaced by the known data
+    noised to the step's t (score_sde ``get_pc_inpainter``), with one more noise call per step."""
+    call = 1
+    x_mean = x
+    for i, (t, dt) in enumerate(_em_grid(vp, steps, grid)):
+        tv = _vec(t, x)
+        z = noise(call)
+        call += 1
+        beta = _b(vp.beta(tv), x)
+        x_mean = x + (-0.5 * beta * x - beta * _score(eps_fn, vp, x, tv)) * dt
+        x_next = x_mean + torch.sqrt(beta) * math.sqrt(-dt) * z
+        inputs = {"x": x, "noise": z}
+        if inpaint is not None:
+            known, mask = inpaint
+            zk = noise(call)
+            call += 1
+            known_mean = _b(vp.alpha(tv), x) * known
+            x_next = x_next * (1 - mask) + (known_mean + _b(vp.sigma(tv), x) * zk) * mask
+            x_mean = x_mean * (1 - mask) + known_mean * mask
+            inputs.update(known=known, mask=mask, known_noise=zk)
+        _emit(callback, "inpaint_em" if inpaint is not None else "em", i, inputs, {"x_next": x_next, "x_mean": x_mean})
+        x = x_next
+    return x_mean
+
+
+# -- score_sde's discrete predictors and the Langevin corrector -------------------------------------------------
+def discrete_schedule(vp: VP, steps: int, grid: str) -> list[tuple[float, float]]:
+    """(t_i, beta_i). "diffusers" (score_sde's grid): t = linspace(1, eps, N) and beta_i =
+    linspace(b0/N, b1/N, N)[(t_i (N - 1)).long()], in score_sde's float32; edge grids: the DDPM chain
+    respaced, beta_i = 1 - alpha(t_i)^2 / alpha(t_{i+1})^2."""
+    if grid == "diffusers":
+        ts = torch.linspace(1.0, vp.eps, steps)  # float32, as score_sde
+        betas = torch.linspace(vp.beta_min / steps, vp.beta_max / steps, steps)
+        idx = (ts * (steps - 1) / 1.0).long()
+        return [(float(t), float(betas[j])) for t, j in zip(ts, idx)]
+    e = times(vp, steps, grid).float().double()
+    a2 = vp.alpha(e) ** 2
+    return [(float(e[i]), float(1.0 - a2[i] / a2[i + 1])) for i in range(steps)]
+
+
+def langevin(eps_fn: EpsFn, vp: VP, x: torch.Tensor, t: torch.Tensor, beta: float, z: torch.Tensor, snr: float,
+             coupling: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """score_sde ``LangevinCorrector.update_fn`` for VP (alpha = 1 - beta); norms averaged over the batch
+    ("batch") or per sample ("per-sample")."""
+    grad = _score(eps_fn, vp, x, t)
+    grad_norm = torch.norm(grad.reshape(grad.shape[0], -1), dim=-1)
+    noise_norm = torch.norm(z.reshape(z.shape[0], -1), dim=-1)
+    if coupling == "batch":
+        grad_norm, noise_norm = grad_norm.mean(), noise_norm.mean()
+    step_size = (snr * noise_norm / grad_norm) ** 2 * 2 * (1.0 - beta) * torch.ones(x.shape[0], dtype=x.dtype)
+    x_mean = x + _b(step_size, x) * grad
+    return x_mean + _b(torch.sqrt(step_size * 2), x) * z, x_mean
+
+
+def reverse_diffusion(eps_fn: EpsFn, vp: VP, x: torch.Tensor, t: torch.Tensor, beta: float,
+                      z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """score_sde ``ReverseDiffusionPredictor`` with the VP discretisation f = sqrt(1 - beta) x - x, G = sqrt(beta)."""
+    f = math.sqrt(1.0 - beta) * x - x
+    x_mean = x - (f - beta * _score(eps_fn, vp, x, t))
+    return x_mean + math.sqrt(beta) * z, x_mean
+
+
+def ancestral(eps_fn: EpsFn, vp: VP, x: torch.Tensor, t: torch.Tensor, beta: float,
+              z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """score_sde ``AncestralSamplingPredictor.vpsde_update_fn`` (DDPM ancestral step)."""
+    x_mean = (x + beta * _score(eps_fn, vp, x, t)) / math.sqrt(1.0 - beta)
+    return x_mean + math.sqrt(beta) * z, x_mean
+
+
+def sample_pc(eps_fn: EpsFn, x: torch.Tensor, noise: NoiseFn, vp: VP = VP(), steps: int = 1000,
+              grid: str = "diffusers", snr: float = 0.16, corrector_steps: int = 1, coupling: str = "batch",
+              callback: Callback | None = None) -> torch.Tensor:
+    """score_sde ``pc_sampler``: per step, ``corrector_steps`` Langevin corrections then one reverse-diffusion
+    prediction; returns the last x_mean (``noise_removal``)."""
+    call, x_mean = 1, x
+    for i, (t, beta) in enumerate(discrete_schedule(vp, steps, grid)):
+        tv = _vec(t, x)
+        for _ in range(corrector_steps):
+            z = noise(call)
+            call += 1
+            x_next, x_mean = langevin(eps_fn, vp, x, tv, beta, z, snr, coupling)
+            _emit(callback, "langevin", i, {"x": x, "noise": z}, {"x_next": x_next, "x_mean": x_mean})
+            x = x_next
+        z = noise(call)
+        call += 1
+        x_next, x_mean = reverse_diffusion(eps_fn, vp, x, tv, beta, z)
+        _emit(callback, "reverse_diffusion", i, {"x": x, "noise": z}, {"x_next": x_next, "x_mean": x_mean})
+        x = x_next
+    return x_mean
+
+
+def sample_ancestral(eps_fn: EpsFn, x: torch.Tensor, noise: NoiseFn, vp: VP = VP(), steps: int = 1000,
+                     grid: str = "diffusers", callback: Callback | None = None) -> torch.Tensor:
+    """DDPM ancestral sampling (score_sde's predictor, no corrector); returns the last x_mean."""
+    x_mean = x
+    for i, (t, beta) in enumerate(discrete_schedule(vp, steps, grid)):
+        z = noise(i + 1)
+        x_next, x_mean = ancestral(eps_fn, vp, x, _vec(t, x), beta, z)
+        _emit(callback, "ancestral", i, {"x": x, "noise": z}, {"x_next": x_next, "x_mean": x_mean})
+        x = x_next
+    return x_mean
+
+
+# -- probability-flow ODE ----------------------------------------------------------------------------------------
+def sample_ode(eps_fn: EpsFn, x: torch.Tensor, vp: VP = VP(), steps: int = 50, grid: str = "logsnr",
+               order: int = 2, callback: Callback | None = None) -> torch.Tensor:
+    """Euler (order 1) or Heun (order 2, EDM Alg. 1 without churn) on dx/dt = -1/2 beta (x + score)."""
+    def v(x: torch.Tensor, t: float) -> torch.Tensor:
+        tv = _vec(t, x)
+        return -0.5 * _b(vp.beta(tv), x) * (x + _score(eps_fn, vp, x, tv))
+
+    e = times(vp, steps, grid)
+    for i in range(steps):
+        t, t_next = float(e[i]), float(e[i + 1])
+        d = v(x, t)
+        x_next = x + (t_next - t) * d
+        if order == 2:
+            x_next = x + (t_next - t) * 0.5 * (d + v(x_next, t_next))
+        _emit(callback, "ode_euler" if order == 1 else "ode_heun", i, {"x": x}, {"x_next": x_next})
+        x = x_next
+    return x
+
+
+# -- DPM-Solver++(2M) ---------------------------------------------------------------------------------------------
+def sample_dpmpp_2m(eps_fn: EpsFn, x: torch.Tensor, vp: VP = VP(), steps: int = 20, grid: str = "logsnr",
+                    lower_order_final: bool = True, callback: Callback | None = None) -> torch.Tensor:
+    """Multistep DPM-Solver++(2M), Lu et al. 2022 (arXiv:2211.01095) Algorithm 2, data prediction
+    x0 = (x - sigma eps) / alpha, in log-SNR time; first order at the first step (and at the last when N < 15
+    and ``lower_order_final``)."""
+    e = times(vp, steps, grid)
+    x0_prev, h_prev = torch.zeros_like(x), None
+    for i in range(steps):
+        s, t = e[i], e[i + 1]
+        x0 = (x - vp.sigma(s) * eps_fn(x, _vec(s, x))) / vp.alpha(s)
+        h = float(vp.lam(t) - vp.lam(s))
+        if h_prev is None or (lower_order_final and steps < 15 and i == steps - 1):
+            d = x0
+        else:
+            r = h_prev / h
+            d = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_prev
+        x_next = vp.sigma(t) / vp.sigma(s) * x - vp.alpha(t) * math.expm1(-h) * d
+        _emit(callback, "dpmpp_2m", i, {"x": x, "x0_prev": x0_prev}, {"x_next": x_next, "x0": x0})
+        x, x0_prev, h_prev = x_next, x0, h
+    return x
