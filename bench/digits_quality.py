@@ -1,14 +1,16 @@
-"""Sample quality of the shipped digits model: the eager reference vs the ONNX Runtime bundle.
+"""Sample quality of the shipped digits model, per sampler and NFE budget.
 
-Draws --num samples with --steps Euler-Maruyama steps (diffusers grid) twice, each in its own process, the two
-in parallel (one thread each):
-  eager — diffusers' ScoreSdeVpScheduler loop around the torch model (torch generator);
-  ort   — `vpsde export` bundle on ONNX Runtime CPU (portable philox noise).
-Then reports, with models/digits_eval.py, the classifier's confidence and class balance and the Fréchet
-distance to the training set (with a bootstrap standard error), next to held-out real digits and a
-same-size subsample of each generated set. Writes OUT/quality.json, OUT/{eager,ort}.npz and grid PNGs.
+Each run is SAMPLER:NFE[@NUM] and samples in its own process (one thread; --jobs of them in parallel):
+  eager-em:N  — diffusers' ScoreSdeVpScheduler loop around the torch model (torch generator), N steps;
+  S:NFE       — a bundle exported with `--sampler S` and the step count that spends NFE model evaluations
+                (pc: NFE/2 steps with one corrector step; ode-heun: NFE/2), sampled on ONNX Runtime CPU with
+                the portable philox noise; the sampler's default grid.
+Then reports, with models/digits_eval.py, the Fréchet distance to the training set in the classifier's
+feature space (with a bootstrap standard error; also on the first n = 297 samples, the held-out set's size),
+the classifier's confidence and class balance, next to held-out real digits. Writes OUT/quality.json,
+OUT/<run>.npz and OUT/<run>_grid.png. Existing .npz files are scored again without sampling (--resample to redo).
 
-    python bench/digits_quality.py --num 1000 --steps 1000 --out out/quality
+    python bench/digits_quality.py eager-em:1000 em:1000 pc:1000@500 ode-heun:20 dpmpp-2m:10 dpmpp-2m:20 --num 1000
 """
 
 from __future__ import annotations
@@ -21,6 +23,20 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+
+def parse_run(spec: str) -> tuple[str, int, int | None]:
+    """'pc:1000@500' -> ('pc', 1000, 500)."""
+    try:
+        head, _, num = spec.partition("@")
+        sampler, nfe = head.split(":")
+        return sampler, int(nfe), int(num) if num else None
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected SAMPLER:NFE[@NUM], got {spec!r}") from None
+
+
+def run_name(sampler: str, nfe: int) -> str:
+    return f"{sampler}-{nfe}"
 
 
 def sample_eager(num: int, steps: int, seed: int, batch: int) -> np.ndarray:
@@ -46,46 +62,59 @@ def sample_eager(num: int, steps: int, seed: int, batch: int) -> np.ndarray:
     return np.concatenate(out)
 
 
-def sample_ort(bundle: str, num: int, seed: int, batch: int) -> np.ndarray:
+def sample_bundle(sampler: str, nfe: int, num: int, seed: int, batch: int, bundle: Path) -> np.ndarray:
+    import torch
+
+    from vpsde.export import export_bundle, load_model, steps_for_nfe
+    from vpsde.export.bundle import default_std_formula
+    from vpsde.models.sde import VPSDE
     from vpsde.runtime import Sampler
 
+    torch.set_num_threads(1)
+    sde = VPSDE(std_formula=default_std_formula(sampler, None))
+    export_bundle(load_model("digits", sde), bundle, sampler=sampler, steps=steps_for_nfe(sampler, nfe), sde=sde,
+                  value_range=(-1, 1), overwrite=True, log=lambda m: None)
     return Sampler(bundle, progress=False, threads=1).sample(num, seed=seed, batch_size=batch)
 
 
-def _child(kind: str, args: dict, bundle: str, out: str) -> None:
+def _child(sampler: str, nfe: int, num: int, seed: int, batch: int, out: str) -> None:
     t0 = time.perf_counter()
-    x = sample_eager(args["num"], args["steps"], args["seed"], args["batch"]) if kind == "eager" else \
-        sample_ort(bundle, args["num"], args["seed"], args["batch"])
+    if sampler == "eager-em":
+        x = sample_eager(num, nfe, seed, batch)
+    else:
+        x = sample_bundle(sampler, nfe, num, seed, batch, Path(out).with_suffix(".bundle"))
     np.savez_compressed(out, samples=x, seconds=time.perf_counter() - t0)
+    print(f"{run_name(sampler, nfe)}: {num} samples in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--num", type=int, default=1000)
-    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("runs", nargs="+", type=parse_run, help="SAMPLER:NFE[@NUM], e.g. eager-em:1000 dpmpp-2m:20")
+    p.add_argument("--num", type=int, default=1000, help="samples per run (unless @NUM)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=250)
+    p.add_argument("--jobs", type=int, default=1, help="runs sampled in parallel (one thread each)")
+    p.add_argument("--resample", action="store_true", help="sample again even where OUT/<run>.npz exists")
     p.add_argument("--out", type=Path, default=Path("out/quality"))
-    p.add_argument("--reuse", action="store_true", help="score existing OUT/{eager,ort}.npz instead of sampling")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
 
-    if not args.reuse:
-        from vpsde.export import VPSDE, export_bundle, load_model
-
-        bundle = args.out / "bundle"
-        export_bundle(load_model("digits", VPSDE(std_formula="diffusers")), bundle, steps=args.steps,
-                      grid="diffusers", value_range=(-1, 1), overwrite=True, log=lambda m: print(m, file=sys.stderr))
-        ctx = mp.get_context("spawn")
-        procs = [ctx.Process(target=_child, args=(k, vars(args) | {"out": None}, str(bundle), str(args.out / f"{k}.npz")))
-                 for k in ("eager", "ort")]
-        print(f"sampling {args.num} x {args.steps} steps, eager and ort in parallel...", file=sys.stderr)
-        for proc in procs:
-            proc.start()
-        for proc in procs:
-            proc.join()
-            if proc.exitcode:
-                raise SystemExit(f"sampling process failed with exit code {proc.exitcode}")
+    todo = [(s, n, num or args.num) for s, n, num in args.runs
+            if args.resample or not (args.out / f"{run_name(s, n)}.npz").is_file()]
+    ctx = mp.get_context("spawn")
+    running: list = []
+    for sampler, nfe, num in todo:
+        while len(running) >= args.jobs:
+            running.pop(0).join()
+        print(f"sampling {run_name(sampler, nfe)} x {num}...", file=sys.stderr)
+        proc = ctx.Process(target=_child, args=(sampler, nfe, num, args.seed, args.batch,
+                                                str(args.out / f"{run_name(sampler, nfe)}.npz")))
+        proc.start()
+        running.append(proc)
+    for proc in running:
+        proc.join()
+        if proc.exitcode:
+            raise SystemExit(f"a sampling process failed with exit code {proc.exitcode}")
 
     from vpsde.models.digits_data import train_heldout_split
     from vpsde.models.digits_eval import DigitsYardstick
@@ -93,24 +122,26 @@ def main(argv: list[str] | None = None) -> None:
 
     yard = DigitsYardstick.fit()
     _, (x_ho, _) = train_heldout_split()
+    n_ho = len(x_ho)
     results = {"classifier_heldout_accuracy": yard.heldout_accuracy, "heldout_real": yard.report(x_ho)}
-    kinds = [k for k in ("eager", "ort") if (args.out / f"{k}.npz").is_file()]
-    for kind in kinds:
-        with np.load(args.out / f"{kind}.npz") as f:
+    names = [run_name(s, n) for s, n, _ in args.runs]
+    for name in names:
+        with np.load(args.out / f"{name}.npz") as f:
             x, seconds = f["samples"], float(f["seconds"])
-        results[kind] = yard.report(x) | {"seconds": seconds,
-                                           f"fd_to_train_first_{len(x_ho)}": yard.frechet(x[:len(x_ho)])}
-        save_png(args.out / f"{kind}_grid.png", image_grid(x[:100], (-1, 1)))
+        results[name] = yard.report(x) | {"seconds": seconds, f"fd_to_train_first_{n_ho}": yard.frechet(x[:n_ho])}
+        save_png(args.out / f"{name}_grid.png", image_grid(x[:100], (-1, 1)))
     (args.out / "quality.json").write_text(json.dumps(results, indent=2))
     print(f"classifier held-out accuracy {yard.heldout_accuracy:.3f}")
-    print(f"{'set':<14}{'n':>6}{'FD to train':>13}{'± boot SE':>11}{f'FD (n={len(x_ho)})':>13}{'confidence':>12}{'max class dev':>15}")
+    print(f"| run | n | FD to train | ± boot SE | FD (first {n_ho}) | confidence | max class dev | seconds (1 thread) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     ho = results["heldout_real"]
-    print(f"{'held-out real':<14}{ho['n']:>6}{ho['fd_to_train']:>13.3f}{ho['fd_bootstrap_se']:>11.3f}{ho['fd_to_train']:>13.3f}"
-          f"{ho['mean_confidence']:>12.3f}{ho['class_balance_max_dev']:>15.3f}")
-    for kind in kinds:
-        r = results[kind]
-        print(f"{kind + ' EM':<14}{r['n']:>6}{r['fd_to_train']:>13.3f}{r['fd_bootstrap_se']:>11.3f}"
-              f"{r[f'fd_to_train_first_{len(x_ho)}']:>13.3f}{r['mean_confidence']:>12.3f}{r['class_balance_max_dev']:>15.3f}")
+    print(f"| held-out real | {ho['n']} | {ho['fd_to_train']:.2f} | {ho['fd_bootstrap_se']:.2f} | {ho['fd_to_train']:.2f} "
+          f"| {ho['mean_confidence']:.3f} | {ho['class_balance_max_dev']:.3f} | |")
+    for name in names:
+        r = results[name]
+        print(f"| {name} | {r['n']} | {r['fd_to_train']:.2f} | {r['fd_bootstrap_se']:.2f} | "
+              f"{r[f'fd_to_train_first_{n_ho}']:.2f} | {r['mean_confidence']:.3f} | {r['class_balance_max_dev']:.3f} "
+              f"| {r['seconds']:.0f} |")
     print(f"wrote {args.out}/quality.json and grids")
 
 

@@ -10,11 +10,22 @@ from pathlib import Path
 
 from vpsde.runtime.errors import VpsdeError
 
+SAMPLER_IDS = ("em", "pc", "ancestral", "ode-euler", "ode-heun", "dpmpp-2m", "inpaint")  # == export.samplers.SAMPLERS
+DEFAULT_STEPS = {"ode-euler": 100, "ode-heun": 50, "dpmpp-2m": 20}
+
 EXAMPLES = """examples:
   vpsde export --model gmm --steps 1000 --out build/gmm-em
   vpsde sample build/gmm-em --num 64 --seed 0 --out out/gmm
   vpsde inspect build/gmm-em
+  vpsde export --model digits --sampler dpmpp-2m --steps 20 --out build/digits-dpm20
+  vpsde export --model digits --sampler inpaint --out build/digits-inpaint
+  vpsde sample build/digits-inpaint --known digit.png --mask mask.png --num 16 --out out/inpaint
 """
+
+SAMPLER_HELP = ("em = Euler-Maruyama (diffusers' step_pred); pc = Langevin corrector + reverse-diffusion predictor "
+                "(score_sde PC); ancestral = DDPM ancestral; ode-euler / ode-heun = probability-flow ODE (Heun: "
+                "2 NFE per step); dpmpp-2m = DPM-Solver++(2M), the few-step sampler; inpaint = EM that re-imposes "
+                "known pixels (sample with --known/--mask)")
 
 
 class UsageError(VpsdeError):
@@ -65,11 +76,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model spec: gmm[:dim=2,components=3,seed=0] | unet-random[:seed=0,channels=16] | "
                         "py:package.module:factory")
     p.add_argument("--out", required=True, type=Path, help="bundle directory to write")
-    p.add_argument("--sampler", default="em", choices=["em"], help="step kind")
-    p.add_argument("--steps", type=_positive, default=1000, help="number of sampler steps N")
-    p.add_argument("--grid", default="diffusers", choices=["diffusers", "uniform"],
-                   help="time grid: diffusers = linspace(1, eps, N) with dt = -1/N (bit parity with diffusers); "
-                        "uniform = N equal steps from 1 to eps")
+    p.add_argument("--sampler", default="em", choices=list(SAMPLER_IDS), help=SAMPLER_HELP)
+    p.add_argument("--steps", type=_positive, default=None,
+                   help="number of sampler steps N (default: 1000; ode-euler 100, ode-heun 50, dpmpp-2m 20)")
+    p.add_argument("--nfe", type=_positive, default=None,
+                   help="instead of --steps: the model-evaluation budget (pc: steps x (corrector steps + 1); "
+                        "ode-heun: 2 per step)")
+    p.add_argument("--grid", default=None, choices=["diffusers", "uniform", "logsnr"],
+                   help="time grid (default: diffusers for em/pc/ancestral/inpaint, logsnr for the ODE samplers "
+                        "and dpmpp-2m): diffusers = linspace(1, eps, N) with dt = -1/N (bit parity with diffusers, "
+                        "score_sde's discrete betas); uniform = N equal steps from 1 to eps; logsnr = equal steps in "
+                        "log(alpha/sigma)")
+    p.add_argument("--snr", type=float, default=0.16, help="pc: Langevin corrector signal-to-noise ratio")
+    p.add_argument("--corrector-steps", type=_positive, default=1, help="pc: Langevin steps before each predictor step")
+    p.add_argument("--coupling", default="per-sample", choices=["per-sample", "batch"],
+                   help="pc: Langevin step size from each sample's norms (per-sample: results independent of "
+                        "batching) or from batch-averaged norms (batch: score_sde exactly)")
     p.add_argument("--noise", default="philox", choices=["philox", "torch"],
                    help="default noise generator recorded in the manifest (philox = portable spec)")
     p.add_argument("--beta-min", type=float, default=0.1)
@@ -96,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noise", default=None, choices=["philox", "torch"], help="override the manifest's generator")
     p.add_argument("--no-nan-guard", action="store_true", help="skip the per-step NaN/Inf check")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--known", type=Path, default=None,
+                   help="inpainting bundles: known data, an image file (pixels 0..255 map to the model's value "
+                        "range) or .npy [*sample_shape] / [num, *sample_shape] in the value range")
+    p.add_argument("--mask", type=Path, default=None,
+                   help="inpainting bundles: 1 where --known is kept; image (pixel > 127 = known) or .npy")
 
     p = sub.add_parser("inspect", help="validate a bundle and print its manifest summary", formatter_class=fmt)
     p.add_argument("bundle", type=Path)
@@ -111,24 +138,32 @@ def _noise_id(name: str | None) -> str | None:
 
 def cmd_export(args: argparse.Namespace) -> None:
     try:
-        from vpsde.export import VPSDE, export_bundle, load_model
+        from vpsde.export import VPSDE, export_bundle, load_model, steps_for_nfe
+        from vpsde.export.bundle import default_std_formula
         from vpsde.export.sources import ModelSpecError
     except ImportError as e:
         raise UsageError(f"vpsde export needs torch and onnx ({e}); install them with pip install 'vpsde[export]' "
                          "after installing the torch build you want") from None
+    if args.steps and args.nfe:
+        raise UsageError("give --steps or --nfe, not both")
+    steps = (steps_for_nfe(args.sampler, args.nfe, args.corrector_steps) if args.nfe
+             else args.steps or DEFAULT_STEPS.get(args.sampler, 1000))
     try:
         sde = VPSDE(args.beta_min, args.beta_max, args.sampling_eps,
-                    std_formula="diffusers" if args.grid == "diffusers" else "expm1")
+                    std_formula=default_std_formula(args.sampler, args.grid))
         model = load_model(args.model, sde, sample_shape=args.sample_shape)
     except (ModelSpecError, ValueError) as e:
         raise UsageError(str(e)) from e
     value_range = args.value_range or getattr(model, "value_range", None)
     if value_range is None and len(model.sample_shape) == 3:
         value_range = (-1.0, 1.0)
+    options = {"snr": args.snr, "corrector_steps": args.corrector_steps, "coupling": args.coupling} \
+        if args.sampler == "pc" else {}
     try:
-        export_bundle(model, args.out, steps=args.steps, grid=args.grid, sde=sde, noise=_noise_id(args.noise),
-                      opset=args.opset, value_range=value_range, source=args.model, overwrite=args.force)
-    except FileExistsError as e:
+        export_bundle(model, args.out, sampler=args.sampler, steps=steps, grid=args.grid, sde=sde,
+                      noise=_noise_id(args.noise), opset=args.opset, value_range=value_range, source=args.model,
+                      overwrite=args.force, **options)
+    except (FileExistsError, ValueError) as e:
         raise UsageError(str(e)) from e
     print(args.out)
 
@@ -142,11 +177,12 @@ def cmd_sample(args: argparse.Namespace) -> None:
     if args.first_sample < 0:
         raise UsageError(f"--first-sample must be >= 0, got {args.first_sample}")
     bundle = Bundle.load(args.bundle)
+    conditioning = _conditioning(args, bundle)
     sampler = Sampler(bundle, backend=args.backend, device=args.device, nan_guard=not args.no_nan_guard,
                       progress=not args.no_progress, threads=args.threads)
     t0 = time.perf_counter()
     samples = sampler.sample(args.num, seed=args.seed, batch_size=args.batch_size, first_sample=args.first_sample,
-                             generator=_noise_id(args.noise))
+                             generator=_noise_id(args.noise), conditioning=conditioning)
     elapsed = time.perf_counter() - t0
     args.out.mkdir(parents=True, exist_ok=True)
     m = bundle.manifest
@@ -155,11 +191,34 @@ def cmd_sample(args: argparse.Namespace) -> None:
              generator=np.str_(_noise_id(args.noise) or m.noise.generator), bundle=np.str_(str(args.bundle)))
     print(f"sampled {args.num} x {m.model.sample_shape} in {elapsed:.2f} s "
           f"({m.sampler.steps} {m.sampler.name} steps, {args.backend}/{args.device})")
+    if m.sampler.params.get("coupling") == "batch" and args.batch_size and args.batch_size < args.num:
+        print("note: this bundle's corrector couples the samples of a batch (coupling = batch); samples depend "
+              "on --batch-size", file=sys.stderr)
     print(f"wrote {npz}")
     if m.model.value_range and len(m.model.sample_shape) == 3:
         png = args.out / "grid.png"
         save_png(png, image_grid(samples, tuple(m.model.value_range)))
         print(f"wrote {png}")
+
+
+def _conditioning(args: argparse.Namespace, bundle) -> dict | None:
+    """--known/--mask -> the conditioning arrays an inpainting bundle takes (clear errors otherwise)."""
+    from vpsde.runtime.images import load_image, load_mask
+
+    m = bundle.manifest
+    wanted = set(m.sampler.conditioning)
+    given = {k for k in ("known", "mask") if getattr(args, k) is not None}
+    if not wanted:
+        if given:
+            raise UsageError(f"{args.bundle} ({m.sampler.name}) takes no --known/--mask; export with --sampler inpaint")
+        return None
+    if wanted != {"known", "mask"}:
+        raise UsageError(f"{args.bundle}: conditioning inputs {sorted(wanted)} are not supported by this CLI")
+    if given != wanted:
+        raise UsageError(f"{args.bundle} is an inpainting bundle ({m.sampler.name}): pass --known and --mask")
+    shape = tuple(m.model.sample_shape)
+    value_range = tuple(m.model.value_range) if m.model.value_range else None
+    return {"known": load_image(args.known, shape, value_range, "known data"), "mask": load_mask(args.mask, shape)}
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
@@ -174,8 +233,15 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     print(f"model       {m.model.name}  sample {m.model.sample_shape}  time label {m.model.time_label}")
     print(f"sde         VP beta [{m.sde.beta_min}, {m.sde.beta_max}]  eps {m.sde.sampling_eps}  std {m.sde.std_formula}")
     print(f"sampler     {m.sampler.name}  {m.sampler.steps} steps  {m.sampler.grid} grid  final {m.sampler.final}")
+    if m.sampler.params:
+        print(f"params      {', '.join(f'{k}={v}' for k, v in m.sampler.params.items())}")
     print(f"program     {' -> '.join(f'{c.graph}x{c.repeat}' for c in m.sampler.program)}")
-    print(f"noise       {m.noise.generator}")
+    print(f"schedule    {', '.join(m.schedule)}")
+    for st in m.sampler.state:
+        print(f"state       {st.input} <- {st.output} (init {st.init})")
+    if m.sampler.conditioning:
+        print(f"condition   {', '.join(m.sampler.conditioning)}")
+    print(f"noise       {m.noise.generator}  inputs {m.noise.inputs or 'none (deterministic after the prior)'}")
     for key, g in m.graphs.items():
         io = lambda specs: ", ".join(f"{s.name}:{s.dtype}{s.shape}" for s in specs)  # noqa: E731
         print(f"graph {key:<5} {g.file} opset {g.opset}\n  in  {io(g.inputs)}\n  out {io(g.outputs)}")
