@@ -58,11 +58,13 @@ class DigitsYardstick:
                 "finite": bool(np.isfinite(images).all())}
 
 
-def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) of Gaussian fits to feature sets [N, D]."""
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    eye = 1e-6 * np.eye(a.shape[1])  # dead ReLU units make the covariances singular
-    s_a, s_b = np.cov(a, rowvar=False) + eye, np.cov(b, rowvar=False) + eye
+def frechet_gaussian(mu_a: np.ndarray, s_a: np.ndarray, mu_b: np.ndarray, s_b: np.ndarray) -> float:
+    """Frechet distance of N(mu_a, S_a) and N(mu_b, S_b): ||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2))."""
     covmean, _ = linalg.sqrtm(s_a @ s_b, disp=False)
-    covmean = covmean.real
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a + s_b - 2 * covmean))
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a + s_b - 2 * covmean.real))
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Frechet distance of Gaussian fits to feature sets [N, D]."""
+    eye = 1e-6 * np.eye(a.shape[1])  # dead ReLU units make the covariances singular
+    return frechet_gaussian(a.mean(0), np.cov(a, rowvar=False) + eye, b.mean(0), np.cov(b, rowvar=False) + eye)
