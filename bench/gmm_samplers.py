@@ -50,17 +50,18 @@ def main(argv: list[str] | None = None) -> None:
             options = {k: (v if k == "coupling" else float(v) if k == "snr" else int(v))
                        for k, v in (o.split("=") for o in opts.split(",") if o)}
             for nfe in args.nfe:
+                where = Path(tmp) / f"{spec.replace(':', '-').replace(',', '-').replace('=', '-')}-{nfe}"
                 steps = steps_for_nfe(sampler, nfe, options.get("corrector_steps", 1))
                 grid, mark = None, ""
                 sde = VPSDE(std_formula=default_std_formula(sampler, None))
                 model = load_model(args.model, sde)
                 try:
-                    bundle = export_bundle(model, Path(tmp) / f"{sampler}-{nfe}", sampler=sampler, steps=steps,
+                    bundle = export_bundle(model, where, sampler=sampler, steps=steps,
                                            sde=sde, log=lambda _: None, **options)
                 except ValueError:  # score_sde's betas need N > beta_max
                     grid, mark = "logsnr", " †"
                     sde = VPSDE(std_formula="expm1")
-                    bundle = export_bundle(load_model(args.model, sde), Path(tmp) / f"{sampler}-{nfe}",
+                    bundle = export_bundle(load_model(args.model, sde), where,
                                            sampler=sampler, steps=steps, grid=grid, sde=sde, log=lambda _: None,
                                            **options)
                 t0 = time.perf_counter()

@@ -49,3 +49,52 @@ def test_errors_are_messages_not_tracebacks(args, message):
 def test_help_shows_defaults():
     r = run_cli("sample", "--help")
     assert r.returncode == 0 and "(default: 64)" in r.stdout
+
+
+def test_sampler_ids_match_export():
+    from vpsde.cli.main import SAMPLER_IDS
+    from vpsde.export import SAMPLERS
+
+    assert tuple(SAMPLERS) == SAMPLER_IDS
+
+
+def test_export_other_samplers(tmp_path, capsys):
+    b = tmp_path / "dpm"
+    assert main(["export", "--model", "gmm", "--sampler", "dpmpp-2m", "--nfe", "10", "--out", str(b)]) == 0
+    assert main(["inspect", str(b)]) == 0
+    out = capsys.readouterr().out
+    assert "dpm-solver++(2m)  10 steps  logsnr grid  final x_next" in out and "state       x0_prev <- x0" in out
+    pc = tmp_path / "pc"
+    assert main(["export", "--model", "gmm", "--sampler", "pc", "--nfe", "60", "--corrector-steps", "2",
+                 "--snr", "0.1", "--coupling", "batch", "--out", str(pc)]) == 0
+    assert main(["inspect", str(pc)]) == 0
+    out = capsys.readouterr().out
+    assert "20 steps" in out and "langevinx2 -> reverse_diffusionx1" in out and "coupling=batch" in out
+    assert main(["sample", str(pc), "--num", "6", "--out", str(tmp_path / "o"), "--no-progress"]) == 0
+
+
+def test_inpainting_from_the_command_line(tmp_path, capsys):
+    b = tmp_path / "inp"
+    assert main(["export", "--model", "gmm:dim=2", "--sampler", "inpaint", "--steps", "50", "--out", str(b)]) == 0
+    np.save(tmp_path / "known.npy", np.array([1.5, -0.5], np.float32))
+    np.save(tmp_path / "mask.npy", np.array([1.0, 0.0], np.float32))
+    assert main(["sample", str(b), "--num", "8", "--known", str(tmp_path / "known.npy"), "--mask",
+                 str(tmp_path / "mask.npy"), "--out", str(tmp_path / "o"), "--no-progress"]) == 0
+    with np.load(tmp_path / "o" / "samples.npz") as f:
+        x = f["samples"]
+    assert np.allclose(x[:, 0], 1.5, atol=1e-3) and x[:, 1].std() > 0.1  # known coordinate kept, the other sampled
+    r = run_cli("sample", str(b), "--num", "2", "--out", str(tmp_path / "o2"))
+    assert r.returncode == 2 and "pass --known and --mask" in r.stderr
+    r = run_cli("sample", str(b), "--num", "2", "--known", str(tmp_path / "known.png"), "--mask",
+                str(tmp_path / "mask.npy"), "--out", str(tmp_path / "o2"))
+    assert r.returncode == 2 and "known.png" in r.stderr and "pass a .npy" in r.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--sampler", "ode-heun", "--grid", "diffusers"], "runs on the grids"),
+    (["--steps", "10", "--nfe", "10"], "not both"),
+])
+def test_export_option_errors(tmp_path, args, message):
+    r = run_cli("export", "--model", "gmm", "--out", str(tmp_path / "b"), *args)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "b").exists()

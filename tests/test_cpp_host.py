@@ -71,6 +71,29 @@ def test_cpp_samples_equal_python_runtime(host, tmp_path, which, request):
     assert np.abs(cpp - py).max() <= 1e-6
 
 
+@pytest.mark.parametrize("sampler, steps, options", [
+    ("pc", 25, {"corrector_steps": 2}),  # two graphs, a repeated call, two noise draws per step
+    ("dpmpp-2m", 12, {}),                # host-carried state (x0_prev <- x0), no noise after the prior
+    ("ode-heun", 8, {}),                 # schedule arrays by name (t, dt, t_next)
+])
+def test_cpp_runs_every_sampler_like_python(host, tmp_path, sampler, steps, options):
+    """The v2 contract (schedule by input name, noise inputs, state, repeats) gives the same samples in C++."""
+    bundle = export_bundle(load_model("digits", VPSDE()), tmp_path / sampler, sampler=sampler, steps=steps,
+                           log=lambda _: None, **options)
+    out = tmp_path / "x.npy"
+    r = run(host / "vpsde-sample", bundle.root, "--num", 4, "--seed", 9, "--threads", 1, "--out", out)
+    assert r.returncode == 0, r.stderr
+    py = Sampler(bundle, progress=False, threads=1).sample(4, seed=9)
+    assert np.isfinite(py).all() and np.abs(np.load(out) - py).max() <= 1e-6
+
+
+def test_cpp_refuses_conditioning_bundles_clearly(host, tmp_path):
+    bundle = export_bundle(load_model("gmm", VPSDE()), tmp_path / "inp", sampler="inpaint", steps=5, log=lambda _: None)
+    r = run(host / "vpsde-sample", bundle.root, "--num", 2, "--seed", 0, "--out", tmp_path / "x.npy")
+    assert r.returncode == 2 and "field 'sampler.conditioning'" in r.stderr and "Python runtime" in r.stderr
+    assert not (tmp_path / "x.npy").exists()
+
+
 def test_cpp_batch_size_invariance(host, tmp_path, gmm_bundle):
     outs = []
     for batch in (3, 8):
