@@ -12,10 +12,24 @@ README = Path(__file__).parent.parent / "README.md"
 
 
 def readme_cli_commands() -> list[str]:
-    """The `vpsde ...` lines of README's "Command line" section, comments stripped."""
+    """The `vpsde ...` lines of README's "Command line" section (every bash block), comments stripped."""
     section = README.read_text().split("## Command line", 1)[1].split("\n## ", 1)[0]
-    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
-    return [line.split("#", 1)[0].strip() for line in block.splitlines() if line.startswith("vpsde ")]
+    blocks = re.findall(r"```bash\n(.*?)```", section, re.S)
+    return [line.split("#", 1)[0].strip() for block in blocks for line in block.splitlines() if line.startswith("vpsde ")]
+
+
+def write_inpainting_inputs(where: Path) -> None:
+    """digit.png (a held-out digit, 16x16 grayscale) and mask.png (left half white = keep) for the example."""
+    import numpy as np
+    from PIL import Image
+
+    from vpsde.models.digits_data import train_heldout_split
+
+    _, (x, _) = train_heldout_split()
+    Image.fromarray(np.round((x[0, 0] + 1) * 127.5).astype(np.uint8)).save(where / "digit.png")
+    mask = np.zeros((16, 16), np.uint8)
+    mask[:, :8] = 255
+    Image.fromarray(mask).save(where / "mask.png")
 
 
 def test_readme_has_the_two_setup_commands_first():
@@ -26,7 +40,8 @@ def test_readme_has_the_two_setup_commands_first():
 @pytest.mark.slow
 def test_readme_cli_examples_run(tmp_path):
     commands = readme_cli_commands()
-    assert len(commands) >= 4
+    assert len(commands) >= 8
+    write_inpainting_inputs(tmp_path)
     for cmd in commands:
         args = shlex.split(cmd)[1:]
         r = subprocess.run([sys.executable, "-m", "vpsde.cli.main", *args, *(["--no-progress"] if args[0] == "sample" else [])],
@@ -34,3 +49,4 @@ def test_readme_cli_examples_run(tmp_path):
         assert r.returncode == 0, f"{cmd}\n{r.stderr[-2000:]}"
     assert (tmp_path / "out" / "digits" / "grid.png").is_file()
     assert (tmp_path / "out" / "shard1" / "samples.npz").is_file()
+    assert (tmp_path / "out" / "dpm20" / "grid.png").is_file() and (tmp_path / "out" / "inpaint" / "grid.png").is_file()
