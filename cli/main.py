@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-shape", type=_shape, default=None, help="C,H,W for a py: model that is a plain nn.Module")
     p.add_argument("--value-range", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                    help="data range of image samples, for PNG output (default: the model's, else none)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16"],
+                   help="compute precision of the network inside the graphs; graph IO and the VP-SDE arithmetic "
+                        "stay float32 (explicit casts: strongly typed for TensorRT)")
     p.add_argument("--opset", type=int, default=18)
     p.add_argument("--force", action="store_true", help="replace an existing bundle directory")
 
@@ -162,7 +165,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     try:
         export_bundle(model, args.out, sampler=args.sampler, steps=steps, grid=args.grid, sde=sde,
                       noise=_noise_id(args.noise), opset=args.opset, value_range=value_range, source=args.model,
-                      overwrite=args.force, **options)
+                      overwrite=args.force, precision=args.precision, **options)
     except (FileExistsError, ValueError) as e:
         raise UsageError(str(e)) from e
     print(args.out)
@@ -230,7 +233,8 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         print(json.dumps(m.to_dict(), indent=2))
         return
     print(f"bundle      {bundle.root}  (schema v{m.schema_version}, sha256 verified)")
-    print(f"model       {m.model.name}  sample {m.model.sample_shape}  time label {m.model.time_label}")
+    print(f"model       {m.model.name}  sample {m.model.sample_shape}  time label {m.model.time_label}  "
+          f"precision {m.model.precision}")
     print(f"sde         VP beta [{m.sde.beta_min}, {m.sde.beta_max}]  eps {m.sde.sampling_eps}  std {m.sde.std_formula}")
     print(f"sampler     {m.sampler.name}  {m.sampler.steps} steps  {m.sampler.grid} grid  final {m.sampler.final}")
     if m.sampler.params:

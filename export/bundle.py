@@ -13,6 +13,7 @@ import onnx
 import torch
 
 from vpsde.export.onnx_export import DEFAULT_OPSET, export_step_graph
+from vpsde.export.precision import with_precision
 from vpsde.export.samplers import DEFAULT_GRID, SAMPLERS, SamplerRecipe, build_sampler
 from vpsde.models.base import ScoreModel
 from vpsde.models.sde import VPSDE
@@ -32,11 +33,13 @@ def _version(pkg: str) -> str:
 def export_bundle(model: ScoreModel, out: str | Path, *, sampler: str = "em", steps: int = 1000,
                   grid: str | None = None, sde: VPSDE | None = None, noise: str = PHILOX_ID,
                   opset: int = DEFAULT_OPSET, value_range: tuple[float, float] | None = None,
-                  source: str = "", overwrite: bool = False, log=None, **sampler_options) -> Bundle:
+                  source: str = "", overwrite: bool = False, precision: str = "fp32", log=None,
+                  **sampler_options) -> Bundle:
     """Export ``model`` with the ``sampler``'s step graphs into the bundle directory ``out``.
 
     ``grid`` defaults to the sampler's (``samplers.DEFAULT_GRID``). ``sde`` defaults to the paper's VP-SDE
-    with :func:`default_std_formula`. ``sampler_options`` go to :func:`build_sampler` (snr,
+    with :func:`default_std_formula`. ``precision`` "fp16" runs the network in float16 inside the graphs (SDE
+    arithmetic and graph IO stay float32; see ``export/precision.py``). ``sampler_options`` go to :func:`build_sampler` (snr,
     corrector_steps, coupling).
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
@@ -46,7 +49,7 @@ def export_bundle(model: ScoreModel, out: str | Path, *, sampler: str = "em", st
     if noise not in GENERATORS:
         raise ValueError(f"unknown noise generator {noise!r}; expected one of {GENERATORS}")
     sde = sde or VPSDE(std_formula=default_std_formula(sampler, grid))
-    recipe = build_sampler(sampler, model, sde, steps, grid, **sampler_options)
+    recipe = build_sampler(sampler, with_precision(model, precision), sde, steps, grid, **sampler_options)
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True (--force) to replace it")
@@ -69,7 +72,7 @@ def export_bundle(model: ScoreModel, out: str | Path, *, sampler: str = "em", st
                         num_train_timesteps=sde.num_train_timesteps, std_formula=sde.std_formula),
             model=ModelSpec(name=model.name, sample_shape=list(model.sample_shape), time_label=model.time_label,
                             weights_sha256=model.weights_sha256, source=source or model.name,
-                            value_range=list(value_range) if value_range else None),
+                            value_range=list(value_range) if value_range else None, precision=precision),
             sampler=_sampler_spec(recipe),
             schedule={name: values.float().tolist() for name, values in recipe.schedule.items()},
             graphs=graphs,
@@ -88,7 +91,7 @@ def export_bundle(model: ScoreModel, out: str | Path, *, sampler: str = "em", st
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log(f"wrote bundle {out} ({recipe.name}, {steps} steps, {recipe.nfe} NFE, {grid} grid, noise {noise})")
+    log(f"wrote bundle {out} ({recipe.name}, {steps} steps, {recipe.nfe} NFE, {grid} grid, {precision}, noise {noise})")
     return Bundle.load(out)
 
 

@@ -128,7 +128,7 @@ class SmallUNet(nn.Module):
         self.conv_out = nn.Conv2d(cur, c.in_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-        emb = self.emb(timestep_embedding(label, self.config.channels))
+        emb = self.emb(timestep_embedding(label, self.config.channels).to(x.dtype))  # fp32 sinusoid, then x's dtype
         h = self.conv_in(x)
         hs = [h]
         for layer in self.down:

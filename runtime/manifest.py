@@ -62,7 +62,9 @@ class SDESpec:
 @dataclass(frozen=True)
 class ModelSpec:
     """The score model fused into the graphs. ``sample_shape`` excludes the batch dimension; ``value_range``
-    is the data range of image samples ([lo, hi] maps to pixel 0..255), null for non-image data."""
+    is the data range of image samples ([lo, hi] maps to pixel 0..255), null for non-image data;
+    ``precision`` the network's compute precision inside the graphs ("fp32" or "fp16"; graph IO and the SDE
+    arithmetic are float32 either way)."""
 
     name: str
     sample_shape: list[int]
@@ -70,6 +72,7 @@ class ModelSpec:
     weights_sha256: Union[str, None] = None
     source: str = ""
     value_range: Union[list[float], None] = None
+    precision: str = "fp32"
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,42 @@
+"""Mixed precision in the graph: the score network runs in float16 while the VP-SDE arithmetic stays float32.
+
+TensorRT 11 builds every network strongly typed (no precision builder flags), so the precision a bundle runs
+at is decided here, at export, by explicit casts: the graph's inputs and outputs stay float32, x is cast to
+half precision on its way into the network, eps is cast back to float32 on its way out, and the time t (and
+hence the network's sinusoidal time embedding) stays float32. std, drift and noise injection are computed
+in float32 around it.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from vpsde.models.base import ScoreModel
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
+"""Export precisions. bf16 is not offered yet: ONNX Conv takes bfloat16 only from opset 22, and ONNX Runtime's
+CPU provider has no bfloat16 kernels to check it with."""
+
+
+class HalfPrecisionModel(ScoreModel):
+    """A copy of ``model`` with its floating-point parameters and buffers in ``dtype``:
+    ``forward(x float32, t float32) -> eps float32``, the network computing in ``dtype``."""
+
+    def __init__(self, model: ScoreModel, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.model = copy.deepcopy(model).to(dtype)
+        self.dtype = dtype
+        self.name, self.sample_shape = model.name, tuple(model.sample_shape)
+        self.time_label, self.weights_sha256 = model.time_label, model.weights_sha256
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.model(x.to(self.dtype), t).to(torch.float32)
+
+
+def with_precision(model: ScoreModel, precision: str) -> ScoreModel:
+    """``model`` itself for "fp32", else a :class:`HalfPrecisionModel` copy."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    return model if precision == "fp32" else HalfPrecisionModel(model, PRECISIONS[precision])

@@ -1,0 +1,99 @@
+"""Mixed precision (--precision fp16): the network in float16, the VP-SDE arithmetic and graph IO in float32.
+
+Bounds, on the noise prediction eps (unit scale): max abs <= 1e-2 from t = 1 down to t = eps = 1e-3, and
+finite. float16 has a 2^-11 = 4.9e-4 unit roundoff; the shipped UNet's ~30 layers measured 2e-3 to 3.5e-3 in
+torch's float16 CPU kernels. The graph is also checked structurally: Conv runs on float16 tensors, Sqrt/Sinh/Exp
+(std, beta) on float32 ones.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from vpsde.export import VPSDE, export_bundle, load_model
+from vpsde.export.precision import with_precision
+from vpsde.export.steps import EulerMaruyamaStep
+from vpsde.runtime import Sampler
+from vpsde.runtime.backends.onnxruntime import OnnxRuntimeRunner, session_from_bundle
+
+EPS_BOUND = 1e-2
+T_VALUES = (1.0, 0.5, 0.1, 0.01, 1e-3)
+
+
+def noisy_digits(sde, t, n, g):
+    """x_t for fresh random x_0 in [-1, 1]: inputs at the noise level the model sees at t."""
+    x0 = torch.rand((n, 1, 16, 16), generator=g) * 2 - 1
+    tt = torch.full((n,), t)
+    return sde.mean_coeff(tt)[:, None, None, None] * x0 + sde.std(tt)[:, None, None, None] * torch.randn(
+        (n, 1, 16, 16), generator=g), tt
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_model("digits", VPSDE())
+
+
+@pytest.mark.parametrize("t", T_VALUES)
+def test_fp16_network_error_is_bounded_and_finite(digits, t, rng):
+    """torch's float16 kernels (real half arithmetic) vs float32."""
+    half = with_precision(digits, "fp16")
+    x, tt = noisy_digits(VPSDE(), t, 8, rng)
+    with torch.no_grad():
+        e32, e16 = digits(x, tt), half(x, tt)
+    assert e16.dtype == torch.float32 and torch.isfinite(e16).all()
+    assert (e16 - e32).abs().max() <= EPS_BOUND
+
+
+@pytest.fixture(scope="module")
+def fp16_bundle(digits, tmp_path_factory):
+    return export_bundle(digits, tmp_path_factory.mktemp("fp16") / "b", steps=12, grid="logsnr", precision="fp16",
+                         value_range=(-1, 1), log=lambda _: None)
+
+
+def test_fp16_graph_is_typed_as_intended(fp16_bundle):
+    m = fp16_bundle.manifest
+    assert m.model.precision == "fp16"
+    assert {s.dtype for g in m.graphs.values() for s in (*g.inputs, *g.outputs)} == {"float32"}
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(fp16_bundle.graph_path("em"))))
+    types = {v.name: v.type.tensor_type.elem_type for v in (*model.graph.value_info, *model.graph.input,
+                                                             *model.graph.output)}
+    types.update({init.name: init.data_type for init in model.graph.initializer})
+    ops = {}
+    for node in model.graph.node:
+        ops.setdefault(node.op_type, []).append(node)
+    assert ops.get("Conv"), "no Conv in the graph"
+    assert all(types[n.input[0]] == onnx.TensorProto.FLOAT16 for n in ops["Conv"])
+    sde_ops = [n for op in ("Sqrt", "Sinh") for n in ops.get(op, [])]
+    assert sde_ops and all(types[n.output[0]] == onnx.TensorProto.FLOAT for n in sde_ops)
+
+
+def test_fp16_graph_per_call_bound_on_the_whole_grid(fp16_bundle, digits, rng):
+    """ONNX Runtime fp16 graph vs the float32 eager step at every step down to t = eps: the x_mean difference,
+    divided by the factor beta |dt| / std that maps eps onto x_mean, stays within the eps bound."""
+    m, sde = fp16_bundle.manifest, VPSDE()
+    runner = OnnxRuntimeRunner(session_from_bundle(fp16_bundle, "em", threads=1), fp16_bundle, "em")
+    step = EulerMaruyamaStep(digits, sde)
+    for i, t in enumerate(m.schedule["t"]):
+        x, tt = noisy_digits(sde, t, 4, rng)
+        feed = {"x": x.numpy(), "t": tt.numpy(), "noise": torch.randn(x.shape, generator=rng).numpy(),
+                **{k: np.full(4, m.schedule[k][i], np.float32) for k in ("dt", "sqrt_neg_dt")}}
+        got = runner.infer(feed)
+        with torch.no_grad():
+            ref = step(*(torch.from_numpy(feed[k]) for k in step.input_names))[1].numpy()
+        assert np.isfinite(got["x_mean"]).all() and np.isfinite(got["x_next"]).all()
+        to_eps = float(sde.beta(torch.tensor(t)) * -m.schedule["dt"][i] / sde.std(torch.tensor(t)))
+        assert np.abs(got["x_mean"] - ref).max() / to_eps <= EPS_BOUND, f"step {i}, t = {t:.4g}"
+
+
+def test_fp16_samples_are_finite(fp16_bundle):
+    x = Sampler(fp16_bundle, progress=False, threads=1).sample(4, seed=0)
+    assert np.isfinite(x).all() and x.std() > 0.1
+
+
+def test_unknown_precision_is_refused(digits, tmp_path):
+    with pytest.raises(ValueError, match="unknown precision 'bf16'"):
+        export_bundle(digits, tmp_path / "b", steps=4, precision="bf16", log=lambda _: None)
+    assert not (tmp_path / "b").exists()
