@@ -17,6 +17,7 @@ EXAMPLES = """examples:
   vpsde export --model gmm --steps 1000 --out build/gmm-em
   vpsde sample build/gmm-em --num 64 --seed 0 --out out/gmm
   vpsde inspect build/gmm-em
+  vpsde build build/gmm-em --batch 1:16:64 --target-cc SM86      # TensorRT engines (TensorRT for RTX on CPU)
   vpsde export --model digits --sampler dpmpp-2m --steps 20 --out build/digits-dpm20
   vpsde export --model digits --sampler inpaint --out build/digits-inpaint
   vpsde sample build/digits-inpaint --known digit.png --mask mask.png --num 16 --out out/inpaint
@@ -67,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vpsde", description="Deploy VP-SDE score-model samplers as ONNX bundles.",
                                      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--verbose", action="store_true", help="show tracebacks on errors")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{export,sample,inspect}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{export,sample,inspect,build}")
 
     p = sub.add_parser("export", help="export a score model + sampler step to a bundle (needs torch)",
                        formatter_class=fmt, description="Export the sampler step around a score model to ONNX "
@@ -126,6 +127,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "range) or .npy [*sample_shape] / [num, *sample_shape] in the value range")
     p.add_argument("--mask", type=Path, default=None,
                    help="inpainting bundles: 1 where --known is kept; image (pixel > 127 = known) or .npy")
+
+    p = sub.add_parser("build", help="build TensorRT engines for a bundle's graphs (cached in BUNDLE/engines)",
+                       formatter_class=fmt, description="Build one TensorRT engine per graph with an optimization "
+                       "profile over the batch, into the bundle's engine cache (keyed by graph sha256, TensorRT "
+                       "flavour and version, target, precision and profile; valid engines are reused).")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--batch", default="1:16:64", help="optimization profile over the batch: MIN:OPT:MAX (or one size)")
+    p.add_argument("--opt-level", type=int, default=3, help="builder optimization level 0..5")
+    p.add_argument("--target-cc", default=None,
+                   help="TensorRT for RTX: compute capabilities to build for, e.g. SM86,SM89 (default: SM86); "
+                        "full TensorRT builds for the GPU it runs on")
+    p.add_argument("--trt-flavor", default="auto", choices=["auto", "tensorrt", "rtx"],
+                   help="which TensorRT: auto prefers full TensorRT, or TensorRT for RTX when --target-cc is given")
+    p.add_argument("--force", action="store_true", help="rebuild even when the cache holds a valid engine")
 
     p = sub.add_parser("inspect", help="validate a bundle and print its manifest summary", formatter_class=fmt)
     p.add_argument("bundle", type=Path)
@@ -224,6 +239,30 @@ def _conditioning(args: argparse.Namespace, bundle) -> dict | None:
     return {"known": load_image(args.known, shape, value_range, "known data"), "mask": load_mask(args.mask, shape)}
 
 
+def cmd_build(args: argparse.Namespace) -> None:
+    from tqdm.auto import tqdm
+
+    from vpsde.runtime import Bundle
+    from vpsde.runtime.tensorrt.build import BatchProfile
+    from vpsde.runtime.tensorrt.cache import build_cached
+    from vpsde.runtime.tensorrt.flavor import load_flavor
+
+    bundle = Bundle.load(args.bundle)
+    profile = BatchProfile.parse(args.batch)
+    flavor = load_flavor("rtx" if args.trt_flavor == "auto" and args.target_cc else args.trt_flavor)
+    targets = ([t.strip().upper() for t in (args.target_cc or "SM86").split(",") if t.strip()]
+               if flavor.targets_named_cc else ["current-gpu"])
+    if not flavor.targets_named_cc and args.target_cc:
+        flavor.set_targets(None, targets + [args.target_cc])  # raises the clear "needs TensorRT for RTX" error
+    print(f"TensorRT flavour {flavor.name} {flavor.version}, targets {','.join(targets)}, batch {profile}, "
+          f"precision {bundle.manifest.model.precision}")
+    for key in tqdm(list(bundle.manifest.graphs), desc="building engines", unit="graph", leave=False):
+        engine = build_cached(bundle, key, flavor, profile, targets, args.opt_level, args.force,
+                              log=lambda msg: print(msg, file=sys.stderr))
+        state = f"built in {engine.seconds:.1f} s" if engine.built else "cached (valid, reused)"
+        print(f"graph {key:<18} {engine.plan}  {state}")
+
+
 def cmd_inspect(args: argparse.Namespace) -> None:
     from vpsde.runtime import Bundle
 
@@ -256,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        {"export": cmd_export, "sample": cmd_sample, "inspect": cmd_inspect}[args.command](args)
+        {"export": cmd_export, "sample": cmd_sample, "inspect": cmd_inspect, "build": cmd_build}[args.command](args)
     except VpsdeError as e:
         if args.verbose:
             raise
