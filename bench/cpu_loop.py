@@ -1,7 +1,8 @@
-"""CPU baseline: the diffusers eager loop (torch) vs the vpsde ONNX Runtime loop, same model, steps and batch.
+"""CPU baseline: the diffusers eager loop (torch) vs the vpsde ONNX Runtime loop, same model, steps and batch;
+and the vpsde loop with its host noise drawn in line (before each call) vs prefetched on a worker thread.
 
-Each loop runs in its own child process (so peak RSS is its own), warm-up first, then --repeats timed runs,
-alternating between the two; medians are reported, with the ratio. Whole-loop time includes host noise.
+Each loop runs in its own child process (so peak RSS is its own), warm-up first, then --repeats timed runs;
+medians are reported, with the ratios. Whole-loop time includes host noise.
 
     python bench/cpu_loop.py                          # shipped digits model, 1000 steps, batch 16
     python bench/cpu_loop.py --model unet-random --steps 200 --batch 64 --threads 2
@@ -49,7 +50,7 @@ def worker(kind: str, args: dict, bundle: str, queue) -> None:
     else:
         from vpsde.runtime import Sampler  # no torch in this process: its RSS is the runtime's own
 
-        sampler = Sampler(bundle, progress=False, threads=args["threads"])
+        sampler = Sampler(bundle, progress=False, threads=args["threads"], prefetch_noise=kind == "vpsde-ort")
         run = lambda: sampler.sample(args["batch"], seed=0)  # noqa: E731
     run()  # warm-up
     times = []
@@ -77,6 +78,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2, help="intra-op threads for both torch and ORT")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument("--loops", nargs="+", default=["diffusers-eager", "vpsde-ort-inline-noise", "vpsde-ort"],
+                   choices=["diffusers-eager", "vpsde-ort-inline-noise", "vpsde-ort"])
     args = p.parse_args(argv)
 
     from vpsde.export import VPSDE, export_bundle, load_model
@@ -87,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
                   log=lambda m: print(m, file=sys.stderr))
     ctx = mp.get_context("spawn")
     results: dict[str, dict] = {}
-    for kind in ("diffusers-eager", "vpsde-ort"):
+    for kind in args.loops:
         q = ctx.Queue()
         proc = ctx.Process(target=worker, args=(kind, vars(args) | {"json": None}, str(bundle), q))
         proc.start()
@@ -104,8 +107,12 @@ def main(argv: list[str] | None = None) -> None:
         med = statistics.median(r["times"])
         r |= {"median_s": med, "ms_per_step": 1e3 * med / args.steps, "samples_per_s": args.batch / med}
         print(f"{kind:<18}{med:>10.3f}{r['ms_per_step']:>10.3f}{r['samples_per_s']:>12.2f}{r['peak_rss_mb']:>13.0f}")
-    ratio = results["diffusers-eager"]["median_s"] / results["vpsde-ort"]["median_s"]
-    print(f"speed-up of vpsde-ort over diffusers-eager: {ratio:.2f}x")
+    ratio = None
+    for base in ("diffusers-eager", "vpsde-ort-inline-noise"):
+        if base in results and "vpsde-ort" in results:
+            r = results[base]["median_s"] / results["vpsde-ort"]["median_s"]
+            ratio = ratio or r
+            print(f"speed-up of vpsde-ort (prefetched noise) over {base}: {r:.2f}x")
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results,
                                          "speedup": ratio}, indent=2))

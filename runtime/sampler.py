@@ -25,6 +25,7 @@ from vpsde.runtime.backends import make_runner
 from vpsde.runtime.bundle import Bundle
 from vpsde.runtime.errors import InputError, NonFiniteError
 from vpsde.runtime.noise import TORCH_ID, make_noise
+from vpsde.runtime.prefetch import PrefetchedNoise
 
 
 class Sampler:
@@ -34,16 +35,20 @@ class Sampler:
         bundle: a :class:`Bundle` or the path of a bundle directory.
         backend: "onnxruntime" (CPU by default; ``device="cuda"`` for the CUDA execution provider).
         nan_guard: check every graph output for NaN/Inf and raise :class:`NonFiniteError` naming the step.
+        prefetch_noise: draw each noise call on a worker thread while the previous graph call runs (same
+            values; off: draw in line, before each call).
         progress: show a progress bar over steps.
         threads: intra-op CPU threads of the backend (default: all cores).
     """
 
     def __init__(self, bundle: Bundle | str | os.PathLike, backend: str = "onnxruntime", device: str = "cpu",
-                 nan_guard: bool = True, progress: bool = True, threads: int | None = None) -> None:
+                 nan_guard: bool = True, progress: bool = True, threads: int | None = None,
+                 prefetch_noise: bool = True) -> None:
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(Path(bundle))
         self.manifest = self.bundle.manifest
         self.runners = {key: make_runner(backend, self.bundle, key, device, threads) for key in self.manifest.graphs}
         self.nan_guard = nan_guard
+        self.prefetch_noise = prefetch_noise
         self.progress = progress
         self.sample_shape = tuple(self.manifest.model.sample_shape)
         self._schedule = {name: np.asarray(v, dtype=np.float64) for name, v in self.manifest.schedule.items()}
@@ -103,9 +108,24 @@ class Sampler:
             out[name] = arr if arr.shape[0] == num and arr.ndim == len(self.sample_shape) + 1 else arr[None]
         return out
 
+    def noise_calls_per_step(self) -> int:
+        """Noise calls one step of the program makes (the prior, call 0, comes before the first step)."""
+        m = self.manifest
+        return sum(pc.repeat * sum(1 for spec in m.graphs[pc.graph].inputs if spec.name in m.noise.inputs)
+                   for pc in m.sampler.program)
+
     def _sample_batch(self, noise, start: int, size: int, bar, callback, cond: dict[str, np.ndarray]) -> np.ndarray:
         m = self.manifest
         x = noise(0, start, size, self.sample_shape)
+        last_call = self.noise_calls_per_step() * m.sampler.steps
+        if self.prefetch_noise and last_call:
+            with PrefetchedNoise(noise, start, size, self.sample_shape, 1, last_call) as stream:
+                return self._loop(x, lambda _call: stream.take(), start, size, bar, callback, cond)
+        return self._loop(x, lambda call: noise(call, start, size, self.sample_shape), start, size, bar, callback, cond)
+
+    def _loop(self, x: np.ndarray, draw: Callable[[int], np.ndarray], start: int, size: int, bar, callback,
+              cond: dict[str, np.ndarray]) -> np.ndarray:
+        m = self.manifest
         call = 1
         state = {s.input: np.zeros((size, *self.sample_shape), dtype=np.float32) for s in m.sampler.state}
         for runner in self.runners.values():
@@ -121,7 +141,7 @@ class Sampler:
                             inputs[name].fill(values[i])
                     for name in m.noise.inputs:
                         if name in inputs:
-                            np.copyto(inputs[name], noise(call, start, size, self.sample_shape))
+                            np.copyto(inputs[name], draw(call))
                             call += 1
                     for name, value in (*state.items(), *cond.items()):
                         if name in inputs:

@@ -220,3 +220,16 @@ def test_reference_logsnr_grid_matches_closed_form():
     for steps in (5, 20, 1000):
         np.testing.assert_allclose(grid_edges("logsnr", steps, VPSDE()).numpy(),
                                    ref.times(ref.VP(), steps, "logsnr").numpy(), rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("case", ["pc", "inpaint", "dpmpp-2m"])
+def test_prefetched_noise_with_several_noise_inputs(case, bundles):
+    """Repeated calls, two graphs, two noise inputs per call, or none after the prior: same samples either way."""
+    b = bundles[case]
+    shape = tuple(b.manifest.model.sample_shape)
+    kw = {"conditioning": {k: v.numpy() for k, v in conditioning(shape, 4, torch.float32).items()}} \
+        if case == "inpaint" else {}
+    on, off = Sampler(b, progress=False), Sampler(b, progress=False, prefetch_noise=False)
+    np.testing.assert_array_equal(on.sample(4, seed=8, **kw), off.sample(4, seed=8, **kw))
+    per_step = {"pc": 3, "inpaint": 2, "dpmpp-2m": 0}[case]
+    assert on.noise_calls_per_step() == per_step
