@@ -87,11 +87,29 @@ def test_cpp_runs_every_sampler_like_python(host, tmp_path, sampler, steps, opti
     assert np.isfinite(py).all() and np.abs(np.load(out) - py).max() <= 1e-6
 
 
-def test_cpp_refuses_conditioning_bundles_clearly(host, tmp_path):
-    bundle = export_bundle(load_model("gmm", VPSDE()), tmp_path / "inp", sampler="inpaint", steps=5, log=lambda _: None)
-    r = run(host / "vpsde-sample", bundle.root, "--num", 2, "--seed", 0, "--out", tmp_path / "x.npy")
-    assert r.returncode == 2 and "field 'sampler.conditioning'" in r.stderr and "Python runtime" in r.stderr
-    assert not (tmp_path / "x.npy").exists()
+def test_cpp_inpainting_equals_python(host, tmp_path):
+    """Conditioning inputs from .npy (known: one row per sample; mask: one row shared by all), batches of 2."""
+    bundle = export_bundle(load_model("gmm:dim=3", VPSDE()), tmp_path / "inp", sampler="inpaint", steps=20,
+                           log=lambda _: None)
+    rs = np.random.default_rng(5)
+    known = rs.uniform(-1, 1, (5, 3)).astype(np.float32)
+    mask = np.array([1, 0, 1], np.float32)
+    np.save(tmp_path / "known.npy", known)
+    np.save(tmp_path / "mask.npy", mask)
+    out = tmp_path / "x.npy"
+    r = run(host / "vpsde-sample", bundle.root, "--num", 5, "--seed", 4, "--batch", 2, "--threads", 1,
+            "--cond", f"known={tmp_path / 'known.npy'}", "--cond", f"mask={tmp_path / 'mask.npy'}", "--out", out)
+    assert r.returncode == 0, r.stderr
+    py = Sampler(bundle, progress=False, threads=1).sample(5, seed=4, batch_size=2,
+                                                           conditioning={"known": known, "mask": mask})
+    assert np.isfinite(py).all() and np.abs(np.load(out) - py).max() <= 1e-6
+    r = run(host / "vpsde-sample", bundle.root, "--num", 2, "--seed", 0, "--out", tmp_path / "y.npy")
+    assert r.returncode == 2 and "conditioning inputs known, mask, got none" in r.stderr
+    assert not (tmp_path / "y.npy").exists()
+    np.save(tmp_path / "bad.npy", known.astype(np.float64))
+    r = run(host / "vpsde-sample", bundle.root, "--num", 2, "--seed", 0, "--cond", f"known={tmp_path / 'bad.npy'}",
+            "--cond", f"mask={tmp_path / 'mask.npy'}", "--out", tmp_path / "y.npy")
+    assert r.returncode == 2 and "bad.npy: expected float32" in r.stderr
 
 
 def test_cpp_batch_size_invariance(host, tmp_path, gmm_bundle):

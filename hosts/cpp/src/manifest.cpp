@@ -153,9 +153,14 @@ Manifest load_bundle(const std::string& bundle_dir) {
       if (state[i].contains("init") && state[i].at("init") != "zeros") r.fail(w + ".init", "expected \"zeros\"");
     }
   }
-  if (sampler.contains("conditioning") && !sampler.at("conditioning").empty())
-    r.fail("sampler.conditioning", "this bundle needs conditioning inputs " + sampler.at("conditioning").dump() +
-                                       " (inpainting); vpsde-sample does not take them: use the Python runtime");
+  if (sampler.contains("conditioning")) {
+    const json& cond = sampler.at("conditioning");
+    if (!cond.is_array()) r.fail("sampler.conditioning", "expected a list of input names");
+    for (const auto& v : cond) {
+      if (!v.is_string()) r.fail("sampler.conditioning", "expected a list of input names, found " + v.dump());
+      m.conditioning.push_back(v.get<std::string>());
+    }
+  }
 
   const json& schedule = r.at(doc, "schedule", "");
   if (!schedule.is_object()) r.fail("schedule", "expected an object of per-step arrays");
@@ -183,6 +188,7 @@ Manifest load_bundle(const std::string& bundle_dir) {
   auto is_sample_input = [&](const std::string& name) {
     if (name == "x") return true;
     if (std::find(m.noise_inputs.begin(), m.noise_inputs.end(), name) != m.noise_inputs.end()) return true;
+    if (std::find(m.conditioning.begin(), m.conditioning.end(), name) != m.conditioning.end()) return true;
     return std::any_of(m.state.begin(), m.state.end(), [&](const StateSpec& s) { return s.input == name; });
   };
 
@@ -207,7 +213,7 @@ Manifest load_bundle(const std::string& bundle_dir) {
       const bool scalar = m.schedule.count(t.name) > 0;
       if (!scalar && !is_sample_input(t.name))
         r.fail(w_in, "no source for input '" + t.name + "'; a graph input is 'x', a 'schedule' array, one of "
-                     "'noise.inputs' or a 'sampler.state' input");
+                     "'noise.inputs', a 'sampler.state' input or one of 'sampler.conditioning'");
       std::vector<std::int64_t> want{-1};
       if (!scalar) want.insert(want.end(), m.sample_shape.begin(), m.sample_shape.end());
       if (t.shape != want)

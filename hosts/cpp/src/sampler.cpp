@@ -97,24 +97,63 @@ Sampler::Sampler(std::string bundle_dir, SamplerOptions options)
 
 Sampler::~Sampler() = default;
 
-std::vector<float> Sampler::sample(std::int64_t num, std::uint64_t seed, std::int64_t batch, std::uint64_t first_sample) {
+std::vector<float> Sampler::sample(std::int64_t num, std::uint64_t seed, std::int64_t batch, std::uint64_t first_sample,
+                                  const std::map<std::string, NpyArray>& conditioning) {
   if (num < 1) throw Error("--num must be >= 1");
   if (batch < 1) batch = num;
   const std::int64_t numel = manifest_.sample_numel();
+  std::vector<std::string> wanted = manifest_.conditioning, given;
+  for (const auto& [name, _] : conditioning) given.push_back(name);
+  std::sort(wanted.begin(), wanted.end());
+  auto list = [](const std::vector<std::string>& v) {
+    std::string s;
+    for (const auto& n : v) s += (s.empty() ? "" : ", ") + n;
+    return s.empty() ? std::string("none") : s;
+  };
+  if (given != wanted)
+    throw Error(bundle_dir_ + ": the bundle takes conditioning inputs " + list(wanted) + ", got " + list(given) +
+                " (pass each as --cond NAME=FILE.npy)");
+  for (const auto& [name, a] : conditioning) {
+    std::vector<std::int64_t> per_sample = manifest_.sample_shape, all{num};
+    all.insert(all.end(), per_sample.begin(), per_sample.end());
+    auto str = [](const std::vector<std::int64_t>& v) {
+      std::string t = "[";
+      for (std::size_t i = 0; i < v.size(); ++i) t += (i ? ", " : "") + std::to_string(v[i]);
+      return t + "]";
+    };
+    if (a.shape != per_sample && a.shape != all)
+      throw Error("conditioning input '" + name + "': expected shape " + str(per_sample) + " or " + str(all) +
+                  ", got " + str(a.shape));
+  }
   std::vector<float> out(static_cast<std::size_t>(num * numel));
   for (std::int64_t start = 0; start < num; start += batch) {
     const std::int64_t size = std::min(batch, num - start);
-    sample_batch(seed, first_sample + static_cast<std::uint64_t>(start), size, out.data() + start * numel);
+    std::map<std::string, CondView> cond;
+    for (const auto& [name, a] : conditioning) {
+      const bool shared = a.shape.size() == manifest_.sample_shape.size();  // [*S]: the same for every sample
+      cond[name] = {shared ? a.data.data() : a.data.data() + start * numel, shared};
+    }
+    sample_batch(seed, first_sample + static_cast<std::uint64_t>(start), size, out.data() + start * numel, cond);
   }
   return out;
 }
 
-void Sampler::sample_batch(std::uint64_t seed, std::uint64_t first, std::int64_t size, float* out) {
+void Sampler::sample_batch(std::uint64_t seed, std::uint64_t first, std::int64_t size, float* out,
+                           const std::map<std::string, CondView>& cond) {
   const std::size_t numel = static_cast<std::size_t>(manifest_.sample_numel());
   auto draw = [&](std::uint32_t call, float* dst) {
     for (std::int64_t b = 0; b < size; ++b) philox_normal(seed, call, first + static_cast<std::uint64_t>(b), dst + b * numel, numel);
   };
   for (auto& [key, g] : graphs_) g->activate(size);
+  // conditioning inputs are never written by a graph: fill them once per batch (a shared [*S] array is
+  // repeated for every sample)
+  for (const auto& [name, view] : cond)
+    for (auto& [key, g] : graphs_)
+      if (auto it = g->buffers.find(name); it != g->buffers.end())
+        for (std::int64_t b = 0; b < size; ++b) {
+          const float* src = view.data + (view.shared ? 0 : b * static_cast<std::int64_t>(numel));
+          std::copy(src, src + numel, it->second.begin() + b * static_cast<std::int64_t>(numel));
+        }
 
   std::vector<float> x(static_cast<std::size_t>(size) * numel);
   draw(0, x.data());  // the prior x_T is noise call 0

@@ -4,6 +4,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <iostream>
+#include <map>
 #include <stdexcept>
 #include <string>
 
@@ -14,9 +15,12 @@ namespace {
 
 const char* kUsage =
     "usage: vpsde-sample BUNDLE --num N --seed S [--batch B] [--first-sample K]\n"
-    "                    [--provider cpu|cuda|tensorrt] [--threads T] [--no-nan-guard] --out samples.npy\n"
+    "                    [--provider cpu|cuda|tensorrt] [--threads T] [--no-nan-guard] [--cond NAME=FILE.npy ...]\n"
+    "                    --out samples.npy\n"
     "Runs the bundle's timestep loop on ONNX Runtime with the portable Philox noise and writes the final\n"
-    "samples (float32 [N, *sample_shape]) as .npy. Defaults: --batch N, --first-sample 0, --provider cpu.\n";
+    "samples (float32 [N, *sample_shape]) as .npy. Defaults: --batch N, --first-sample 0, --provider cpu.\n"
+    "--cond gives a conditioning input the bundle names (inpainting: --cond known=k.npy --cond mask=m.npy),\n"
+    "float32 [*sample_shape] (shared) or [N, *sample_shape].\n";
 
 std::uint64_t parse_u64(const std::string& flag, const std::string& v) {
   try {
@@ -39,6 +43,7 @@ int main(int argc, char** argv) {
     std::uint64_t seed = 0, first = 0;
     int threads = 0;
     bool nan_guard = true, have_seed = false;
+    std::map<std::string, vpsde::NpyArray> cond;
     for (int i = 1; i < argc; ++i) {
       const std::string a = argv[i];
       auto value = [&]() -> std::string {
@@ -56,6 +61,12 @@ int main(int argc, char** argv) {
       else if (a == "--threads") threads = static_cast<int>(parse_u64(a, value()));
       else if (a == "--out") out = value();
       else if (a == "--no-nan-guard") nan_guard = false;
+      else if (a == "--cond") {
+        const std::string v = value();
+        const auto eq = v.find('=');
+        if (eq == std::string::npos || eq == 0) throw vpsde::Error("--cond: expected NAME=FILE.npy, got '" + v + "'");
+        cond[v.substr(0, eq)] = vpsde::load_npy(v.substr(eq + 1));
+      }
       else if (!a.empty() && a[0] == '-') throw vpsde::Error("unknown option " + a + "\n" + kUsage);
       else if (bundle.empty()) bundle = a;
       else throw vpsde::Error("unexpected argument " + a);
@@ -64,7 +75,7 @@ int main(int argc, char** argv) {
       throw vpsde::Error(std::string("BUNDLE, --num (>= 1), --seed and --out are required\n") + kUsage);
     vpsde::Sampler sampler(bundle, {provider, threads, nan_guard});
     const auto t0 = std::chrono::steady_clock::now();
-    const std::vector<float> x = sampler.sample(num, seed, batch, first);
+    const std::vector<float> x = sampler.sample(num, seed, batch, first, cond);
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     std::vector<std::int64_t> shape{num};
     for (auto s : sampler.manifest().sample_shape) shape.push_back(s);

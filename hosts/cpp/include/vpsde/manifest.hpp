@@ -47,6 +47,7 @@ struct Manifest {
   std::string noise_generator;
   std::vector<std::string> noise_inputs{"noise"};  // each takes the next noise call, in this order
   std::vector<StateSpec> state;
+  std::vector<std::string> conditioning;  // per-sample inputs the caller supplies (inpainting: known, mask)
 
   std::int64_t sample_numel() const;
 };

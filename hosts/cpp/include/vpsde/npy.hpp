@@ -1,4 +1,5 @@
-// Minimal .npy (format 1.0) writer for float32 arrays, written to a temporary file and renamed into place.
+// Minimal .npy (format 1.0) for float32 arrays: a writer (temporary file renamed into place) and a reader
+// (little-endian float32, C order; anything else is an error naming the file).
 #pragma once
 
 #include <cstdint>
@@ -31,6 +32,46 @@ inline void save_npy(const std::string& path, const std::vector<float>& data, co
     if (!f) throw Error(path + ": write failed");
   }
   std::filesystem::rename(tmp, path);
+}
+
+struct NpyArray {
+  std::vector<std::int64_t> shape;
+  std::vector<float> data;
+};
+
+inline NpyArray load_npy(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  if (!f) throw Error(path + ": cannot open .npy for reading");
+  char magic[8];
+  std::uint16_t hlen = 0;
+  f.read(magic, 8);
+  f.read(reinterpret_cast<char*>(&hlen), 2);
+  if (!f || std::string(magic, 6) != "\x93NUMPY" || magic[6] != 1)
+    throw Error(path + ": not a version 1 .npy file");
+  std::string header(hlen, ' ');
+  f.read(header.data(), hlen);
+  if (header.find("'descr': '<f4'") == std::string::npos)
+    throw Error(path + ": expected float32 ('<f4') data; save it with numpy as float32");
+  if (header.find("'fortran_order': False") == std::string::npos) throw Error(path + ": expected C-order data");
+  const auto open = header.find('('), close = header.find(')');
+  if (open == std::string::npos || close == std::string::npos) throw Error(path + ": no shape in the .npy header");
+  NpyArray a;
+  std::int64_t n = 1;
+  std::string dims = header.substr(open + 1, close - open - 1);
+  for (std::size_t pos = 0; pos < dims.size();) {
+    const std::size_t comma = dims.find(',', pos);
+    const std::string tok = dims.substr(pos, comma == std::string::npos ? std::string::npos : comma - pos);
+    if (tok.find_first_not_of(' ') != std::string::npos) {
+      a.shape.push_back(std::stoll(tok));
+      n *= a.shape.back();
+    }
+    if (comma == std::string::npos) break;
+    pos = comma + 1;
+  }
+  a.data.resize(static_cast<std::size_t>(n));
+  f.read(reinterpret_cast<char*>(a.data.data()), static_cast<std::streamsize>(a.data.size() * sizeof(float)));
+  if (!f) throw Error(path + ": truncated .npy data");
+  return a;
 }
 
 }  // namespace vpsde

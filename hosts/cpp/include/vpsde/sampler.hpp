@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "vpsde/manifest.hpp"
+#include "vpsde/npy.hpp"
 
 namespace vpsde {
 
@@ -22,18 +23,28 @@ struct SamplerOptions {
   bool nan_guard = true;
 };
 
+// One conditioning input of one batch: its first sample's row, or the one row every sample shares.
+struct CondView {
+  const float* data = nullptr;
+  bool shared = false;
+};
+
 class Sampler {
  public:
   Sampler(std::string bundle_dir, SamplerOptions options);
   ~Sampler();  // out of line: Graph is incomplete here
   // Samples first_sample .. first_sample + num - 1 (global indices), `batch` at a time, with the portable
   // Philox noise of `seed`: float32 [num, *sample_shape], row-major.
-  std::vector<float> sample(std::int64_t num, std::uint64_t seed, std::int64_t batch, std::uint64_t first_sample = 0);
+  // `conditioning` holds the arrays the manifest's sampler.conditioning names, each [*sample_shape] (shared) or
+  // [num, *sample_shape].
+  std::vector<float> sample(std::int64_t num, std::uint64_t seed, std::int64_t batch, std::uint64_t first_sample = 0,
+                            const std::map<std::string, NpyArray>& conditioning = {});
   const Manifest& manifest() const { return manifest_; }
 
  private:
   struct Graph;  // a session with its buffers and IO binding
-  void sample_batch(std::uint64_t seed, std::uint64_t first, std::int64_t size, float* out);
+  void sample_batch(std::uint64_t seed, std::uint64_t first, std::int64_t size, float* out,
+                    const std::map<std::string, CondView>& cond);
 
   std::string bundle_dir_;
   SamplerOptions options_;
