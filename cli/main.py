@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "batching) or from batch-averaged norms (batch: score_sde exactly)")
     p.add_argument("--noise", default="philox", choices=["philox", "torch"],
                    help="default noise generator recorded in the manifest (philox = portable spec)")
+    p.add_argument("--denoise-final", action="store_true",
+                   help="dpmpp-2m: make the last step the jump from t = eps to t = 0, so the sample is the model's "
+                        "data prediction at eps (diffusers' final_sigmas_type='zero'); the other steps span 1..eps")
     p.add_argument("--beta-min", type=float, default=0.1)
     p.add_argument("--beta-max", type=float, default=20.0)
     p.add_argument("--sampling-eps", type=float, default=1e-3)
@@ -177,6 +180,8 @@ def cmd_export(args: argparse.Namespace) -> None:
         value_range = (-1.0, 1.0)
     options = {"snr": args.snr, "corrector_steps": args.corrector_steps, "coupling": args.coupling} \
         if args.sampler == "pc" else {}
+    if args.denoise_final:
+        options["denoise_final"] = True
     try:
         export_bundle(model, args.out, sampler=args.sampler, steps=steps, grid=args.grid, sde=sde,
                       noise=_noise_id(args.noise), opset=args.opset, value_range=value_range, source=args.model,

@@ -227,15 +227,21 @@ def sample_ode(eps_fn: EpsFn, x: torch.Tensor, vp: VP = VP(), steps: int = 50, g
 
 # -- DPM-Solver++(2M) ---------------------------------------------------------------------------------------------
 def sample_dpmpp_2m(eps_fn: EpsFn, x: torch.Tensor, vp: VP = VP(), steps: int = 20, grid: str = "logsnr",
-                    lower_order_final: bool = True, callback: Callback | None = None) -> torch.Tensor:
+                    lower_order_final: bool = True, callback: Callback | None = None,
+                    denoise_final: bool = False) -> torch.Tensor:
     """Multistep DPM-Solver++(2M), Lu et al. 2022 (arXiv:2211.01095) Algorithm 2, data prediction
     x0 = (x - sigma eps) / alpha, in log-SNR time; first order at the first step (and at the last when N < 15
-    and ``lower_order_final``)."""
-    e = times(vp, steps, grid)
+    and ``lower_order_final``). ``denoise_final``: N - 1 steps from 1 to eps, then the sample is the data
+    prediction x0 at eps (the limit of a step to t = 0)."""
+    e = times(vp, steps - int(denoise_final), grid)
     x0_prev, h_prev = torch.zeros_like(x), None
     for i in range(steps):
-        s, t = e[i], e[i + 1]
+        s = e[i]
         x0 = (x - vp.sigma(s) * eps_fn(x, _vec(s, x))) / vp.alpha(s)
+        if denoise_final and i == steps - 1:
+            _emit(callback, "dpmpp_2m", i, {"x": x, "x0_prev": x0_prev}, {"x_next": x0, "x0": x0})
+            return x0
+        t = e[i + 1]
         h = float(vp.lam(t) - vp.lam(s))
         if h_prev is None or (lower_order_final and steps < 15 and i == steps - 1):
             d = x0

@@ -84,11 +84,15 @@ def steps_for_nfe(sampler: str, nfe: int, corrector_steps: int = 1) -> int:
 
 
 def build_sampler(sampler: str, model: ScoreModel, sde: VPSDE, steps: int, grid: str | None = None, *,
-                  snr: float = 0.16, corrector_steps: int = 1, coupling: str = "per-sample") -> SamplerRecipe:
+                  snr: float = 0.16, corrector_steps: int = 1, coupling: str = "per-sample",
+                  denoise_final: bool = False) -> SamplerRecipe:
     """The recipe of ``sampler`` with ``steps`` steps on ``grid`` (default: the sampler's, see DEFAULT_GRID).
 
     ``snr``, ``corrector_steps`` and ``coupling`` configure the Langevin corrector of "pc" (score_sde defaults:
     snr 0.16, one corrector step, batch-averaged norms; here per-sample norms by default).
+    ``denoise_final`` (dpmpp-2m): the last of the N steps goes from t = eps to t = 0, so the sample is the
+    model's data prediction at eps (diffusers' ``final_sigmas_type="zero"``); the first N - 1 steps span the
+    grid from 1 to eps.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}")
@@ -97,6 +101,8 @@ def build_sampler(sampler: str, model: ScoreModel, sde: VPSDE, steps: int, grid:
         raise ValueError(f"sampler {sampler!r} runs on the grids {', '.join(SAMPLER_GRIDS[sampler])}, not {grid!r}")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if denoise_final and sampler != "dpmpp-2m":
+        raise ValueError("denoise_final is a dpmpp-2m option")
     common = dict(sampler=sampler, name=SAMPLERS[sampler], grid=grid, steps=steps)
 
     if sampler in ("em", "inpaint"):
@@ -140,7 +146,11 @@ def build_sampler(sampler: str, model: ScoreModel, sde: VPSDE, steps: int, grid:
 
     # deterministic samplers on N + 1 edges: the model sees the float32-rounded times, and every coefficient
     # is computed in float64 from those rounded times
-    edges = grid_edges(grid, steps, sde).float().double()
+    if denoise_final and steps < 2:
+        raise ValueError("denoise_final needs steps >= 2 (the last step is the jump to t = 0)")
+    edges = grid_edges(grid, steps - int(denoise_final), sde).float().double()
+    if denoise_final:
+        edges = torch.cat([edges, torch.zeros(1, dtype=torch.float64)])
     t, t_next = edges[:-1], edges[1:]
     if sampler in ("ode-euler", "ode-heun"):
         order = 1 if sampler == "ode-euler" else 2
@@ -155,22 +165,25 @@ def build_sampler(sampler: str, model: ScoreModel, sde: VPSDE, steps: int, grid:
     return SamplerRecipe(**common, graphs={step.kind: step}, program=[ProgramCall(step.kind)],
                          schedule=dpmpp_2m_schedule(sde, edges), final="x_next", noise_inputs=[],
                          state=[StateSpec(input="x0_prev", output="x0")],
-                         params={"nfe": steps, "lower_order_final": int(steps < LOWER_ORDER_FINAL_BELOW)})
+                         params={"nfe": steps, "lower_order_final": int(steps < LOWER_ORDER_FINAL_BELOW),
+                                 "denoise_final": int(denoise_final)})
 
 
 def dpmpp_2m_schedule(sde: VPSDE, edges: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Coefficients of DPM-Solver++(2M) on the edges t_0 = 1 > ... > t_N = eps (float64 [N + 1]) -> float64 [N]
-    arrays t, alpha, sigma, c_x, c_d, w_cur, w_prev (see :class:`DPMSolverPP2MStep`)."""
+    """Coefficients of DPM-Solver++(2M) on the edges t_0 = 1 > ... > t_N (float64 [N + 1]; t_N = eps, or 0 for
+    a final jump to the data) -> float64 [N] arrays t, alpha, sigma, c_x, c_d, w_cur, w_prev (see
+    :class:`DPMSolverPP2MStep`). A step to t = 0 (sigma = 0, h = inf) is first order with c_x = 0, c_d = 1:
+    x_next = x0."""
     alpha, sigma, lam = sde.mean_coeff(edges), sde.std(edges), log_snr(sde, edges)
-    h = lam[1:] - lam[:-1]  # > 0: lambda grows as t falls
+    h = lam[1:] - lam[:-1]  # > 0: lambda grows as t falls; inf for a step to t = 0
     n = h.numel()
-    w_cur, w_prev = torch.ones(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
-    second_order = torch.arange(n) >= 1
+    second_order = (torch.arange(n) >= 1) & torch.isfinite(h)
     if n < LOWER_ORDER_FINAL_BELOW:
         second_order[-1] = False
     r = torch.ones(n, dtype=torch.float64)
     r[1:] = h[:-1] / h[1:]
-    w_cur = torch.where(second_order, 1.0 + 0.5 / r, w_cur)
-    w_prev = torch.where(second_order, -0.5 / r, w_prev)
+    r = torch.where(second_order, r, torch.ones_like(r))
+    w_cur = torch.where(second_order, 1.0 + 0.5 / r, torch.ones_like(r))
+    w_prev = torch.where(second_order, -0.5 / r, torch.zeros_like(r))
     return {"t": edges[:-1], "alpha": alpha[:-1], "sigma": sigma[:-1], "c_x": sigma[1:] / sigma[:-1],
             "c_d": -alpha[1:] * torch.expm1(-h), "w_cur": w_cur, "w_prev": w_prev}

@@ -42,6 +42,8 @@ CASES = {
     "ode-heun": ("ode-heun", 10, "uniform", {}),
     "dpmpp-2m": ("dpmpp-2m", 20, "logsnr", {}),
     "dpmpp-2m-10": ("dpmpp-2m", 10, "logsnr", {}),
+    "dpmpp-2m-denoise": ("dpmpp-2m", 12, "logsnr", {"denoise_final": True}),
+    "dpmpp-2m-denoise-20": ("dpmpp-2m", 20, "uniform", {"denoise_final": True}),
     "inpaint": ("inpaint", 30, "diffusers", {}),
 }
 
@@ -59,7 +61,7 @@ def run_reference(sampler, steps, grid, options, eps_fn, x, noise, callback=None
         return ref.sample_ancestral(eps_fn, x, noise, vp, steps, grid, callback)
     if sampler in ("ode-euler", "ode-heun"):
         return ref.sample_ode(eps_fn, x, vp, steps, grid, 1 if sampler == "ode-euler" else 2, callback)
-    return ref.sample_dpmpp_2m(eps_fn, x, vp, steps, grid, callback=callback)
+    return ref.sample_dpmpp_2m(eps_fn, x, vp, steps, grid, callback=callback, **options)
 
 
 def philox_noise(seed, num, shape, dtype):
