@@ -74,8 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=fmt, description="Export the sampler step around a score model to ONNX "
                        "and write a bundle directory (graphs + manifest.json).")
     p.add_argument("--model", required=True,
-                   help="model spec: gmm[:dim=2,components=3,seed=0] | unet-random[:seed=0,channels=16] | "
-                        "py:package.module:factory")
+                   help="model spec: digits (shipped) | weights:PATH.json | diffusers:DIR | "
+                        "gmm[:dim=2,components=3,seed=0] | unet-random[:seed=0,channels=16] | py:package.module:factory")
     p.add_argument("--out", required=True, type=Path, help="bundle directory to write")
     p.add_argument("--sampler", default="em", choices=list(SAMPLER_IDS), help=SAMPLER_HELP)
     p.add_argument("--steps", type=_positive, default=None,
