@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# On a machine with an NVIDIA GPU and torch+CUDA: put onnxruntime-gpu in place of onnxruntime (from the wheels in
+# WHEELS_DIR, or from the index when none is given), then run the GPU tests and the GPU loop benchmark.
+#   bash bench/gpu_run.sh [WHEELS_DIR]
+# Not yet run on a GPU (no GPU was lent to the session that wrote it).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+if [ $# -ge 1 ]; then src=(--no-index --find-links "$1"); else src=(); fi
+$PY -m pip uninstall -y -q onnxruntime || true
+$PY -m pip install -q "${src[@]}" onnxruntime-gpu
+$PY -m pip install -q --no-deps -e .
+$PY -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.get_available_providers())"
+$PY -m pytest -q -rs -s -m gpu tests/test_gpu.py
+$PY bench/gpu_loop.py --steps 200 --batch 64
+$PY bench/gpu_loop.py --steps 200 --batch 64 --precision fp16
