@@ -130,6 +130,9 @@ class Sampler:
         state = {s.input: np.zeros((size, *self.sample_shape), dtype=np.float32) for s in m.sampler.state}
         for runner in self.runners.values():
             runner.activate(size)
+            for name, value in cond.items():  # constant over the loop, and no graph writes it: once per batch
+                if name in runner.inputs:
+                    np.copyto(runner.inputs[name], value)
         for i in range(m.sampler.steps):
             for pc in m.sampler.program:
                 runner = self.runners[pc.graph]
@@ -143,7 +146,7 @@ class Sampler:
                         if name in inputs:
                             np.copyto(inputs[name], draw(call))
                             call += 1
-                    for name, value in (*state.items(), *cond.items()):
+                    for name, value in state.items():
                         if name in inputs:
                             np.copyto(inputs[name], value)
                     outputs = runner.run()
