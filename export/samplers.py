@@ -120,7 +120,7 @@ def build_sampler(sampler: str, model: ScoreModel, sde: VPSDE, steps: int, grid:
     if sampler in ("pc", "ancestral"):
         if grid == "diffusers":
             t, beta = (a.double() for a in discrete_betas(steps, sde))
-            if sampler == "ancestral" and beta.max() >= 1 or beta.max() > 1:
+            if beta.max() > 1 or (sampler == "ancestral" and beta.max() >= 1):  # ancestral divides by sqrt(1 - beta)
                 raise ValueError(f"{sampler} on the 'diffusers' grid uses score_sde's betas "
                                  f"linspace(beta_min/N, beta_max/N, N), which reach {beta.max():.3g} at N = {steps}; "
                                  f"use more than {int(sde.beta_max)} steps, or --grid uniform|logsnr (respaced betas)")
