@@ -119,11 +119,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive, default=None, help="samples per graph call (default: all)")
     p.add_argument("--first-sample", type=int, default=0,
                    help="global index of the first sample (for sharding: same seed, disjoint index ranges)")
-    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime"])
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"],
+                   help="onnxruntime (CPU, or its CUDA provider with --device cuda: needs onnxruntime-gpu) or "
+                        "tensorrt (the engines `vpsde build` cached in the bundle; needs an NVIDIA GPU)")
+    p.add_argument("--device", default=None, choices=["cpu", "cuda"],
+                   help="where tensors live (default: cpu for onnxruntime, cuda for tensorrt)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="GPU only: capture each graph binding once as a CUDA graph and replay it")
     p.add_argument("--threads", type=_positive, default=None, help="intra-op CPU threads (default: all cores)")
     p.add_argument("--noise", default=None, choices=["philox", "torch"], help="override the manifest's generator")
-    p.add_argument("--no-nan-guard", action="store_true", help="skip the per-step NaN/Inf check")
+    p.add_argument("--nan-guard", default="auto", choices=["auto", "step", "final", "off"],
+                   help="NaN/Inf check: step = every graph output, naming the step (reads each output back: the "
+                        "CPU default); final = the result only (the GPU default); off")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--known", type=Path, default=None,
                    help="inpainting bundles: known data, an image file (pixels 0..255 map to the model's value "
@@ -201,8 +208,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
         raise UsageError(f"--first-sample must be >= 0, got {args.first_sample}")
     bundle = Bundle.load(args.bundle)
     conditioning = _conditioning(args, bundle)
-    sampler = Sampler(bundle, backend=args.backend, device=args.device, nan_guard=not args.no_nan_guard,
-                      progress=not args.no_progress, threads=args.threads)
+    sampler = Sampler(bundle, backend=args.backend, device=args.device, nan_guard=args.nan_guard,
+                      progress=not args.no_progress, threads=args.threads, cuda_graph=args.cuda_graph)
     t0 = time.perf_counter()
     samples = sampler.sample(args.num, seed=args.seed, batch_size=args.batch_size, first_sample=args.first_sample,
                              generator=_noise_id(args.noise), conditioning=conditioning)
@@ -213,7 +220,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     save_npz(npz, samples=samples, seed=np.uint64(args.seed), first_sample=np.int64(args.first_sample),
              generator=np.str_(_noise_id(args.noise) or m.noise.generator), bundle=np.str_(str(args.bundle)))
     print(f"sampled {args.num} x {m.model.sample_shape} in {elapsed:.2f} s "
-          f"({m.sampler.steps} {m.sampler.name} steps, {args.backend}/{args.device})")
+          f"({m.sampler.steps} {m.sampler.name} steps, {sampler.device.name})")
     if m.sampler.params.get("coupling") == "batch" and args.batch_size and args.batch_size < args.num:
         print("note: this bundle's corrector couples the samples of a batch (coupling = batch); samples depend "
               "on --batch-size", file=sys.stderr)
@@ -255,10 +262,12 @@ def cmd_build(args: argparse.Namespace) -> None:
     bundle = Bundle.load(args.bundle)
     profile = BatchProfile.parse(args.batch)
     flavor = load_flavor("rtx" if args.trt_flavor == "auto" and args.target_cc else args.trt_flavor)
-    targets = ([t.strip().upper() for t in (args.target_cc or "SM86").split(",") if t.strip()]
-               if flavor.targets_named_cc else ["current-gpu"])
-    if not flavor.targets_named_cc and args.target_cc:
-        flavor.set_targets(None, targets + [args.target_cc])  # raises the clear "needs TensorRT for RTX" error
+    if flavor.targets_named_cc:
+        targets = [t.strip().upper() for t in (args.target_cc or "SM86").split(",") if t.strip()]
+    else:  # full TensorRT builds for this machine's GPU; the key records its compute capability
+        targets = [t.strip().upper() for t in args.target_cc.split(",")] if args.target_cc \
+            else flavor.compute_capabilities()
+        flavor.set_targets(None, targets)  # a --target-cc other than this GPU: the "needs TensorRT for RTX" error
     print(f"TensorRT flavour {flavor.name} {flavor.version}, targets {','.join(targets)}, batch {profile}, "
           f"precision {bundle.manifest.model.precision}")
     for key in tqdm(list(bundle.manifest.graphs), desc="building engines", unit="graph", leave=False):

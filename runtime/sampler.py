@@ -10,6 +10,9 @@ The loop is the manifest's program, verbatim:
                   state buffers; the user's conditioning (inpainting: known, mask)
             outputs = graph(feed); x = outputs.x_next; state = outputs[state.output]
     return outputs[final]                               # of the last call: x_mean, or x_next (ODE samplers)
+
+:class:`~vpsde.runtime.loop.DeviceLoop` runs it on the backend's device buffers (no per-call allocation or
+copies of x; on a GPU only the noise and schedule values go up and the sample comes back once).
 """
 
 from __future__ import annotations
@@ -21,9 +24,10 @@ from typing import Callable, Mapping
 import numpy as np
 from tqdm.auto import tqdm
 
-from vpsde.runtime.backends import make_runner
+from vpsde.runtime.backends import open_backend
 from vpsde.runtime.bundle import Bundle
-from vpsde.runtime.errors import InputError, NonFiniteError
+from vpsde.runtime.errors import InputError
+from vpsde.runtime.loop import NAN_GUARDS, DeviceLoop
 from vpsde.runtime.noise import TORCH_ID, make_noise
 from vpsde.runtime.prefetch import PrefetchedNoise
 
@@ -33,25 +37,36 @@ class Sampler:
 
     Args:
         bundle: a :class:`Bundle` or the path of a bundle directory.
-        backend: "onnxruntime" (CPU by default; ``device="cuda"`` for the CUDA execution provider).
-        nan_guard: check every graph output for NaN/Inf and raise :class:`NonFiniteError` naming the step.
+        backend: "onnxruntime" (CPU by default; ``device="cuda"`` for the CUDA execution provider) or
+            "tensorrt" (engines from ``vpsde build``, on the GPU).
+        device: "cpu" or "cuda" (default: the backend's, cpu for onnxruntime).
+        nan_guard: "step" checks every graph output for NaN/Inf and raises :class:`NonFiniteError` naming the
+            step; "final" checks the result only (no per-call device-to-host reads); "off"; True / "auto" means
+            "step" on the CPU and "final" on a GPU, False means "off".
         prefetch_noise: draw each noise call on a worker thread while the previous graph call runs (same
             values; off: draw in line, before each call).
         progress: show a progress bar over steps.
         threads: intra-op CPU threads of the backend (default: all cores).
+        cuda_graph: on a GPU, capture each graph binding once as a CUDA graph and replay it (a batch size's
+            first calls capture; later calls skip the per-kernel launch cost).
     """
 
-    def __init__(self, bundle: Bundle | str | os.PathLike, backend: str = "onnxruntime", device: str = "cpu",
-                 nan_guard: bool = True, progress: bool = True, threads: int | None = None,
-                 prefetch_noise: bool = True) -> None:
+    def __init__(self, bundle: Bundle | str | os.PathLike, backend: str = "onnxruntime", device: str | None = None,
+                 nan_guard: bool | str = "auto", progress: bool = True, threads: int | None = None,
+                 prefetch_noise: bool = True, cuda_graph: bool = False) -> None:
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(Path(bundle))
         self.manifest = self.bundle.manifest
-        self.runners = {key: make_runner(backend, self.bundle, key, device, threads) for key in self.manifest.graphs}
-        self.nan_guard = nan_guard
+        opened = open_backend(backend, self.bundle, device, threads, cuda_graph)
+        self.device, self.runners = opened.device, opened.runners
+        guard = {True: "auto", False: "off"}.get(nan_guard, nan_guard) if isinstance(nan_guard, bool) else nan_guard
+        if guard not in (*NAN_GUARDS, "auto"):
+            raise InputError(f"nan_guard: expected one of auto, {', '.join(NAN_GUARDS)}, got {nan_guard!r}")
+        self.nan_guard = ("step" if self.device.on_host else "final") if guard == "auto" else guard
+        self.loop = DeviceLoop(self.manifest, self.runners, self.device,
+                               describe_graph=lambda key: str(self.bundle.graph_path(key)))
         self.prefetch_noise = prefetch_noise
         self.progress = progress
         self.sample_shape = tuple(self.manifest.model.sample_shape)
-        self._schedule = {name: np.asarray(v, dtype=np.float64) for name, v in self.manifest.schedule.items()}
 
     def sample(self, num: int, seed: int = 0, *, batch_size: int | None = None, first_sample: int = 0,
                generator: str | None = None, callback: Callable[[int, np.ndarray], None] | None = None,
@@ -115,58 +130,10 @@ class Sampler:
                    for pc in m.sampler.program)
 
     def _sample_batch(self, noise, start: int, size: int, bar, callback, cond: dict[str, np.ndarray]) -> np.ndarray:
-        m = self.manifest
-        x = noise(0, start, size, self.sample_shape)
-        last_call = self.noise_calls_per_step() * m.sampler.steps
+        x_T = noise(0, start, size, self.sample_shape)
+        last_call = self.noise_calls_per_step() * self.manifest.sampler.steps
+        run = lambda draw: self.loop.run(x_T, draw, cond, start, self.nan_guard, callback, lambda: bar.update(1))  # noqa: E731
         if self.prefetch_noise and last_call:
             with PrefetchedNoise(noise, start, size, self.sample_shape, 1, last_call) as stream:
-                return self._loop(x, lambda _call: stream.take(), start, size, bar, callback, cond)
-        return self._loop(x, lambda call: noise(call, start, size, self.sample_shape), start, size, bar, callback, cond)
-
-    def _loop(self, x: np.ndarray, draw: Callable[[int], np.ndarray], start: int, size: int, bar, callback,
-              cond: dict[str, np.ndarray]) -> np.ndarray:
-        m = self.manifest
-        call = 1
-        state = {s.input: np.zeros((size, *self.sample_shape), dtype=np.float32) for s in m.sampler.state}
-        for runner in self.runners.values():
-            runner.activate(size)
-            for name, value in cond.items():  # constant over the loop, and no graph writes it: once per batch
-                if name in runner.inputs:
-                    np.copyto(runner.inputs[name], value)
-        for i in range(m.sampler.steps):
-            for pc in m.sampler.program:
-                runner = self.runners[pc.graph]
-                inputs = runner.inputs
-                for _ in range(pc.repeat):
-                    np.copyto(inputs["x"], x)
-                    for name, values in self._schedule.items():
-                        if name in inputs:
-                            inputs[name].fill(values[i])
-                    for name in m.noise.inputs:
-                        if name in inputs:
-                            np.copyto(inputs[name], draw(call))
-                            call += 1
-                    for name, value in state.items():
-                        if name in inputs:
-                            np.copyto(inputs[name], value)
-                    outputs = runner.run()
-                    if self.nan_guard:
-                        self._check_finite(outputs, pc.graph, i, start, size)
-                    x = outputs["x_next"]
-                    for s in m.sampler.state:
-                        if s.output in outputs:
-                            np.copyto(state[s.input], outputs[s.output])
-            if callback is not None:
-                callback(i, x)
-            bar.update(1)
-        return outputs[m.sampler.final].copy()
-
-    def _check_finite(self, outputs: dict[str, np.ndarray], graph: str, step: int, start: int, size: int) -> None:
-        for name, arr in outputs.items():
-            if not np.isfinite(arr).all():
-                bad = np.unique(np.nonzero(~np.isfinite(arr.reshape(size, -1)))[0] + start)
-                raise NonFiniteError(
-                    f"graph {graph!r} ({self.bundle.graph_path(graph)}) produced NaN/Inf in output {name!r} at step "
-                    f"{step} (of 0..{self.manifest.sampler.steps - 1}, t = {self._schedule['t'][step]:.6g}), in samples "
-                    f"{bad[:8].tolist()}{' ...' if bad.size > 8 else ''}"
-                )
+                return run(lambda _call: stream.take())
+        return run(lambda call: noise(call, start, size, self.sample_shape))

@@ -29,7 +29,7 @@ except BackendUnavailable as e:
 if FLAVOR.targets_named_cc:
     TARGETS = ["SM86"]
 else:  # full TensorRT builds for the GPU it runs on
-    TARGETS = ["current-gpu"]
+    TARGETS = FLAVOR.compute_capabilities()
 PROFILE = BatchProfile(1, 4, 16)
 
 

@@ -1,22 +1,44 @@
-"""Backends: a loader that opens a graph and a runner that owns its buffers and runs it.
+"""Backends: a device (where tensors live) and, per graph, a runner that binds buffers and launches calls.
 
-A runner has ``activate(batch)`` (allocates every input and output once), ``inputs`` / ``outputs`` (the
-preallocated host arrays the sampler fills and reads in place), ``run()`` (one graph call, no allocation),
-``infer(feed)`` (checked convenience call for tests and tools) and ``deactivate()``.
+A runner has ``bind(buffers) -> launch`` (see :mod:`vpsde.runtime.loop`) and ``infer(feed)`` (one checked call
+on host arrays, for tests and tools). Backends are imported only when asked for.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, Mapping
+
 from vpsde.runtime.errors import BackendUnavailable
 
-BACKENDS = ("onnxruntime",)
+BACKENDS = ("onnxruntime", "tensorrt")
+DEFAULT_DEVICE = {"onnxruntime": "cpu", "tensorrt": "cuda"}
 
 
-def make_runner(backend: str, bundle, graph_key: str, device: str = "cpu", threads: int | None = None):
-    """Open graph ``graph_key`` of ``bundle`` on ``backend`` (imported only when asked for); ``threads``
-    caps intra-op CPU threads (default: the backend's, all cores)."""
+@dataclass
+class OpenBackend:
+    """What a backend opened for one bundle: its ``device`` and one runner per graph key."""
+
+    device: Any
+    runners: Mapping[str, Any]
+
+
+def open_backend(backend: str, bundle, device: str | None = None, threads: int | None = None,
+                 cuda_graph: bool = False) -> OpenBackend:
+    """Open every graph of ``bundle`` on ``backend`` ("onnxruntime" on "cpu" or "cuda"; "tensorrt" on "cuda",
+    from the engines ``vpsde build`` cached in the bundle). ``threads`` caps ONNX Runtime's intra-op CPU
+    threads; ``cuda_graph`` replays each binding as a CUDA graph (GPU only)."""
+    device = device or DEFAULT_DEVICE.get(backend, "cpu")
     if backend == "onnxruntime":
-        from vpsde.runtime.backends.onnxruntime import OnnxRuntimeRunner, session_from_bundle
+        from vpsde.runtime.backends.onnxruntime import OnnxRuntimeRunner, OrtDevice, session_from_bundle
 
-        return OnnxRuntimeRunner(session_from_bundle(bundle, graph_key, device, threads), bundle, graph_key)
+        dev = OrtDevice(device)
+        return OpenBackend(dev, {key: OnnxRuntimeRunner(session_from_bundle(bundle, key, device, threads, cuda_graph),
+                                                        bundle, key, dev) for key in bundle.manifest.graphs})
+    if backend == "tensorrt":
+        if device != "cuda":
+            raise BackendUnavailable(f"the tensorrt backend runs on an NVIDIA GPU (--device cuda), not {device!r}")
+        from vpsde.runtime.tensorrt.runner import open_engines
+
+        return open_engines(bundle, cuda_graph=cuda_graph)
     raise BackendUnavailable(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")

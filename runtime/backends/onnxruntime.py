@@ -1,8 +1,10 @@
-"""ONNX Runtime backend: one session per graph, IO-bound preallocated buffers, no per-step allocation."""
+"""ONNX Runtime backend: one session per graph; tensors are OrtValues on the session's device (host memory for
+the CPU provider, GPU memory for the CUDA provider), bound once per binding, so the loop runs with no per-call
+allocation and no host round trip on a GPU."""
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import onnxruntime as ort
@@ -26,16 +28,22 @@ def providers_for(device: str) -> list[str]:
     return wanted
 
 
-def session_from_bundle(bundle: Bundle, graph_key: str, device: str = "cpu",
-                        threads: int | None = None) -> ort.InferenceSession:
-    """Loader: an InferenceSession for one graph of the bundle; ORT failures become a :class:`BundleError`."""
+def session_from_bundle(bundle: Bundle, graph_key: str, device: str = "cpu", threads: int | None = None,
+                        cuda_graph: bool = False) -> ort.InferenceSession:
+    """Loader: an InferenceSession for one graph of the bundle; ORT failures become a :class:`BundleError`.
+    ``cuda_graph`` (device "cuda" only) lets the CUDA provider capture each binding once and replay it."""
     path = bundle.graph_path(graph_key)
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
+    providers: list = providers_for(device)
+    if cuda_graph:
+        if device != "cuda":
+            raise BackendUnavailable("CUDA graphs need --device cuda")
+        providers = [("CUDAExecutionProvider", {"enable_cuda_graph": "1"}), *providers[1:]]
     try:
-        return ort.InferenceSession(str(path), sess_options=options, providers=providers_for(device))
+        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except BackendUnavailable:
         raise
     except Exception as e:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
@@ -43,20 +51,39 @@ def session_from_bundle(bundle: Bundle, graph_key: str, device: str = "cpu",
         raise BundleError(f"{path}: ONNX Runtime could not load graph {graph_key!r}: {first}") from e
 
 
-class OnnxRuntimeRunner:
-    """Runs one step graph with preallocated, IO-bound host buffers."""
+class OrtDevice:
+    """OrtValues on ``kind`` ("cpu" or "cuda") device ``index``; uploads and reads are synchronous copies
+    (``OrtValue.update_inplace`` keeps each buffer's address, as CUDA-graph replay needs)."""
 
-    def __init__(self, session: ort.InferenceSession, bundle: Bundle, graph_key: str) -> None:
+    def __init__(self, kind: str = "cpu", index: int = 0) -> None:
+        providers_for(kind)
+        self.kind, self.index = kind, index
+        self.name = f"onnxruntime/{kind}:{index}"
+        self.on_host = kind == "cpu"
+
+    def empty(self, shape: tuple[int, ...], dtype: str) -> ort.OrtValue:
+        return ort.OrtValue.ortvalue_from_shape_and_type(list(shape), np.dtype(dtype).type, self.kind, self.index)
+
+    def upload(self, dst: ort.OrtValue, src: np.ndarray) -> None:
+        dst.update_inplace(np.ascontiguousarray(src))
+
+    def peek(self, src: ort.OrtValue) -> np.ndarray:
+        return src.numpy()  # CPU: a view of the buffer; CUDA: a host copy
+
+
+class OnnxRuntimeRunner:
+    """Runs one step graph on OrtValues bound through an IOBinding (one binding per buffer set)."""
+
+    def __init__(self, session: ort.InferenceSession, bundle: Bundle, graph_key: str,
+                 device: OrtDevice | None = None) -> None:
         self.session = session
         self.key = graph_key
         self.spec = bundle.manifest.graphs[graph_key]
         self.path = bundle.graph_path(graph_key)
-        self.sample_shape = tuple(bundle.manifest.model.sample_shape)
+        self.device = device or OrtDevice("cuda" if "CUDAExecutionProvider" in session.get_providers() else "cpu")
+        self.cuda_graph = session.get_provider_options().get("CUDAExecutionProvider", {}).get("enable_cuda_graph") == "1"
         self._check_session_io()
-        self.batch: int | None = None
-        self.inputs: dict[str, np.ndarray] = {}
-        self.outputs: dict[str, np.ndarray] = {}
-        self._binding: ort.IOBinding | None = None
+        self._bindings = 0
 
     def _check_session_io(self) -> None:
         for kind, declared, actual in (("inputs", self.spec.inputs, self.session.get_inputs()),
@@ -67,33 +94,27 @@ class OnnxRuntimeRunner:
                 raise BundleError(f"{self.path}: graph {kind} {got} (name: (dtype, rank)) do not match "
                                   f"'graphs.{self.key}.{kind}' in the manifest {want}")
 
+    def bind(self, buffers: Mapping[str, Any]) -> Callable[[], None]:
+        """A launch function for one call on ``buffers`` (OrtValues on this runner's device, by IO name). With
+        CUDA graphs each binding gets its own graph id, so ONNX Runtime captures it once and replays it."""
+        binding = self.session.io_binding()
+        for spec in self.spec.inputs:
+            binding.bind_ortvalue_input(spec.name, buffers[spec.name])
+        for spec in self.spec.outputs:
+            binding.bind_ortvalue_output(spec.name, buffers[spec.name])
+        options = ort.RunOptions()
+        if self.cuda_graph:
+            self._bindings += 1
+            options.add_run_config_entry("gpu_graph_id", str(self._bindings))
+        session = self.session
+
+        def launch() -> None:
+            session.run_with_iobinding(binding, options)
+
+        return launch
+
     def _concrete(self, spec: TensorSpec, batch: int) -> tuple[int, ...]:
         return tuple(batch if isinstance(d, str) else int(d) for d in spec.shape)
-
-    def activate(self, batch: int) -> None:
-        """Allocate every input and output for ``batch`` samples and bind them (once, not per call)."""
-        if batch < 1:
-            raise InputError(f"batch must be >= 1, got {batch}")
-        if self.batch == batch:
-            return
-        self.inputs = {s.name: np.zeros(self._concrete(s, batch), dtype=s.dtype) for s in self.spec.inputs}
-        self.outputs = {s.name: np.zeros(self._concrete(s, batch), dtype=s.dtype) for s in self.spec.outputs}
-        binding = self.session.io_binding()
-        for name, arr in self.inputs.items():
-            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(arr))
-        for name, arr in self.outputs.items():
-            binding.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(arr))
-        self._binding, self.batch = binding, batch
-
-    def deactivate(self) -> None:
-        self._binding, self.batch, self.inputs, self.outputs = None, None, {}, {}
-
-    def run(self) -> dict[str, np.ndarray]:
-        """One graph call on the bound buffers; returns the output buffers (overwritten by the next call)."""
-        if self._binding is None:
-            raise RuntimeError(f"runner for graph {self.key!r} is not active; call activate(batch) first")
-        self.session.run_with_iobinding(self._binding)
-        return self.outputs
 
     def check_feed(self, feed: Mapping[str, np.ndarray]) -> int:
         """Check names, dtypes and shapes of a feed against the manifest; return its batch size."""
@@ -107,11 +128,16 @@ class OnnxRuntimeRunner:
             if not isinstance(arr, np.ndarray) or arr.dtype != np.dtype(spec.dtype) or arr.shape != want:
                 got = f"{arr.dtype} {arr.shape}" if isinstance(arr, np.ndarray) else type(arr).__name__
                 raise InputError(f"graph {self.key!r} input {spec.name!r}: expected {spec.dtype} {want}, got {got}")
+        if batch < 1:
+            raise InputError(f"graph {self.key!r}: batch must be >= 1, got {batch}")
         return batch
 
     def infer(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Validate, copy the feed into the bound buffers, run; returns copies of the outputs."""
-        self.activate(self.check_feed(feed))
+        """One checked call on host arrays (for tests and tools): upload, run, return host copies."""
+        batch = self.check_feed(feed)
+        dev = self.device
+        buffers = {s.name: dev.empty(self._concrete(s, batch), s.dtype) for s in (*self.spec.inputs, *self.spec.outputs)}
         for name, arr in feed.items():
-            np.copyto(self.inputs[name], arr)
-        return {k: v.copy() for k, v in self.run().items()}
+            dev.upload(buffers[name], arr)
+        self.bind(buffers)()
+        return {s.name: dev.peek(buffers[s.name]).copy() for s in self.spec.outputs}

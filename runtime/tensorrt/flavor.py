@@ -38,17 +38,22 @@ class Flavor:
         return self.name == "tensorrt"
 
     def compute_capabilities(self) -> list[str]:
-        """Targets this flavour can build for (RTX: "SM75", ...; full TensorRT: the current GPU only)."""
+        """Targets this flavour can build for (RTX: "SM75", ...; full TensorRT: this machine's GPU only)."""
         if not self.targets_named_cc:
-            return ["current-gpu"]
+            from vpsde.runtime.tensorrt.cuda import gpu_info
+
+            return [gpu_info().compute_capability]
         return [n for n in self.trt.ComputeCapability.__members__ if n.startswith("SM")]
 
     def set_targets(self, config, targets: list[str]) -> None:
-        """Point a builder config at ``targets`` (RTX compute capabilities such as "SM86")."""
+        """Point a builder config at ``targets`` (RTX compute capabilities such as "SM86"). Full TensorRT
+        builds for the GPU it runs on: ``targets`` must be exactly that GPU's (recorded in the engine key)."""
         if not self.targets_named_cc:
-            if targets and targets != ["current-gpu"]:
-                raise BackendUnavailable(f"TensorRT {self.version} builds for the GPU it runs on; --target-cc "
-                                         f"{','.join(targets)} needs TensorRT for RTX ({INSTALL_HINT['rtx']})")
+            here = self.compute_capabilities()
+            if targets != here:
+                raise BackendUnavailable(f"TensorRT {self.version} builds for the GPU it runs on ({here[0]}); "
+                                         f"--target-cc {','.join(targets)} needs TensorRT for RTX "
+                                         f"({INSTALL_HINT['rtx']})")
             return
         known = self.trt.ComputeCapability.__members__
         bad = [t for t in targets if t not in known or not t.startswith("SM")]

@@ -1,0 +1,172 @@
+"""The manifest's program run over buffers that stay where the backend keeps them (host memory for ONNX Runtime on
+CPU, GPU memory for the CUDA execution provider and TensorRT), allocated once per batch size.
+
+Nothing is copied between graph calls: x and every state (e.g. DPM-Solver++'s x0 history) live in two buffers
+each, and a call reads the current one and writes the other (ping-pong), so each (graph, parities) pair is one
+fixed binding, prepared once (and, where the backend replays CUDA graphs, captured once). Per call the host
+uploads only what it owns: the step's schedule values (once per step) and the noise. Conditioning is uploaded
+once per batch; the sample comes back once, at the end.
+
+A backend provides a :class:`Device` (buffers, uploads, downloads) and, per graph, a runner with
+``bind(buffers) -> launch``, where ``buffers`` maps every graph input and output name to a device buffer and
+``launch()`` enqueues one call.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Protocol
+
+import numpy as np
+
+from vpsde.runtime.errors import NonFiniteError
+from vpsde.runtime.manifest import Manifest
+
+NAN_GUARDS = ("step", "final", "off")
+
+
+class Device(Protocol):
+    """Where one backend keeps tensors. ``Buffer`` is the backend's own type (an OrtValue, a device pointer)."""
+
+    name: str
+    on_host: bool  # True when buffers are host memory (reading them back costs no transfer)
+
+    def empty(self, shape: tuple[int, ...], dtype: str) -> Any:
+        """An uninitialised buffer of ``shape`` and ``dtype`` (a numpy dtype name)."""
+
+    def upload(self, dst: Any, src: np.ndarray) -> None:
+        """Copy host ``src`` into ``dst`` (ordered before later launches); ``src`` may be reused on return."""
+
+    def peek(self, src: Any) -> np.ndarray:
+        """A host view of ``src`` after all enqueued work, valid until the next launch (read it, don't keep it)."""
+
+
+class GraphRunner(Protocol):
+    def bind(self, buffers: Mapping[str, Any]) -> Callable[[], None]:
+        """A launch function for one graph call on exactly these buffers (one per input and output name)."""
+
+
+class _Workspace:
+    """The buffers of one batch size: two per rolling value (x, states), one per other name."""
+
+    def __init__(self, manifest: Manifest, device: Device, batch: int) -> None:
+        self.batch = batch
+        self.rolling_of_output = {"x_next": "x", **{s.output: s.input for s in manifest.sampler.state}}
+        self.rolling = {name: [None, None] for name in ("x", *(s.input for s in manifest.sampler.state))}
+        self.fixed: dict[str, Any] = {}
+        for graph in manifest.graphs.values():
+            for spec in (*graph.inputs, *graph.outputs):
+                shape = tuple(batch if isinstance(d, str) else int(d) for d in spec.shape)
+                rolling = spec.name if spec.name in self.rolling else self.rolling_of_output.get(spec.name)
+                if rolling is not None:
+                    pair = self.rolling[rolling]
+                    for k in (0, 1):
+                        pair[k] = pair[k] if pair[k] is not None else device.empty(shape, spec.dtype)
+                elif spec.name not in self.fixed:
+                    self.fixed[spec.name] = device.empty(shape, spec.dtype)
+        self.launches: dict[tuple, Callable[[], None]] = {}
+
+    def buffers_for(self, graph, parity: Mapping[str, int]) -> dict[str, Any]:
+        """Every input and output of ``graph``: rolling inputs at their current parity, rolling outputs at the other."""
+        out = {}
+        for spec in graph.inputs:
+            out[spec.name] = self.rolling[spec.name][parity[spec.name]] if spec.name in self.rolling \
+                else self.fixed[spec.name]
+        for spec in graph.outputs:
+            rolling = self.rolling_of_output.get(spec.name)
+            out[spec.name] = self.rolling[rolling][1 - parity[rolling]] if rolling is not None \
+                else self.fixed[spec.name]
+        return out
+
+
+class DeviceLoop:
+    """Runs the program of ``manifest`` on ``runners`` (one per graph key) and ``device``; one instance per
+    :class:`~vpsde.runtime.Sampler`, keeping the buffers and bindings of the last batch size."""
+
+    def __init__(self, manifest: Manifest, runners: Mapping[str, GraphRunner], device: Device,
+                 describe_graph: Callable[[str], str] = str) -> None:
+        self.manifest, self.runners, self.device = manifest, runners, device
+        self.describe_graph = describe_graph
+        self.schedule = {name: np.asarray(v, dtype=np.float64) for name, v in manifest.schedule.items()}
+        self._ws: _Workspace | None = None
+
+    def workspace(self, batch: int) -> _Workspace:
+        if self._ws is None or self._ws.batch != batch:
+            self._ws = None  # release the old buffers first
+            self._ws = _Workspace(self.manifest, self.device, batch)
+        return self._ws
+
+    def run(self, x_T: np.ndarray, draw: Callable[[int], np.ndarray], cond: Mapping[str, np.ndarray],
+            first_sample: int, nan_guard: str = "step", callback: Callable[[int, np.ndarray], None] | None = None,
+            on_step: Callable[[], None] = lambda: None) -> np.ndarray:
+        """One batch: ``x_T`` float32 [batch, *sample_shape] is the prior sample; ``draw(call)`` returns noise
+        call ``call`` (1, 2, ... in order); ``cond`` holds this batch's conditioning arrays. Returns the final
+        output, float32 [batch, *sample_shape]. ``nan_guard``: "step" checks every call's outputs (naming the
+        step), "final" only the result, "off" nothing."""
+        m, dev = self.manifest, self.device
+        batch = int(x_T.shape[0])
+        ws = self.workspace(batch)
+        parity = {name: 0 for name in ws.rolling}
+        dev.upload(ws.rolling["x"][0], x_T)
+        for s in m.sampler.state:
+            dev.upload(ws.rolling[s.input][0], np.zeros(x_T.shape, dtype=np.float32))
+        for name, value in cond.items():
+            dev.upload(ws.fixed[name], np.ascontiguousarray(value, dtype=np.float32))
+        scalar = np.empty(batch, dtype=np.float32)
+        uploaded_step = {name: -1 for name in self.schedule}
+        call, last_key = 1, ""
+        for i in range(m.sampler.steps):
+            for pc in m.sampler.program:
+                graph = m.graphs[pc.graph]
+                names = {spec.name for spec in graph.inputs}
+                for _ in range(pc.repeat):
+                    for name, values in self.schedule.items():
+                        if name in names and uploaded_step[name] != i:
+                            scalar.fill(values[i])
+                            dev.upload(ws.fixed[name], scalar)
+                            uploaded_step[name] = i
+                    for name in m.noise.inputs:
+                        if name in names:
+                            dev.upload(ws.fixed[name], draw(call))
+                            call += 1
+                    key = (pc.graph, *(parity[n] for n in ws.rolling))
+                    launch = ws.launches.get(key)
+                    if launch is None:
+                        launch = ws.launches[key] = self.runners[pc.graph].bind(ws.buffers_for(graph, parity))
+                    launch()
+                    for spec in graph.outputs:
+                        rolling = ws.rolling_of_output.get(spec.name)
+                        if rolling is not None:
+                            parity[rolling] = 1 - parity[rolling]
+                    if nan_guard == "step":
+                        self._check_finite(ws, graph, pc.graph, parity, i, first_sample)
+                    last_key = pc.graph
+            if callback is not None:
+                callback(i, dev.peek(ws.rolling["x"][parity["x"]]).copy())
+            on_step()
+        final = self._output(ws, m.sampler.final, parity)
+        result = dev.peek(final).copy()
+        if nan_guard != "off" and not np.isfinite(result).all():
+            raise NonFiniteError(f"the final sample (output {m.sampler.final!r} of graph {last_key!r}, "
+                                 f"{self.describe_graph(last_key)}) has NaN/Inf in samples {_bad_samples(result, first_sample)}; sample with "
+                                 "--nan-guard step to find the step where it first appears")
+        return result
+
+    def _output(self, ws: _Workspace, name: str, parity: Mapping[str, int]) -> Any:
+        """The buffer holding the latest value of output ``name``."""
+        rolling = ws.rolling_of_output.get(name)
+        return ws.rolling[rolling][parity[rolling]] if rolling is not None else ws.fixed[name]
+
+    def _check_finite(self, ws: _Workspace, graph, key: str, parity: Mapping[str, int], step: int,
+                      first_sample: int) -> None:
+        for spec in graph.outputs:
+            arr = self.device.peek(self._output(ws, spec.name, parity))
+            if not np.isfinite(arr).all():
+                raise NonFiniteError(
+                    f"graph {key!r} ({self.describe_graph(key)}) produced NaN/Inf in output {spec.name!r} at step "
+                    f"{step} (of 0..{self.manifest.sampler.steps - 1}, t = {self.schedule['t'][step]:.6g}), in "
+                    f"samples {_bad_samples(arr, first_sample)}")
+
+
+def _bad_samples(arr: np.ndarray, first_sample: int) -> str:
+    bad = np.unique(np.nonzero(~np.isfinite(arr.reshape(arr.shape[0], -1)))[0] + first_sample)
+    return f"{bad[:8].tolist()}{' ...' if bad.size > 8 else ''}"
