@@ -5,6 +5,7 @@ error messages. Running an engine needs an NVIDIA GPU of a targeted architecture
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing as mp
 import os
@@ -20,6 +21,7 @@ from vpsde.runtime.errors import BackendUnavailable
 from vpsde.runtime.tensorrt.build import BatchProfile, build_engine
 from vpsde.runtime.tensorrt.cache import ENGINE_DIR, EngineKey, build_cached, check_engine
 from vpsde.runtime.tensorrt.flavor import load_flavor
+from vpsde.runtime.tensorrt.runner import select_engines
 
 try:
     FLAVOR = load_flavor("auto")
@@ -144,3 +146,58 @@ def test_cli_build_and_errors(bundles, capsys):
     if FLAVOR.targets_named_cc:
         assert main(["build", root, "--target-cc", "SM90"]) == 2
         assert "SM90" in capsys.readouterr().err
+
+
+def test_engine_selection_for_sampling(bundles):
+    """`vpsde sample --backend tensorrt` picks cached engines by graph sha256, flavour, version, precision and
+    target; with none it says what the cache holds and how to build (checked on records of real engines)."""
+    bundle = bundles["unet-dpmpp"]
+    engine = build_cached(bundle, "dpmpp_2m", FLAVOR, BatchProfile(1, 2, 8), TARGETS)
+    picked = select_engines(bundle, "dpmpp_2m", FLAVOR, TARGETS[0])
+    assert (engine.key, engine.plan) in picked
+    assert all(k.targets == tuple(TARGETS) or TARGETS[0] in k.targets for k, _ in picked)
+    with pytest.raises(BundleError, match=r"no engine of graph 'dpmpp_2m' for SM61 .*cache holds: .*batch 1:2:8.*"
+                                          r"run `vpsde build"):
+        select_engines(bundle, "dpmpp_2m", FLAVOR, "SM61")
+
+
+def test_engine_from_another_graph_version_is_named(bundles, tmp_path):
+    import shutil
+
+    from vpsde.runtime import Bundle
+
+    src = bundles["unet-dpmpp"]
+    build_cached(src, "dpmpp_2m", FLAVOR, PROFILE, TARGETS)
+    copy = tmp_path / "copy"
+    shutil.copytree(src.root, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    graph_file = copy / manifest["graphs"]["dpmpp_2m"]["file"]
+    # a re-export: same names, a different graph (one more no-op node changes the bytes and the sha256)
+    model = onnx.load(str(graph_file))
+    model.producer_version = "re-exported"
+    onnx.save(model, str(graph_file))
+    manifest["graphs"]["dpmpp_2m"]["sha256"] = hashlib.sha256(graph_file.read_bytes()).hexdigest()
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"another graph version"):
+        select_engines(Bundle.load(copy), "dpmpp_2m", FLAVOR, TARGETS[0])
+    shutil.rmtree(copy / ENGINE_DIR)
+    with pytest.raises(BundleError, match=r"cache holds: nothing\); run `vpsde build"):
+        select_engines(Bundle.load(copy), "dpmpp_2m", FLAVOR, TARGETS[0])
+
+
+def test_tensorrt_backend_without_a_gpu_says_so(bundles, capsys):
+    """On a machine without an NVIDIA GPU (CI), sampling on TensorRT fails with one plain line, no traceback."""
+    pytest.importorskip("cuda.bindings", reason="cuda-python is not installed")
+    from vpsde.runtime.tensorrt.cuda import gpu_info
+
+    try:
+        gpu_info()
+        pytest.skip("this machine has a GPU; tests/test_gpu.py runs the tensorrt backend")
+    except BackendUnavailable:
+        pass
+    root = str(bundles["unet-dpmpp"].root)
+    assert main(["sample", root, "--backend", "tensorrt", "--num", "2", "--out", root + "-out"]) == 2
+    err = capsys.readouterr().err
+    assert "no usable NVIDIA GPU here" in err and "Traceback" not in err
+    assert main(["sample", root, "--backend", "tensorrt", "--device", "cpu", "--num", "2"]) == 2
+    assert "runs on an NVIDIA GPU (--device cuda)" in capsys.readouterr().err
