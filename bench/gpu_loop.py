@@ -1,9 +1,14 @@
-"""GPU loop benchmark: the diffusers eager loop on torch CUDA vs the vpsde loop on ONNX Runtime's CUDA execution
-provider, same model (shipped digits), steps and batch; each in its own process, warm-up, then medians.
+"""GPU loop benchmark: the diffusers eager loop on torch CUDA vs the vpsde device loop on ONNX Runtime's CUDA
+execution provider and on TensorRT, each with and without CUDA-graph replay; same model (shipped digits), steps
+and batch; each loop in its own process, one warm-up run, then the median of --repeats. For every vpsde loop it
+also times N bare graph calls on bound buffers (no noise, no schedule uploads), so the table shows the loop's
+overhead over the graph itself.
 
-    python bench/gpu_loop.py --steps 200 --batch 64 [--precision fp16]
+    python bench/gpu_loop.py --steps 200 --batch 64 [--precision fp16] [--loops ...]
 
-Needs torch with CUDA (for the eager loop) and onnxruntime-gpu. TensorRT engines are not timed here yet.
+Needs torch with CUDA (for the eager loop), onnxruntime-gpu for the ORT loops, and a TensorRT that targets the
+GPU plus cuda-python for the TensorRT loops (engines are built into the temporary bundle first). A loop that
+cannot run here is listed with the reason instead of a time.
 """
 
 from __future__ import annotations
@@ -43,15 +48,47 @@ def worker(kind: str, args: dict, bundle: str, queue) -> None:
     else:
         from vpsde.runtime import Sampler
 
-        sampler = Sampler(bundle, progress=False, device="cuda")
-        run = lambda: sampler.sample(args["batch"], seed=0)  # noqa: E731
+        try:
+            sampler = Sampler(bundle, progress=False, **LOOPS[kind])
+            run = lambda: sampler.sample(args["batch"], seed=0)  # noqa: E731
+            run()
+        except Exception as e:  # a loop that cannot run here is reported, not timed
+            queue.put({"kind": kind, "error": f"{type(e).__name__}: {e}".splitlines()[0]})
+            return
     run()
     times = []
     for _ in range(args["repeats"]):
         t0 = time.perf_counter()
         run()
         times.append(time.perf_counter() - t0)
-    queue.put({"kind": kind, "times": times})
+    result = {"kind": kind, "times": times}
+    if kind != "diffusers-eager-cuda":
+        result["bare_s"] = bare_calls(sampler, args["batch"], args["steps"])
+    queue.put(result)
+
+
+def bare_calls(sampler, batch: int, calls: int) -> float:
+    """Seconds for ``calls`` launches of the step graph on bound buffers, then one read-back (the graph alone)."""
+    loop = sampler.loop
+    ws = loop.workspace(batch)
+    key = next(iter(sampler.runners))
+    graph = sampler.manifest.graphs[key]
+    launch = sampler.runners[key].bind(ws.buffers_for(graph, {name: 0 for name in ws.rolling}))
+    launch()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        launch()
+    sampler.device.peek(ws.rolling["x"][1])
+    return time.perf_counter() - t0
+
+
+LOOPS = {
+    "vpsde-ort-cpu": dict(device="cpu"),  # the harness on any machine (not in the default set)
+    "vpsde-ort-cuda": dict(device="cuda"),
+    "vpsde-ort-cuda-graph": dict(device="cuda", cuda_graph=True),
+    "vpsde-trt": dict(backend="tensorrt"),
+    "vpsde-trt-graph": dict(backend="tensorrt", cuda_graph=True),
+}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -60,6 +97,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16"])
+    p.add_argument("--loops", nargs="+", default=["diffusers-eager-cuda", *list(LOOPS)[1:]],
+                   choices=["diffusers-eager-cuda", *LOOPS])
     args = p.parse_args(argv)
 
     from vpsde.export import VPSDE, export_bundle, load_model
@@ -67,22 +106,45 @@ def main(argv: list[str] | None = None) -> None:
     bundle = Path(tempfile.mkdtemp(prefix="vpsde-gpu-")) / "bundle"
     export_bundle(load_model("digits", VPSDE(std_formula="diffusers")), bundle, steps=args.steps, grid="diffusers",
                   precision=args.precision, log=lambda m: print(m, file=sys.stderr))
+    if any(k.startswith("vpsde-trt") for k in args.loops):
+        build_engines(bundle, args.batch)
     ctx = mp.get_context("spawn")
     results = {}
-    for kind in ("diffusers-eager-cuda", "vpsde-ort-cuda"):
+    for kind in args.loops:
         q = ctx.Queue()
         proc = ctx.Process(target=worker, args=(kind, vars(args), str(bundle), q))
         proc.start()
         results[kind] = q.get()
         proc.join()
     print(f"\ndigits, {args.steps} EM steps, batch {args.batch}, {args.precision}, median of {args.repeats}")
-    print(f"{'loop':<22}{'s/run':>10}{'ms/step':>10}{'samples/s':>12}")
+    print(f"{'loop':<24}{'s/run':>9}{'ms/step':>9}{'samples/s':>11}{'bare ms/call':>14}{'loop overhead':>15}"
+          f"{'vs eager':>10}")
+    eager = results.get("diffusers-eager-cuda", {}).get("times")
     for kind, r in results.items():
+        if "error" in r:
+            print(f"{kind:<24}  not run: {r['error']}")
+            continue
         med = statistics.median(r["times"])
-        r["median_s"] = med
-        print(f"{kind:<22}{med:>10.3f}{1e3 * med / args.steps:>10.3f}{args.batch / med:>12.1f}")
-    print(f"speed-up of vpsde-ort-cuda over diffusers-eager-cuda: "
-          f"{results['diffusers-eager-cuda']['median_s'] / results['vpsde-ort-cuda']['median_s']:.2f}x")
+        bare = f"{1e3 * r['bare_s'] / args.steps:>14.3f}{med / r['bare_s']:>14.2f}x" if "bare_s" in r else " " * 29
+        speed = f"{statistics.median(eager) / med:>9.2f}x" if eager else ""
+        print(f"{kind:<24}{med:>9.3f}{1e3 * med / args.steps:>9.3f}{args.batch / med:>11.1f}{bare}{speed}")
+
+
+def build_engines(bundle: Path, batch: int) -> None:
+    """Engines for this GPU into the bundle's cache (skipped with a note when TensorRT or a GPU is missing)."""
+    from vpsde.runtime import Bundle
+    from vpsde.runtime.errors import VpsdeError
+    from vpsde.runtime.tensorrt.build import BatchProfile
+    from vpsde.runtime.tensorrt.cache import build_cached
+    from vpsde.runtime.tensorrt.cuda import gpu_info
+    from vpsde.runtime.tensorrt.flavor import load_flavor
+
+    try:
+        flavor, b = load_flavor("auto"), Bundle.load(bundle)
+        for graph in b.manifest.graphs:
+            build_cached(b, graph, flavor, BatchProfile(batch, batch, batch), [gpu_info().compute_capability])
+    except VpsdeError as e:
+        print(f"no TensorRT engines: {e}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -104,10 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-shape", type=_shape, default=None, help="C,H,W for a py: model that is a plain nn.Module")
     p.add_argument("--value-range", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                    help="data range of image samples, for PNG output (default: the model's, else none)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16"],
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"],
                    help="compute precision of the network inside the graphs; graph IO and the VP-SDE arithmetic "
-                        "stay float32 (explicit casts: strongly typed for TensorRT)")
-    p.add_argument("--opset", type=int, default=18)
+                        "stay float32 (explicit casts: strongly typed for TensorRT). bf16 bundles run on TensorRT "
+                        "only (ONNX Runtime's CPU provider has no bfloat16 kernels)")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 18; 22 for bf16)")
     p.add_argument("--force", action="store_true", help="replace an existing bundle directory")
 
     p = sub.add_parser("sample", help="draw samples from a bundle (no torch needed)", formatter_class=fmt,

@@ -13,7 +13,7 @@ import onnx
 import torch
 
 from vpsde.export.onnx_export import DEFAULT_OPSET, export_step_graph
-from vpsde.export.precision import with_precision
+from vpsde.export.precision import MIN_OPSET, with_precision
 from vpsde.export.samplers import DEFAULT_GRID, SAMPLERS, SamplerRecipe, build_sampler
 from vpsde.models.base import ScoreModel
 from vpsde.models.sde import VPSDE
@@ -32,14 +32,15 @@ def _version(pkg: str) -> str:
 
 def export_bundle(model: ScoreModel, out: str | Path, *, sampler: str = "em", steps: int = 1000,
                   grid: str | None = None, sde: VPSDE | None = None, noise: str = PHILOX_ID,
-                  opset: int = DEFAULT_OPSET, value_range: tuple[float, float] | None = None,
+                  opset: int | None = None, value_range: tuple[float, float] | None = None,
                   source: str = "", overwrite: bool = False, precision: str = "fp32", log=None,
                   **sampler_options) -> Bundle:
     """Export ``model`` with the ``sampler``'s step graphs into the bundle directory ``out``.
 
     ``grid`` defaults to the sampler's (``samplers.DEFAULT_GRID``). ``sde`` defaults to the paper's VP-SDE
-    with :func:`default_std_formula`. ``precision`` "fp16" runs the network in float16 inside the graphs (SDE
-    arithmetic and graph IO stay float32; see ``export/precision.py``). ``sampler_options`` go to :func:`build_sampler` (snr,
+    with :func:`default_std_formula`. ``precision`` "fp16" / "bf16" runs the network in float16 / bfloat16 inside
+    the graphs (SDE arithmetic and graph IO stay float32; see ``export/precision.py``). ``opset`` defaults to 18
+    (22 for bf16, the first with bfloat16 Conv). ``sampler_options`` go to :func:`build_sampler` (snr,
     corrector_steps, coupling).
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
@@ -49,6 +50,11 @@ def export_bundle(model: ScoreModel, out: str | Path, *, sampler: str = "em", st
     if noise not in GENERATORS:
         raise ValueError(f"unknown noise generator {noise!r}; expected one of {GENERATORS}")
     sde = sde or VPSDE(std_formula=default_std_formula(sampler, grid))
+    min_opset = MIN_OPSET.get(precision, DEFAULT_OPSET)
+    opset = opset or max(DEFAULT_OPSET, min_opset)
+    if opset < min_opset:
+        raise ValueError(f"--precision {precision} needs --opset {min_opset} or later (ONNX Conv has no "
+                         f"{precision} before it), got {opset}")
     recipe = build_sampler(sampler, with_precision(model, precision), sde, steps, grid, **sampler_options)
     out = Path(out)
     if out.exists() and not overwrite:

@@ -1,4 +1,5 @@
-"""Mixed precision in the graph: the score network runs in float16 while the VP-SDE arithmetic stays float32.
+"""Mixed precision in the graph: the score network runs in float16 or bfloat16 while the VP-SDE arithmetic stays
+float32.
 
 TensorRT 11 builds every network strongly typed (no precision builder flags), so the precision a bundle runs
 at is decided here, at export, by explicit casts: the graph's inputs and outputs stay float32, x is cast to
@@ -15,9 +16,11 @@ import torch
 
 from vpsde.models.base import ScoreModel
 
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
-"""Export precisions. bf16 is not offered yet: ONNX Conv takes bfloat16 only from opset 22, and ONNX Runtime's
-CPU provider has no bfloat16 kernels to check it with."""
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+"""Export precisions (the network's compute dtype inside the graphs)."""
+MIN_OPSET = {"bf16": 22}
+"""ONNX Conv takes bfloat16 only from opset 22. ONNX Runtime's CPU provider has no bfloat16 kernels (Gemm, Conv), so
+a bf16 bundle runs on TensorRT (and is checked on CPU with ONNX's reference evaluator)."""
 
 
 class HalfPrecisionModel(ScoreModel):
@@ -36,7 +39,7 @@ class HalfPrecisionModel(ScoreModel):
 
 
 def with_precision(model: ScoreModel, precision: str) -> ScoreModel:
-    """``model`` itself for "fp32", else a :class:`HalfPrecisionModel` copy."""
+    """``model`` itself for "fp32", else a :class:`HalfPrecisionModel` copy in float16 or bfloat16."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
     return model if precision == "fp32" else HalfPrecisionModel(model, PRECISIONS[precision])

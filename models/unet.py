@@ -83,8 +83,9 @@ class AttnBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         q, k, v = self.qkv(self.norm(x)).reshape(b, 3, c, h * w).unbind(1)
-        attn = torch.softmax(torch.einsum("bci,bcj->bij", q, k) / math.sqrt(c), dim=-1)
-        out = torch.einsum("bij,bcj->bci", attn, v).reshape(b, c, h, w)
+        # batched MatMul, not Einsum: ONNX Einsum has no bfloat16 (MatMul has since opset 13)
+        attn = torch.softmax(q.transpose(1, 2) @ k / math.sqrt(c), dim=-1)  # [b, i, j]
+        out = (v @ attn.transpose(1, 2)).reshape(b, c, h, w)  # out[c, i] = sum_j v[c, j] attn[i, j]
         return (x + self.proj(out)) / math.sqrt(2.0)
 
 

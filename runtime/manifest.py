@@ -63,7 +63,7 @@ class SDESpec:
 class ModelSpec:
     """The score model fused into the graphs. ``sample_shape`` excludes the batch dimension; ``value_range``
     is the data range of image samples ([lo, hi] maps to pixel 0..255), null for non-image data;
-    ``precision`` the network's compute precision inside the graphs ("fp32" or "fp16"; graph IO and the SDE
+    ``precision`` the network's compute precision inside the graphs ("fp32", "fp16" or "bf16"; graph IO and the SDE
     arithmetic are float32 either way)."""
 
     name: str

@@ -41,13 +41,15 @@ def bundles(tmp_path_factory):
     return {
         "digits-fp16-em": export_bundle(load_model("digits", VPSDE()), root / "digits-fp16", steps=10, grid="uniform",
                                         precision="fp16", log=lambda _: None),
+        "digits-bf16-em": export_bundle(load_model("digits", VPSDE()), root / "digits-bf16", steps=10, grid="uniform",
+                                        precision="bf16", log=lambda _: None),
         "gmm-pc": export_bundle(load_model("gmm", VPSDE()), root / "gmm-pc", sampler="pc", steps=30, log=lambda _: None),
         "unet-dpmpp": export_bundle(load_model("unet-random:channels=8", VPSDE()), root / "unet-dpm",
                                     sampler="dpmpp-2m", steps=10, log=lambda _: None),
     }
 
 
-@pytest.mark.parametrize("name", ["digits-fp16-em", "gmm-pc", "unet-dpmpp"])
+@pytest.mark.parametrize("name", ["digits-fp16-em", "digits-bf16-em", "gmm-pc", "unet-dpmpp"])
 def test_builds_real_engines_and_reuses_them(bundles, name):
     bundle = bundles[name]
     for graph in bundle.manifest.graphs:

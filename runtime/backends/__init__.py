@@ -30,6 +30,10 @@ def open_backend(backend: str, bundle, device: str | None = None, threads: int |
     threads; ``cuda_graph`` replays each binding as a CUDA graph (GPU only)."""
     device = device or DEFAULT_DEVICE.get(backend, "cpu")
     if backend == "onnxruntime":
+        if device == "cpu" and bundle.manifest.model.precision == "bf16":
+            raise BackendUnavailable(f"{bundle.root}: a bf16 bundle ('model.precision'); ONNX Runtime's CPU provider "
+                                     "has no bfloat16 kernels: sample it with --backend tensorrt, or export with "
+                                     "--precision fp16 or fp32 for the CPU")
         from vpsde.runtime.backends.onnxruntime import OnnxRuntimeRunner, OrtDevice, session_from_bundle
 
         dev = OrtDevice(device)
