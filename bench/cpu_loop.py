@@ -2,7 +2,8 @@
 and the vpsde loop with its host noise drawn in line (before each call) vs prefetched on a worker thread.
 
 Each loop runs in its own child process (so peak RSS is its own), warm-up first, then --repeats timed runs;
-medians are reported, with the ratios. Whole-loop time includes host noise.
+medians are reported, with the ratios. Whole-loop time includes host noise. For the vpsde loops, "loop
+overhead" is the loop's time over that of N bare graph calls on buffers bound once (bench/bare.py).
 
     python bench/cpu_loop.py                          # shipped digits model, 1000 steps, batch 16
     python bench/cpu_loop.py --model unet-random --steps 200 --batch 64 --threads 2
@@ -19,6 +20,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bare import bare_calls
 
 
 def _diffusers_loop(model, num, steps, seed):
@@ -58,7 +61,10 @@ def worker(kind: str, args: dict, bundle: str, queue) -> None:
         t0 = time.perf_counter()
         run()
         times.append(time.perf_counter() - t0)
-    queue.put({"kind": kind, "times": times, "peak_rss_mb": peak_rss_mb()})
+    result = {"kind": kind, "times": times, "peak_rss_mb": peak_rss_mb()}
+    if kind != "diffusers-eager":
+        result["bare_s"] = statistics.median(bare_calls(sampler, args["batch"], args["steps"]) for _ in range(args["repeats"]))
+    queue.put(result)
 
 
 def peak_rss_mb() -> float:
@@ -102,11 +108,13 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"\nVP-SDE Euler-Maruyama, model {args.model}, {args.steps} steps, batch {args.batch}, "
           f"{args.threads} threads, median of {args.repeats} (torch {torch.__version__}, onnxruntime {onnxruntime.__version__})")
-    print(f"{'loop':<18}{'s/run':>10}{'ms/step':>10}{'samples/s':>12}{'peak RSS MB':>13}")
+    print(f"{'loop':<24}{'s/run':>10}{'ms/step':>10}{'samples/s':>12}{'peak RSS MB':>13}{'bare ms/call':>14}"
+          f"{'loop overhead':>15}")
     for kind, r in results.items():
         med = statistics.median(r["times"])
         r |= {"median_s": med, "ms_per_step": 1e3 * med / args.steps, "samples_per_s": args.batch / med}
-        print(f"{kind:<18}{med:>10.3f}{r['ms_per_step']:>10.3f}{r['samples_per_s']:>12.2f}{r['peak_rss_mb']:>13.0f}")
+        bare = f"{1e3 * r['bare_s'] / args.steps:>14.3f}{med / r['bare_s']:>14.3f}x" if "bare_s" in r else ""
+        print(f"{kind:<24}{med:>10.3f}{r['ms_per_step']:>10.3f}{r['samples_per_s']:>12.2f}{r['peak_rss_mb']:>13.0f}{bare}")
     ratio = None
     for base in ("diffusers-eager", "vpsde-ort-inline-noise"):
         if base in results and "vpsde-ort" in results:

@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bare import bare_calls
+
 
 def worker(kind: str, args: dict, bundle: str, queue) -> None:
     if kind == "diffusers-eager-cuda":
@@ -65,21 +67,6 @@ def worker(kind: str, args: dict, bundle: str, queue) -> None:
     if kind != "diffusers-eager-cuda":
         result["bare_s"] = bare_calls(sampler, args["batch"], args["steps"])
     queue.put(result)
-
-
-def bare_calls(sampler, batch: int, calls: int) -> float:
-    """Seconds for ``calls`` launches of the step graph on bound buffers, then one read-back (the graph alone)."""
-    loop = sampler.loop
-    ws = loop.workspace(batch)
-    key = next(iter(sampler.runners))
-    graph = sampler.manifest.graphs[key]
-    launch = sampler.runners[key].bind(ws.buffers_for(graph, {name: 0 for name in ws.rolling}))
-    launch()
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        launch()
-    sampler.device.peek(ws.rolling["x"][1])
-    return time.perf_counter() - t0
 
 
 LOOPS = {

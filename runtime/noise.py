@@ -15,33 +15,58 @@ import numpy as np
 PHILOX_M0, PHILOX_M1 = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
 PHILOX_W0, PHILOX_W1 = np.uint64(0x9E3779B9), np.uint64(0xBB67AE85)
 MASK32 = np.uint64(0xFFFFFFFF)
+SHIFT32 = np.uint64(32)
 PHILOX_ID = "philox4x32-10/box-muller/v1"
 TORCH_ID = "torch"
 GENERATORS = (PHILOX_ID, TORCH_ID)
 
 
 def philox4x32_10(counter: np.ndarray, key: tuple[int, int]) -> np.ndarray:
-    """Philox4x32 with 10 rounds (Random123). counter: uint32 [..., 4]; key: two 32-bit ints. -> uint32 [..., 4]."""
+    """Philox4x32 with 10 rounds (Random123). counter: uint32 [..., 4]; key: two 32-bit ints. -> uint32 [..., 4].
+
+    Words are held in uint64 so the 32x32-bit products are exact; every round updates them in place (no
+    temporaries: this runs on the host once per noise call, for every element of the batch)."""
     counter = np.asarray(counter, dtype=np.uint32)
     c0, c1, c2, c3 = (counter[..., i].astype(np.uint64) for i in range(4))
     k0, k1 = np.uint64(key[0] & 0xFFFFFFFF), np.uint64(key[1] & 0xFFFFFFFF)
+    p0, p1 = np.empty_like(c0), np.empty_like(c0)
     for r in range(10):
         if r:
             k0, k1 = (k0 + PHILOX_W0) & MASK32, (k1 + PHILOX_W1) & MASK32
-        p0, p1 = PHILOX_M0 * c0, PHILOX_M1 * c2  # exact 64-bit products of 32-bit words
-        c0, c1, c2, c3 = (p1 >> np.uint64(32)) ^ c1 ^ k0, p1 & MASK32, (p0 >> np.uint64(32)) ^ c3 ^ k1, p0 & MASK32
-    return np.stack([c0, c1, c2, c3], axis=-1).astype(np.uint32)
+        np.multiply(PHILOX_M0, c0, out=p0)  # exact 64-bit products of 32-bit words
+        np.multiply(PHILOX_M1, c2, out=p1)
+        np.right_shift(p1, SHIFT32, out=c0)  # c0' = hi(M1 c2) ^ c1 ^ k0
+        c0 ^= c1
+        c0 ^= k0
+        np.bitwise_and(p1, MASK32, out=c1)  # c1' = lo(M1 c2)
+        np.right_shift(p0, SHIFT32, out=c2)  # c2' = hi(M0 c0) ^ c3 ^ k1
+        c2 ^= c3
+        c2 ^= k1
+        np.bitwise_and(p0, MASK32, out=c3)  # c3' = lo(M0 c0)
+    out = np.empty(counter.shape, dtype=np.uint32)
+    for i, word in enumerate((c0, c1, c2, c3)):
+        out[..., i] = word
+    return out
 
 
 def box_muller(words: np.ndarray) -> np.ndarray:
-    """Four uint32 words [..., 4] -> four standard normals [..., 4], float64 (pairs (x0, x1) and (x2, x3))."""
+    """Four uint32 words [..., 4] -> four standard normals [..., 4], float64 (pairs (x0, x1) and (x2, x3)):
+    u1 = (w0 + 1) / 2^32 in (0, 1] (log never sees 0), u2 = w1 / 2^32, r = sqrt(-2 log u1), theta = 2 pi u2,
+    (r cos theta, r sin theta). Computed in place, in exactly that order of float64 operations."""
     w = words.astype(np.float64)
-    u1 = (w[..., 0::2] + 1.0) / 2.0**32  # in (0, 1]: log never sees 0
-    u2 = w[..., 1::2] / 2.0**32
-    r = np.sqrt(-2.0 * np.log(u1))
-    theta = 2.0 * np.pi * u2
+    u1 = w[..., 0::2] + 1.0
+    u1 /= 2.0**32
+    r = np.log(u1)
+    r *= -2.0
+    np.sqrt(r, out=r)
+    theta = w[..., 1::2] / 2.0**32
+    theta *= 2.0 * np.pi
     out = np.empty(words.shape, dtype=np.float64)
-    out[..., 0::2], out[..., 1::2] = r * np.cos(theta), r * np.sin(theta)
+    even, odd = out[..., 0::2], out[..., 1::2]
+    np.cos(theta, out=even)
+    even *= r
+    np.sin(theta, out=odd)
+    odd *= r
     return out
 
 
@@ -62,7 +87,10 @@ def philox_normal(seed: int, call: int, first_sample: int, batch: int, sample_sh
 
 
 class NoiseSource(Protocol):
-    """Draws the noise of one noise call for one batch of samples."""
+    """Draws the noise of one noise call for one batch of samples. ``ordered``: calls must be drawn one at a
+    time, in call order (a stateful generator); otherwise any call may be drawn at any time, in parallel."""
+
+    ordered: bool
 
     def __call__(self, call: int, first_sample: int, batch: int, sample_shape: tuple[int, ...]) -> np.ndarray: ...
 
@@ -71,6 +99,7 @@ class PhiloxNoise:
     """The portable generator; stateless, so any call can be drawn in any order (resume mid-loop)."""
 
     generator_id = PHILOX_ID
+    ordered = False
 
     def __init__(self, seed: int) -> None:
         self.seed = int(seed)
@@ -84,6 +113,7 @@ class TorchNoise:
     generator). Depends on batch size, like diffusers. Needs torch installed; imported only when used."""
 
     generator_id = TORCH_ID
+    ordered = True
 
     def __init__(self, seed: int) -> None:
         try:

@@ -1,8 +1,14 @@
-"""Host noise drawn one call ahead on a worker thread, so drawing it overlaps the graph call instead of
-preceding it (Philox + Box-Muller in numpy, and the ONNX Runtime / TensorRT call, both release the GIL)."""
+"""Host noise drawn ahead on worker threads, so drawing it overlaps the graph calls instead of preceding them
+(Philox + Box-Muller in numpy, and the ONNX Runtime / TensorRT call, both release the GIL).
+
+With ``depth`` > 1, that many calls are drawn at once on as many threads: on a GPU the step can be faster than
+one core draws its noise (numpy's Philox + Box-Muller makes about 20 M normals/s per core), so the host keeps
+several cores on it. A stateful (``ordered``) generator always gets depth 1.
+"""
 
 from __future__ import annotations
 
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
@@ -12,30 +18,30 @@ from vpsde.runtime.noise import NoiseSource
 
 class PrefetchedNoise:
     """Noise calls ``first_call .. last_call`` of one batch, in order: :meth:`take` returns call c and, before
-    returning, has the worker start on call c + 1. The values are exactly those of ``noise(c, ...)``: the same
-    source is called with the same arguments, one call at a time, in order (so the order-dependent "torch"
-    generator works too)."""
+    returning, has a worker start on call c + depth. The values are exactly those of ``noise(c, ...)``: the same
+    source is called with the same arguments (and, for an ``ordered`` source, one call at a time, in order)."""
 
     def __init__(self, noise: NoiseSource, first_sample: int, batch: int, sample_shape: tuple[int, ...],
-                 first_call: int, last_call: int) -> None:
+                 first_call: int, last_call: int, depth: int = 1) -> None:
         self._args = (first_sample, batch, tuple(sample_shape))
         self._noise, self._next, self._last = noise, first_call, last_call
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vpsde-noise")
-        self._pending: Future | None = self._submit()
+        self.depth = 1 if getattr(noise, "ordered", True) else max(1, int(depth))
+        self._pool = ThreadPoolExecutor(max_workers=self.depth, thread_name_prefix="vpsde-noise")
+        self._pending: deque[Future] = deque()
+        for _ in range(self.depth):
+            self._submit()
 
-    def _submit(self) -> Future | None:
-        if self._next > self._last:
-            return None
-        future = self._pool.submit(self._noise, self._next, *self._args)
-        self._next += 1
-        return future
+    def _submit(self) -> None:
+        if self._next <= self._last:
+            self._pending.append(self._pool.submit(self._noise, self._next, *self._args))
+            self._next += 1
 
     def take(self) -> np.ndarray:
         """The next call's noise, float32 [batch, *sample_shape]."""
-        if self._pending is None:
+        if not self._pending:
             raise RuntimeError(f"noise calls exhausted (last call {self._last})")
-        current, self._pending = self._pending, None
-        self._pending = self._submit()
+        current = self._pending.popleft()
+        self._submit()
         return current.result()
 
     def close(self) -> None:

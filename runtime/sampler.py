@@ -43,6 +43,9 @@ class Sampler:
         nan_guard: "step" checks every graph output for NaN/Inf and raises :class:`NonFiniteError` naming the
             step; "final" checks the result only (no per-call device-to-host reads); "off"; True / "auto" means
             "step" on the CPU and "final" on a GPU, False means "off".
+        noise_threads: with prefetch, how many noise calls are drawn ahead at once, each on its own thread
+            (default: 1 on the CPU, where the backend uses the cores; up to 4 on a GPU, where one core's
+            Philox can fall behind the step). The portable generator only; values are the same.
         prefetch_noise: draw each noise call on a worker thread while the previous graph call runs (same
             values; off: draw in line, before each call).
         progress: show a progress bar over steps.
@@ -53,7 +56,7 @@ class Sampler:
 
     def __init__(self, bundle: Bundle | str | os.PathLike, backend: str = "onnxruntime", device: str | None = None,
                  nan_guard: bool | str = "auto", progress: bool = True, threads: int | None = None,
-                 prefetch_noise: bool = True, cuda_graph: bool = False) -> None:
+                 prefetch_noise: bool = True, cuda_graph: bool = False, noise_threads: int | None = None) -> None:
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(Path(bundle))
         self.manifest = self.bundle.manifest
         opened = open_backend(backend, self.bundle, device, threads, cuda_graph)
@@ -65,6 +68,7 @@ class Sampler:
         self.loop = DeviceLoop(self.manifest, self.runners, self.device,
                                describe_graph=lambda key: str(self.bundle.graph_path(key)))
         self.prefetch_noise = prefetch_noise
+        self.noise_threads = noise_threads or (1 if self.device.on_host else max(1, min(4, (os.cpu_count() or 2) - 1)))
         self.progress = progress
         self.sample_shape = tuple(self.manifest.model.sample_shape)
 
@@ -134,6 +138,6 @@ class Sampler:
         last_call = self.noise_calls_per_step() * self.manifest.sampler.steps
         run = lambda draw: self.loop.run(x_T, draw, cond, start, self.nan_guard, callback, lambda: bar.update(1))  # noqa: E731
         if self.prefetch_noise and last_call:
-            with PrefetchedNoise(noise, start, size, self.sample_shape, 1, last_call) as stream:
+            with PrefetchedNoise(noise, start, size, self.sample_shape, 1, last_call, self.noise_threads) as stream:
                 return run(lambda _call: stream.take())
         return run(lambda call: noise(call, start, size, self.sample_shape))

@@ -78,3 +78,26 @@ def test_normals_are_standard_normal():
     assert abs(z.var() - 1) < 5 * math.sqrt(2 / n)
     p_tail = 2 * 0.5 * math.erfc(2 / math.sqrt(2))  # P(|z| > 2)
     assert abs((np.abs(z) > 2).mean() - p_tail) < 5 * math.sqrt(p_tail * (1 - p_tail) / n)
+
+
+@pytest.mark.parametrize("depth", [1, 2, 5])
+def test_prefetch_depth_gives_the_same_calls_in_order(depth):
+    """Calls drawn `depth` at a time on `depth` threads come out in call order, equal to drawing in line; the
+    order-dependent torch generator is kept at depth 1 (and still equals in-line drawing)."""
+    from vpsde.runtime.noise import PhiloxNoise, TorchNoise
+    from vpsde.runtime.prefetch import PrefetchedNoise
+
+    shape, batch, first, last = (3, 5), 7, 1, 23
+    want = [PhiloxNoise(99)(c, 40, batch, shape) for c in range(first, last + 1)]
+    with PrefetchedNoise(PhiloxNoise(99), 40, batch, shape, first, last, depth) as stream:
+        assert stream.depth == depth
+        got = [stream.take() for _ in range(first, last + 1)]
+        with pytest.raises(RuntimeError, match="exhausted"):
+            stream.take()
+    assert all(np.array_equal(g, w) for g, w in zip(got, want))
+    pytest.importorskip("torch")
+    inline = TorchNoise(5)
+    want = [inline(c, 0, batch, shape) for c in range(0, 9)]
+    with PrefetchedNoise(TorchNoise(5), 0, batch, shape, 0, 8, depth) as stream:
+        assert stream.depth == 1
+        assert all(np.array_equal(stream.take(), w) for w in want)
