@@ -141,6 +141,7 @@ def _edit(root, edit):
     ("shape_mismatch", "field 'graphs.em.inputs[0].shape': expected [batch, 2]"),
     ("ort_status", "ONNX Runtime could not load graph 'em'"),
     ("not_json", "not valid JSON"),
+    ("bf16_on_cpu", "field 'model.precision' is \"bf16\"; ONNX Runtime's CPU provider has no bfloat16 kernels"),
 ])
 def test_cpp_errors_are_clear(host, tmp_path, gmm_bundle, case, expect):
     root = _copy(gmm_bundle, tmp_path)
@@ -158,6 +159,8 @@ def test_cpp_errors_are_clear(host, tmp_path, gmm_bundle, case, expect):
         _edit(root, lambda d: d["graphs"]["em"].update(sha256=sha256_file(root / "em.onnx")))
     elif case == "not_json":
         (root / "manifest.json").write_text("{oops")
+    elif case == "bf16_on_cpu":
+        _edit(root, lambda d: d["model"].update(precision="bf16"))
     r = run(host / "vpsde-sample", root, "--num", 2, "--seed", 0, "--out", tmp_path / "x.npy")
     assert r.returncode == 2, (r.returncode, r.stderr)  # a message and exit 2, never a crash (negative code)
     assert expect in r.stderr and "vpsde-sample: error:" in r.stderr

@@ -15,6 +15,7 @@ def test_runtime_samples_with_torch_blocked(unet_bundle):
         sys.meta_path.insert(0, BlockTorch())
         from vpsde.runtime import Sampler
         from vpsde.runtime.images import image_grid
+        import vpsde.runtime.loop, vpsde.runtime.tensorrt.runner, vpsde.runtime.tensorrt.cuda  # GPU paths too
         x = Sampler({str(unet_bundle.root)!r}, progress=False).sample(2, seed=0)
         image_grid(x, (-1, 1))
         assert x.shape == (2, 1, 16, 16), x.shape

@@ -129,6 +129,10 @@ Manifest load_bundle(const std::string& bundle_dir) {
     if (!s.is_number_integer() || s.get<std::int64_t>() < 1) r.fail("model.sample_shape", "expected positive sizes, got " + shape.dump());
     m.sample_shape.push_back(s.get<std::int64_t>());
   }
+  if (model.contains("precision")) {
+    if (!model["precision"].is_string()) r.fail("model.precision", "expected \"fp32\", \"fp16\" or \"bf16\"");
+    m.precision = model["precision"].get<std::string>();
+  }
 
   const json& sampler = r.at(doc, "sampler", "");
   m.steps = static_cast<int>(r.integer(sampler, "steps", "sampler"));

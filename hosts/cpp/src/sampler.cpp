@@ -70,6 +70,9 @@ Sampler::Sampler(std::string bundle_dir, SamplerOptions options)
   if (manifest_.noise_generator != kPhiloxId)
     throw Error(bundle_dir_ + "/manifest.json: field 'noise.generator': this host implements '" + std::string(kPhiloxId) +
                 "', the bundle asks for '" + manifest_.noise_generator + "'");
+  if (manifest_.precision == "bf16" && options_.provider == "cpu")
+    throw Error(bundle_dir_ + "/manifest.json: field 'model.precision' is \"bf16\"; ONNX Runtime's CPU provider has no "
+                "bfloat16 kernels: run it with --provider tensorrt, or export with --precision fp16 or fp32");
   Ort::SessionOptions so;
   try {
     so = session_options(options_);
