@@ -26,6 +26,20 @@ def gmm_bundle(tmp_path_factory):
                          log=lambda _: None)
 
 
+@pytest.fixture(scope="session")
+def diffusers_unet_dir(tmp_path_factory):
+    """A tiny random diffusers UNet2DModel (with attention blocks), saved with save_pretrained: no hub access."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=16, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(16, 32),
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                       norm_num_groups=8, attention_head_dim=8)
+    path = tmp_path_factory.mktemp("diffusers") / "unet"
+    unet.save_pretrained(path)
+    return path
+
+
 @pytest.fixture
 def rng() -> torch.Generator:
     """A fresh, seeded generator per test (fresh random inputs, reproducible failures)."""

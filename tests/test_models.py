@@ -98,19 +98,6 @@ def test_gmm_samples_through_runtime_match_the_truth(tmp_path):
     assert check(x * 1.1) != []  # negative control: a 10% scale error is caught
 
 
-@pytest.fixture(scope="module")
-def diffusers_unet_dir(tmp_path_factory):
-    from diffusers import UNet2DModel
-
-    torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=16, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(16, 32),
-                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-                       norm_num_groups=8, attention_head_dim=8)
-    path = tmp_path_factory.mktemp("diffusers") / "unet"
-    unet.save_pretrained(path)
-    return path
-
-
 def test_diffusers_unet_adapter_parity(diffusers_unet_dir, tmp_path, rng):
     """A tiny random UNet2DModel, saved and loaded from disk: ORT fused step vs eager <= 1e-5 at batch 1, 3."""
     from vpsde.export.steps import EulerMaruyamaStep

@@ -36,9 +36,15 @@ PROFILE = BatchProfile(1, 4, 16)
 
 
 @pytest.fixture(scope="module")
-def bundles(tmp_path_factory):
+def bundles(tmp_path_factory, diffusers_unet_dir):
     root = tmp_path_factory.mktemp("trt")
+    adapter = load_model(f"diffusers:{diffusers_unet_dir}", VPSDE())
     return {
+        "digits-fp32-em": export_bundle(load_model("digits", VPSDE()), root / "digits-fp32", steps=10, grid="uniform",
+                                        log=lambda _: None),
+        "diffusers-fp32-em": export_bundle(adapter, root / "diffusers-fp32", steps=10, grid="uniform", log=lambda _: None),
+        "diffusers-fp16-em": export_bundle(adapter, root / "diffusers-fp16", steps=10, grid="uniform", precision="fp16",
+                                           log=lambda _: None),
         "digits-fp16-em": export_bundle(load_model("digits", VPSDE()), root / "digits-fp16", steps=10, grid="uniform",
                                         precision="fp16", log=lambda _: None),
         "digits-bf16-em": export_bundle(load_model("digits", VPSDE()), root / "digits-bf16", steps=10, grid="uniform",
@@ -49,7 +55,8 @@ def bundles(tmp_path_factory):
     }
 
 
-@pytest.mark.parametrize("name", ["digits-fp16-em", "digits-bf16-em", "gmm-pc", "unet-dpmpp"])
+@pytest.mark.parametrize("name", ["digits-fp32-em", "digits-fp16-em", "digits-bf16-em", "diffusers-fp32-em",
+                                  "diffusers-fp16-em", "gmm-pc", "unet-dpmpp"])
 def test_builds_real_engines_and_reuses_them(bundles, name):
     bundle = bundles[name]
     for graph in bundle.manifest.graphs:
