@@ -73,6 +73,7 @@ LOOPS = {
     "vpsde-ort-cpu": dict(device="cpu"),  # the harness on any machine (not in the default set)
     "vpsde-ort-cuda": dict(device="cuda"),
     "vpsde-ort-cuda-graph": dict(device="cuda", cuda_graph=True),
+    "vpsde-ort-trt-ep": dict(backend="onnxruntime-trt"),
     "vpsde-trt": dict(backend="tensorrt"),
     "vpsde-trt-graph": dict(backend="tensorrt", cuda_graph=True),
 }

@@ -120,11 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive, default=None, help="samples per graph call (default: all)")
     p.add_argument("--first-sample", type=int, default=0,
                    help="global index of the first sample (for sharding: same seed, disjoint index ranges)")
-    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"],
-                   help="onnxruntime (CPU, or its CUDA provider with --device cuda: needs onnxruntime-gpu) or "
-                        "tensorrt (the engines `vpsde build` cached in the bundle; needs an NVIDIA GPU)")
+    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "onnxruntime-trt", "tensorrt"],
+                   help="onnxruntime (CPU, or its CUDA provider with --device cuda: needs onnxruntime-gpu); "
+                        "onnxruntime-trt (ONNX Runtime's TensorRT execution provider, on the GPU); or tensorrt "
+                        "(the engines `vpsde build` cached in the bundle; needs an NVIDIA GPU)")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"],
-                   help="where tensors live (default: cpu for onnxruntime, cuda for tensorrt)")
+                   help="where tensors live (default: cpu for onnxruntime, cuda for the others)")
     p.add_argument("--cuda-graph", action="store_true",
                    help="GPU only: capture each graph binding once as a CUDA graph and replay it")
     p.add_argument("--threads", type=_positive, default=None, help="intra-op CPU threads (default: all cores)")

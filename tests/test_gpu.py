@@ -81,3 +81,17 @@ def test_cuda_graph_replay_equals_plain_loop(bundles):
     plain = Sampler(b, progress=False, device="cuda").sample(16, seed=1)
     replay = Sampler(b, progress=False, device="cuda", cuda_graph=True).sample(16, seed=1)
     assert np.isfinite(replay).all() and np.array_equal(plain, replay)
+
+
+@pytest.mark.skipif("TensorrtExecutionProvider" not in ort.get_available_providers(),
+                    reason="this onnxruntime has no TensorrtExecutionProvider")
+def test_ort_tensorrt_ep_trajectory_vs_cpu(bundles):
+    b = bundles["fp32"]
+    s = Sampler(b, backend="onnxruntime-trt", progress=False)
+    if "TensorrtExecutionProvider" not in s.runners["em"].session.get_providers():
+        pytest.skip("ONNX Runtime could not load TensorRT (libnvinfer) and fell back to CUDA")
+    cpu = Sampler(b, progress=False).sample(16, seed=0)
+    gpu = s.sample(16, seed=0)
+    rel = np.linalg.norm(gpu - cpu) / np.linalg.norm(cpu)
+    print(f"\n200-step EM, ORT TensorRT EP vs ORT CPU: relative L2 = {rel:.2e}")
+    assert np.isfinite(gpu).all() and rel <= 1e-3

@@ -11,8 +11,8 @@ from typing import Any, Mapping
 
 from vpsde.runtime.errors import BackendUnavailable
 
-BACKENDS = ("onnxruntime", "tensorrt")
-DEFAULT_DEVICE = {"onnxruntime": "cpu", "tensorrt": "cuda"}
+BACKENDS = ("onnxruntime", "onnxruntime-trt", "tensorrt")
+DEFAULT_DEVICE = {"onnxruntime": "cpu", "onnxruntime-trt": "cuda", "tensorrt": "cuda"}
 
 
 @dataclass
@@ -25,20 +25,23 @@ class OpenBackend:
 
 def open_backend(backend: str, bundle, device: str | None = None, threads: int | None = None,
                  cuda_graph: bool = False) -> OpenBackend:
-    """Open every graph of ``bundle`` on ``backend`` ("onnxruntime" on "cpu" or "cuda"; "tensorrt" on "cuda",
-    from the engines ``vpsde build`` cached in the bundle). ``threads`` caps ONNX Runtime's intra-op CPU
+    """Open every graph of ``bundle`` on ``backend`` ("onnxruntime" on "cpu" or "cuda"; "onnxruntime-trt", ONNX
+    Runtime's TensorRT execution provider, on "cuda"; "tensorrt" on "cuda", from the engines ``vpsde build``
+    cached in the bundle). ``threads`` caps ONNX Runtime's intra-op CPU
     threads; ``cuda_graph`` replays each binding as a CUDA graph (GPU only)."""
     device = device or DEFAULT_DEVICE.get(backend, "cpu")
-    if backend == "onnxruntime":
+    if backend in ("onnxruntime", "onnxruntime-trt"):
         if device == "cpu" and bundle.manifest.model.precision == "bf16":
             raise BackendUnavailable(f"{bundle.root}: a bf16 bundle ('model.precision'); ONNX Runtime's CPU provider "
                                      "has no bfloat16 kernels: sample it with --backend tensorrt, or export with "
                                      "--precision fp16 or fp32 for the CPU")
         from vpsde.runtime.backends.onnxruntime import OnnxRuntimeRunner, OrtDevice, session_from_bundle
 
+        trt_ep = backend == "onnxruntime-trt"
         dev = OrtDevice(device)
-        return OpenBackend(dev, {key: OnnxRuntimeRunner(session_from_bundle(bundle, key, device, threads, cuda_graph),
-                                                        bundle, key, dev) for key in bundle.manifest.graphs})
+        return OpenBackend(dev, {key: OnnxRuntimeRunner(session_from_bundle(bundle, key, device, threads, cuda_graph,
+                                                                            trt_ep), bundle, key, dev)
+                                 for key in bundle.manifest.graphs})
     if backend == "tensorrt":
         if device != "cuda":
             raise BackendUnavailable(f"the tensorrt backend runs on an NVIDIA GPU (--device cuda), not {device!r}")

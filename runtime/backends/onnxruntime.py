@@ -29,9 +29,11 @@ def providers_for(device: str) -> list[str]:
 
 
 def session_from_bundle(bundle: Bundle, graph_key: str, device: str = "cpu", threads: int | None = None,
-                        cuda_graph: bool = False) -> ort.InferenceSession:
+                        cuda_graph: bool = False, tensorrt_ep: bool = False) -> ort.InferenceSession:
     """Loader: an InferenceSession for one graph of the bundle; ORT failures become a :class:`BundleError`.
-    ``cuda_graph`` (device "cuda" only) lets the CUDA provider capture each binding once and replay it."""
+    ``cuda_graph`` (device "cuda" only) lets the CUDA provider capture each binding once and replay it.
+    ``tensorrt_ep`` (device "cuda" only) puts ONNX Runtime's TensorRT execution provider first, with its engines
+    cached in ``BUNDLE/engines/ort-trt`` (nodes it does not take fall back to CUDA)."""
     path = bundle.graph_path(graph_key)
     options = ort.SessionOptions()
     options.log_severity_level = 3
@@ -42,6 +44,16 @@ def session_from_bundle(bundle: Bundle, graph_key: str, device: str = "cpu", thr
         if device != "cuda":
             raise BackendUnavailable("CUDA graphs need --device cuda")
         providers = [("CUDAExecutionProvider", {"enable_cuda_graph": "1"}), *providers[1:]]
+    if tensorrt_ep:
+        if device != "cuda" or "TensorrtExecutionProvider" not in ort.get_available_providers():
+            raise BackendUnavailable("the onnxruntime-trt backend needs onnxruntime-gpu built with the TensorRT "
+                                     f"execution provider and --device cuda (available: {ort.get_available_providers()})")
+        cache = bundle.root / "engines" / "ort-trt"
+        cache.mkdir(parents=True, exist_ok=True)
+        providers = [("TensorrtExecutionProvider", {"trt_engine_cache_enable": "True",
+                                                    "trt_engine_cache_path": str(cache),
+                                                    "trt_cuda_graph_enable": "True" if cuda_graph else "False"}),
+                     *providers]
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except BackendUnavailable:
