@@ -111,6 +111,8 @@ class DeviceArray:
         self.shape, self.dtype = tuple(shape), np.dtype(dtype)
         self.nbytes = int(np.prod(self.shape)) * self.dtype.itemsize
         self.ptr = int(check(cudart().cudaMalloc(max(self.nbytes, 1)), "cudaMalloc"))
+        self.staging: Any = None  # host-side buffers its owner attaches (pinned upload staging, read-back)
+        self.readback: Any = None
 
     def __del__(self) -> None:
         try:

@@ -3,15 +3,17 @@ the bundle's cache; the runner binds device buffers and enqueues ``execute_async
 (optionally captured once per binding as a CUDA graph and replayed); the device uploads host noise through
 pinned staging buffers, asynchronously, so the host can draw the next call's noise while the GPU works.
 
-UNVERIFIED: written without a GPU (none was lent to the session that wrote it). The engine build path is tested
-on CPU with TensorRT for RTX; running engines has not been run anywhere yet. ``tests/test_gpu.py`` holds the
-checks a GPU session must run (engine step vs eager, CUDA graph == plain loop bit for bit).
+UNVERIFIED ON A GPU: written without one (none was lent to the sessions that wrote it). On CPU,
+``tests/test_tensorrt_simulated.py`` runs all of this module's logic against a simulated CUDA runtime and
+TensorRT runtime (host memory, engines that run their graph with ONNX Runtime), on real cached engine files;
+``tests/test_gpu_tensorrt.py`` holds the checks a GPU session must run (engine step vs eager, 1000 steps vs CPU,
+CUDA graph == plain loop bit for bit).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -26,7 +28,8 @@ from vpsde.runtime.tensorrt.flavor import Flavor, load_flavor
 
 class TrtDevice:
     """GPU buffers (:class:`DeviceArray`) on one stream. Uploads go through two pinned staging buffers per
-    destination, used in turn: the host fills one while the previous copy from the other may still run."""
+    destination, used in turn: the host fills one while the previous copy from the other may still run. Staging
+    and read-back buffers belong to their device buffer (a freed address can come back for another buffer)."""
 
     on_host = False
 
@@ -34,8 +37,6 @@ class TrtDevice:
         self.stream = stream
         self.name = f"tensorrt/cuda:0 ({gpu_name})"
         self.runtime: Any = None  # the TensorRT runtime: engines must not outlive it
-        self._staging: dict[int, list] = {}
-        self._readback: dict[int, PinnedArray] = {}
 
     def empty(self, shape: tuple[int, ...], dtype: str) -> DeviceArray:
         return DeviceArray(shape, dtype)
@@ -43,10 +44,10 @@ class TrtDevice:
     def upload(self, dst: DeviceArray, src: np.ndarray) -> None:
         if src.shape != dst.shape or src.dtype != dst.dtype:
             raise InputError(f"upload of {src.dtype} {src.shape} into a {dst.dtype} {dst.shape} buffer")
-        ring = self._staging.get(dst.ptr)
+        ring = dst.staging
         if ring is None:
-            ring = self._staging[dst.ptr] = [0, (PinnedArray(dst.shape, dst.dtype.name), Event()),
-                                             (PinnedArray(dst.shape, dst.dtype.name), Event())]
+            ring = dst.staging = [0, (PinnedArray(dst.shape, dst.dtype.name), Event()),
+                                  (PinnedArray(dst.shape, dst.dtype.name), Event())]
         slot = ring[1 + ring[0]]
         ring[0] = 1 - ring[0]
         pinned, done = slot
@@ -56,9 +57,9 @@ class TrtDevice:
         done.record(self.stream)
 
     def peek(self, src: DeviceArray) -> np.ndarray:
-        out = self._readback.get(src.ptr)
+        out = src.readback
         if out is None:
-            out = self._readback[src.ptr] = PinnedArray(src.shape, src.dtype.name)
+            out = src.readback = PinnedArray(src.shape, src.dtype.name)
         copy_async(out.ptr, src.ptr, src.nbytes, False, self.stream)
         self.stream.synchronize()
         return out.array
@@ -81,7 +82,6 @@ class TrtRunner:
     engines: list[_Engine]
     device: TrtDevice
     cuda_graph: bool = False
-    _graphs: list = field(default_factory=list)
 
     def _engine_for(self, batch: int) -> _Engine:
         for e in sorted(self.engines, key=lambda e: e.batch_range[1]):
@@ -113,8 +113,7 @@ class TrtRunner:
             raise BackendUnavailable(f"graph {self.graph!r}: this TensorRT engine cannot be captured as a CUDA "
                                      "graph; sample without --cuda-graph")
         graph = stream.capture(lambda: ctx.execute_async_v3(stream.handle))
-        self._graphs.append(graph)
-        return lambda: graph.launch(stream)
+        return lambda: graph.launch(stream)  # the graph lives as long as the workspace keeps this launch
 
     def infer(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One call on host arrays (tests and tools): float32 inputs by name -> float32 outputs by name."""
