@@ -1,7 +1,8 @@
 """Sample quality of the shipped digits model, per sampler and NFE budget.
 
 Each run is SAMPLER[/OPTION=VALUE,...]:NFE[@NUM] and samples in its own process (one thread; --jobs of them in
-parallel); options go to the export, e.g. dpmpp-2m/denoise_final=1:20 or pc/coupling=batch:1000:
+parallel); options go to the export, e.g. dpmpp-2m/denoise_final=1:20, pc/coupling=batch:1000 or dpmpp-2m/precision=fp16:20
+(the fp16 graph run by ONNX Runtime's CPU provider):
   eager-em:N  — diffusers' ScoreSdeVpScheduler loop around the torch model (torch generator), N steps;
   S:NFE       — a bundle exported with `--sampler S` and the step count that spends NFE model evaluations
                 (pc: NFE/2 steps with one corrector step; ode-heun: NFE/2), sampled on ONNX Runtime CPU with
@@ -43,7 +44,8 @@ def run_name(sampler: str, nfe: int) -> str:
 def split_options(sampler: str) -> tuple[str, dict]:
     """'dpmpp-2m/denoise_final=1' -> ('dpmpp-2m', {'denoise_final': True})."""
     name, _, opts = sampler.partition("/")
-    parse = {"coupling": str, "snr": float, "corrector_steps": int, "denoise_final": lambda v: bool(int(v))}
+    parse = {"coupling": str, "snr": float, "corrector_steps": int, "denoise_final": lambda v: bool(int(v)),
+             "precision": str}
     options = {}
     for item in filter(None, opts.split(",")):
         key, value = item.split("=")
@@ -84,10 +86,11 @@ def sample_bundle(sampler: str, nfe: int, num: int, seed: int, batch: int, bundl
 
     torch.set_num_threads(1)
     sampler, options = split_options(sampler)
+    precision = options.pop("precision", "fp32")
     sde = VPSDE(std_formula=default_std_formula(sampler, None))
     steps = steps_for_nfe(sampler, nfe, options.get("corrector_steps", 1))
     export_bundle(load_model("digits", sde), bundle, sampler=sampler, steps=steps, sde=sde, value_range=(-1, 1),
-                  overwrite=True, log=lambda m: None, **options)
+                  overwrite=True, log=lambda m: None, precision=precision, **options)
     return Sampler(bundle, progress=False, threads=1).sample(num, seed=seed, batch_size=batch)
 
 

@@ -18,6 +18,8 @@ EXAMPLES = """examples:
   vpsde sample build/gmm-em --num 64 --seed 0 --out out/gmm
   vpsde inspect build/gmm-em
   vpsde build build/gmm-em --batch 1:16:64 --target-cc SM86      # TensorRT engines (TensorRT for RTX on CPU)
+  vpsde sample build/gmm-em --backend tensorrt --cuda-graph       # on an NVIDIA GPU
+  vpsde doctor                                                    # what this machine can run
   vpsde export --model digits --sampler dpmpp-2m --steps 20 --out build/digits-dpm20
   vpsde export --model digits --sampler inpaint --out build/digits-inpaint
   vpsde sample build/digits-inpaint --known digit.png --mask mask.png --num 16 --out out/inpaint
@@ -68,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vpsde", description="Deploy VP-SDE score-model samplers as ONNX bundles.",
                                      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--verbose", action="store_true", help="show tracebacks on errors")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{export,sample,inspect,build}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{export,sample,inspect,build,doctor}")
 
     p = sub.add_parser("export", help="export a score model + sampler step to a bundle (needs torch)",
                        formatter_class=fmt, description="Export the sampler step around a score model to ONNX "
@@ -154,7 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which TensorRT: auto prefers full TensorRT, or TensorRT for RTX when --target-cc is given")
     p.add_argument("--force", action="store_true", help="rebuild even when the cache holds a valid engine")
 
-    p = sub.add_parser("inspect", help="validate a bundle and print its manifest summary", formatter_class=fmt)
+    sub.add_parser("doctor", help="what this machine can run: ONNX Runtime providers, TensorRT, GPU, torch",
+                   formatter_class=fmt)
+
+    p = sub.add_parser("inspect", help="validate a bundle and print its manifest summary and cached engines",
+                       formatter_class=fmt)
     p.add_argument("bundle", type=Path)
     p.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
     return parser
@@ -305,13 +311,70 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         io = lambda specs: ", ".join(f"{s.name}:{s.dtype}{s.shape}" for s in specs)  # noqa: E731
         print(f"graph {key:<5} {g.file} opset {g.opset}\n  in  {io(g.inputs)}\n  out {io(g.outputs)}")
     print(f"producer    {', '.join(f'{k} {v}' for k, v in m.producer.items())}")
+    _print_engines(bundle)
+
+
+def _print_engines(bundle) -> None:
+    """The TensorRT engines cached in BUNDLE/engines, each with whether it still fits its graph and is intact."""
+    from vpsde.runtime.tensorrt.cache import cached_keys, check_engine
+
+    for graph, spec in bundle.manifest.graphs.items():
+        for key, plan in cached_keys(bundle, graph):
+            if key.graph_sha256 != spec.sha256 or key.precision != bundle.manifest.model.precision:
+                state = "stale: built from another version of the graph"
+            else:
+                try:
+                    check_engine(plan, key)
+                    state = "ok"
+                except VpsdeError as e:
+                    state = f"unusable: {str(e).split(': ', 1)[-1]}"
+            print(f"engine      {plan.name}  {key.flavor} {key.version}  {','.join(key.targets)}  "
+                  f"batch {key.profile}  {state}")
+
+
+def cmd_doctor(args: argparse.Namespace) -> None:
+    """What this machine can run: ONNX Runtime providers, TensorRT, cuda-python and the GPU, torch for export."""
+    import importlib.metadata as md
+    import platform
+
+    def version(dist: str) -> str | None:
+        try:
+            return md.version(dist)
+        except md.PackageNotFoundError:
+            return None
+
+    print(f"vpsde       {version('vpsde') or 'not installed (running from source)'}  python {platform.python_version()}"
+          f"  numpy {version('numpy')}")
+    import onnxruntime as ort
+
+    print(f"onnxruntime {ort.__version__}  providers {', '.join(ort.get_available_providers())}")
+    from vpsde.runtime.errors import BackendUnavailable
+    from vpsde.runtime.tensorrt.flavor import load_flavor
+
+    try:
+        flavor = load_flavor("auto")
+        targets = ", ".join(flavor.compute_capabilities()) if flavor.targets_named_cc else "the GPU it runs on"
+        print(f"tensorrt    {flavor.name} {flavor.version}  builds for {targets}")
+    except BackendUnavailable as e:
+        print(f"tensorrt    none: {e}")
+    try:
+        from vpsde.runtime.tensorrt.cuda import gpu_info
+
+        gpu = gpu_info()
+        print(f"gpu         {gpu.name} ({gpu.compute_capability}), cuda-bindings {version('cuda-bindings')}")
+    except BackendUnavailable as e:
+        print(f"gpu         none: {e}")
+    torch = version("torch")
+    print(f"export      torch {torch}, onnx {version('onnx')}" if torch else
+          "export      torch not installed: `vpsde export` needs pip install 'vpsde[export]' after torch")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        {"export": cmd_export, "sample": cmd_sample, "inspect": cmd_inspect, "build": cmd_build}[args.command](args)
+        {"export": cmd_export, "sample": cmd_sample, "inspect": cmd_inspect, "build": cmd_build,
+         "doctor": cmd_doctor}[args.command](args)
     except VpsdeError as e:
         if args.verbose:
             raise

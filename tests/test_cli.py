@@ -99,3 +99,12 @@ def test_export_option_errors(tmp_path, args, message):
     r = run_cli("export", "--model", "gmm", "--out", str(tmp_path / "b"), *args)
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "b").exists()
+
+
+def test_doctor_reports_what_this_machine_can_run(capsys):
+    import onnxruntime
+
+    assert main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    assert f"onnxruntime {onnxruntime.__version__}" in out and "CPUExecutionProvider" in out
+    assert all(f"\n{k}" in out for k in ("tensorrt ", "gpu ", "export "))

@@ -28,7 +28,7 @@ from vpsde.runtime.errors import BackendUnavailable
 from vpsde.runtime.tensorrt import cuda as cuda_mod
 from vpsde.runtime.tensorrt import runner as runner_mod
 from vpsde.runtime.tensorrt.build import BatchProfile
-from vpsde.runtime.tensorrt.cache import build_cached
+from vpsde.runtime.tensorrt.cache import build_cached, cached_keys
 from vpsde.runtime.tensorrt.flavor import Flavor, load_flavor
 
 try:
@@ -202,7 +202,7 @@ def simulated(monkeypatch, bundles):
     cudart = FakeCudart()
     plans = {}  # plan bytes -> the ONNX graph the engine was built from
     for b in bundles.values():
-        for key, plan in [kp for g in b.manifest.graphs for kp in runner_mod.cached_keys(b, g)]:
+        for key, plan in [kp for g in b.manifest.graphs for kp in cached_keys(b, g)]:
             plans[plan.read_bytes()] = b.graph_path(key.graph)
 
     class Runtime:

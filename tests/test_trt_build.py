@@ -210,3 +210,17 @@ def test_tensorrt_backend_without_a_gpu_says_so(bundles, capsys):
     assert "no usable NVIDIA GPU here" in err and "Traceback" not in err
     assert main(["sample", root, "--backend", "tensorrt", "--device", "cpu", "--num", "2"]) == 2
     assert "runs on an NVIDIA GPU (--device cuda)" in capsys.readouterr().err
+
+
+def test_inspect_lists_cached_engines_and_their_state(bundles, capsys):
+    bundle = bundles["gmm-pc"]
+    engine = build_cached(bundle, "langevin", FLAVOR, BatchProfile(2, 2, 2), TARGETS)
+    assert main(["inspect", str(bundle.root)]) == 0
+    line = [ln for ln in capsys.readouterr().out.splitlines() if engine.plan.name in ln]
+    assert len(line) == 1 and "batch 2:2:2" in line[0] and line[0].endswith("ok")
+    with open(engine.plan, "r+b") as f:
+        f.seek(500)
+        f.write(b"\xff\xfe")
+    assert main(["inspect", str(bundle.root)]) == 0
+    line = [ln for ln in capsys.readouterr().out.splitlines() if engine.plan.name in ln]
+    assert "unusable" in line[0] and "sha256" in line[0]

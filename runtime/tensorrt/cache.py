@@ -93,6 +93,18 @@ def check_engine(plan: Path, key: EngineKey) -> None:
                           "half-written; run `vpsde build --force`")
 
 
+def cached_keys(bundle: Bundle, graph: str) -> list[tuple[EngineKey, Path]]:
+    """Every engine record of ``graph`` in the bundle's cache: (key, plan path)."""
+    out = []
+    for meta in sorted((bundle.root / ENGINE_DIR).glob(f"{graph}-*.json")):
+        try:
+            k = json.loads(meta.read_text())["key"]
+            out.append((EngineKey(**{**k, "targets": tuple(k["targets"])}), meta.with_suffix(".plan")))
+        except (ValueError, KeyError, TypeError):
+            continue  # unreadable records are reported by check_engine if they are ever chosen
+    return out
+
+
 def build_cached(bundle: Bundle, graph: str, flavor: Flavor, profile: BatchProfile, targets: list[str],
                  opt_level: int = 3, force: bool = False, log: Callable[[str], None] = lambda _: None) -> CachedEngine:
     """The engine of ``graph`` for this key: reused if the cache holds a valid one (and not ``force``), else

@@ -12,7 +12,6 @@ CUDA graph == plain loop bit for bit).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -21,7 +20,7 @@ import numpy as np
 from vpsde.runtime.backends import OpenBackend
 from vpsde.runtime.bundle import Bundle
 from vpsde.runtime.errors import BackendUnavailable, BundleError, InputError
-from vpsde.runtime.tensorrt.cache import ENGINE_DIR, EngineKey, check_engine
+from vpsde.runtime.tensorrt.cache import ENGINE_DIR, EngineKey, cached_keys, check_engine
 from vpsde.runtime.tensorrt.cuda import DeviceArray, Event, PinnedArray, Stream, copy_async, gpu_info
 from vpsde.runtime.tensorrt.flavor import Flavor, load_flavor
 
@@ -126,18 +125,6 @@ class TrtRunner:
             dev.upload(buffers[s.name], np.ascontiguousarray(feed[s.name], dtype=np.float32))
         self.bind(buffers)()
         return {s.name: dev.peek(buffers[s.name]).copy() for s in self.spec.outputs}
-
-
-def cached_keys(bundle: Bundle, graph: str) -> list[tuple[EngineKey, Any]]:
-    """Every engine record of ``graph`` in the bundle's cache: (key, plan path)."""
-    out = []
-    for meta in sorted((bundle.root / ENGINE_DIR).glob(f"{graph}-*.json")):
-        try:
-            k = json.loads(meta.read_text())["key"]
-            out.append((EngineKey(**{**k, "targets": tuple(k["targets"])}), meta.with_suffix(".plan")))
-        except (ValueError, KeyError, TypeError):
-            continue  # unreadable records are reported by check_engine if they are ever chosen
-    return out
 
 
 def select_engines(bundle: Bundle, graph: str, flavor: Flavor, target: str) -> list[tuple[EngineKey, Any]]:
