@@ -87,6 +87,7 @@ class DeviceLoop:
         self.manifest, self.runners, self.device = manifest, runners, device
         self.describe_graph = describe_graph
         self.schedule = {name: np.asarray(v, dtype=np.float64) for name, v in manifest.schedule.items()}
+        self._input_names = {key: frozenset(s.name for s in g.inputs) for key, g in manifest.graphs.items()}
         self._ws: _Workspace | None = None
 
     def workspace(self, batch: int) -> _Workspace:
@@ -116,8 +117,7 @@ class DeviceLoop:
         call, last_key = 1, ""
         for i in range(m.sampler.steps):
             for pc in m.sampler.program:
-                graph = m.graphs[pc.graph]
-                names = {spec.name for spec in graph.inputs}
+                graph, names = m.graphs[pc.graph], self._input_names[pc.graph]
                 for _ in range(pc.repeat):
                     for name, values in self.schedule.items():
                         if name in names and uploaded_step[name] != i:

@@ -61,7 +61,7 @@ class Sampler:
         self.manifest = self.bundle.manifest
         opened = open_backend(backend, self.bundle, device, threads, cuda_graph)
         self.device, self.runners = opened.device, opened.runners
-        guard = {True: "auto", False: "off"}.get(nan_guard, nan_guard) if isinstance(nan_guard, bool) else nan_guard
+        guard = ("auto" if nan_guard else "off") if isinstance(nan_guard, bool) else nan_guard
         if guard not in (*NAN_GUARDS, "auto"):
             raise InputError(f"nan_guard: expected one of auto, {', '.join(NAN_GUARDS)}, got {nan_guard!r}")
         self.nan_guard = ("step" if self.device.on_host else "final") if guard == "auto" else guard
