@@ -18,8 +18,8 @@ from typing import Any, Callable, Mapping, Protocol
 
 import numpy as np
 
-from vpsde.runtime.errors import NonFiniteError
-from vpsde.runtime.manifest import Manifest
+from vpsde.runtime.errors import InputError, NonFiniteError
+from vpsde.runtime.manifest import GraphSpec, Manifest
 
 NAN_GUARDS = ("step", "final", "off")
 
@@ -45,17 +45,22 @@ class GraphRunner(Protocol):
         """A launch function for one graph call on exactly these buffers (one per input and output name)."""
 
 
+def rolling_of_output(manifest: Manifest) -> dict[str, str]:
+    """Graph output name -> the rolling value it replaces: x_next -> x, each state's output -> its input."""
+    return {"x_next": "x", **{s.output: s.input for s in manifest.sampler.state}}
+
+
 class _Workspace:
     """The buffers of one batch size: two per rolling value (x, states), one per other name."""
 
     def __init__(self, manifest: Manifest, device: Device, batch: int) -> None:
         self.batch = batch
-        self.rolling_of_output = {"x_next": "x", **{s.output: s.input for s in manifest.sampler.state}}
+        self.rolling_of_output = rolling_of_output(manifest)
         self.rolling = {name: [None, None] for name in ("x", *(s.input for s in manifest.sampler.state))}
         self.fixed: dict[str, Any] = {}
         for graph in manifest.graphs.values():
             for spec in (*graph.inputs, *graph.outputs):
-                shape = tuple(batch if isinstance(d, str) else int(d) for d in spec.shape)
+                shape = spec.shape_for(batch)
                 rolling = spec.name if spec.name in self.rolling else self.rolling_of_output.get(spec.name)
                 if rolling is not None:
                     pair = self.rolling[rolling]
@@ -88,6 +93,9 @@ class DeviceLoop:
         self.describe_graph = describe_graph
         self.schedule = {name: np.asarray(v, dtype=np.float64) for name, v in manifest.schedule.items()}
         self._input_names = {key: frozenset(s.name for s in g.inputs) for key, g in manifest.graphs.items()}
+        writes = rolling_of_output(manifest)
+        self._flips = {key: [writes[s.name] for s in g.outputs if s.name in writes]
+                       for key, g in manifest.graphs.items()}  # the rolling values each graph writes
         self._ws: _Workspace | None = None
 
     def workspace(self, batch: int) -> _Workspace:
@@ -133,10 +141,8 @@ class DeviceLoop:
                     if launch is None:
                         launch = ws.launches[key] = self.runners[pc.graph].bind(ws.buffers_for(graph, parity))
                     launch()
-                    for spec in graph.outputs:
-                        rolling = ws.rolling_of_output.get(spec.name)
-                        if rolling is not None:
-                            parity[rolling] = 1 - parity[rolling]
+                    for rolling in self._flips[pc.graph]:
+                        parity[rolling] ^= 1
                     if nan_guard == "step":
                         self._check_finite(ws, graph, pc.graph, parity, i, first_sample)
                     last_key = pc.graph
@@ -165,6 +171,34 @@ class DeviceLoop:
                     f"graph {key!r} ({self.describe_graph(key)}) produced NaN/Inf in output {spec.name!r} at step "
                     f"{step} (of 0..{self.manifest.sampler.steps - 1}, t = {self.schedule['t'][step]:.6g}), in "
                     f"samples {_bad_samples(arr, first_sample)}")
+
+
+def check_feed(graph: GraphSpec, key: str, feed: Mapping[str, np.ndarray]) -> int:
+    """Check a feed's names, dtypes and shapes against graph ``key``'s manifest entry; return its batch size."""
+    names = {s.name for s in graph.inputs}
+    if set(feed) != names:
+        raise InputError(f"graph {key!r}: expected inputs {sorted(names)}, got {sorted(feed)}")
+    batch = int(np.shape(feed["x"])[0]) if np.ndim(feed["x"]) else 0
+    for spec in graph.inputs:
+        arr, want = feed[spec.name], spec.shape_for(batch)
+        if not isinstance(arr, np.ndarray) or arr.dtype != np.dtype(spec.dtype) or arr.shape != want:
+            got = f"{arr.dtype} {arr.shape}" if isinstance(arr, np.ndarray) else type(arr).__name__
+            raise InputError(f"graph {key!r} input {spec.name!r}: expected {spec.dtype} {want}, got {got}")
+    if batch < 1:
+        raise InputError(f"graph {key!r}: batch must be >= 1, got {batch}")
+    return batch
+
+
+def infer_once(runner: GraphRunner, device: Device, graph: GraphSpec, key: str,
+               feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """One checked call of one graph on host arrays (for tests and tools): fresh buffers, upload, launch, host
+    copies of the outputs."""
+    batch = check_feed(graph, key, feed)
+    buffers = {s.name: device.empty(s.shape_for(batch), s.dtype) for s in (*graph.inputs, *graph.outputs)}
+    for name, arr in feed.items():
+        device.upload(buffers[name], arr)
+    runner.bind(buffers)()
+    return {s.name: device.peek(buffers[s.name]).copy() for s in graph.outputs}
 
 
 def _bad_samples(arr: np.ndarray, first_sample: int) -> str:

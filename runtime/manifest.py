@@ -35,6 +35,10 @@ class TensorSpec:
     dtype: str
     shape: list[Union[int, str]]
 
+    def shape_for(self, batch: int) -> tuple[int, ...]:
+        """The concrete shape at ``batch`` samples (every symbolic dimension is the batch)."""
+        return tuple(batch if isinstance(d, str) else int(d) for d in self.shape)
+
 
 @dataclass(frozen=True)
 class GraphSpec:

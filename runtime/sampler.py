@@ -37,8 +37,9 @@ class Sampler:
 
     Args:
         bundle: a :class:`Bundle` or the path of a bundle directory.
-        backend: "onnxruntime" (CPU by default; ``device="cuda"`` for the CUDA execution provider) or
-            "tensorrt" (engines from ``vpsde build``, on the GPU).
+        backend: "onnxruntime" (CPU by default; ``device="cuda"`` for the CUDA execution provider),
+            "onnxruntime-trt" (ONNX Runtime's TensorRT execution provider, on the GPU) or "tensorrt" (engines
+            from ``vpsde build``, on the GPU).
         device: "cpu" or "cuda" (default: the backend's, cpu for onnxruntime).
         nan_guard: "step" checks every graph output for NaN/Inf and raises :class:`NonFiniteError` naming the
             step; "final" checks the result only (no per-call device-to-host reads); "off"; True / "auto" means

@@ -40,6 +40,41 @@ def diffusers_unet_dir(tmp_path_factory):
     return path
 
 
+def em_step_errors(runner, bundle, model, steps, rng) -> list[float]:
+    """An EM graph runner's x_mean vs the eager float32 step at schedule ``steps`` (8 fresh random samples each).
+    fp32 bundles: max abs error. Half-precision bundles: the error on eps, i.e. divided by beta |dt| / std, the
+    factor that carries eps into x_mean."""
+    import numpy as np
+
+    from vpsde.export.steps import EulerMaruyamaStep
+
+    m, sde = bundle.manifest, VPSDE()
+    step = EulerMaruyamaStep(model, sde)
+    errors = []
+    for i in steps:
+        t = m.schedule["t"][i]
+        x = torch.randn((8, *m.model.sample_shape), generator=rng)
+        feed = {"x": x.numpy(), "t": np.full(8, t, np.float32), "noise": torch.randn(x.shape, generator=rng).numpy(),
+                **{k: np.full(8, m.schedule[k][i], np.float32) for k in ("dt", "sqrt_neg_dt")}}
+        got = runner.infer(feed)
+        with torch.no_grad():
+            ref = step(*(torch.from_numpy(feed[k]) for k in step.input_names))[1].numpy()
+        assert np.isfinite(got["x_mean"]).all(), f"step {i}: NaN/Inf"
+        err = float(np.abs(got["x_mean"] - ref).max())
+        if m.model.precision != "fp32":
+            err /= float(sde.beta(torch.tensor(t)) * -m.schedule["dt"][i] / sde.std(torch.tensor(t)))
+        errors.append(err)
+    return errors
+
+
+def rel_l2(got, want) -> float:
+    """Relative L2 error ||got - want|| / ||want||; asserts got is finite first (NaN never passes)."""
+    import numpy as np
+
+    assert np.isfinite(got).all(), "NaN/Inf in the result"
+    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+
 @pytest.fixture
 def rng() -> torch.Generator:
     """A fresh, seeded generator per test (fresh random inputs, reproducible failures)."""

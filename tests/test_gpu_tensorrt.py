@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from vpsde.export import VPSDE, export_bundle, load_model
-from vpsde.export.steps import EulerMaruyamaStep
 from vpsde.runtime import Sampler
 from vpsde.runtime.errors import BackendUnavailable
 from vpsde.runtime.tensorrt.build import BatchProfile
 from vpsde.runtime.tensorrt.cache import build_cached
 from vpsde.runtime.tensorrt.flavor import load_flavor
+
+from conftest import em_step_errors, rel_l2
 
 
 def _setup():
@@ -60,33 +60,19 @@ def bundles(digits, tmp_path_factory):
 
 @pytest.mark.parametrize("precision, bound", [("fp32", 1e-4), ("fp16", 1e-2)])
 def test_engine_step_vs_eager(bundles, digits, precision, bound, rng):
-    b, sde = bundles[precision], VPSDE()
-    m = b.manifest
+    b = bundles[precision]
     runner = Sampler(b, backend="tensorrt", progress=False).runners["em"]
-    step = EulerMaruyamaStep(digits, sde)
-    for i in (0, 500, len(m.schedule["t"]) - 1):
-        t = m.schedule["t"][i]
-        x = torch.randn((8, 1, 16, 16), generator=rng)
-        feed = {"x": x.numpy(), "t": np.full(8, t, np.float32), "noise": torch.randn(x.shape, generator=rng).numpy(),
-                **{k: np.full(8, m.schedule[k][i], np.float32) for k in ("dt", "sqrt_neg_dt")}}
-        got = runner.infer(feed)
-        with torch.no_grad():
-            ref = step(*(torch.from_numpy(feed[k]) for k in step.input_names))[1].numpy()
-        assert np.isfinite(got["x_mean"]).all()
-        err = np.abs(got["x_mean"] - ref).max()
-        if precision == "fp16":  # judge eps: x_mean carries it scaled by beta |dt| / std
-            err /= float(sde.beta(torch.tensor(t)) * -m.schedule["dt"][i] / sde.std(torch.tensor(t)))
-        print(f"\n{precision} engine step {i}: {err:.2e}")
-        assert err <= bound, f"step {i}: {err:.2e}"
+    errors = em_step_errors(runner, b, digits, (0, 500, len(b.manifest.schedule["t"]) - 1), rng)
+    print(f"\n{precision} TensorRT engine step errors: {errors}")
+    assert max(errors) <= bound
 
 
 def test_trajectory_vs_cpu(bundles):
     b = bundles["fp32"]
-    cpu = Sampler(b, progress=False).sample(16, seed=0)
-    gpu = Sampler(b, backend="tensorrt", progress=False).sample(16, seed=0)
-    rel = np.linalg.norm(gpu - cpu) / np.linalg.norm(cpu)
+    rel = rel_l2(Sampler(b, backend="tensorrt", progress=False).sample(16, seed=0),
+                 Sampler(b, progress=False).sample(16, seed=0))
     print(f"\n1000-step EM, TensorRT vs ORT CPU: relative L2 = {rel:.2e}")
-    assert np.isfinite(gpu).all() and rel <= 1e-3
+    assert rel <= 1e-3
 
 
 def test_cuda_graph_equals_plain(bundles, digits, tmp_path):

@@ -148,3 +148,13 @@ def test_unknown_precision_and_low_opset_are_refused(digits, tmp_path):
     with pytest.raises(ValueError, match="bf16 needs --opset 22"):
         export_bundle(digits, tmp_path / "b", steps=4, precision="bf16", opset=18, log=lambda _: None)
     assert not (tmp_path / "b").exists()
+
+
+def test_gpu_step_check_on_the_cpu_provider(fp16_bundle, digits, rng):
+    """The per-step check tests/test_gpu*.py apply on a GPU (conftest.em_step_errors), run here on ONNX Runtime's
+    CPU provider so that it is exercised in CI: the fp16 graph within the same eps bound, and > 0 (fp16 is real)."""
+    from conftest import em_step_errors
+
+    runner = OnnxRuntimeRunner(session_from_bundle(fp16_bundle, "em", threads=1), fp16_bundle, "em")
+    errors = em_step_errors(runner, fp16_bundle, digits, range(len(fp16_bundle.manifest.schedule["t"])), rng)
+    assert 0 < max(errors) <= BOUNDS["fp16"]

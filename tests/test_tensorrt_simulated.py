@@ -252,7 +252,7 @@ def test_simulated_engine_infer_and_batch_profile(bundles, simulated):
     s = Sampler(b, backend="tensorrt", progress=False)
     runner = s.runners["dpmpp_2m"]
     g = np.random.default_rng(0)
-    feed = {spec.name: g.standard_normal([3 if isinstance(d, str) else d for d in spec.shape]).astype(np.float32)
+    feed = {spec.name: g.standard_normal(spec.shape_for(3)).astype(np.float32)
             for spec in b.manifest.graphs["dpmpp_2m"].inputs}
     from vpsde.runtime.backends.onnxruntime import OnnxRuntimeRunner, session_from_bundle
 

@@ -10,8 +10,8 @@ import numpy as np
 import onnxruntime as ort
 
 from vpsde.runtime.bundle import Bundle
-from vpsde.runtime.errors import BackendUnavailable, BundleError, InputError
-from vpsde.runtime.manifest import TensorSpec
+from vpsde.runtime.errors import BackendUnavailable, BundleError
+from vpsde.runtime.loop import infer_once
 
 ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16",
              "tensor(int64)": "int64", "tensor(int32)": "int32"}
@@ -126,31 +126,6 @@ class OnnxRuntimeRunner:
 
         return launch
 
-    def _concrete(self, spec: TensorSpec, batch: int) -> tuple[int, ...]:
-        return tuple(batch if isinstance(d, str) else int(d) for d in spec.shape)
-
-    def check_feed(self, feed: Mapping[str, np.ndarray]) -> int:
-        """Check names, dtypes and shapes of a feed against the manifest; return its batch size."""
-        names = {s.name for s in self.spec.inputs}
-        if set(feed) != names:
-            raise InputError(f"graph {self.key!r}: expected inputs {sorted(names)}, got {sorted(feed)}")
-        batch = int(np.shape(feed["x"])[0]) if np.ndim(feed["x"]) else 0
-        for spec in self.spec.inputs:
-            arr = feed[spec.name]
-            want = self._concrete(spec, batch)
-            if not isinstance(arr, np.ndarray) or arr.dtype != np.dtype(spec.dtype) or arr.shape != want:
-                got = f"{arr.dtype} {arr.shape}" if isinstance(arr, np.ndarray) else type(arr).__name__
-                raise InputError(f"graph {self.key!r} input {spec.name!r}: expected {spec.dtype} {want}, got {got}")
-        if batch < 1:
-            raise InputError(f"graph {self.key!r}: batch must be >= 1, got {batch}")
-        return batch
-
     def infer(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One checked call on host arrays (for tests and tools): upload, run, return host copies."""
-        batch = self.check_feed(feed)
-        dev = self.device
-        buffers = {s.name: dev.empty(self._concrete(s, batch), s.dtype) for s in (*self.spec.inputs, *self.spec.outputs)}
-        for name, arr in feed.items():
-            dev.upload(buffers[name], arr)
-        self.bind(buffers)()
-        return {s.name: dev.peek(buffers[s.name]).copy() for s in self.spec.outputs}
+        return infer_once(self, self.device, self.spec, self.key, feed)

@@ -45,6 +45,14 @@ def check(result: tuple, call: str) -> Any:
     return values[0] if len(values) == 1 else tuple(values)
 
 
+def _release(call: str, handle: Any) -> None:
+    """Free a CUDA resource from ``__del__``: never raises (at interpreter exit CUDA may already be gone)."""
+    try:
+        getattr(cudart(), call)(handle)
+    except Exception:
+        pass
+
+
 @dataclass(frozen=True)
 class GpuInfo:
     index: int
@@ -96,12 +104,8 @@ class CudaGraph:
         check(cudart().cudaGraphLaunch(self._exec, stream._stream), "cudaGraphLaunch")
 
     def __del__(self) -> None:
-        try:
-            rt = cudart()
-            rt.cudaGraphExecDestroy(self._exec)
-            rt.cudaGraphDestroy(self._graph)
-        except Exception:
-            pass
+        _release("cudaGraphExecDestroy", self._exec)
+        _release("cudaGraphDestroy", self._graph)
 
 
 class DeviceArray:
@@ -115,10 +119,7 @@ class DeviceArray:
         self.readback: Any = None
 
     def __del__(self) -> None:
-        try:
-            cudart().cudaFree(self.ptr)
-        except Exception:
-            pass
+        _release("cudaFree", self.ptr)
 
 
 class PinnedArray:
@@ -132,10 +133,7 @@ class PinnedArray:
         self.array = np.frombuffer(buf, dtype=dt, count=int(np.prod(shape))).reshape(shape)
 
     def __del__(self) -> None:
-        try:
-            cudart().cudaFreeHost(self.ptr)
-        except Exception:
-            pass
+        _release("cudaFreeHost", self.ptr)
 
 
 class Event:

@@ -20,6 +20,7 @@ import numpy as np
 from vpsde.runtime.backends import OpenBackend
 from vpsde.runtime.bundle import Bundle
 from vpsde.runtime.errors import BackendUnavailable, BundleError, InputError
+from vpsde.runtime.loop import infer_once
 from vpsde.runtime.tensorrt.cache import ENGINE_DIR, EngineKey, cached_keys, check_engine
 from vpsde.runtime.tensorrt.cuda import DeviceArray, Event, PinnedArray, Stream, copy_async, gpu_info
 from vpsde.runtime.tensorrt.flavor import Flavor, load_flavor
@@ -115,16 +116,8 @@ class TrtRunner:
         return lambda: graph.launch(stream)  # the graph lives as long as the workspace keeps this launch
 
     def infer(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """One call on host arrays (tests and tools): float32 inputs by name -> float32 outputs by name."""
-        batch = int(feed["x"].shape[0])
-        dev = self.device
-        shapes = {s.name: tuple(batch if isinstance(d, str) else int(d) for d in s.shape)
-                  for s in (*self.spec.inputs, *self.spec.outputs)}
-        buffers = {name: dev.empty(shape, "float32") for name, shape in shapes.items()}
-        for s in self.spec.inputs:
-            dev.upload(buffers[s.name], np.ascontiguousarray(feed[s.name], dtype=np.float32))
-        self.bind(buffers)()
-        return {s.name: dev.peek(buffers[s.name]).copy() for s in self.spec.outputs}
+        """One checked call on host arrays (tests and tools): inputs by name -> host copies of the outputs."""
+        return infer_once(self, self.device, self.spec, self.graph, feed)
 
 
 def select_engines(bundle: Bundle, graph: str, flavor: Flavor, target: str) -> list[tuple[EngineKey, Any]]:
