@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -31,6 +35,10 @@ SAMPLER_HELP = ("em = Euler-Maruyama (diffusers' step_pred); pc = Langevin corre
                 "known pixels (sample with --known/--mask)")
 
 
+DIGEST_HELP = ("refuse the bundle unless its digest (the sha256 of its SHA256SUMS, which covers the manifest and "
+               "every graph; `vpsde inspect` prints it) is this one: pin the bundle you reviewed")
+
+
 class UsageError(VpsdeError):
     """A bad command-line argument."""
 
@@ -55,14 +63,27 @@ def _positive(text: str) -> int:
     return value
 
 
-def _seed(text: str) -> int:
-    try:
-        value = int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if not 0 <= value < 2**64:
-        raise argparse.ArgumentTypeError(f"expected 0 <= seed < 2^64, got {value}")
+def _threads(text: str) -> int:
+    from vpsde.runtime.backends import MAX_THREADS
+
+    value = _positive(text)
+    if value > MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"expected 1..{MAX_THREADS}, got {value}")
     return value
+
+
+def _u64(what: str):
+    """An argparse type: an integer in [0, 2^64) (decimal or 0x hex), named ``what`` in its error."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text, 0)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if not 0 <= value < 2**64:
+            raise argparse.ArgumentTypeError(f"expected 0 <= {what} < 2^64, got {value}")
+        return value
+
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,11 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="draw samples from a bundle (no torch needed)", formatter_class=fmt,
                        description="Run the bundle's timestep loop and write samples.npz (+ grid.png for images).")
     p.add_argument("bundle", type=Path)
+    p.add_argument("--expect-digest", default=None, metavar="SHA256", help=DIGEST_HELP)
     p.add_argument("--out", type=Path, default=Path("out"), help="output directory")
     p.add_argument("--num", type=_positive, default=64, help="number of samples")
-    p.add_argument("--seed", type=_seed, default=0)
+    p.add_argument("--seed", type=_u64("seed"), default=0)
     p.add_argument("--batch-size", type=_positive, default=None, help="samples per graph call (default: all)")
-    p.add_argument("--first-sample", type=int, default=0,
+    p.add_argument("--first-sample", type=_u64("index"), default=0,
                    help="global index of the first sample (for sharding: same seed, disjoint index ranges)")
     p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "onnxruntime-trt", "tensorrt"],
                    help="onnxruntime (CPU, or its CUDA provider with --device cuda: needs onnxruntime-gpu); "
@@ -130,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where tensors live (default: cpu for onnxruntime, cuda for the others)")
     p.add_argument("--cuda-graph", action="store_true",
                    help="GPU only: capture each graph binding once as a CUDA graph and replay it")
-    p.add_argument("--threads", type=_positive, default=None, help="intra-op CPU threads (default: all cores)")
+    p.add_argument("--threads", type=_threads, default=None, help="intra-op CPU threads, 1..1024 (default: all cores)")
     p.add_argument("--noise", default=None, choices=["philox", "torch"], help="override the manifest's generator")
     p.add_argument("--nan-guard", default="auto", choices=["auto", "step", "final", "off"],
                    help="NaN/Inf check: step = every graph output, naming the step (reads each output back: the "
@@ -147,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "profile over the batch, into the bundle's engine cache (keyed by graph sha256, TensorRT "
                        "flavour and version, target, precision and profile; valid engines are reused).")
     p.add_argument("bundle", type=Path)
+    p.add_argument("--expect-digest", default=None, metavar="SHA256", help=DIGEST_HELP)
     p.add_argument("--batch", default="1:16:64", help="optimization profile over the batch: MIN:OPT:MAX (or one size)")
     p.add_argument("--opt-level", type=int, default=3, help="builder optimization level 0..5")
     p.add_argument("--target-cc", default=None,
@@ -162,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="validate a bundle and print its manifest summary and cached engines",
                        formatter_class=fmt)
     p.add_argument("bundle", type=Path)
+    p.add_argument("--expect-digest", default=None, metavar="SHA256", help=DIGEST_HELP)
     p.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
     return parser
 
@@ -212,21 +236,22 @@ def cmd_sample(args: argparse.Namespace) -> None:
     from vpsde.runtime import Bundle, Sampler
     from vpsde.runtime.images import image_grid, save_npz, save_png
 
-    if args.first_sample < 0:
-        raise UsageError(f"--first-sample must be >= 0, got {args.first_sample}")
-    bundle = Bundle.load(args.bundle)
+    if args.first_sample > 2**64 - args.num:
+        raise UsageError(f"--first-sample {args.first_sample} + --num {args.num} passes the last sample index 2^64 - 1")
+    bundle = Bundle.load(args.bundle, expect_digest=args.expect_digest)
     conditioning = _conditioning(args, bundle)
+    _prepare_out_dir(args.out)  # before any graph call: a bad --out must not cost a sampling run
     sampler = Sampler(bundle, backend=args.backend, device=args.device, nan_guard=args.nan_guard,
                       progress=not args.no_progress, threads=args.threads, cuda_graph=args.cuda_graph)
     t0 = time.perf_counter()
     samples = sampler.sample(args.num, seed=args.seed, batch_size=args.batch_size, first_sample=args.first_sample,
                              generator=_noise_id(args.noise), conditioning=conditioning)
     elapsed = time.perf_counter() - t0
-    args.out.mkdir(parents=True, exist_ok=True)
     m = bundle.manifest
     npz = args.out / "samples.npz"
-    save_npz(npz, samples=samples, seed=np.uint64(args.seed), first_sample=np.int64(args.first_sample),
-             generator=np.str_(_noise_id(args.noise) or m.noise.generator), bundle=np.str_(str(args.bundle)))
+    save_npz(npz, samples=samples, seed=np.uint64(args.seed), first_sample=np.uint64(args.first_sample),
+             generator=np.str_(_noise_id(args.noise) or m.noise.generator), bundle=np.str_(str(args.bundle)),
+             bundle_digest=np.str_(bundle.digest))
     print(f"sampled {args.num} x {m.model.sample_shape} in {elapsed:.2f} s "
           f"({m.sampler.steps} {m.sampler.name} steps, {sampler.device.name})")
     if m.sampler.params.get("coupling") == "batch" and args.batch_size and args.batch_size < args.num:
@@ -237,6 +262,21 @@ def cmd_sample(args: argparse.Namespace) -> None:
         png = args.out / "grid.png"
         save_png(png, image_grid(samples, tuple(m.model.value_range)))
         print(f"wrote {png}")
+
+
+def _prepare_out_dir(out: Path) -> None:
+    """Create ``out`` and prove it writable (a file is made and removed there), so that a bad --out fails
+    before sampling, not after."""
+    import tempfile
+
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: exists and is not a directory; --out names the directory for samples.npz")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out, prefix=".vpsde-probe-"):
+            pass
+    except OSError as e:  # name --out, not the probe file
+        raise OSError(e.errno, e.strerror, str(out)) from None
 
 
 def _conditioning(args: argparse.Namespace, bundle) -> dict | None:
@@ -267,7 +307,7 @@ def cmd_build(args: argparse.Namespace) -> None:
     from vpsde.runtime.tensorrt.cache import build_cached
     from vpsde.runtime.tensorrt.flavor import load_flavor
 
-    bundle = Bundle.load(args.bundle)
+    bundle = Bundle.load(args.bundle, expect_digest=args.expect_digest)
     profile = BatchProfile.parse(args.batch)
     flavor = load_flavor("rtx" if args.trt_flavor == "auto" and args.target_cc else args.trt_flavor)
     if flavor.targets_named_cc:
@@ -288,30 +328,42 @@ def cmd_build(args: argparse.Namespace) -> None:
 def cmd_inspect(args: argparse.Namespace) -> None:
     from vpsde.runtime import Bundle
 
-    bundle = Bundle.load(args.bundle)
+    bundle = Bundle.load(args.bundle, expect_digest=args.expect_digest)
     m = bundle.manifest
     if args.json:
-        print(json.dumps(m.to_dict(), indent=2))
+        print(json.dumps({**m.to_dict(), "digest": bundle.digest}, indent=2))
         return
-    print(f"bundle      {bundle.root}  (schema v{m.schema_version}, sha256 verified)")
-    print(f"model       {m.model.name}  sample {m.model.sample_shape}  time label {m.model.time_label}  "
-          f"precision {m.model.precision}")
-    print(f"sde         VP beta [{m.sde.beta_min}, {m.sde.beta_max}]  eps {m.sde.sampling_eps}  std {m.sde.std_formula}")
-    print(f"sampler     {m.sampler.name}  {m.sampler.steps} steps  {m.sampler.grid} grid  final {m.sampler.final}")
+    print(_printable(_inspect_text(bundle)))
+    _print_engines(bundle)
+
+
+def _printable(text: str) -> str:
+    """``text`` with control characters (other than newlines) escaped: a manifest's strings reach the terminal."""
+    return "".join(ch if ch == "\n" or ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
+
+
+def _inspect_text(bundle) -> str:
+    m = bundle.manifest
+    lines = [f"bundle      {bundle.root}  (schema v{m.schema_version})",
+             f"digest      {bundle.digest}  (sha256 of SHA256SUMS: manifest and graphs verified)"]
+    lines.append(f"model       {m.model.name}  sample {m.model.sample_shape}  time label {m.model.time_label}  "
+                 f"precision {m.model.precision}")
+    lines.append(f"sde         VP beta [{m.sde.beta_min}, {m.sde.beta_max}]  eps {m.sde.sampling_eps}  std {m.sde.std_formula}")
+    lines.append(f"sampler     {m.sampler.name}  {m.sampler.steps} steps  {m.sampler.grid} grid  final {m.sampler.final}")
     if m.sampler.params:
-        print(f"params      {', '.join(f'{k}={v}' for k, v in m.sampler.params.items())}")
-    print(f"program     {' -> '.join(f'{c.graph}x{c.repeat}' for c in m.sampler.program)}")
-    print(f"schedule    {', '.join(m.schedule)}")
+        lines.append(f"params      {', '.join(f'{k}={v}' for k, v in m.sampler.params.items())}")
+    lines.append(f"program     {' -> '.join(f'{c.graph}x{c.repeat}' for c in m.sampler.program)}")
+    lines.append(f"schedule    {', '.join(m.schedule)}")
     for st in m.sampler.state:
-        print(f"state       {st.input} <- {st.output} (init {st.init})")
+        lines.append(f"state       {st.input} <- {st.output} (init {st.init})")
     if m.sampler.conditioning:
-        print(f"condition   {', '.join(m.sampler.conditioning)}")
-    print(f"noise       {m.noise.generator}  inputs {m.noise.inputs or 'none (deterministic after the prior)'}")
+        lines.append(f"condition   {', '.join(m.sampler.conditioning)}")
+    lines.append(f"noise       {m.noise.generator}  inputs {m.noise.inputs or 'none (deterministic after the prior)'}")
     for key, g in m.graphs.items():
         io = lambda specs: ", ".join(f"{s.name}:{s.dtype}{s.shape}" for s in specs)  # noqa: E731
-        print(f"graph {key:<5} {g.file} opset {g.opset}\n  in  {io(g.inputs)}\n  out {io(g.outputs)}")
-    print(f"producer    {', '.join(f'{k} {v}' for k, v in m.producer.items())}")
-    _print_engines(bundle)
+        lines.append(f"graph {key:<5} {g.file} opset {g.opset}\n  in  {io(g.inputs)}\n  out {io(g.outputs)}")
+    lines.append(f"producer    {', '.join(f'{k} {v}' for k, v in m.producer.items())}")
+    return "\n".join(lines)
 
 
 def _print_engines(bundle) -> None:
@@ -328,8 +380,8 @@ def _print_engines(bundle) -> None:
                     state = "ok"
                 except VpsdeError as e:
                     state = f"unusable: {str(e).split(': ', 1)[-1]}"
-            print(f"engine      {plan.name}  {key.flavor} {key.version}  {','.join(key.targets)}  "
-                  f"batch {key.profile}  {state}")
+            print(_printable(f"engine      {plan.name}  {key.flavor} {key.version}  {','.join(key.targets)}  "
+                             f"batch {key.profile}  {state}"))
 
 
 def cmd_doctor(args: argparse.Namespace) -> None:
@@ -369,20 +421,60 @@ def cmd_doctor(args: argparse.Namespace) -> None:
           "export      torch not installed: `vpsde export` needs pip install 'vpsde[export]' after torch")
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt, so that every temporary is removed."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
+OS_HINTS = {errno.ENOSPC: "the disk is full: free space and run again (nothing half-written was left)",
+            errno.EDQUOT: "the disk quota is exceeded: free space and run again (nothing half-written was left)",
+            errno.EFBIG: "the file size limit was reached (nothing half-written was left)",
+            errno.EROFS: "that file system is read-only: use a writable location (copy the bundle there)",
+            errno.EACCES: "permission denied: use a location you can write, or fix its permissions",
+            errno.EPERM: "not permitted: use a location you can write",
+            errno.EISDIR: "a directory is in the way: choose another path",
+            errno.ENOTDIR: "a file is in the way: choose another path"}
+
+
+def _os_error_message(e: OSError) -> str:
+    where = e.filename or "a file"
+    hint = OS_HINTS.get(e.errno or 0)
+    return f"{where}: {e.strerror or e}" + (f"; {hint}" if hint else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if threading.current_thread() is threading.main_thread() \
+        else None
     try:
         {"export": cmd_export, "sample": cmd_sample, "inspect": cmd_inspect, "build": cmd_build,
          "doctor": cmd_doctor}[args.command](args)
-    except VpsdeError as e:
+    except BrokenPipeError:  # `vpsde inspect | head`: the reader left; say nothing more
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except OSError:
+            pass
+        return 141
+    except (VpsdeError, OSError, MemoryError) as e:
         if args.verbose:
             raise
-        print(f"vpsde {args.command}: error: {e}", file=sys.stderr)
+        message = _os_error_message(e) if isinstance(e, OSError) and not isinstance(e, VpsdeError) else \
+            "out of memory: use a smaller --num or --batch-size" if isinstance(e, MemoryError) else str(e)
+        print(_printable(f"vpsde {args.command}: error: {message}"), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return 143
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -1,11 +1,12 @@
-"""Write a bundle directory: the step graph(s), then manifest.json; built in a temporary directory beside the
-target and renamed into place, so a failed export leaves nothing half-written."""
+"""Write a bundle directory: the step graph(s), manifest.json, then SHA256SUMS; built in a temporary directory
+beside the target and moved into place in one atomic step, so a failed or killed export leaves nothing
+half-written, and ``--force`` replaces only a bundle vpsde wrote."""
 
 from __future__ import annotations
 
-import shutil
+import json
+import os
 import sys
-import tempfile
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -17,7 +18,9 @@ from vpsde.export.precision import MIN_OPSET, with_precision
 from vpsde.export.samplers import DEFAULT_GRID, SAMPLERS, SamplerRecipe, build_sampler
 from vpsde.models.base import ScoreModel
 from vpsde.models.sde import VPSDE
-from vpsde.runtime.bundle import Bundle, sha256_file
+from vpsde.runtime.atomic import TMP_TAG, atomic_dir, directory_lock, replace_dir
+from vpsde.runtime.bundle import Bundle, sha256_file, write_sums
+from vpsde.runtime.digest import SUMS_NAME
 from vpsde.runtime.manifest import (FORMAT, SCHEMA_VERSION, GraphSpec, Manifest, ModelSpec, NoiseSpec, SamplerSpec,
                                     SDESpec)
 from vpsde.runtime.noise import GENERATORS, PHILOX_ID
@@ -57,13 +60,9 @@ def export_bundle(model: ScoreModel, out: str | Path, *, sampler: str = "em", st
                          f"{precision} before it), got {opset}")
     recipe = build_sampler(sampler, with_precision(model, precision), sde, steps, grid, **sampler_options)
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass overwrite=True (--force) to replace it")
+    check_replaceable(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    tmp.chmod(0o755)
-    try:
+    with atomic_dir(out) as tmp:
         graphs = {}
         for key, step in recipe.graphs.items():
             graph_file = f"{key}.onnx"
@@ -86,19 +85,42 @@ def export_bundle(model: ScoreModel, out: str | Path, *, sampler: str = "em", st
             producer={"vpsde": _version("vpsde"), "torch": torch.__version__, "onnx": onnx.__version__},
         )
         manifest.write(tmp / "manifest.json")
+        write_sums(tmp)
         Bundle.load(tmp)  # the bundle must read back before it replaces anything
-        if out.exists():
-            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
-            out.rename(old / out.name)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with directory_lock(out.parent):  # concurrent exports to one --out take turns to swap
+            check_replaceable(out, overwrite)
+            replace_dir(tmp, out)
     log(f"wrote bundle {out} ({recipe.name}, {steps} steps, {recipe.nfe} NFE, {grid} grid, {precision}, noise {noise})")
     return Bundle.load(out)
+
+
+def check_replaceable(out: Path, overwrite: bool) -> None:
+    """Refuse to replace anything but a bundle vpsde wrote: ``out`` may be missing, or (with ``overwrite``) an
+    empty directory or a bundle directory holding only what export and build write."""
+    if not os.path.lexists(out):
+        return
+    if not overwrite:
+        raise FileExistsError(f"{out} exists; pass --force (overwrite=True) to replace the bundle there")
+    if out.is_symlink() or not out.is_dir():
+        raise FileExistsError(f"{out} is {'a symlink' if out.is_symlink() else 'not a directory'}; --force replaces "
+                              "only a bundle directory vpsde wrote: choose another --out")
+    entries = sorted(os.listdir(out))
+    if not entries:
+        return
+    try:
+        data = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+        ours = {"manifest.json", SUMS_NAME, "engines", *(g["file"] for g in data["graphs"].values())}
+        is_bundle = data.get("format") == FORMAT
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        is_bundle = False
+    if not is_bundle:
+        raise FileExistsError(f"{out} is not a vpsde bundle (no manifest.json of format {FORMAT!r}); --force replaces "
+                              "only a bundle vpsde wrote: choose another --out, or empty it yourself")
+    foreign = [e for e in entries if e not in ours and TMP_TAG not in e]
+    if foreign:
+        raise FileExistsError(f"{out} holds files a bundle does not ({', '.join(foreign[:5])}"
+                              f"{' ...' if len(foreign) > 5 else ''}); --force replaces only what vpsde wrote: move "
+                              "them out first")
 
 
 def default_std_formula(sampler: str, grid: str | None) -> str:

@@ -40,6 +40,26 @@ def save_weights(net: nn.Module, meta: dict, out: Path) -> None:
     _atomic_bytes(out / f"{name}.json", (json.dumps(meta, indent=2) + "\n").encode())
 
 
+def _check_config_types(meta: dict, path: Path) -> None:
+    """Every field the loader uses has its JSON type; ``weights`` is a plain file name beside the config."""
+    from vpsde.runtime.confine import is_plain_name
+
+    types = {"architecture": str, "weights": str, "weights_sha256": str, "time_label": str, "unet": dict}
+    for key, tp in types.items():
+        if key in meta and not isinstance(meta[key], tp):
+            raise WeightsError(f"{path}: field {key!r}: expected {'an object' if tp is dict else 'a string'}, "
+                               f"got {meta[key]!r:.60}")
+    if not is_plain_name(meta["weights"]):
+        raise WeightsError(f"{path}: field 'weights': expected a file name beside the config (no '/'), "
+                           f"got {meta['weights']!r:.60}")
+    if "name" in meta and not isinstance(meta["name"], str):
+        raise WeightsError(f"{path}: field 'name': expected a string, got {meta['name']!r:.60}")
+    vr = meta.get("value_range")
+    if not (isinstance(vr, list) and len(vr) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                          for v in vr) and vr[0] < vr[1]):
+        raise WeightsError(f"{path}: field 'value_range': expected [lo, hi] with lo < hi, got {vr!r:.60}")
+
+
 def load_shipped(config_path: str | os.PathLike | None = None) -> TimeLabelAdapter:
     """Load a trained SmallUNet from its JSON config (default: the shipped digits16) as a ScoreModel."""
     from safetensors import SafetensorError
@@ -52,14 +72,17 @@ def load_shipped(config_path: str | os.PathLike | None = None) -> TimeLabelAdapt
         raise WeightsError(f"{path}: model config not found") from None
     except json.JSONDecodeError as e:
         raise WeightsError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise WeightsError(f"{path}: expected a JSON object, got {type(meta).__name__}")
     missing = [k for k in REQUIRED_KEYS if k not in meta]
     if missing:
         raise WeightsError(f"{path}: missing config key(s) {missing}; expected {list(REQUIRED_KEYS)}")
+    _check_config_types(meta, path)
     if meta["architecture"] != "SmallUNet":
         raise WeightsError(f"{path}: field 'architecture': expected 'SmallUNet', got {meta['architecture']!r}")
     try:
         config = UNetConfig.from_dict(meta["unet"])
-    except (KeyError, TypeError) as e:
+    except (KeyError, TypeError, ValueError) as e:
         raise WeightsError(f"{path}: field 'unet': {e}") from None
     weights = path.parent / meta["weights"]
     try:
@@ -79,6 +102,9 @@ def load_shipped(config_path: str | os.PathLike | None = None) -> TimeLabelAdapt
     problems += [f"unexpected {k}" for k in state if k not in expected]
     problems += [f"{k}: shape {tuple(state[k].shape)}, architecture needs {tuple(v.shape)}"
                  for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    problems += [f"{k}: dtype {str(state[k].dtype).removeprefix('torch.')}, architecture needs "
+                 f"{str(v.dtype).removeprefix('torch.')} (no silent casts)"
+                 for k, v in expected.items() if k in state and state[k].dtype != v.dtype]
     if problems:
         raise WeightsError(f"{weights}: does not match the architecture in {path}: {'; '.join(problems[:5])}"
                            f"{' ...' if len(problems) > 5 else ''}")

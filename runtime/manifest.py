@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Callable, Union
 
 from vpsde.runtime.atomic import atomic_path
+from vpsde.runtime.confine import is_plain_name, read_regular
 from vpsde.runtime.errors import BundleError
 
 FORMAT = "vpsde-bundle"
@@ -25,6 +27,17 @@ SCHEMA_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # v1 = the Euler-Maruyama-only subset of v2 (no state, no conditioning)
 MANIFEST_NAME = "manifest.json"
 DTYPES = ("float32", "float16", "bfloat16", "int64", "int32")
+GENERATORS = ("philox4x32-10/box-muller/v1", "torch")  # == noise.GENERATORS (kept here: the manifest is the schema)
+RESERVED_FILES = (MANIFEST_NAME, "SHA256SUMS")
+# Bounds on what a manifest may ask for (a bundle is untrusted input): far above any real sampler, far below
+# what would run for days or exhaust memory before the first graph call.
+MANIFEST_LIMIT = 64 << 20  # bytes of manifest.json
+MAX_DEPTH = 32  # JSON nesting (the schema needs 5)
+MAX_STEPS = 100_000
+MAX_REPEAT = 1_000
+MAX_CALLS = 1_000_000  # graph calls per sample: steps x sum of repeats (noise call indices must stay < 2^32)
+MAX_SAMPLE_NUMEL = 1 << 28  # elements of one sample (1 GiB of float32)
+IO_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")  # graph input/output names, schedule keys
 
 
 @dataclass(frozen=True)
@@ -166,9 +179,23 @@ class Manifest:
         return manifest
 
     def _check_consistency(self, source: str) -> None:
+        def fail(where: str, what: str) -> BundleError:
+            return BundleError(f"{source}: field '{where}': {what}")
+
         n = self.sampler.steps
-        if n < 1:
-            raise BundleError(f"{source}: field 'sampler.steps': expected >= 1, got {n}")
+        if not 1 <= n <= MAX_STEPS:
+            raise fail("sampler.steps", f"expected 1..{MAX_STEPS}, got {n}")
+        self._check_names(fail)
+        if self.noise.generator not in GENERATORS:
+            raise fail("noise.generator", f"expected one of {', '.join(map(repr, GENERATORS))}, got {self.noise.generator!r:.80}")
+        vr = self.model.value_range
+        if vr is not None and not (len(vr) == 2 and all(math.isfinite(v) for v in vr) and vr[0] < vr[1]):
+            raise fail("model.value_range", f"expected [lo, hi] with finite lo < hi, or null, got {vr!r:.80}")
+        if self.model.precision not in ("fp32", "fp16", "bf16"):
+            raise fail("model.precision", f"expected 'fp32', 'fp16' or 'bf16', got {self.model.precision!r:.80}")
+        for key, values in self.schedule.items():
+            if not all(math.isfinite(v) for v in values):
+                raise fail(f"schedule.{key}", "expected finite numbers, found NaN or Infinity")
         for key, values in self.schedule.items():
             if len(values) != n:
                 raise BundleError(f"{source}: field 'schedule.{key}': expected {n} values (sampler.steps), got {len(values)}")
@@ -180,10 +207,16 @@ class Manifest:
             if call.graph not in self.graphs:
                 raise BundleError(f"{source}: field 'sampler.program[{i}].graph': {call.graph!r} is not in 'graphs' "
                                   f"(have {sorted(self.graphs)})")
-            if call.repeat < 1:
-                raise BundleError(f"{source}: field 'sampler.program[{i}].repeat': expected >= 1, got {call.repeat}")
-        if any(s < 1 for s in self.model.sample_shape):
-            raise BundleError(f"{source}: field 'model.sample_shape': expected positive sizes, got {self.model.sample_shape}")
+            if not 1 <= call.repeat <= MAX_REPEAT:
+                raise BundleError(f"{source}: field 'sampler.program[{i}].repeat': expected 1..{MAX_REPEAT}, got {call.repeat}")
+        calls = n * sum(c.repeat for c in self.sampler.program)
+        if calls > MAX_CALLS:
+            raise fail("sampler.program", f"{n} steps x {calls // n} graph calls per step = {calls} calls per sample; "
+                                          f"at most {MAX_CALLS} are accepted")
+        shape = self.model.sample_shape
+        if not shape or any(s < 1 for s in shape) or math.prod(shape) > MAX_SAMPLE_NUMEL:
+            raise fail("model.sample_shape", f"expected positive sizes, at most {MAX_SAMPLE_NUMEL} elements in all, "
+                                             f"got {shape}")
         for i, st in enumerate(self.sampler.state):
             if st.init != "zeros":
                 raise BundleError(f"{source}: field 'sampler.state[{i}].init': expected 'zeros', got {st.init!r}")
@@ -205,6 +238,41 @@ class Manifest:
         if self.sampler.final not in {o.name for o in self.graphs[last].outputs}:
             raise BundleError(f"{source}: field 'sampler.final': graph {last!r} has no output {self.sampler.final!r}")
 
+    def _check_names(self, fail: Callable[[str, str], BundleError]) -> None:
+        """Graph keys and files are plain names (they become file names); IO names are identifiers; every graph
+        input name has one role only (``noise.inputs`` naming ``x`` or a schedule array would change samples)."""
+        files: dict[str, str] = {}
+        for key, g in self.graphs.items():
+            if not is_plain_name(key):
+                raise fail(f"graphs.{key!r:.80}", "a graph key must be a plain name (letters, digits, '_', '.', '-'; "
+                                                  "no '/', no leading '.'): it names engine files")
+            if not is_plain_name(g.file) or g.file in RESERVED_FILES:
+                raise fail(f"graphs.{key}.file", f"expected a plain file name inside the bundle (no '/', no '..', not "
+                                                 f"{' or '.join(RESERVED_FILES)}), got {g.file!r:.80}")
+            if g.file in files:
+                raise fail(f"graphs.{key}.file", f"{g.file!r} is also the file of graph {files[g.file]!r}")
+            files[g.file] = key
+            if not re.fullmatch(r"[0-9a-f]{64}", g.sha256):
+                raise fail(f"graphs.{key}.sha256", f"expected 64 lower-case hex digits, got {g.sha256!r:.80}")
+            for kind, specs in (("inputs", g.inputs), ("outputs", g.outputs)):
+                for j, spec in enumerate(specs):
+                    if not IO_NAME.fullmatch(spec.name):
+                        raise fail(f"graphs.{key}.{kind}[{j}].name", f"expected an identifier, got {spec.name!r:.80}")
+        roles: dict[str, str] = {"x": "x"}
+        for where, names in (("schedule", list(self.schedule)), ("noise.inputs", self.noise.inputs),
+                             ("sampler.state", [s.input for s in self.sampler.state]),
+                             ("sampler.conditioning", self.sampler.conditioning)):
+            for name in names:
+                if not IO_NAME.fullmatch(name):
+                    raise fail(where, f"expected identifiers, got {name!r:.80}")
+                if name in roles:
+                    raise fail(where, f"{name!r} is already {'the sample x' if name == 'x' else 'in ' + roles[name]}; "
+                                      "each graph input has exactly one source")
+                roles[name] = where
+        for i, st in enumerate(self.sampler.state):
+            if not IO_NAME.fullmatch(st.output):
+                raise fail(f"sampler.state[{i}].output", f"expected an identifier, got {st.output!r:.80}")
+
     def input_role(self, name: str) -> str | None:
         """Where a graph input's values come from: "x", "schedule", "noise", "state", "conditioning" (or None).
         Every role but "schedule" ([batch], one scalar per step) is a [batch, *sample_shape] tensor."""
@@ -223,16 +291,27 @@ class Manifest:
     # -- files ----------------------------------------------------------------------------------------------
     @classmethod
     def read(cls, path: str | os.PathLike) -> "Manifest":
+        """Read and validate ``path`` (a regular file of at most MANIFEST_LIMIT bytes)."""
         path = Path(path)
+        if not os.path.lexists(path):
+            raise BundleError(f"{path}: no manifest here; a bundle is a directory with {MANIFEST_NAME}")
+        return cls.parse(read_regular(path, MANIFEST_LIMIT, "the manifest"), str(path))
+
+    @classmethod
+    def parse(cls, data: bytes, source: str = MANIFEST_NAME) -> "Manifest":
+        """Validate manifest bytes: UTF-8 JSON nested at most MAX_DEPTH deep, then every field."""
         try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise BundleError(f"{path}: no manifest here; a bundle is a directory with {MANIFEST_NAME}") from None
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise BundleError(f"{source}: not UTF-8 text (byte {e.start}); a manifest is UTF-8 JSON") from None
+        depth = json_depth(text)
+        if depth > MAX_DEPTH:
+            raise BundleError(f"{source}: JSON nested {depth} deep; a manifest needs at most {MAX_DEPTH}")
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise BundleError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_dict(data, source=str(path))
+            parsed = json.loads(text)
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise BundleError(f"{source}: not valid JSON ({e})") from None
+        return cls.from_dict(parsed, source=source)
 
     def write(self, path: str | os.PathLike) -> None:
         """Write as JSON, atomically (temporary file in the same directory, then rename)."""
@@ -240,6 +319,20 @@ class Manifest:
         # one line per number list (schedule arrays, shapes) keeps the file readable
         text = re.sub(r"\[\s*([-+0-9.eE,\s\"a-z]*?)\s*\]", lambda m: "[" + re.sub(r"\s*,\s*", ", ", m.group(1)) + "]", text)
         atomic_write_text(Path(path), text + "\n")
+
+
+def json_depth(text: str) -> int:
+    """The deepest nesting of objects and arrays in JSON ``text`` (strings skipped), without parsing it: checked
+    before parsing so that no parser recurses on a hostile file."""
+    depth = deepest = 0
+    for bracket in _BRACKETS.findall(_STRINGS.sub("", text)):
+        depth += 1 if bracket in "[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
+_STRINGS = re.compile(r'"(?:[^"\\]|\\.)*"')
+_BRACKETS = re.compile(r"[\[\]{}]")
 
 
 def atomic_write_text(path: Path, text: str) -> None:

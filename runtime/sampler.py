@@ -17,6 +17,8 @@ copies of x; on a GPU only the noise and schedule values go up and the sample co
 
 from __future__ import annotations
 
+import math
+import operator
 import os
 from pathlib import Path
 from typing import Callable, Mapping
@@ -24,11 +26,13 @@ from typing import Callable, Mapping
 import numpy as np
 from tqdm.auto import tqdm
 
-from vpsde.runtime.backends import open_backend
+from vpsde.runtime.backends import MAX_THREADS, open_backend
 from vpsde.runtime.bundle import Bundle
-from vpsde.runtime.errors import InputError
+from vpsde.runtime.digest import check_digest_text
+from vpsde.runtime.errors import BundleError, InputError
 from vpsde.runtime.loop import NAN_GUARDS, DeviceLoop
-from vpsde.runtime.noise import TORCH_ID, make_noise
+from vpsde.runtime.manifest import Manifest
+from vpsde.runtime.noise import GENERATORS, TORCH_ID, make_noise
 from vpsde.runtime.prefetch import PrefetchedNoise
 
 
@@ -53,13 +57,21 @@ class Sampler:
         threads: intra-op CPU threads of the backend (default: all cores).
         cuda_graph: on a GPU, capture each graph binding once as a CUDA graph and replay it (a batch size's
             first calls capture; later calls skip the per-kernel launch cost).
+        expect_digest: the bundle digest (64 hex digits, as ``vpsde inspect`` prints) the bundle must have; a
+            bundle with another digest is refused.
     """
 
     def __init__(self, bundle: Bundle | str | os.PathLike, backend: str = "onnxruntime", device: str | None = None,
                  nan_guard: bool | str = "auto", progress: bool = True, threads: int | None = None,
-                 prefetch_noise: bool = True, cuda_graph: bool = False, noise_threads: int | None = None) -> None:
-        self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(Path(bundle))
+                 prefetch_noise: bool = True, cuda_graph: bool = False, noise_threads: int | None = None,
+                 expect_digest: str | None = None) -> None:
+        self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(Path(bundle), expect_digest=expect_digest)
+        if expect_digest is not None and self.bundle.digest != check_digest_text(expect_digest, "expect_digest"):
+            raise BundleError(f"{self.bundle.root}: bundle digest is {self.bundle.digest}, but {expect_digest} was "
+                              "expected: this is not the bundle you pinned")
         self.manifest = self.bundle.manifest
+        threads = _count(threads, "threads", 1, MAX_THREADS, optional=True)
+        noise_threads = _count(noise_threads, "noise_threads", 1, 64, optional=True)
         opened = open_backend(backend, self.bundle, device, threads, cuda_graph)
         self.device, self.runners = opened.device, opened.runners
         guard = ("auto" if nan_guard else "off") if isinstance(nan_guard, bool) else nan_guard
@@ -86,15 +98,17 @@ class Sampler:
         the model's value range and ``mask``, 1 where known), each [num, *sample_shape] or [*sample_shape]
         (shared by all samples).
         """
-        if num < 1:
-            raise InputError(f"num must be >= 1, got {num}")
-        if not 0 <= seed < 2**64:
-            raise InputError(f"seed must be in [0, 2^64), got {seed}")
-        if not 0 <= first_sample <= 2**64 - num:
+        num = _count(num, "num", 1, None)
+        seed = _count(seed, "seed", 0, 2**64 - 1)
+        first_sample = _count(first_sample, "first_sample", 0, 2**64 - 1)
+        if first_sample > 2**64 - num:
             raise InputError(f"sample indices first_sample .. first_sample + num - 1 must lie in [0, 2^64), "
-                             f"got first_sample = {first_sample}")
+                             f"got first_sample = {first_sample} and num = {num}")
+        batch_size = min(_count(batch_size, "batch_size", 1, None, optional=True) or num, num)
         generator = generator or self.manifest.noise.generator
-        batch_size = min(batch_size or num, num)
+        if generator not in GENERATORS:
+            raise InputError(f"generator: expected one of {', '.join(GENERATORS)}, got {generator!r}")
+        check_memory(self.manifest, num, batch_size)
         if generator == TORCH_ID and batch_size < num:
             raise InputError("the 'torch' noise generator reproduces diffusers for a single batch only; "
                              "use batch_size >= num or the portable philox generator")
@@ -142,3 +156,36 @@ class Sampler:
             with PrefetchedNoise(noise, start, size, self.sample_shape, 1, last_call, self.noise_threads) as stream:
                 return run(lambda _call: stream.take())
         return run(lambda call: noise(call, start, size, self.sample_shape))
+
+
+def _count(value, name: str, lo: int, hi: int | None, optional: bool = False) -> int | None:
+    """An integer argument in [lo, hi]: Python or numpy integers only (1.5, "3" and True are refused, not
+    truncated or coerced)."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool):
+        raise InputError(f"{name} must be an integer, got {value!r}")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise InputError(f"{name} must be an integer, got {value!r:.40}") from None
+    if hi is None and value < lo:
+        raise InputError(f"{name} must be >= {lo}, got {value}")
+    if hi is not None and not lo <= value <= hi:
+        raise InputError(f"{name} must be in [{lo}, {hi}], got {value}")
+    return value
+
+
+def check_memory(manifest: Manifest, num: int, batch_size: int) -> None:
+    """Refuse, before the first graph call, a request whose arrays cannot fit in this machine's memory: the
+    result [num, *sample_shape] float32 plus about a dozen batch-sized buffers."""
+    numel = math.prod(manifest.model.sample_shape)
+    need = 4 * numel * (num + 12 * batch_size)
+    try:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    if need > have:
+        raise InputError(f"{num} samples of {list(manifest.model.sample_shape)} in batches of {batch_size} need about "
+                         f"{need / 2**30:.1f} GiB, more than this machine's {have / 2**30:.1f} GiB: sample fewer at a "
+                         "time (--num, --batch-size) and shard with --first-sample")

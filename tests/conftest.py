@@ -79,3 +79,70 @@ def rel_l2(got, want) -> float:
 def rng() -> torch.Generator:
     """A fresh, seeded generator per test (fresh random inputs, reproducible failures)."""
     return torch.Generator().manual_seed(1234)
+
+
+def reseal(root) -> None:
+    """Rewrite ``root/SHA256SUMS`` after a test edited the bundle, as a producer of that (bad) bundle would: the
+    error under test is then the one the edit causes, not the digest check that guards against edits."""
+    import json
+    from pathlib import Path
+
+    from vpsde.runtime.bundle import write_sums
+
+    root = Path(root)
+    try:
+        graphs = json.loads((root / "manifest.json").read_text())["graphs"]
+        files = {g["file"] for g in graphs.values() if isinstance(g.get("file"), str)}
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        files = set()
+    files = {f for f in files if "/" not in f and (root / f).is_file()}
+    write_sums(root, ["manifest.json", *sorted(files)])
+
+
+@pytest.fixture(scope="session")
+def host():
+    """The C++ host (hosts/cpp), built once: the directory holding vpsde-sample and vpsde-noise. Skips only when
+    there is no C++ compiler or cmake; a failing build fails the test."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    missing = [tool for tool in ("cmake", "g++") if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"no {' or '.join(missing)} on this machine: the C++ host cannot be built")
+    root = Path(__file__).parent.parent
+    r = subprocess.run(["bash", "hosts/cpp/build.sh"], cwd=root, capture_output=True, text=True, timeout=900,
+                       env={"PYTHON": sys.executable, "PATH": "/usr/local/bin:/usr/bin:/bin", "JOBS": "2"})
+    assert r.returncode == 0, f"C++ host build failed:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
+    return root / "build" / "cpp"
+
+
+def run_host(exe, *args, timeout: float = 600):
+    """Run a C++ host tool; the completed process (text output)."""
+    import subprocess
+
+    return subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, timeout=timeout)
+
+
+def copy_bundle(bundle, dst):
+    """A private copy of a bundle (engines left out) at ``dst``; returns its path."""
+    import shutil
+    from pathlib import Path
+
+    shutil.copytree(bundle.root, dst, ignore=shutil.ignore_patterns("engines"))
+    return Path(dst)
+
+
+def edit_manifest(root, edit, seal: bool = True):
+    """Apply ``edit`` to the parsed manifest of bundle ``root`` and write it back; ``seal`` rewrites SHA256SUMS
+    too, as the producer of such a bundle would (False: an edit after export, which the digest must catch)."""
+    import json
+    from pathlib import Path
+
+    path = Path(root) / "manifest.json"
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+    if seal:
+        reseal(root)

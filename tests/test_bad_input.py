@@ -6,6 +6,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import reseal
 
 from vpsde.export import VPSDE, export_bundle
 from vpsde.models.base import ScoreModel
@@ -25,6 +26,7 @@ def _edit_manifest(root, edit):
     data = json.loads(path.read_text())
     edit(data)
     path.write_text(json.dumps(data))
+    reseal(root)
 
 
 @pytest.mark.parametrize("edit, field", [
@@ -73,10 +75,21 @@ def test_modified_graph_fails_sha256(bundle_copy):
 
 
 def test_corrupted_onnx_with_matching_sha_is_a_clear_error(bundle_copy):
-    """Garbage that the manifest's sha256 vouches for: ONNX Runtime's failure is wrapped, naming the file."""
+    """Garbage that the manifest's sha256 vouches for is refused at load, naming the file; a well-formed model that
+    ONNX Runtime cannot load (an unknown operator) gets ORT's failure wrapped, naming the file."""
+    import onnx
+    from onnx import TensorProto, helper
+
     from vpsde.runtime.bundle import sha256_file
 
     (bundle_copy / "em.onnx").write_bytes(b"this is not an onnx model")
+    _edit_manifest(bundle_copy, lambda d: d["graphs"]["em"].update(sha256=sha256_file(bundle_copy / "em.onnx")))
+    with pytest.raises(BundleError, match=r"em\.onnx: graph 'em' is not an ONNX model"):
+        Sampler(bundle_copy)
+    graph = helper.make_graph([helper.make_node("NoSuchOp", ["x"], ["x_next"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2])],
+                              [helper.make_tensor_value_info("x_next", TensorProto.FLOAT, ["batch", 2])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), bundle_copy / "em.onnx")
     _edit_manifest(bundle_copy, lambda d: d["graphs"]["em"].update(sha256=sha256_file(bundle_copy / "em.onnx")))
     with pytest.raises(BundleError, match=r"em\.onnx: ONNX Runtime could not load graph 'em'"):
         Sampler(bundle_copy)
@@ -86,6 +99,9 @@ def test_not_a_bundle(tmp_path):
     with pytest.raises(BundleError, match="not a directory"):
         Bundle.load(tmp_path / "nothing")
     (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(BundleError, match="SHA256SUMS: missing"):
+        Bundle.load(tmp_path)
+    reseal(tmp_path)
     with pytest.raises(BundleError, match="not valid JSON"):
         Bundle.load(tmp_path)
 

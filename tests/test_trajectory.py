@@ -63,7 +63,8 @@ def test_bad_sample_arguments(gmm_bundle):
 
     s = Sampler(gmm_bundle, progress=False)
     for kwargs, msg in [({"num": 0}, "num must be >= 1"), ({"num": 2, "seed": -1}, "seed must be"),
-                        ({"num": 2, "first_sample": -3}, "sample indices"),
+                        ({"num": 2, "first_sample": -3}, "first_sample must be in"),
+                        ({"num": 2, "first_sample": 2**64 - 1}, "sample indices"),
                         ({"num": 4, "batch_size": 2, "generator": "torch"}, "single batch")]:
         with pytest.raises(InputError, match=msg):
             s.sample(**kwargs)

@@ -12,6 +12,7 @@ from typing import Any, Mapping
 from vpsde.runtime.errors import BackendUnavailable
 
 BACKENDS = ("onnxruntime", "onnxruntime-trt", "tensorrt")
+MAX_THREADS = 1024  # intra-op CPU threads: far more make ONNX Runtime exhaust the process instead of failing
 DEFAULT_DEVICE = {"onnxruntime": "cpu", "onnxruntime-trt": "cuda", "tensorrt": "cuda"}
 
 

@@ -9,8 +9,9 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import onnxruntime as ort
 
+from vpsde.runtime.backends import MAX_THREADS
 from vpsde.runtime.bundle import Bundle
-from vpsde.runtime.errors import BackendUnavailable, BundleError
+from vpsde.runtime.errors import BackendUnavailable, BundleError, InputError
 from vpsde.runtime.loop import infer_once
 
 ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16",
@@ -33,8 +34,13 @@ def session_from_bundle(bundle: Bundle, graph_key: str, device: str = "cpu", thr
     """Loader: an InferenceSession for one graph of the bundle; ORT failures become a :class:`BundleError`.
     ``cuda_graph`` (device "cuda" only) lets the CUDA provider capture each binding once and replay it.
     ``tensorrt_ep`` (device "cuda" only) puts ONNX Runtime's TensorRT execution provider first, with its engines
-    cached in ``BUNDLE/engines/ort-trt`` (nodes it does not take fall back to CUDA)."""
+    cached in ``BUNDLE/engines/ort-trt`` (nodes it does not take fall back to CUDA).
+
+    The session is made from the graph's checked bytes (:meth:`Bundle.graph_bytes`), not its path: what was
+    verified is what runs, and no tensor can be read from a file by path."""
     path = bundle.graph_path(graph_key)
+    if threads is not None and not 1 <= threads <= MAX_THREADS:
+        raise InputError(f"threads: expected 1..{MAX_THREADS}, got {threads}")
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if threads:
@@ -48,14 +54,16 @@ def session_from_bundle(bundle: Bundle, graph_key: str, device: str = "cpu", thr
         if device != "cuda" or "TensorrtExecutionProvider" not in ort.get_available_providers():
             raise BackendUnavailable("the onnxruntime-trt backend needs onnxruntime-gpu built with the TensorRT "
                                      f"execution provider and --device cuda (available: {ort.get_available_providers()})")
-        cache = bundle.root / "engines" / "ort-trt"
-        cache.mkdir(parents=True, exist_ok=True)
+        from vpsde.runtime.confine import owned_dir
+
+        cache = owned_dir(owned_dir(bundle.root, "engines", "the engine cache"), "ort-trt", "the ORT TensorRT cache")
         providers = [("TensorrtExecutionProvider", {"trt_engine_cache_enable": "True",
                                                     "trt_engine_cache_path": str(cache),
                                                     "trt_cuda_graph_enable": "True" if cuda_graph else "False"}),
                      *providers]
+    data = bundle.graph_bytes(graph_key)
     try:
-        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        return ort.InferenceSession(data, sess_options=options, providers=providers)
     except BackendUnavailable:
         raise
     except Exception as e:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
@@ -100,10 +108,15 @@ class OnnxRuntimeRunner:
     def _check_session_io(self) -> None:
         for kind, declared, actual in (("inputs", self.spec.inputs, self.session.get_inputs()),
                                        ("outputs", self.spec.outputs, self.session.get_outputs())):
-            got = {a.name: (ORT_TYPES.get(a.type, a.type), len(a.shape)) for a in actual}
-            want = {d.name: (d.dtype, len(d.shape)) for d in declared}
+            # fixed sizes must agree; a symbolic (batch) dimension in the manifest may be anything in the graph
+            got = {a.name: (ORT_TYPES.get(a.type, a.type), [d if isinstance(d, int) else "?" for d in a.shape])
+                   for a in actual}
+            want = {d.name: (d.dtype, [s if isinstance(s, int) else "?" for s in d.shape]) for d in declared}
+            for name, (dtype, shape) in want.items():
+                if name in got and len(got[name][1]) == len(shape):
+                    got[name] = (got[name][0], [g if w != "?" else "?" for g, w in zip(got[name][1], shape)])
             if got != want:
-                raise BundleError(f"{self.path}: graph {kind} {got} (name: (dtype, rank)) do not match "
+                raise BundleError(f"{self.path}: graph {kind} {got} (name: (dtype, shape)) do not match "
                                   f"'graphs.{self.key}.{kind}' in the manifest {want}")
 
     def bind(self, buffers: Mapping[str, Any]) -> Callable[[], None]:

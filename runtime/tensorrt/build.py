@@ -39,10 +39,12 @@ class BatchProfile:
         return f"{self.min}:{self.opt}:{self.max}"
 
 
-def build_engine(flavor: Flavor, onnx_path: Path, profile: BatchProfile, targets: list[str],
+def build_engine(flavor: Flavor, onnx_bytes: bytes, onnx_path: Path, profile: BatchProfile, targets: list[str],
                  opt_level: int = 3, timing_cache: Path | None = None) -> bytes:
-    """Parse ``onnx_path`` and build a serialized engine for ``targets``; the symbolic batch dimension of every
-    input gets ``profile``. Parser errors raise :class:`BundleError` naming the file, node and operator."""
+    """Parse the checked graph bytes ``onnx_bytes`` (``onnx_path`` names them in messages; the parser never opens a
+    file, so no external data or symlink is followed) and build a serialized engine for ``targets``; the
+    symbolic batch dimension of every input gets ``profile``. Parser errors raise :class:`BundleError` naming
+    the file, node and operator."""
     trt = flavor.trt
     logger = trt.Logger(trt.Logger.ERROR)
     builder = trt.Builder(logger)
@@ -51,7 +53,7 @@ def build_engine(flavor: Flavor, onnx_path: Path, profile: BatchProfile, targets
         flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
+    if not parser.parse(onnx_bytes):
         errors = [parser.get_error(i) for i in range(parser.num_errors)]
         detail = "; ".join(f"node {e.node_name() or e.node()!r} ({e.node_operator() or '?'}): {e.desc()}" for e in errors)
         raise BundleError(f"{onnx_path}: {flavor.name} {flavor.version} cannot parse the graph: {detail}")
@@ -72,7 +74,10 @@ def build_engine(flavor: Flavor, onnx_path: Path, profile: BatchProfile, targets
     config.add_optimization_profile(opt_profile)
     cache = None
     if flavor.has_timing_cache:
-        cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache and timing_cache.is_file() else b"")
+        from vpsde.runtime.confine import read_regular
+
+        old = read_regular(timing_cache, 1 << 30, "the timing cache") if timing_cache and timing_cache.exists() else b""
+        cache = config.create_timing_cache(old)
         config.set_timing_cache(cache, False)
     plan = builder.build_serialized_network(network, config)
     if plan is None:

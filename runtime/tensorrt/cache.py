@@ -6,6 +6,11 @@ batch profile. An engine is used only when its recorded key equals the one wante
 match the sha256 recorded beside it; anything else is rebuilt by ``vpsde build`` or refused with the reason.
 Writes are atomic (temporary file + rename, the .json last), and builders of one bundle serialise on an
 exclusive lock on ``engines/.lock``, so two processes never interleave writes to one engine.
+
+Containment: graph keys are plain names (the manifest checks), ``engines/`` must be a real directory inside the
+bundle and ``.lock`` a regular file (never a symlink, never opened for append through one), engine files are
+read without following symlinks, and TensorRT parses the graph's checked bytes, not its path. Each record also
+notes the digest of the bundle the engine was built from.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import os
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -20,12 +26,16 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from vpsde.runtime.atomic import atomic_path
-from vpsde.runtime.bundle import Bundle, sha256_file
-from vpsde.runtime.errors import BundleError
+from vpsde.runtime.bundle import Bundle
+from vpsde.runtime.confine import open_for_lock, owned_dir, read_regular
+from vpsde.runtime.digest import sha256_hex
+from vpsde.runtime.errors import BundleError, VpsdeError
 from vpsde.runtime.tensorrt.build import BatchProfile, build_engine
 from vpsde.runtime.tensorrt.flavor import Flavor
 
 ENGINE_DIR = "engines"
+PLAN_LIMIT = 8 << 30  # bytes of one engine file
+RECORD_LIMIT = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -61,46 +71,57 @@ class CachedEngine:
     seconds: float
 
 
+def engine_dir(bundle: Bundle) -> Path:
+    """``BUNDLE/engines``, created if missing; refused if it is a symlink or not a directory."""
+    return owned_dir(bundle.root, ENGINE_DIR, "the engine cache")
+
+
 @contextmanager
-def build_lock(engine_dir: Path) -> Iterator[None]:
-    """Exclusive advisory lock on ``engine_dir/.lock`` (blocks until the other builder is done)."""
-    engine_dir.mkdir(exist_ok=True)
-    with open(engine_dir / ".lock", "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+def build_lock(directory: Path) -> Iterator[None]:
+    """Exclusive advisory lock on ``directory/.lock`` (blocks until the other builder is done); the lock file is
+    created without following a symlink."""
+    fd = open_for_lock(directory / ".lock", "the engine cache's lock")
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
-def check_engine(plan: Path, key: EngineKey) -> None:
-    """Raise :class:`BundleError` unless ``plan`` has a record of exactly ``key`` and its bytes match it."""
+def check_engine(plan: Path, key: EngineKey) -> bytes:
+    """The bytes of engine ``plan`` if it has a record of exactly ``key`` and its bytes match it (both read once,
+    never through a symlink); else :class:`BundleError` with the reason."""
     meta_path = plan.with_suffix(".json")
-    if not plan.is_file() or not meta_path.is_file():
+    if not os.path.lexists(plan) or not os.path.lexists(meta_path):
         raise BundleError(f"{plan}: no engine for graph {key.graph!r} with this key; run `vpsde build`")
     try:
-        meta = json.loads(meta_path.read_text())
+        meta = json.loads(read_regular(meta_path, RECORD_LIMIT, "the engine record"))
         recorded = EngineKey(**{**meta["key"], "targets": tuple(meta["key"]["targets"])})
-    except (ValueError, KeyError, TypeError) as e:
-        raise BundleError(f"{meta_path}: unreadable engine record ({e}); run `vpsde build --force`") from None
+    except (ValueError, KeyError, TypeError, RecursionError) as e:
+        raise BundleError(f"{meta_path}: unreadable engine record ({type(e).__name__}); run `vpsde build --force`") from None
     if recorded != key:
         diff = {k: (v, getattr(key, k)) for k, v in asdict(recorded).items() if v != getattr(key, k)}
         raise BundleError(f"{plan}: stale or foreign engine, built for " +
                           ", ".join(f"{k} {old!r} (wanted {new!r})" for k, (old, new) in diff.items()) +
                           "; run `vpsde build` to rebuild it")
-    if sha256_file(plan) != meta.get("plan_sha256"):
+    data = read_regular(plan, PLAN_LIMIT, "the engine")
+    if sha256_hex(data) != meta.get("plan_sha256"):
         raise BundleError(f"{plan}: the engine's sha256 does not match {meta_path.name}; it was modified or "
                           "half-written; run `vpsde build --force`")
+    return data
 
 
 def cached_keys(bundle: Bundle, graph: str) -> list[tuple[EngineKey, Path]]:
     """Every engine record of ``graph`` in the bundle's cache: (key, plan path)."""
-    out = []
-    for meta in sorted((bundle.root / ENGINE_DIR).glob(f"{graph}-*.json")):
+    out: list[tuple[EngineKey, Path]] = []
+    directory = bundle.root / ENGINE_DIR
+    if directory.is_symlink() or not directory.is_dir():
+        return out
+    for meta in sorted(directory.glob(f"{graph}-*.json")):
         try:
-            k = json.loads(meta.read_text())["key"]
+            k = json.loads(read_regular(meta, RECORD_LIMIT, "the engine record"))["key"]
             out.append((EngineKey(**{**k, "targets": tuple(k["targets"])}), meta.with_suffix(".plan")))
-        except (ValueError, KeyError, TypeError):
+        except (VpsdeError, ValueError, KeyError, TypeError, RecursionError):
             continue  # unreadable records are reported by check_engine if they are ever chosen
     return out
 
@@ -110,9 +131,9 @@ def build_cached(bundle: Bundle, graph: str, flavor: Flavor, profile: BatchProfi
     """The engine of ``graph`` for this key: reused if the cache holds a valid one (and not ``force``), else
     built and written atomically under the bundle's build lock."""
     key = EngineKey.for_graph(bundle, graph, flavor, targets, profile)
-    engine_dir = bundle.root / ENGINE_DIR
-    plan = engine_dir / f"{key.stem()}.plan"
-    with build_lock(engine_dir):
+    directory = engine_dir(bundle)
+    plan = directory / f"{key.stem()}.plan"
+    with build_lock(directory):
         if not force:
             try:
                 check_engine(plan, key)
@@ -121,13 +142,13 @@ def build_cached(bundle: Bundle, graph: str, flavor: Flavor, profile: BatchProfi
                 if plan.exists():
                     log(f"rebuilding: {why}")
         t0 = time.perf_counter()
-        data = build_engine(flavor, bundle.graph_path(graph), profile, targets, opt_level,
-                            engine_dir / f"timing-{flavor.name}-{flavor.version}.cache")
+        data = build_engine(flavor, bundle.graph_bytes(graph), bundle.graph_path(graph), profile, targets, opt_level,
+                            directory / f"timing-{flavor.name}-{flavor.version}.cache")
         seconds = time.perf_counter() - t0
         with atomic_path(plan) as tmp:
             tmp.write_bytes(data)
         meta = {"key": asdict(key), "plan_sha256": hashlib.sha256(data).hexdigest(), "opt_level": opt_level,
-                "build_seconds": round(seconds, 3), "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                "bundle_digest": bundle.digest, "build_seconds": round(seconds, 3), "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         with atomic_path(plan.with_suffix(".json")) as tmp:
             tmp.write_text(json.dumps(meta, indent=2) + "\n")
     return CachedEngine(plan, key, built=True, seconds=seconds)

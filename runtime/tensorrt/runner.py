@@ -149,8 +149,7 @@ def open_engines(bundle: Bundle, cuda_graph: bool = False, flavor: str = "auto")
     for graph, spec in bundle.manifest.graphs.items():
         engines = []
         for key, plan in select_engines(bundle, graph, fl, gpu.compute_capability):
-            check_engine(plan, key)
-            engine = runtime.deserialize_cuda_engine(plan.read_bytes())
+            engine = runtime.deserialize_cuda_engine(check_engine(plan, key))
             if engine is None:
                 raise BundleError(f"{plan}: {fl.name} {fl.version} could not deserialize the engine on "
                                   f"{gpu.name} ({gpu.compute_capability}); run `vpsde build {bundle.root} --force`")
