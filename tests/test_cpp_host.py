@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import reseal, run_host as run
 
 from vpsde.export import VPSDE, export_bundle, load_model
 from vpsde.runtime import Sampler
@@ -21,21 +22,6 @@ from vpsde.runtime.noise import philox_normal
 
 ROOT = Path(__file__).parent.parent
 KAT = ROOT / "tests" / "data" / "philox4x32_10_kat.json"
-
-
-@pytest.fixture(scope="module")
-def host():
-    missing = [tool for tool in ("cmake", "g++") if shutil.which(tool) is None]
-    if missing:
-        pytest.skip(f"no {' or '.join(missing)} on this machine: the C++ host cannot be built")
-    r = subprocess.run(["bash", "hosts/cpp/build.sh"], cwd=ROOT, capture_output=True, text=True, timeout=900,
-                       env={"PYTHON": sys.executable, "PATH": "/usr/local/bin:/usr/bin:/bin", "JOBS": "2"})
-    assert r.returncode == 0, f"C++ host build failed:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
-    return ROOT / "build" / "cpp"
-
-
-def run(exe, *args):
-    return subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, timeout=600)
 
 
 def test_philox_known_answers_in_cpp(host):
@@ -132,13 +118,15 @@ def _edit(root, edit):
     data = json.loads((root / "manifest.json").read_text())
     edit(data)
     (root / "manifest.json").write_text(json.dumps(data))
+    reseal(root)
 
 
 @pytest.mark.parametrize("case, expect", [
     ("missing_graph", "em.onnx: graph file named by 'graphs.em.file'"),
     ("schema_version", "field 'schema_version': this host reads schema versions 1..2, the bundle has 7"),
-    ("sha_mismatch", "sha256 is"),
+    ("sha_mismatch", "em.onnx: sha256 does not match 'graphs.em.sha256'"),
     ("shape_mismatch", "field 'graphs.em.inputs[0].shape': expected [batch, 2]"),
+    ("not_onnx", "em.onnx: graph 'em' is not an ONNX model"),
     ("ort_status", "ONNX Runtime could not load graph 'em'"),
     ("not_json", "not valid JSON"),
     ("bf16_on_cpu", "field 'model.precision' is \"bf16\"; ONNX Runtime's CPU provider has no bfloat16 kernels"),
@@ -154,11 +142,18 @@ def test_cpp_errors_are_clear(host, tmp_path, gmm_bundle, case, expect):
             f.write(b"\0")
     elif case == "shape_mismatch":
         _edit(root, lambda d: d["model"].update(sample_shape=[2]) or d["graphs"]["em"]["inputs"][0].update(shape=["batch", 3]))
-    elif case == "ort_status":
-        (root / "em.onnx").write_bytes(b"not an onnx model")
+    elif case in ("not_onnx", "ort_status"):
+        from onnx import TensorProto, helper
+
+        graph = helper.make_graph([helper.make_node("NoSuchOp", ["x"], ["x_next"])], "g",
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2])],
+                                  [helper.make_tensor_value_info("x_next", TensorProto.FLOAT, ["batch", 2])])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]).SerializeToString()
+        (root / "em.onnx").write_bytes(b"not an onnx model" if case == "not_onnx" else model)
         _edit(root, lambda d: d["graphs"]["em"].update(sha256=sha256_file(root / "em.onnx")))
     elif case == "not_json":
         (root / "manifest.json").write_text("{oops")
+        reseal(root)
     elif case == "bf16_on_cpu":
         _edit(root, lambda d: d["model"].update(precision="bf16"))
     r = run(host / "vpsde-sample", root, "--num", 2, "--seed", 0, "--out", tmp_path / "x.npy")

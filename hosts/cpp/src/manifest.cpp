@@ -1,14 +1,12 @@
 #include "vpsde/manifest.hpp"
 
-#include <openssl/evp.h>
+#include "vpsde/files.hpp"
 
 #include <algorithm>
+#include <cctype>
+#include <cmath>
 #include <filesystem>
-#include <fstream>
-#include <iomanip>
-#include <memory>
 #include <nlohmann/json.hpp>
-#include <sstream>
 
 namespace fs = std::filesystem;
 using nlohmann::json;
@@ -69,6 +67,52 @@ struct Reader {
   static std::string join(const std::string& where, const std::string& key) { return where.empty() ? key : where + "." + key; }
 };
 
+bool is_identifier(const std::string& name) {
+  if (name.empty() || name.size() > 64 || !(std::isalpha(static_cast<unsigned char>(name[0])) || name[0] == '_')) return false;
+  return std::all_of(name.begin(), name.end(), [](char c) { return std::isalnum(static_cast<unsigned char>(c)) || c == '_'; });
+}
+
+// Deepest nesting of objects and arrays, strings skipped: checked before any parser sees a hostile file.
+int json_depth(const std::string& text) {
+  int depth = 0, deepest = 0;
+  bool in_string = false, escaped = false;
+  for (char c : text) {
+    if (in_string) {
+      if (escaped) escaped = false;
+      else if (c == '\\') escaped = true;
+      else if (c == '"') in_string = false;
+    } else if (c == '"') in_string = true;
+    else if (c == '[' || c == '{') deepest = std::max(deepest, ++depth);
+    else if (c == ']' || c == '}') --depth;
+  }
+  return deepest;
+}
+
+// SHA256SUMS ("<64 hex>  <name>\n", sorted by name) -> {name: sha256}; an Error naming the line otherwise.
+std::map<std::string, std::string> parse_sums(const std::string& data, const std::string& source) {
+  std::map<std::string, std::string> out;
+  if (!data.empty() && data.back() != '\n')
+    throw Error(source + ": the last line does not end with a newline; the file is truncated or edited");
+  std::size_t pos = 0;
+  std::string previous;
+  for (int number = 1; pos < data.size(); ++number) {
+    const std::size_t end = data.find('\n', pos);
+    const std::string line = data.substr(pos, end - pos);
+    pos = end + 1;
+    const bool hex = line.size() > 66 && std::all_of(line.begin(), line.begin() + 64, [](char c) {
+      return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f');
+    });
+    const std::string name = line.size() > 66 ? line.substr(66) : "";
+    if (!hex || line.compare(64, 2, "  ") != 0 || !is_plain_name(name))
+      throw Error(source + ": line " + std::to_string(number) + ": expected '<64 lower-case hex>  <file name>'");
+    if (out.count(name)) throw Error(source + ": line " + std::to_string(number) + ": '" + name + "' is listed twice");
+    if (!previous.empty() && name < previous) throw Error(source + ": lines are not sorted by file name, as vpsde writes them");
+    previous = name;
+    out[name] = line.substr(0, 64);
+  }
+  return out;
+}
+
 std::string shape_str(const std::vector<std::int64_t>& shape) {
   std::string s = "[";
   for (std::size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + (shape[i] < 0 ? std::string("batch") : std::to_string(shape[i]));
@@ -83,33 +127,33 @@ std::int64_t Manifest::sample_numel() const {
   return n;
 }
 
-std::string sha256_file(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw Error(path + ": cannot open for reading");
-  std::unique_ptr<EVP_MD_CTX, decltype(&EVP_MD_CTX_free)> ctx(EVP_MD_CTX_new(), EVP_MD_CTX_free);
-  EVP_DigestInit_ex(ctx.get(), EVP_sha256(), nullptr);
-  std::vector<char> buf(1 << 20);
-  while (in) {
-    in.read(buf.data(), static_cast<std::streamsize>(buf.size()));
-    EVP_DigestUpdate(ctx.get(), buf.data(), static_cast<std::size_t>(in.gcount()));
-  }
-  unsigned char digest[EVP_MAX_MD_SIZE];
-  unsigned int len = 0;
-  EVP_DigestFinal_ex(ctx.get(), digest, &len);
-  std::ostringstream hex;
-  for (unsigned int i = 0; i < len; ++i) hex << std::hex << std::setw(2) << std::setfill('0') << static_cast<int>(digest[i]);
-  return hex.str();
-}
-
-Manifest load_bundle(const std::string& bundle_dir) {
+Manifest load_bundle(const std::string& bundle_dir, const std::string& expect_digest) {
   const fs::path root(bundle_dir);
   if (!fs::is_directory(root)) throw Error(bundle_dir + ": not a directory; a bundle is a directory holding manifest.json");
-  const fs::path path = root / "manifest.json";
-  std::ifstream in(path);
-  if (!in) throw Error(path.string() + ": no manifest here; a bundle is a directory with manifest.json");
+  const fs::path path = root / "manifest.json", sums_path = root / "SHA256SUMS";
+  std::error_code ec;
+  if (!fs::exists(fs::symlink_status(path, ec)))
+    throw Error(path.string() + ": no manifest here; a bundle is a directory with manifest.json");
+  const std::string bytes = read_regular(inside(bundle_dir, "manifest.json", path.string()), kManifestLimit, "the manifest");
+  if (!fs::exists(fs::symlink_status(sums_path, ec)))
+    throw Error(sums_path.string() + ": missing; a bundle lists the sha256 of its manifest and graphs in SHA256SUMS "
+                "(vpsde 0.2 and later): re-export it with `vpsde export`");
+  const std::string sums_bytes = read_regular(inside(bundle_dir, "SHA256SUMS", sums_path.string()), kSumsLimit, "SHA256SUMS");
+  const std::string digest = sha256_hex(sums_bytes);
+  if (!expect_digest.empty() && digest != expect_digest)
+    throw Error(bundle_dir + ": bundle digest is " + digest + ", but " + expect_digest +
+                " was expected (--expect-digest): this is not the bundle you pinned");
+  const auto sums = parse_sums(sums_bytes, sums_path.string());
+  if (!sums.count("manifest.json") || sums.at("manifest.json") != sha256_hex(bytes))
+    throw Error(path.string() + ": does not match its sha256 in SHA256SUMS; the manifest was edited after export (or "
+                "SHA256SUMS was): re-export the bundle");
+  const int depth = json_depth(bytes);
+  if (depth > kMaxDepth)
+    throw Error(path.string() + ": JSON nested " + std::to_string(depth) + " deep; a manifest needs at most " +
+                std::to_string(kMaxDepth));
   json doc;
   try {
-    doc = json::parse(in);
+    doc = json::parse(bytes);
   } catch (const json::parse_error& e) {
     throw Error(path.string() + ": not valid JSON (" + e.what() + ")");
   }
@@ -128,6 +172,8 @@ Manifest load_bundle(const std::string& bundle_dir) {
   for (const auto& s : shape) {
     if (!s.is_number_integer() || s.get<std::int64_t>() < 1) r.fail("model.sample_shape", "expected positive sizes, got " + shape.dump());
     m.sample_shape.push_back(s.get<std::int64_t>());
+    if (m.sample_shape.back() > kMaxSampleNumel || m.sample_numel() > kMaxSampleNumel)
+      r.fail("model.sample_shape", "expected at most " + std::to_string(kMaxSampleNumel) + " elements in all, got " + shape.dump());
   }
   if (model.contains("precision")) {
     if (!model["precision"].is_string()) r.fail("model.precision", "expected \"fp32\", \"fp16\" or \"bf16\"");
@@ -135,18 +181,25 @@ Manifest load_bundle(const std::string& bundle_dir) {
   }
 
   const json& sampler = r.at(doc, "sampler", "");
-  m.steps = static_cast<int>(r.integer(sampler, "steps", "sampler"));
-  if (m.steps < 1) r.fail("sampler.steps", "expected >= 1");
+  const std::int64_t steps = r.integer(sampler, "steps", "sampler");
+  if (steps < 1 || steps > kMaxSteps) r.fail("sampler.steps", "expected 1.." + std::to_string(kMaxSteps) + ", got " + std::to_string(steps));
+  m.steps = static_cast<int>(steps);
   m.final_output = r.str(sampler, "final", "sampler");
   const json& program = r.at(sampler, "program", "sampler");
   if (!program.is_array() || program.empty()) r.fail("sampler.program", "expected a non-empty list of graph calls");
   for (std::size_t i = 0; i < program.size(); ++i) {
     const std::string w = "sampler.program[" + std::to_string(i) + "]";
     ProgramCall call{r.str(program[i], "graph", w), 1};
-    if (program[i].contains("repeat")) call.repeat = static_cast<int>(r.integer(program[i], "repeat", w));
-    if (call.repeat < 1) r.fail(w + ".repeat", "expected >= 1");
+    const std::int64_t repeat = program[i].contains("repeat") ? r.integer(program[i], "repeat", w) : 1;
+    if (repeat < 1 || repeat > kMaxRepeat) r.fail(w + ".repeat", "expected 1.." + std::to_string(kMaxRepeat) + ", got " + std::to_string(repeat));
+    call.repeat = static_cast<int>(repeat);
     m.program.push_back(call);
   }
+  std::int64_t per_step = 0;
+  for (const auto& c : m.program) per_step += c.repeat;
+  if (per_step * m.steps > kMaxCalls)
+    r.fail("sampler.program", std::to_string(m.steps) + " steps x " + std::to_string(per_step) + " graph calls per step = " +
+                                  std::to_string(per_step * m.steps) + " calls per sample; at most " + std::to_string(kMaxCalls) + " are accepted");
 
   if (sampler.contains("state")) {
     const json& state = sampler.at("state");
@@ -174,6 +227,9 @@ Manifest load_bundle(const std::string& bundle_dir) {
       r.fail("schedule." + key, "expected " + std::to_string(m.steps) + " values (sampler.steps), got " +
                                     std::to_string(m.schedule[key].size()));
   }
+  for (const auto& [key, values] : m.schedule)
+    if (!std::all_of(values.begin(), values.end(), [](double v) { return std::isfinite(v); }))
+      r.fail("schedule." + key, "expected finite numbers, found NaN or Infinity");
   if (m.schedule.count("dt"))
     for (double dt : m.schedule["dt"])
       if (!(dt < 0)) r.fail("schedule.dt", "reverse-time steps must be negative");
@@ -189,6 +245,19 @@ Manifest load_bundle(const std::string& bundle_dir) {
       m.noise_inputs.push_back(v.get<std::string>());
     }
   }
+  if (m.noise_generator != kPhiloxId && m.noise_generator != "torch")
+    r.fail("noise.generator", "expected \"" + std::string(kPhiloxId) + "\" or \"torch\", got \"" + m.noise_generator + "\"");
+  // every graph input name has one source only: noise.inputs naming x or a schedule array would change samples
+  std::map<std::string, std::string> roles{{"x", "the sample x"}};
+  auto claim = [&](const std::string& where, const std::string& name) {
+    if (!is_identifier(name)) r.fail(where, "expected identifiers, got '" + name + "'");
+    if (roles.count(name)) r.fail(where, "'" + name + "' is already " + roles[name] + "; each graph input has exactly one source");
+    roles[name] = "in " + where;
+  };
+  for (const auto& [key, _] : m.schedule) claim("schedule", key);
+  for (const auto& name : m.noise_inputs) claim("noise.inputs", name);
+  for (const auto& s : m.state) claim("sampler.state", s.input);
+  for (const auto& name : m.conditioning) claim("sampler.conditioning", name);
   auto is_sample_input = [&](const std::string& name) {
     if (name == "x") return true;
     if (std::find(m.noise_inputs.begin(), m.noise_inputs.end(), name) != m.noise_inputs.end()) return true;
@@ -198,18 +267,23 @@ Manifest load_bundle(const std::string& bundle_dir) {
 
   const json& graphs = r.at(doc, "graphs", "");
   if (!graphs.is_object() || graphs.empty()) r.fail("graphs", "expected an object of graph specs");
+  std::map<std::string, std::string> files;
   for (const auto& [key, g] : graphs.items()) {
+    if (!is_plain_name(key))
+      r.fail("graphs." + key, "a graph key must be a plain name (letters, digits, '_', '.', '-'; no '/', no leading '.')");
     const std::string w = "graphs." + key;
     GraphSpec spec{r.str(g, "file", w), r.str(g, "sha256", w), r.tensors(g, "inputs", w), r.tensors(g, "outputs", w)};
-    const fs::path file(spec.file);
-    if (file.is_absolute() || spec.file.find("..") != std::string::npos) r.fail(w + ".file", "expected a path inside the bundle");
-    const fs::path gpath = root / file;
-    if (!fs::is_regular_file(gpath))
-      throw Error(gpath.string() + ": graph file named by '" + w + ".file' in " + path.string() + " is missing");
-    const std::string actual = sha256_file(gpath.string());
-    if (actual != spec.sha256)
-      throw Error(gpath.string() + ": sha256 is " + actual + ", but '" + w + ".sha256' in " + path.string() + " says " +
-                  spec.sha256 + "; the file was modified or the manifest edited - re-export the bundle");
+    if (!is_plain_name(spec.file) || spec.file == "manifest.json" || spec.file == "SHA256SUMS")
+      r.fail(w + ".file", "expected a plain file name inside the bundle (no '/', no '..'), got '" + spec.file + "'");
+    if (files.count(spec.file)) r.fail(w + ".file", "'" + spec.file + "' is also the file of graph '" + files[spec.file] + "'");
+    files[spec.file] = key;
+    for (const auto* list : {&spec.inputs, &spec.outputs})
+      for (const auto& t : *list)
+        if (!is_identifier(t.name)) r.fail(w, "graph input and output names must be identifiers, got '" + t.name + "'");
+    if (!sums.count(spec.file) || sums.at(spec.file) != spec.sha256)
+      throw Error(sums_path.string() + ": the sha256 of " + spec.file + " differs from '" + w + ".sha256' in " +
+                  path.string() + " (or is not listed); re-export the bundle");
+    check_self_contained(read_graph(bundle_dir, key, spec), (root / spec.file).string(), key);
     for (std::size_t i = 0; i < spec.inputs.size(); ++i) {
       const TensorSpec& t = spec.inputs[i];
       if (t.dtype != "float32") r.fail(w + ".inputs[" + std::to_string(i) + "].dtype", "this host runs float32 graph IO, got " + t.dtype);
@@ -235,7 +309,19 @@ Manifest load_bundle(const std::string& bundle_dir) {
   for (const auto& [key, g] : m.graphs)
     if (std::none_of(g.outputs.begin(), g.outputs.end(), [](const TensorSpec& t) { return t.name == "x_next"; }))
       r.fail("graphs." + key + ".outputs", "expected an output named 'x_next'");
+  if (sums.size() != files.size() + 1)
+    throw Error(sums_path.string() + ": lists files beyond manifest.json and the graph files; it must list exactly those");
+  m.digest = digest;
   return m;
+}
+
+std::string read_graph(const std::string& bundle_dir, const std::string& key, const GraphSpec& graph) {
+  const std::string where = "'graphs." + key + ".file' in " + (fs::path(bundle_dir) / "manifest.json").string();
+  const std::string data = read_regular(inside(bundle_dir, graph.file, where), kGraphLimit, "graph file named by " + where);
+  if (sha256_hex(data) != graph.sha256)
+    throw Error((fs::path(bundle_dir) / graph.file).string() + ": sha256 does not match 'graphs." + key + ".sha256' in " +
+                (fs::path(bundle_dir) / "manifest.json").string() + "; the file was modified or the manifest edited - re-export the bundle");
+  return data;
 }
 
 }  // namespace vpsde

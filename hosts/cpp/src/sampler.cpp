@@ -5,6 +5,9 @@
 #include <filesystem>
 #include <utility>
 
+#include <unistd.h>
+
+#include "vpsde/files.hpp"
 #include "vpsde/philox.hpp"
 
 namespace vpsde {
@@ -62,11 +65,21 @@ Ort::SessionOptions session_options(const SamplerOptions& o) {
 
 std::string first_line(const std::string& s) { return s.substr(0, s.find('\n')); }
 
+// ONNX Runtime's words for a graph that keeps tensors outside itself; loaded from bytes, it cannot resolve them
+std::string explain_load_error(const std::string& what) {
+  if (what.find("external data") != std::string::npos || what.find("model_path must not be empty") != std::string::npos)
+    return "the graph keeps tensors as external data (files outside the .onnx); a bundle's graphs must be "
+           "self-contained: re-export the bundle (" + first_line(what) + ")";
+  return first_line(what);
+}
+
 }  // namespace
 
 Sampler::Sampler(std::string bundle_dir, SamplerOptions options)
-    : bundle_dir_(std::move(bundle_dir)), options_(std::move(options)), manifest_(load_bundle(bundle_dir_)),
-      env_(ORT_LOGGING_LEVEL_ERROR, "vpsde") {
+    : bundle_dir_(std::move(bundle_dir)), options_(std::move(options)),
+      manifest_(load_bundle(bundle_dir_, options_.expect_digest)), env_(ORT_LOGGING_LEVEL_ERROR, "vpsde") {
+  if (options_.threads < 0 || options_.threads > kMaxThreads)
+    throw Error("--threads: expected 1.." + std::to_string(kMaxThreads) + ", got " + std::to_string(options_.threads));
   if (manifest_.noise_generator != kPhiloxId)
     throw Error(bundle_dir_ + "/manifest.json: field 'noise.generator': this host implements '" + std::string(kPhiloxId) +
                 "', the bundle asks for '" + manifest_.noise_generator + "'");
@@ -84,10 +97,11 @@ Sampler::Sampler(std::string bundle_dir, SamplerOptions options)
     g->key = key;
     g->spec = spec;
     g->path = (std::filesystem::path(bundle_dir_) / spec.file).string();
+    const std::string bytes = read_graph(bundle_dir_, key, spec);  // the checked bytes, not the path
     try {
-      g->session = Ort::Session(env_, g->path.c_str(), so);
+      g->session = Ort::Session(env_, bytes.data(), bytes.size(), so);
     } catch (const Ort::Exception& e) {
-      throw Error(g->path + ": ONNX Runtime could not load graph '" + key + "': " + first_line(e.what()));
+      throw Error(g->path + ": ONNX Runtime could not load graph '" + key + "': " + explain_load_error(e.what()));
     }
     const std::size_t n_in = g->session.GetInputCount(), n_out = g->session.GetOutputCount();
     if (n_in != spec.inputs.size() || n_out != spec.outputs.size())
@@ -100,11 +114,27 @@ Sampler::Sampler(std::string bundle_dir, SamplerOptions options)
 
 Sampler::~Sampler() = default;
 
+void Sampler::check_memory(std::int64_t num, std::int64_t batch) const {
+  const long pages = ::sysconf(_SC_PHYS_PAGES), page = ::sysconf(_SC_PAGE_SIZE);
+  if (pages <= 0 || page <= 0) return;
+  const long double have = static_cast<long double>(pages) * page;
+  const long double need = 4.0L * manifest_.sample_numel() * (static_cast<long double>(num) + 12.0L * batch);
+  if (need > have)
+    throw Error(std::to_string(num) + " samples in batches of " + std::to_string(batch) + " need about " +
+                std::to_string(static_cast<long long>(need / (1ull << 30))) + " GiB, more than this machine's " +
+                std::to_string(static_cast<long long>(have / (1ull << 30))) +
+                " GiB: sample fewer at a time (--num, --batch) and shard with --first-sample");
+}
+
 std::vector<float> Sampler::sample(std::int64_t num, std::uint64_t seed, std::int64_t batch, std::uint64_t first_sample,
                                   const std::map<std::string, NpyArray>& conditioning) {
   if (num < 1) throw Error("--num must be >= 1");
-  if (batch < 1) batch = num;
+  if (first_sample > UINT64_MAX - static_cast<std::uint64_t>(num - 1))
+    throw Error("--first-sample " + std::to_string(first_sample) + " + --num " + std::to_string(num) +
+                " passes the last sample index 2^64 - 1");
+  if (batch < 1 || batch > num) batch = num;
   const std::int64_t numel = manifest_.sample_numel();
+  check_memory(num, batch);
   std::vector<std::string> wanted = manifest_.conditioning, given;
   for (const auto& [name, _] : conditioning) given.push_back(name);
   std::sort(wanted.begin(), wanted.end());

@@ -43,7 +43,8 @@ int main(int argc, char** argv) {
     if (out.empty() || num == 0 || numel == 0) throw vpsde::Error("need --kat FILE, or --out, --num and --numel");
     std::vector<float> z(num * numel);
     for (std::uint64_t s = 0; s < num; ++s) vpsde::philox_normal(seed, static_cast<std::uint32_t>(call), first + s, z.data() + s * numel, numel);
-    vpsde::save_npy(out, z, {static_cast<std::int64_t>(num), static_cast<std::int64_t>(numel)});
+    vpsde::AtomicFile file(out);
+    vpsde::write_npy(file, z, {static_cast<std::int64_t>(num), static_cast<std::int64_t>(numel)});
     return 0;
   } catch (const std::exception& e) {
     std::cerr << "vpsde-noise: error: " << e.what() << "\n";

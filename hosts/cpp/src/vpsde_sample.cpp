@@ -1,10 +1,14 @@
 // vpsde-sample BUNDLE --num N --seed S [--batch B] [--first-sample K] [--provider cpu|cuda|tensorrt]
-//              [--threads T] [--no-nan-guard] --out samples.npy
+//              [--threads T] [--no-nan-guard] [--expect-digest SHA256] --out samples.npy
+#include <unistd.h>
+
 #include <chrono>
+#include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <iostream>
 #include <map>
+#include <new>
 #include <stdexcept>
 #include <string>
 
@@ -16,29 +20,60 @@ namespace {
 const char* kUsage =
     "usage: vpsde-sample BUNDLE --num N --seed S [--batch B] [--first-sample K]\n"
     "                    [--provider cpu|cuda|tensorrt] [--threads T] [--no-nan-guard] [--cond NAME=FILE.npy ...]\n"
-    "                    --out samples.npy\n"
+    "                    [--expect-digest SHA256] --out samples.npy\n"
     "Runs the bundle's timestep loop on ONNX Runtime with the portable Philox noise and writes the final\n"
     "samples (float32 [N, *sample_shape]) as .npy. Defaults: --batch N, --first-sample 0, --provider cpu.\n"
     "--cond gives a conditioning input the bundle names (inpainting: --cond known=k.npy --cond mask=m.npy),\n"
-    "float32 [*sample_shape] (shared) or [N, *sample_shape].\n";
+    "float32 [*sample_shape] (shared) or [N, *sample_shape].\n"
+    "--expect-digest refuses a bundle whose digest (sha256 of its SHA256SUMS; `vpsde inspect` prints it) differs.\n";
 
-std::uint64_t parse_u64(const std::string& flag, const std::string& v) {
+constexpr std::uint64_t kMaxNum = std::uint64_t{1} << 40;
+
+std::uint64_t parse_u64(const std::string& flag, const std::string& v, std::uint64_t lo = 0,
+                        std::uint64_t hi = UINT64_MAX) {
+  std::uint64_t x = 0;
   try {
     std::size_t pos = 0;
-    if (!v.empty() && v[0] == '-') throw std::invalid_argument("negative");
-    const unsigned long long x = std::stoull(v, &pos, 0);
+    if (v.empty() || v[0] == '-' || v[0] == '+' || v[0] == ' ') throw std::invalid_argument("sign");
+    x = std::stoull(v, &pos, 0);
     if (pos != v.size()) throw std::invalid_argument("trailing");
-    return x;
   } catch (const std::exception&) {
     throw vpsde::Error(flag + ": expected a non-negative integer, got '" + v + "'");
   }
+  if (x < lo || x > hi)
+    throw vpsde::Error(flag + ": expected " + std::to_string(lo) + ".." + std::to_string(hi) + ", got " + v);
+  return x;
+}
+
+// A message for the terminal: control characters and non-ASCII bytes (e.g. from a hostile manifest) escaped.
+std::string printable(const std::string& s) {
+  std::string out;
+  for (unsigned char c : s) {
+    if (c == '\n' || (c >= 0x20 && c < 0x7f)) {
+      out += static_cast<char>(c);
+    } else {
+      char buf[8];
+      std::snprintf(buf, sizeof buf, "\\x%02x", c);
+      out += buf;
+    }
+  }
+  return out;
+}
+
+// SIGTERM / SIGINT: remove the output's temporary (async-signal-safe), then exit like the Python CLI.
+extern "C" void on_signal(int sig) {
+  const char* tmp = vpsde::pending_temporary();
+  if (tmp[0]) ::unlink(tmp);
+  ::_exit(sig == SIGTERM ? 143 : 130);
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
+  std::signal(SIGTERM, on_signal);
+  std::signal(SIGINT, on_signal);
   try {
-    std::string bundle, out, provider = "cpu";
+    std::string bundle, out, provider = "cpu", expect_digest;
     std::int64_t num = 0, batch = 0;
     std::uint64_t seed = 0, first = 0;
     int threads = 0;
@@ -53,12 +88,18 @@ int main(int argc, char** argv) {
       if (a == "-h" || a == "--help") {
         std::cout << kUsage;
         return 0;
-      } else if (a == "--num") num = static_cast<std::int64_t>(parse_u64(a, value()));
+      } else if (a == "--num") num = static_cast<std::int64_t>(parse_u64(a, value(), 1, kMaxNum));
       else if (a == "--seed") seed = parse_u64(a, value()), have_seed = true;
-      else if (a == "--batch") batch = static_cast<std::int64_t>(parse_u64(a, value()));
+      else if (a == "--batch") batch = static_cast<std::int64_t>(parse_u64(a, value(), 1, kMaxNum));
       else if (a == "--first-sample") first = parse_u64(a, value());
       else if (a == "--provider") provider = value();
-      else if (a == "--threads") threads = static_cast<int>(parse_u64(a, value()));
+      else if (a == "--threads") threads = static_cast<int>(parse_u64(a, value(), 1, vpsde::kMaxThreads));
+      else if (a == "--expect-digest") {
+        expect_digest = value();
+        const bool hex = expect_digest.size() == 64 &&
+                         expect_digest.find_first_not_of("0123456789abcdef") == std::string::npos;
+        if (!hex) throw vpsde::Error("--expect-digest: expected 64 lower-case hex digits, got '" + expect_digest + "'");
+      }
       else if (a == "--out") out = value();
       else if (a == "--no-nan-guard") nan_guard = false;
       else if (a == "--cond") {
@@ -73,21 +114,28 @@ int main(int argc, char** argv) {
     }
     if (bundle.empty() || out.empty() || num < 1 || !have_seed)
       throw vpsde::Error(std::string("BUNDLE, --num (>= 1), --seed and --out are required\n") + kUsage);
-    vpsde::Sampler sampler(bundle, {provider, threads, nan_guard});
+    if (first > UINT64_MAX - static_cast<std::uint64_t>(num - 1))
+      throw vpsde::Error("--first-sample " + std::to_string(first) + " + --num " + std::to_string(num) +
+                         " passes the last sample index 2^64 - 1");
+    vpsde::Sampler sampler(bundle, {provider, threads, nan_guard, expect_digest});
+    vpsde::AtomicFile file(out);  // before any graph call: a bad --out must not cost a sampling run
     const auto t0 = std::chrono::steady_clock::now();
     const std::vector<float> x = sampler.sample(num, seed, batch, first, cond);
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     std::vector<std::int64_t> shape{num};
     for (auto s : sampler.manifest().sample_shape) shape.push_back(s);
-    vpsde::save_npy(out, x, shape);
+    vpsde::write_npy(file, x, shape);
     std::cerr << "sampled " << num << " in " << secs << " s (" << sampler.manifest().steps << " steps, " << provider << ")\n";
     std::cout << out << "\n";
     return 0;
   } catch (const vpsde::Error& e) {
-    std::cerr << "vpsde-sample: error: " << e.what() << "\n";
+    std::cerr << "vpsde-sample: error: " << printable(e.what()) << "\n";
+    return 2;
+  } catch (const std::bad_alloc&) {
+    std::cerr << "vpsde-sample: error: out of memory: use a smaller --num or --batch\n";
     return 2;
   } catch (const std::exception& e) {
-    std::cerr << "vpsde-sample: error: " << e.what() << "\n";
-    return 1;
+    std::cerr << "vpsde-sample: error: " << printable(e.what()) << "\n";
+    return 2;
   }
 }

@@ -16,6 +16,13 @@ struct Error : std::runtime_error {
 
 inline constexpr int kSchemaVersion = 2;  // newest version read; 1 (Euler-Maruyama only) reads too
 inline constexpr const char* kPhiloxId = "philox4x32-10/box-muller/v1";
+// Bounds on what a manifest may ask for (the same as vpsde/runtime/manifest.py).
+inline constexpr std::uint64_t kManifestLimit = 64ull << 20;  // bytes of manifest.json
+inline constexpr std::uint64_t kSumsLimit = 1ull << 16;       // bytes of SHA256SUMS
+inline constexpr std::uint64_t kGraphLimit = 2ull << 30;      // bytes of one graph
+inline constexpr int kMaxDepth = 32;                          // JSON nesting
+inline constexpr std::int64_t kMaxSteps = 100000, kMaxRepeat = 1000, kMaxCalls = 1000000;
+inline constexpr std::int64_t kMaxSampleNumel = std::int64_t{1} << 28;
 
 struct TensorSpec {
   std::string name, dtype;
@@ -49,13 +56,21 @@ struct Manifest {
   std::vector<std::string> noise_inputs{"noise"};  // each takes the next noise call, in this order
   std::vector<StateSpec> state;
   std::vector<std::string> conditioning;  // per-sample inputs the caller supplies (inpainting: known, mask)
+  std::string digest;  // sha256 of SHA256SUMS, which lists manifest.json and every graph file with their sha256
 
   std::int64_t sample_numel() const;
 };
 
-// Read <bundle>/manifest.json; check fields, files present and their sha256, IO shapes vs the sample shape.
-Manifest load_bundle(const std::string& bundle_dir);
+// Read <bundle>/SHA256SUMS and manifest.json (bytes checked against it, then every field), then every graph file
+// (inside the bundle, a regular file, its sha256); IO shapes vs the sample shape. With `expect_digest` (64 hex),
+// a bundle of another digest is refused.
+Manifest load_bundle(const std::string& bundle_dir, const std::string& expect_digest = "");
 
-std::string sha256_file(const std::string& path);
+// The bytes of graph `key`, read once from inside the bundle and checked against its sha256: hand these to
+// ONNX Runtime, never the path.
+std::string read_graph(const std::string& bundle_dir, const std::string& key, const GraphSpec& graph);
+
+// Refuse a graph that keeps any tensor as external data (a file read by path, outside every check).
+void check_self_contained(const std::string& bytes, const std::string& path, const std::string& key);
 
 }  // namespace vpsde

@@ -21,7 +21,10 @@ struct SamplerOptions {
   std::string provider = "cpu";  // cpu | cuda | tensorrt (through ONNX Runtime's execution providers)
   int threads = 0;               // intra-op threads; 0 = ONNX Runtime's default
   bool nan_guard = true;
+  std::string expect_digest;  // 64 hex: refuse a bundle of another digest (empty: any)
 };
+
+inline constexpr int kMaxThreads = 1024;
 
 // One conditioning input of one batch: its first sample's row, or the one row every sample shares.
 struct CondView {
@@ -43,6 +46,7 @@ class Sampler {
 
  private:
   struct Graph;  // a session with its buffers and IO binding
+  void check_memory(std::int64_t num, std::int64_t batch) const;
   void sample_batch(std::uint64_t seed, std::uint64_t first, std::int64_t size, float* out,
                     const std::map<std::string, CondView>& cond);
 
