@@ -1,0 +1,142 @@
+"""Trust boundary, every failure is one clear line: cases that ended in a Python traceback (or a hang, or a
+segfault) now exit 2 with a message that names the file, the field or the argument, in both hosts."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import copy_bundle, edit_manifest, reseal, run_host
+
+from vpsde.cli.main import main
+from vpsde.export import load_model
+from vpsde.export.sources import ModelSpecError
+from vpsde.models.sde import VPSDE
+from vpsde.runtime import Bundle, BundleError, Sampler
+
+CLI = [sys.executable, "-m", "vpsde.cli.main"]
+
+
+@pytest.fixture
+def bundle(gmm_bundle, tmp_path):
+    return copy_bundle(gmm_bundle, tmp_path / "b")
+
+
+def _both(bundle, host, tmp_path, expect: str) -> None:
+    """Python (Bundle.load and the CLI) and the C++ host: exit 2, ``expect`` in the one-line message."""
+    with pytest.raises(BundleError, match=expect):
+        Bundle.load(bundle)
+    r = subprocess.run([*CLI, "inspect", str(bundle)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and expect in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    r = run_host(host / "vpsde-sample", bundle, "--num", 2, "--seed", 0, "--out", tmp_path / "x.npy", timeout=60)
+    assert r.returncode == 2 and expect in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("content, expect", [
+    (b'{"format": "vpsde-bundle", "model": "\xff\xfe"}', "not UTF-8"),
+    (b"[" * 100000 + b"]" * 100000, "JSON nested 100000 deep"),
+])
+def test_hostile_manifest_bytes(bundle, host, tmp_path, content, expect):
+    (bundle / "manifest.json").write_bytes(content)
+    reseal(bundle)
+    if expect == "not UTF-8":
+        r = run_host(host / "vpsde-sample", bundle, "--num", 2, "--seed", 0, "--out", tmp_path / "x.npy", timeout=60)
+        assert r.returncode == 2 and "manifest.json" in r.stderr  # nlohmann reports invalid UTF-8 as bad JSON
+        with pytest.raises(BundleError, match=expect):
+            Bundle.load(bundle)
+    else:
+        _both(bundle, host, tmp_path, expect)
+
+
+@pytest.mark.parametrize("kind", ["directory", "fifo"])
+def test_manifest_that_is_not_a_regular_file(bundle, host, tmp_path, kind):
+    """A FIFO used to hang both hosts; a directory ended in IsADirectoryError."""
+    (bundle / "manifest.json").unlink()
+    if kind == "directory":
+        (bundle / "manifest.json").mkdir()
+    else:
+        os.mkfifo(bundle / "manifest.json")
+    _both(bundle, host, tmp_path, "the manifest is a directory" if kind == "directory" else "the manifest is a FIFO")
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda d: d["model"].update(value_range=[0, 1, 2]), "model.value_range"),
+    (lambda d: d["model"].update(value_range=[1, -1]), "model.value_range"),
+    (lambda d: d["schedule"]["t"].__setitem__(0, float("nan")), "schedule.t"),
+    (lambda d: d["graphs"]["em"]["inputs"][0].update(name="x\u001b[2J"), "graphs.em.inputs[0].name"),
+])
+def test_manifest_values_of_the_wrong_shape_name_the_field(bundle, edit, field):
+    edit_manifest(bundle, edit)
+    with pytest.raises(BundleError, match=f"field '{field.replace('[', '.').replace(']', '.')}"):
+        Bundle.load(bundle)
+
+
+@pytest.mark.parametrize("edit", [
+    lambda d: d["graphs"]["em"]["outputs"][0].update(shape=["batch", 3]),
+    lambda d: d["graphs"]["em"]["outputs"][0].update(dtype="float16"),
+])
+def test_graph_io_that_differs_from_the_manifest_is_refused_at_load(bundle, edit):
+    """Used to pass loading and fail inside ONNX Runtime's run."""
+    edit_manifest(bundle, edit)
+    with pytest.raises(BundleError, match=r"em\.onnx: graph outputs .* do not match 'graphs\.em\.outputs'"):
+        Sampler(bundle, progress=False)
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["--num", str(10**12)], "more than this machine's"),
+    (["--threads", "100000"], "expected 1..1024"),  # used to segfault after a minute
+    (["--first-sample", str(2**64 - 1), "--num", "2"], "passes the last sample index"),
+    (["--first-sample", "-1"], "expected 0 <= index < 2^64"),
+    (["--expect-digest", "abc"], "expected a bundle digest of 64 hex digits"),
+])
+def test_sample_arguments_are_one_line_errors(gmm_bundle, tmp_path, args, expect):
+    r = subprocess.run([*CLI, "sample", str(gmm_bundle.root), "--out", str(tmp_path / "o"), "--no-progress", *args],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and expect in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_inspect_into_a_closed_pipe_is_quiet(gmm_bundle):
+    r = subprocess.run(f"{sys.executable} -m vpsde.cli.main inspect {gmm_bundle.root} | head -c 10", shell=True,
+                       capture_output=True, text=True, timeout=60)
+    assert r.stdout == "bundle    " and "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr, r.stderr
+
+
+def test_inspect_escapes_control_characters(bundle, capsys):
+    edit_manifest(bundle, lambda d: d["model"].update(name="evil\u001b[2J\u001b]0;pwned\u0007"))
+    assert main(["inspect", str(bundle)]) == 0
+    out = capsys.readouterr().out
+    assert "\u001b" not in out and "\u0007" not in out and "evil\\x1b[2J" in out
+
+
+def test_cpp_memory_errors_are_exit_2(host, gmm_bundle, tmp_path):
+    r = run_host(host / "vpsde-sample", gmm_bundle.root, "--num", 2**40, "--batch", 1, "--seed", 0,
+                 "--out", tmp_path / "x.npy", timeout=60)
+    assert r.returncode == 2 and "more than this machine's" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("edit, expect", [
+    (lambda m: m.update(weights=5), "field 'weights': expected a string"),
+    (lambda m: m.update(weights="../../etc/passwd"), "field 'weights': expected a file name beside the config"),
+    (lambda m: m.update(time_label=999), "field 'time_label': expected a string"),
+    (lambda m: m.update(value_range="0..1"), "field 'value_range'"),
+    (lambda m: m.update(unet=[1, 2]), "field 'unet': expected an object"),
+])
+def test_weights_config_fields_of_the_wrong_type(tmp_path, edit, expect):
+    import shutil
+
+    from vpsde.models.shipped import WEIGHTS_DIR
+
+    for f in ("digits16.json", "digits16.safetensors"):
+        shutil.copy(WEIGHTS_DIR / f, tmp_path / f)
+    meta = json.loads((tmp_path / "digits16.json").read_text())
+    edit(meta)
+    (tmp_path / "digits16.json").write_text(json.dumps(meta))
+    with pytest.raises((ModelSpecError, ValueError), match=expect):
+        load_model(f"weights:{tmp_path / 'digits16.json'}", VPSDE())
+    r = subprocess.run([*CLI, "export", "--model", f"weights:{tmp_path / 'digits16.json'}", "--out",
+                        str(tmp_path / "b")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and expect in r.stderr and "Traceback" not in r.stderr, r.stderr
