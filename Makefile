@@ -8,13 +8,13 @@ BIN := $(VENV)/bin
 BUNDLE := build/digits-em1000
 OUT := out/digits
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench bench-ray clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[test,tensorrt-rtx]"
+	$(BIN)/python -m pip install -q -e ".[test,tensorrt-rtx,ray]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -31,6 +31,11 @@ test: install
 
 bench: install
 	$(BIN)/python bench/cpu_loop.py
+
+# Ray scale-out against the in-process Sampler; the local Ray instance runs in a private network namespace
+# (loopback only), as the tests do.
+bench-ray: install
+	unshare -n bash -c 'ip link set lo up && RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 $(BIN)/python bench/ray_scaling.py'
 
 clean:
 	rm -rf build out

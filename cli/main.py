@@ -27,6 +27,7 @@ EXAMPLES = """examples:
   vpsde export --model digits --sampler dpmpp-2m --steps 20 --out build/digits-dpm20
   vpsde export --model digits --sampler inpaint --out build/digits-inpaint
   vpsde sample build/digits-inpaint --known digit.png --mask mask.png --num 16 --out out/inpaint
+  vpsde sample build/digits-em1000 --num 100000 --ray ray://head:10001 --out out/digits-100k   # on a Ray cluster
 """
 
 SAMPLER_HELP = ("em = Euler-Maruyama (diffusers' step_pred); pc = Langevin corrector + reverse-diffusion predictor "
@@ -163,6 +164,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "range) or .npy [*sample_shape] / [num, *sample_shape] in the value range")
     p.add_argument("--mask", type=Path, default=None,
                    help="inpainting bundles: 1 where --known is kept; image (pixel > 127 = known) or .npy")
+    g = p.add_argument_group("scale-out on Ray (needs vpsde[ray])",
+                             "--ray writes OUT/shards/*.npy and OUT/index.json (read them with "
+                             "vpsde.scale.load_samples); rerunning the same command resumes")
+    g.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="shard the samples over Ray workers: alone, a local Ray instance; or a cluster address "
+                        "(auto, HOST:PORT, ray://HOST:10001)")
+    g.add_argument("--shard-size", type=_positive, default=1024, help="samples per shard file")
+    g.add_argument("--workers", type=_positive, default=2, help="Ray actors, each with its own Sampler")
+    g.add_argument("--worker-cpus", type=float, default=1.0, help="CPUs Ray reserves per worker")
+    g.add_argument("--worker-gpus", type=float, default=0.0, help="GPUs Ray reserves per worker")
 
     p = sub.add_parser("build", help="build TensorRT engines for a bundle's graphs (cached in BUNDLE/engines)",
                        formatter_class=fmt, description="Build one TensorRT engine per graph with an optimization "
@@ -241,6 +252,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
     bundle = Bundle.load(args.bundle, expect_digest=args.expect_digest)
     conditioning = _conditioning(args, bundle)
     _prepare_out_dir(args.out)  # before any graph call: a bad --out must not cost a sampling run
+    if args.ray is not None:
+        return _sample_on_ray(args, bundle, conditioning)
     sampler = Sampler(bundle, backend=args.backend, device=args.device, nan_guard=args.nan_guard,
                       progress=not args.no_progress, threads=args.threads, cuda_graph=args.cuda_graph)
     t0 = time.perf_counter()
@@ -261,6 +274,29 @@ def cmd_sample(args: argparse.Namespace) -> None:
     if m.model.value_range and len(m.model.sample_shape) == 3:
         png = args.out / "grid.png"
         save_png(png, image_grid(samples, tuple(m.model.value_range)))
+        print(f"wrote {png}")
+
+
+def _sample_on_ray(args: argparse.Namespace, bundle, conditioning) -> None:
+    from vpsde.runtime.images import image_grid, save_png
+    from vpsde.scale import sample_on_ray
+    from vpsde.scale.ray_sampling import first_samples
+
+    t0 = time.perf_counter()
+    report = sample_on_ray(bundle, args.num, args.seed, args.out, first_sample=args.first_sample,
+                           shard_size=args.shard_size, workers=args.workers, worker_cpus=args.worker_cpus,
+                           worker_gpus=args.worker_gpus, address=None if args.ray == "local" else args.ray,
+                           backend=args.backend, device=args.device, threads=args.threads,
+                           batch_size=args.batch_size, generator=_noise_id(args.noise), conditioning=conditioning,
+                           progress=not args.no_progress)
+    m = bundle.manifest
+    print(f"sampled {args.num} x {m.model.sample_shape} on Ray in {time.perf_counter() - t0:.2f} s "
+          f"({m.sampler.steps} {m.sampler.name} steps)")
+    print("\n".join(report.lines()))
+    print(f"wrote {args.out / 'index.json'}")
+    if m.model.value_range and len(m.model.sample_shape) == 3:
+        png = args.out / "grid.png"
+        save_png(png, image_grid(first_samples(args.out, 64), tuple(m.model.value_range)))
         print(f"wrote {png}")
 
 

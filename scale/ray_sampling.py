@@ -1,0 +1,221 @@
+"""Sampling a bundle on a Ray cluster: shards of the sample range on Ray actors, written by the driver.
+
+Why actors (not Ray Data, not plain tasks): a worker's expensive state is its :class:`~vpsde.runtime.Sampler`
+(ONNX Runtime sessions, or TensorRT engines and CUDA buffers), which must be made once per worker process and
+reused for every shard it computes. An actor holds exactly that; Ray restarts a killed actor and retries its
+in-flight calls (``max_restarts``, ``max_task_retries``), so vpsde schedules nothing and retries nothing itself.
+Ray Data's ``map_batches`` would add a dataset layer whose batches are not our shards and whose output would still
+have to be re-cut into files named by sample range.
+
+The bundle travels in Ray's object store as its checked files (no shared file system needed); each worker writes
+them to a private temporary directory and loads them with ``expect_digest``, so a worker samples only the bundle
+the driver checked. Workers return samples; only the driver writes, shard by shard, atomically, and records each
+finished shard in the index, so a killed driver resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from vpsde.runtime.bundle import Bundle
+from vpsde.runtime.digest import SUMS_NAME
+from vpsde.runtime.errors import BackendUnavailable, InputError, VpsdeError
+from vpsde.runtime.manifest import MANIFEST_NAME
+from vpsde.runtime.noise import TORCH_ID
+from vpsde.scale.shards import RunKey, Shard, ShardedSamples, open_run, write_shard
+
+
+def bundle_payload(bundle: Bundle) -> dict[str, bytes]:
+    """Every file a host reads from ``bundle``, by name, as checked bytes (what the workers receive)."""
+    payload = {MANIFEST_NAME: (bundle.root / MANIFEST_NAME).read_bytes(),
+               SUMS_NAME: (bundle.root / SUMS_NAME).read_bytes()}
+    for key, graph in bundle.manifest.graphs.items():
+        payload[graph.file] = bundle.graph_bytes(key)
+    return payload
+
+
+class ShardWorker:
+    """One worker process: the bundle from ``payload`` in a private directory, checked against ``digest``, and
+    one Sampler reused for every shard. Plain Python (Ray wraps it as an actor), so it runs without Ray too."""
+
+    def __init__(self, payload: Mapping[str, bytes], digest: str, backend: str = "onnxruntime",
+                 device: str | None = None, threads: int | None = None, batch_size: int | None = None) -> None:
+        from vpsde.runtime import Sampler
+        from vpsde.runtime.atomic import _locked_temp, sweep_stale
+
+        parent = Path(os.environ.get("TMPDIR", "/tmp"))
+        name = f"vpsde-worker-bundle-{digest[:16]}"
+        sweep_stale(parent, name)  # bundles of workers that were killed
+        self.root, self._lock = _locked_temp(parent, name, "", make_dir=True)
+        for file, data in payload.items():
+            if "/" in file or file.startswith("."):
+                raise InputError(f"bundle payload names {file!r}; expected plain file names")
+            (self.root / file).write_bytes(data)
+        self.bundle = Bundle.load(self.root, expect_digest=digest)
+        self.sampler = Sampler(self.bundle, backend=backend, device=device, threads=threads, progress=False)
+        self.batch_size = batch_size
+
+    def sample(self, first: int, num: int, seed: int, generator: str | None,
+               conditioning: Mapping[str, np.ndarray] | None = None) -> dict[str, Any]:
+        """Samples ``first .. first + num - 1``: float32 [num, *sample_shape] with timing and who made them."""
+        t0 = time.perf_counter()
+        samples = self.sampler.sample(num, seed, first_sample=first, batch_size=self.batch_size, generator=generator,
+                                      conditioning=conditioning)
+        return {"first": first, "num": num, "samples": samples, "seconds": time.perf_counter() - t0,
+                "worker": os.getpid(), "host": os.uname().nodename, "bundle_root": str(self.root),
+                "torch_imported": "torch" in sys.modules}
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+@dataclass
+class RayRunReport:
+    """What a run did: shards computed and reused, and per worker (pid@host): samples and seconds."""
+
+    run_dir: Path
+    computed: int
+    reused: int
+    per_worker: dict[str, tuple[int, float]]
+    torch_on_workers: bool
+
+    def lines(self) -> list[str]:
+        out = [f"{self.computed} shards computed, {self.reused} reused from an earlier run"]
+        for worker, (n, secs) in sorted(self.per_worker.items()):
+            out.append(f"  worker {worker}: {n} samples in {secs:.2f} s ({n / max(secs, 1e-9):.1f} samples/s)")
+        return out
+
+
+def sample_on_ray(bundle: Bundle | str | os.PathLike, num: int, seed: int, out: str | os.PathLike, *,
+                  first_sample: int = 0, shard_size: int = 1024, workers: int = 2, worker_cpus: float = 1,
+                  worker_gpus: float = 0, address: str | None = None, backend: str = "onnxruntime",
+                  device: str | None = None, threads: int | None = None, batch_size: int | None = None,
+                  generator: str | None = None, conditioning: Mapping[str, np.ndarray] | None = None,
+                  expect_digest: str | None = None, progress: bool = True,
+                  on_shard: Callable[[dict[str, Any]], None] | None = None) -> RayRunReport:
+    """Samples ``first_sample .. first_sample + num - 1`` of ``bundle`` with ``seed`` on Ray: ``out/shards/`` gets
+    one .npy per ``shard_size`` samples and ``out/index.json`` the run's key and each shard's sha256. Rerunning
+    resumes (verified shards are kept); a different bundle, seed, range, shard size or generator is refused.
+
+    ``address``: a running cluster ("auto", "HOST:PORT", "ray://HOST:10001"); None starts a local one with
+    ``workers * worker_cpus`` CPUs. ``workers`` actors with ``worker_cpus`` / ``worker_gpus`` each compute the
+    shards; ``threads`` is each worker's intra-op thread count (default: ``worker_cpus``). ``on_shard(result)``
+    sees every finished shard (after its file is written). The samples equal ``Sampler.sample(num, seed,
+    first_sample=...)`` bit for bit (portable noise; not for a ``coupling = batch`` corrector).
+    """
+    import ray
+
+    bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(Path(bundle), expect_digest=expect_digest)
+    m = bundle.manifest
+    generator = generator or m.noise.generator
+    if generator == TORCH_ID:
+        raise InputError("the 'torch' noise generator depends on the batch; sharded sampling needs the portable "
+                         "philox generator")
+    if m.sampler.params.get("coupling") == "batch":
+        raise InputError(f"{bundle.root}: its corrector couples the samples of a batch (coupling = batch), so shards "
+                         "would not equal one process; export with --coupling per-sample to shard it")
+    for name, value, lo in (("num", num, 1), ("shard_size", shard_size, 1), ("workers", workers, 1)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
+            raise InputError(f"{name} must be an integer >= {lo}, got {value!r}")
+    if not 0 <= first_sample <= 2**64 - num:
+        raise InputError(f"sample indices first_sample .. first_sample + num - 1 must lie in [0, 2^64), got "
+                         f"first_sample = {first_sample} and num = {num}")
+    cond = _shard_conditioning(bundle, conditioning, num)
+    run_dir = Path(out)
+    key = RunKey(bundle.digest, int(seed), int(first_sample), int(num), int(shard_size), generator,
+                 tuple(m.model.sample_shape))
+    index, todo = open_run(run_dir, key)
+    reused = len(key.shards()) - len(todo)
+    per_worker: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    torch_seen = False
+    started = False
+    if todo:
+        if not ray.is_initialized():
+            ray.init(address=address, num_cpus=None if address else max(1, int(workers * worker_cpus)),
+                     num_gpus=None if address or not worker_gpus else int(np.ceil(workers * worker_gpus)),
+                     include_dashboard=False, log_to_driver=False, configure_logging=False)
+            started = True
+        try:
+            actor = ray.remote(num_cpus=worker_cpus, num_gpus=worker_gpus, max_restarts=-1,
+                               max_task_retries=-1)(ShardWorker)
+            payload = ray.put(bundle_payload(bundle))
+            pool = [actor.remote(payload, bundle.digest, backend, device, threads or max(1, int(worker_cpus)),
+                                 batch_size) for _ in range(workers)]
+            queue = list(todo)
+            running: dict[Any, tuple[Shard, int]] = {}
+
+            def submit(w: int) -> None:
+                shard = queue.pop(0)
+                lo = shard.first - first_sample
+                sliced = {k: v if v.ndim == len(m.model.sample_shape) else v[lo:lo + shard.num]
+                          for k, v in cond.items()}  # [*S] is shared; [num, *S] goes by shard
+                running[pool[w].sample.remote(shard.first, shard.num, int(seed), generator, sliced or None)] = (shard, w)
+
+            for w in range(len(pool)):
+                for _ in range(2):  # two in flight per worker: the next shard is queued while one runs
+                    if queue:
+                        submit(w)
+            with tqdm(total=len(key.shards()), initial=reused, desc="shards", unit="shard", disable=not progress) as bar:
+                while running:
+                    (ref,), _ = ray.wait(list(running), num_returns=1)
+                    shard, w = running.pop(ref)
+                    try:
+                        result = ray.get(ref)
+                    except ray.exceptions.RayTaskError as e:  # a worker raised: its message, not Ray's traceback
+                        cause = getattr(e, "cause", None)
+                        why = str(cause) if isinstance(cause, VpsdeError) else \
+                            f"{type(cause).__name__}: {cause}" if cause is not None else str(e).splitlines()[0]
+                        raise VpsdeError(f"shard {shard.first}..{shard.first + shard.num - 1} failed on a worker: "
+                                         f"{why}") from None
+                    index.done[shard.first] = write_shard(run_dir, shard, result.pop("samples"))
+                    index.write(run_dir)
+                    who = f"{result['worker']}@{result['host']}"
+                    per_worker[who][0] += shard.num
+                    per_worker[who][1] += result["seconds"]
+                    torch_seen = torch_seen or result["torch_imported"]
+                    bar.update(1)
+                    if on_shard is not None:
+                        on_shard({**result, "file": str(run_dir / shard.file)})
+                    if queue:
+                        submit(w)
+        except ray.exceptions.RayError as e:
+            raise BackendUnavailable(f"Ray: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
+        finally:
+            if started:
+                ray.shutdown()
+    if not index.complete:
+        raise VpsdeError(f"{run_dir}: shards are missing after the run; rerun the same command to finish it")
+    return RayRunReport(run_dir, len(todo), reused, {k: (int(v[0]), v[1]) for k, v in per_worker.items()}, torch_seen)
+
+
+def _shard_conditioning(bundle: Bundle, conditioning: Mapping[str, np.ndarray] | None, num: int) -> dict[str, np.ndarray]:
+    """The bundle's conditioning arrays, each [*S] (shared) or [num, *S] (sliced per shard), checked here so a
+    bad one fails before any worker starts."""
+    m = bundle.manifest
+    wanted, given = sorted(m.sampler.conditioning), sorted(conditioning or {})
+    if wanted != given:
+        raise InputError(f"bundle {bundle.root} takes conditioning inputs {wanted or 'none'}, got {given or 'none'}")
+    shape = tuple(m.model.sample_shape)
+    out = {}
+    for name, arr in (conditioning or {}).items():
+        arr = np.ascontiguousarray(arr, dtype=np.float32)
+        if arr.shape not in (shape, (num, *shape)):
+            raise InputError(f"conditioning input {name!r}: expected shape {list(shape)} or {[num, *shape]}, got "
+                             f"{list(arr.shape)}")
+        out[name] = arr
+    return out
+
+
+def first_samples(run_dir: str | os.PathLike, count: int) -> np.ndarray:
+    """The first ``count`` samples of a finished run (for the grid)."""
+    samples = ShardedSamples(run_dir, verify=False)
+    return samples[:min(count, len(samples))]
