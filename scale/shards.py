@@ -11,7 +11,6 @@ No Ray here: this module is the on-disk format, shared by the Ray driver and the
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -21,6 +20,7 @@ from typing import Iterator
 import numpy as np
 
 from vpsde.runtime.atomic import atomic_path
+from vpsde.runtime.bundle import sha256_file
 from vpsde.runtime.errors import InputError, VpsdeError
 
 INDEX_NAME = "index.json"
@@ -104,14 +104,6 @@ class Index:
         return cls(key, done)
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def open_run(run_dir: Path, key: RunKey) -> tuple[Index, list[Shard]]:
     """The index of the run in ``run_dir`` (created if there is none) and the shards still to compute: every
     shard without a file that matches its recorded sha256. Refuses a directory that holds another run."""
@@ -130,7 +122,7 @@ def open_run(run_dir: Path, key: RunKey) -> tuple[Index, list[Shard]]:
     kept = {}
     for shard in key.shards():
         sha = index.done.get(shard.first)
-        if sha is not None and (run_dir / shard.file).is_file() and sha256_of(run_dir / shard.file) == sha:
+        if sha is not None and (run_dir / shard.file).is_file() and sha256_file(run_dir / shard.file) == sha:
             kept[shard.first] = sha
     index.done = kept
     index.write(run_dir)
@@ -145,7 +137,7 @@ def write_shard(run_dir: Path, shard: Shard, samples: np.ndarray) -> str:
     path = run_dir / shard.file
     with atomic_path(path, suffix=".tmp.npy") as tmp:
         np.save(tmp, samples, allow_pickle=False)
-        sha = sha256_of(tmp)
+        sha = sha256_file(tmp)
     return sha
 
 
@@ -163,7 +155,7 @@ class ShardedSamples:
         self._shards = []
         for shard in self.index.key.shards():
             path = self.run_dir / shard.file
-            if verify and sha256_of(path) != self.index.done[shard.first]:
+            if verify and sha256_file(path) != self.index.done[shard.first]:
                 raise VpsdeError(f"{path}: sha256 does not match {INDEX_NAME}; rerun the same command to redo it")
             arr = np.load(path, mmap_mode="r", allow_pickle=False)
             if arr.shape != (shard.num, *self.index.key.sample_shape) or arr.dtype != np.float32:
