@@ -5,10 +5,13 @@ PYTHON ?= python3
 TORCH ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
+# Serving (Triton): nvidia-pytriton's tritonserver and its Python backend need numpy<2, so the model's Python is
+# an environment of its own: the runtime and vpsde[serve], no torch.
+SERVE_VENV := .venv-serve
 BUNDLE := build/digits-em1000
 OUT := out/digits
 
-.PHONY: install demo test bench bench-ray clean
+.PHONY: install demo test bench bench-ray bench-serve clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -17,11 +20,17 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/python -m pip install -q -e ".[test,tensorrt-rtx,ray]"
 	touch $@
 
-install: $(VENV)/.installed
+$(SERVE_VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(SERVE_VENV)
+	$(SERVE_VENV)/bin/python -m pip install -q --upgrade pip
+	$(SERVE_VENV)/bin/python -m pip install -q -e ".[serve]"
+	touch $@
+
+install: $(VENV)/.installed $(SERVE_VENV)/.installed
 
 # Export the shipped digits model with the 1000-step Euler-Maruyama sampler, sample 64 digits on
 # ONNX Runtime (CPU), write a PNG grid and an .npz.
-demo: install
+demo: $(VENV)/.installed
 	$(BIN)/vpsde export --model digits --steps 1000 --out $(BUNDLE) --force
 	$(BIN)/vpsde inspect $(BUNDLE)
 	$(BIN)/vpsde sample $(BUNDLE) --num 64 --seed 0 --out $(OUT)
@@ -36,6 +45,10 @@ bench: install
 # (loopback only), as the tests do.
 bench-ray: install
 	unshare -n bash -c 'ip link set lo up && RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 $(BIN)/python bench/ray_scaling.py'
+
+# Load test of a local tritonserver (loopback, bounded) against the in-process Sampler.
+bench-serve: install
+	$(BIN)/python bench/serve_load.py --serve-env $(SERVE_VENV)
 
 clean:
 	rm -rf build out

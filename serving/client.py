@@ -1,0 +1,53 @@
+"""A client for vpsde models on Triton (``tritonclient``, HTTP or gRPC) that returns numpy arrays."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+
+from vpsde.runtime.errors import BackendUnavailable, VpsdeError
+
+
+class ServerError(VpsdeError):
+    """The server answered with an error (its message, one line)."""
+
+
+def request_samples(url: str, seed: int, num: int, first_sample: int = 0, *, model: str = "vpsde",
+                    protocol: str = "http", conditioning: Mapping[str, np.ndarray] | None = None,
+                    timeout: float = 600.0) -> np.ndarray:
+    """Ask the vpsde model ``model`` at ``url`` ("HOST:PORT") for samples ``first_sample .. first_sample + num -
+    1`` of ``seed`` -> float32 [num, *sample_shape]. ``conditioning``: the bundle's conditioning arrays, each
+    [num, *S] (broadcast a shared one yourself; the server also takes [1, 1, *S] from raw clients)."""
+    if protocol == "http":
+        import tritonclient.http as tc
+    elif protocol == "grpc":
+        import tritonclient.grpc as tc
+    else:
+        raise BackendUnavailable(f"protocol: expected http or grpc, got {protocol!r}")
+    from tritonclient.utils import InferenceServerException
+
+    def tensor(name: str, value: np.ndarray, dtype: str):
+        t = tc.InferInput(name, list(value.shape), dtype)
+        t.set_data_from_numpy(value)
+        return t
+
+    inputs = [tensor("seed", np.array([[seed]], np.uint64), "UINT64"),
+              tensor("first_sample", np.array([[first_sample]], np.uint64), "UINT64"),
+              tensor("num", np.array([[num]], np.int32), "INT32")]
+    for name, arr in (conditioning or {}).items():
+        arr = np.ascontiguousarray(arr, dtype=np.float32)
+        if arr.ndim < 1 or arr.shape[0] != num:
+            raise VpsdeError(f"conditioning {name!r}: expected [num, *sample_shape] with num = {num}, got {list(arr.shape)}")
+        inputs.append(tensor(name, arr[None], "FP32"))
+    try:
+        client = tc.InferenceServerClient(url=url, network_timeout=timeout) if protocol == "http" else \
+            tc.InferenceServerClient(url=url)
+        result = client.infer(model, inputs, outputs=[tc.InferRequestedOutput("samples")],
+                              **({"client_timeout": timeout} if protocol == "grpc" else {}))
+    except InferenceServerException as e:
+        raise ServerError(f"{url} ({protocol}): {e.message() or e}") from None
+    except OSError as e:
+        raise ServerError(f"{url} ({protocol}): {e}") from None
+    out = result.as_numpy("samples")
+    return out[0]

@@ -1,0 +1,157 @@
+"""Starting a real ``tritonserver`` on a model repository, on loopback ports, and stopping it cleanly.
+
+Where the server comes from: ``--tritonserver PATH``, else the binary shipped in the ``nvidia-pytriton`` wheel of
+this Python (``vpsde[serve]``), else ``tritonserver`` on PATH (NVIDIA's containers). For the pytriton binary the
+Python backend is assembled in a private directory (its ``libtriton_python.so`` and the stub built for this
+Python's version), and the stub runs this Python environment: it finds it through ``PATH`` (the embedded
+interpreter takes its prefix from the first ``python3`` there) and ``libpythonX.Y.so`` through
+``LD_LIBRARY_PATH``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vpsde.runtime.errors import BackendUnavailable, VpsdeError
+
+
+@dataclass
+class TritonInstall:
+    """A tritonserver binary, its backend directory, and the environment its Python backend stub needs."""
+
+    binary: Path
+    backend_dir: Path | None
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def find_tritonserver(explicit: str | None = None, python_env: str | None = None) -> TritonInstall:
+    """Locate tritonserver (see the module docstring); ``python_env`` (a venv or prefix with vpsde installed) is
+    the Python the model runs in (default: this one)."""
+    prefix = Path(python_env or sys.prefix)
+    env = {"PATH": f"{prefix / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"}
+    if explicit:
+        if not Path(explicit).is_file():
+            raise BackendUnavailable(f"--tritonserver {explicit}: no such file")
+        return TritonInstall(Path(explicit), None, env)
+    spec = importlib.util.find_spec("pytriton")
+    if spec is not None and spec.submodule_search_locations:
+        home = Path(list(spec.submodule_search_locations)[0]) / "tritonserver"
+        version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        stub = home / "python_backend_stubs" / version / "triton_python_backend_stub"
+        if not stub.is_file():
+            raise BackendUnavailable(f"{home}: nvidia-pytriton has no Python backend stub for Python {version}")
+        import numpy
+
+        if python_env is None and int(numpy.__version__.split(".")[0]) >= 2:
+            raise BackendUnavailable(f"nvidia-pytriton's Python backend stub is built against numpy 1.x, and this "
+                                     f"Python has numpy {numpy.__version__}: run vpsde serve from an environment with "
+                                     "vpsde[serve] installed (it pins numpy<2; `make install` creates .venv-serve)")
+        libs = home.parent.parent / "nvidia_pytriton.libs"
+        libdir = sysconfig.get_config_var("LIBDIR") or ""
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libdir, str(libs), os.environ.get("LD_LIBRARY_PATH", "")) if p)
+        return TritonInstall(home / "bin" / "tritonserver", home / "backends", env)
+    found = shutil.which("tritonserver")
+    if found:
+        return TritonInstall(Path(found), None, env)
+    raise BackendUnavailable("no tritonserver here: pip install 'vpsde[serve]' (the nvidia-pytriton wheel ships one), "
+                             "run inside NVIDIA's Triton container, or pass --tritonserver PATH")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class TritonServer:
+    """A running tritonserver (a context manager): HTTP and gRPC on ``host``, metrics off. ``stop()`` sends
+    SIGTERM (Triton drains in-flight requests and unloads models), then SIGKILL after ``grace`` seconds."""
+
+    def __init__(self, repository: Path, install: TritonInstall, http_port: int | None = None,
+                 grpc_port: int | None = None, host: str = "127.0.0.1", log: Path | None = None) -> None:
+        self.repository, self.install, self.host = Path(repository), install, host
+        self.http_port, self.grpc_port = http_port or free_port(), grpc_port or free_port()
+        self._work = Path(tempfile.mkdtemp(prefix="vpsde-triton-"))
+        self.log_path = log or self._work / "tritonserver.log"
+        args = [str(install.binary), f"--model-repository={self.repository}", f"--http-address={host}",
+                f"--grpc-address={host}", f"--http-port={self.http_port}", f"--grpc-port={self.grpc_port}",
+                "--allow-metrics=false", "--exit-on-error=true", "--disable-auto-complete-config",
+                "--exit-timeout-secs=30"]
+        if install.backend_dir is not None:
+            backends = self._work / "backends"
+            (backends / "python").mkdir(parents=True)
+            for f in ("libtriton_python.so", "triton_python_backend_utils.py"):
+                shutil.copy(install.backend_dir / "python" / f, backends / "python" / f)
+            version = f"{sys.version_info.major}.{sys.version_info.minor}"
+            shutil.copy(install.backend_dir.parent / "python_backend_stubs" / version / "triton_python_backend_stub",
+                        backends / "python" / "triton_python_backend_stub")
+            args.append(f"--backend-directory={backends}")
+        self._log = open(self.log_path, "wb")
+        self.process = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT,
+                                        env={**os.environ, **install.env}, start_new_session=True)
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.host}:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    def wait_ready(self, timeout: float = 180) -> None:
+        """Block until /v2/health/ready answers 200; BackendUnavailable with the server log's errors if the
+        server exits or the time runs out."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise VpsdeError(f"tritonserver exited with {self.process.returncode}: {self.errors()}")
+            try:
+                with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise VpsdeError(f"tritonserver was not ready after {timeout:.0f} s: {self.errors()}")
+
+    def errors(self) -> str:
+        """The server log's error lines (model load failures carry vpsde's message), one line."""
+        try:
+            text = Path(self.log_path).read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        lines = [ln.split('] "', 1)[-1].rstrip('"') for ln in text.splitlines() if ln.startswith("E") or "error" in ln]
+        if lines:
+            return " | ".join(lines[-3:])
+        return text.strip().splitlines()[-1] if text.strip() else "(empty log)"
+
+    def stop(self, grace: float = 30) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self._log.close()
+        shutil.rmtree(self._work / "backends", ignore_errors=True)
+        return self.process.returncode
+
+    def __enter__(self) -> "TritonServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

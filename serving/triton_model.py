@@ -1,0 +1,119 @@
+"""The Triton Python-backend model behind ``vpsde triton`` repositories.
+
+Each model instance loads the repository's copy of the bundle (checked against the digest in config.pbtxt, so a
+changed bundle fails the model load with vpsde's message) and holds one Sampler. Triton's dynamic batcher hands
+``execute`` several requests at once; they are sampled together with :meth:`Sampler.sample_segments`, where each
+row keeps its own request's seed and sample index, so every response equals ``Sampler.sample(num, seed,
+first_sample=...)`` in-process bit for bit, whatever it was batched with. A bad request gets Triton's error with
+vpsde's one-line message and the instance keeps serving.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vpsde.runtime.errors import VpsdeError
+
+
+class RequestError(VpsdeError):
+    """A request that does not fit the contract (one line, sent back as Triton's error)."""
+
+
+def parse_request(get, conditioning: list[str], sample_shape: tuple[int, ...], max_num: int
+                  ) -> tuple[int, int, int, dict[str, np.ndarray]]:
+    """(seed, first_sample, num, conditioning arrays) from one request; ``get(name)`` returns an input as numpy
+    or None. Triton has already checked names, dtypes and ranks against config.pbtxt."""
+    values = {}
+    for name, dtype in (("seed", np.uint64), ("first_sample", np.uint64), ("num", np.int32)):
+        arr = get(name)
+        if arr is None:
+            raise RequestError(f"input {name!r} is missing")
+        if arr.dtype != dtype or arr.shape != (1, 1):
+            raise RequestError(f"input {name!r}: expected {np.dtype(dtype).name} of shape [1, 1] (one request per "
+                               f"call), got {arr.dtype} {list(arr.shape)}")
+        values[name] = int(arr[0, 0])
+    seed, first, num = values["seed"], values["first_sample"], values["num"]
+    if not 1 <= num <= max_num:
+        raise RequestError(f"num must be in [1, {max_num}] (the server's max_num), got {num}")
+    if first > 2**64 - num:
+        raise RequestError(f"sample indices first_sample .. first_sample + num - 1 must lie in [0, 2^64), got "
+                           f"first_sample = {first} and num = {num}")
+    cond = {}
+    for name in conditioning:
+        arr = get(name)
+        if arr is None:
+            raise RequestError(f"input {name!r} is missing: this bundle takes conditioning inputs {conditioning}")
+        if arr.ndim != len(sample_shape) + 2 or arr.shape[0] != 1 or arr.shape[1] not in (1, num) \
+                or tuple(arr.shape[2:]) != sample_shape:
+            raise RequestError(f"input {name!r}: expected shape [1, 1 or num, {', '.join(map(str, sample_shape))}], "
+                               f"got {list(arr.shape)}")
+        if not np.isfinite(arr).all():
+            raise RequestError(f"input {name!r} contains NaN/Inf")
+        cond[name] = arr[0, 0] if arr.shape[1] == 1 else arr[0]
+    return seed, first, num, cond
+
+
+class TritonPythonModel:
+    """Triton's Python-backend interface: ``initialize``, ``execute``, ``finalize``."""
+
+    def initialize(self, args: dict[str, Any]) -> None:
+        from vpsde.runtime import Bundle, Sampler
+
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        root = Path(args["model_repository"]) / args["model_version"] / "bundle"
+        try:
+            self.bundle = Bundle.load(root, expect_digest=params["bundle_digest"])
+            threads = int(params.get("threads", "0")) or None
+            self.sampler = Sampler(self.bundle, backend=params.get("backend", "onnxruntime"),
+                                   device=params.get("device", "cpu"), threads=threads, progress=False)
+        except VpsdeError as e:
+            raise RuntimeError(f"vpsde: {e}") from None  # fails the model load with vpsde's message
+        self.max_num = int(params.get("max_num", "1024"))
+        self.max_rows = int(params.get("max_rows", "256"))
+        self.conditioning = list(self.bundle.manifest.sampler.conditioning)
+        self.sample_shape = tuple(self.bundle.manifest.model.sample_shape)
+
+    def execute(self, requests: list) -> list:
+        import triton_python_backend_utils as pb_utils
+
+        invalid = getattr(pb_utils.TritonError, "INVALID_ARG", None)
+
+        def error(message: str, bad_request: bool = False):
+            code = invalid if bad_request and invalid is not None else None
+            err = pb_utils.TritonError(f"vpsde: {message}", code) if code is not None else \
+                pb_utils.TritonError(f"vpsde: {message}")
+            return pb_utils.InferenceResponse(output_tensors=[], error=err)
+
+        responses: list = [None] * len(requests)
+        good, segments, conds = [], [], []
+        for i, request in enumerate(requests):
+            def get(name, request=request):
+                tensor = pb_utils.get_input_tensor_by_name(request, name)
+                return None if tensor is None else tensor.as_numpy()
+            try:
+                seed, first, num, cond = parse_request(get, self.conditioning, self.sample_shape, self.max_num)
+            except VpsdeError as e:
+                responses[i] = error(str(e), bad_request=True)
+                continue
+            good.append(i)
+            segments.append((seed, first, num))
+            conds.append(cond or None)
+        if good:
+            try:
+                results = self.sampler.sample_segments(segments, batch_size=self.max_rows, conditioning=conds)
+            except VpsdeError as e:
+                results = [e] * len(good)
+            except Exception as e:  # a bug must not take the instance down: report it on these requests
+                results = [RuntimeError(f"{type(e).__name__}: {e}")] * len(good)
+            for i, result in zip(good, results):
+                responses[i] = error(str(result)) if isinstance(result, Exception) else pb_utils.InferenceResponse(
+                    output_tensors=[pb_utils.Tensor("samples", np.ascontiguousarray(result[None]))])
+        return responses
+
+    def finalize(self) -> None:
+        self.sampler = None

@@ -1,0 +1,192 @@
+"""Serving on Triton Inference Server, against a real `tritonserver` (nvidia-pytriton's binary) on 127.0.0.1.
+
+The server and its Python backend run in the serving environment (.venv-serve, made by `make install`: numpy<2,
+which the backend stub needs); this process is only a client, with tritonclient. Responses are compared bit for
+bit with the in-process Sampler, both with one intra-op thread (the serving default: with more threads, ONNX Runtime
+moved a result by 1 ulp when the cores were busy). Skipped with the reason when the serving environment is missing."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vpsde.export import VPSDE, export_bundle, load_model
+from vpsde.runtime import Sampler
+
+pytest.importorskip("tritonclient.http", reason="tritonclient is not installed (pip install 'tritonclient[http,grpc]')")
+from vpsde.serving.client import ServerError, request_samples  # noqa: E402
+
+ROOT = Path(__file__).parent.parent
+SERVE_ENV = Path(os.environ.get("VPSDE_SERVE_ENV", ROOT / ".venv-serve"))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Served:
+    """`vpsde serve` from the serving environment, as a user runs it; stopped with SIGTERM."""
+
+    def __init__(self, *args: str) -> None:
+        if not (SERVE_ENV / "bin" / "vpsde").is_file():
+            pytest.skip(f"no serving environment at {SERVE_ENV} (make install creates it; VPSDE_SERVE_ENV=DIR)")
+        self.http, self.grpc = _free_port(), _free_port()
+        self.process = subprocess.Popen([str(SERVE_ENV / "bin" / "vpsde"), "serve", *args, "--http-port",
+                                         str(self.http), "--grpc-port", str(self.grpc)],
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = self.process.stdout.readline()  # "serving ... (Ctrl-C to stop)" once ready, or EOF on failure
+        if "serving" not in line:
+            self.process.wait(timeout=60)
+            raise AssertionError(f"vpsde serve did not start: {line}{self.process.stderr.read()}")
+        self.http_url, self.grpc_url = f"127.0.0.1:{self.http}", f"127.0.0.1:{self.grpc}"
+
+    def children(self) -> list[int]:
+        out = []
+        for task in Path(f"/proc/{self.process.pid}/task").iterdir():
+            out += [int(p) for p in (task / "children").read_text().split()]
+        return out
+
+    def stop(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=120)
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    return {"em": export_bundle(load_model("gmm:dim=3", VPSDE()), root / "em", steps=30, grid="uniform",
+                                log=lambda _: None),
+            "inpaint": export_bundle(load_model("gmm:dim=3", VPSDE()), root / "inpaint", sampler="inpaint", steps=20,
+                                     log=lambda _: None)}
+
+
+@pytest.fixture(scope="module")
+def server(bundles):
+    served = Served(str(bundles["em"].root), "--max-batch", "8", "--max-num", "64", "--instances", "1")
+    yield served
+    served.stop()
+
+
+def test_responses_equal_in_process_samples(server, bundles):
+    sampler = Sampler(bundles["em"], progress=False, threads=1)
+    for protocol, url in (("http", server.http_url), ("grpc", server.grpc_url)):
+        for seed, first, num in ((0, 0, 1), (7, 3, 3), (2**64 - 1, 2**40, 8), (12345, 2**32 - 1, 5)):
+            got = request_samples(url, seed, num, first, protocol=protocol)
+            np.testing.assert_array_equal(got, sampler.sample(num, seed, first_sample=first))
+
+
+def test_concurrent_clients_are_batched_and_all_correct(server, bundles):
+    """8 threads x 20 requests with their own seeds, offsets and sizes: every response is its own in-process sample
+    set (none lost, none mixed up), and the server did fuse requests (fewer executions than requests)."""
+    import tritonclient.http as tc
+
+    sampler = Sampler(bundles["em"], progress=False, threads=1)
+    rng = np.random.default_rng(0)
+    jobs = [(int(rng.integers(0, 2**63)), int(rng.integers(0, 2**40)), int(rng.integers(1, 9))) for _ in range(160)]
+    results: dict[int, np.ndarray] = {}
+    errors: list[BaseException] = []
+
+    def client(k: int) -> None:
+        try:
+            for j in range(k, len(jobs), 8):
+                seed, first, num = jobs[j]
+                results[j] = request_samples(server.http_url if j % 2 else server.grpc_url, seed, num, first,
+                                             protocol="grpc" if j % 2 == 0 else "http")
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    assert not errors, errors[:3]
+    assert sorted(results) == list(range(len(jobs)))
+    for j, (seed, first, num) in enumerate(jobs):
+        np.testing.assert_array_equal(results[j], sampler.sample(num, seed, first_sample=first))
+    stats = tc.InferenceServerClient(server.http_url).get_inference_statistics("vpsde")["model_stats"][0]
+    assert stats["inference_count"] >= len(jobs) and stats["execution_count"] < stats["inference_count"], stats
+
+
+def _raw_infer(url: str, inputs: list[dict]) -> tuple[int, str]:
+    body = json.dumps({"inputs": inputs}).encode()
+    req = urllib.request.Request(f"http://{url}/v2/models/vpsde/infer", data=body, method="POST",
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def _triple(seed=1, first=0, num=2, seed_type="UINT64", batch=1):
+    return [{"name": "seed", "shape": [batch, 1], "datatype": seed_type, "data": [seed] * batch},
+            {"name": "first_sample", "shape": [batch, 1], "datatype": "UINT64", "data": [first] * batch},
+            {"name": "num", "shape": [batch, 1], "datatype": "INT32", "data": [num] * batch}]
+
+
+@pytest.mark.parametrize("inputs, expect", [
+    (_triple()[1:], "seed"),                                   # missing input: Triton's check
+    (_triple(seed_type="INT64"), "seed"),                      # wrong dtype: Triton's check
+    (_triple(batch=2), "one request per call"),                # two triples in one request: vpsde's
+    (_triple(num=0), "vpsde: num must be in [1, 64]"),
+    (_triple(num=65), "vpsde: num must be in [1, 64]"),
+    (_triple(first=2**64 - 1, num=2), "vpsde: sample indices"),
+])
+def test_bad_requests_get_one_line_errors_and_the_server_keeps_serving(server, bundles, inputs, expect):
+    status, body = _raw_infer(server.http_url, inputs)
+    assert status == 400 and expect in json.loads(body)["error"], (status, body)
+    got = request_samples(server.http_url, 3, 2, 0)
+    np.testing.assert_array_equal(got, Sampler(bundles["em"], progress=False, threads=1).sample(2, 3))
+
+
+def test_inpainting_takes_its_conditioning(bundles):
+    served = Served(str(bundles["inpaint"].root), "--max-batch", "4")
+    try:
+        rng = np.random.default_rng(1)
+        known = rng.uniform(-1, 1, (4, 3)).astype(np.float32)
+        mask = np.broadcast_to(np.array([1, 0, 1], np.float32), (4, 3))
+        got = request_samples(served.grpc_url, 5, 4, 2, protocol="grpc", conditioning={"known": known, "mask": mask})
+        want = Sampler(bundles["inpaint"], progress=False, threads=1).sample(4, 5, first_sample=2,
+                                                                  conditioning={"known": known, "mask": mask})
+        np.testing.assert_array_equal(got, want)
+        with pytest.raises(ServerError, match="mask"):
+            request_samples(served.http_url, 5, 4, 2, conditioning={"known": known})
+    finally:
+        served.stop()
+
+
+def test_a_bad_bundle_fails_the_model_load_with_vpsdes_message(bundles, tmp_path):
+    subprocess.run([str(SERVE_ENV / "bin" / "vpsde"), "triton", str(bundles["em"].root), "--out", str(tmp_path / "repo")],
+                   check=True, capture_output=True)
+    manifest = tmp_path / "repo" / "vpsde" / "1" / "bundle" / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"steps": 30', '"steps": 31'))
+    r = subprocess.run([str(SERVE_ENV / "bin" / "vpsde"), "serve", "--repository", str(tmp_path / "repo"),
+                        "--http-port", str(_free_port()), "--grpc-port", str(_free_port())],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "edited after export" in r.stderr, r.stderr[-2000:]
+
+
+def test_sigterm_stops_the_server_and_leaves_no_process(bundles):
+    served = Served(str(bundles["em"].root))
+    children = served.children()
+    assert children, "vpsde serve has no tritonserver child"
+    t0 = time.monotonic()
+    assert served.stop() == 143
+    assert time.monotonic() - t0 < 60
+    for pid in children:
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
