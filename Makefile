@@ -11,7 +11,7 @@ SERVE_VENV := .venv-serve
 BUNDLE := build/digits-em1000
 OUT := out/digits
 
-.PHONY: install demo test bench bench-ray bench-serve clean
+.PHONY: install demo test test-quick bench bench-ray bench-serve clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ demo: $(VENV)/.installed
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# Everything but the whole-trajectory tests marked slow (parity per call, noise, bad input, trust boundary, C++).
+test-quick: install
+	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: install
 	$(BIN)/python bench/cpu_loop.py

@@ -59,7 +59,7 @@ def sweep_stale(directory: Path, name: str) -> list[Path]:
     return removed
 
 
-def _locked_temp(directory: Path, name: str, suffix: str, make_dir: bool) -> tuple[Path, int]:
+def locked_temp(directory: Path, name: str, suffix: str, make_dir: bool) -> tuple[Path, int]:
     """A new temporary for ``name`` in ``directory`` and an open descriptor holding its lock. If a sweeper removed
     it between creation and locking (it looked abandoned), make another."""
     while True:
@@ -81,7 +81,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
     ".npz"). Stale temporaries of ``path`` left by dead writers are swept first."""
     path = Path(path)
     sweep_stale(path.parent, path.name)
-    tmp, fd = _locked_temp(path.parent, path.name, suffix, make_dir=False)
+    tmp, fd = locked_temp(path.parent, path.name, suffix, make_dir=False)
     try:
         yield tmp
         os.chmod(tmp, 0o644)
@@ -96,7 +96,7 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     """Yield a new, locked temporary directory beside ``path`` (mode 0755) to fill; removed on any error. The
     caller moves it into place with :func:`replace_dir` inside the block."""
     sweep_stale(path.parent, path.name)
-    tmp, fd = _locked_temp(path.parent, path.name, "", make_dir=True)
+    tmp, fd = locked_temp(path.parent, path.name, "", make_dir=True)
     try:
         tmp.chmod(0o755)
         yield tmp

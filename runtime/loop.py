@@ -14,6 +14,7 @@ A backend provides a :class:`Device` (buffers, uploads, downloads) and, per grap
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Protocol
 
 import numpy as np
@@ -43,6 +44,15 @@ class Device(Protocol):
 class GraphRunner(Protocol):
     def bind(self, buffers: Mapping[str, Any]) -> Callable[[], None]:
         """A launch function for one graph call on exactly these buffers (one per input and output name)."""
+
+
+@dataclass
+class OpenBackend:
+    """What a backend opened for one bundle: its ``device`` and one runner per graph key (here, beside the
+    protocols they satisfy, so that backends and their loaders import it without importing each other)."""
+
+    device: Any
+    runners: Mapping[str, Any]
 
 
 def rolling_of_output(manifest: Manifest) -> dict[str, str]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import operator
 import os
+import sys
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -53,7 +54,7 @@ class Sampler:
             Philox can fall behind the step). The portable generator only; values are the same.
         prefetch_noise: draw each noise call on a worker thread while the previous graph call runs (same
             values; off: draw in line, before each call).
-        progress: show a progress bar over steps.
+        progress: show a progress bar over steps (only when stderr is a terminal).
         threads: intra-op CPU threads of the backend (default: all cores).
         cuda_graph: on a GPU, capture each graph binding once as a CUDA graph and replay it (a batch size's
             first calls capture; later calls skip the per-kernel launch cost).
@@ -116,7 +117,8 @@ class Sampler:
         batches = [(s, min(batch_size, first_sample + num - s)) for s in range(first_sample, first_sample + num, batch_size)]
         cond = self._check_conditioning(conditioning, num)
         out = np.empty((num, *self.sample_shape), dtype=np.float32)
-        with tqdm(total=steps * len(batches), desc="sampling", unit="step", disable=not self.progress, leave=False) as bar:
+        quiet = not self.progress or not sys.stderr.isatty()  # no bar updates in logs and pipes
+        with tqdm(total=steps * len(batches), desc="sampling", unit="step", disable=quiet, leave=False) as bar:
             for start, size in batches:
                 noise = make_noise(generator, seed)
                 lo = start - first_sample

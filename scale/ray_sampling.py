@@ -50,12 +50,12 @@ class ShardWorker:
     def __init__(self, payload: Mapping[str, bytes], digest: str, backend: str = "onnxruntime",
                  device: str | None = None, threads: int | None = None, batch_size: int | None = None) -> None:
         from vpsde.runtime import Sampler
-        from vpsde.runtime.atomic import _locked_temp, sweep_stale
+        from vpsde.runtime.atomic import locked_temp, sweep_stale
 
         parent = Path(os.environ.get("TMPDIR", "/tmp"))
         name = f"vpsde-worker-bundle-{digest[:16]}"
         sweep_stale(parent, name)  # bundles of workers that were killed
-        self.root, self._lock = _locked_temp(parent, name, "", make_dir=True)
+        self.root, self._lock = locked_temp(parent, name, "", make_dir=True)
         for file, data in payload.items():
             if "/" in file or file.startswith("."):
                 raise InputError(f"bundle payload names {file!r}; expected plain file names")

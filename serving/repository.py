@@ -39,9 +39,9 @@ def config_pbtxt(bundle: Bundle, name: str, backend: str, device: str, max_batch
     (FP32 [-1, *S]: one row shared by all samples, or one per sample); output samples (FP32 [-1, *S])."""
     m = bundle.manifest
     shape = list(m.model.sample_shape)
-    inputs = [f'  {{ name: "seed" data_type: TYPE_UINT64 dims: [ 1 ] }}',
-              f'  {{ name: "first_sample" data_type: TYPE_UINT64 dims: [ 1 ] }}',
-              f'  {{ name: "num" data_type: TYPE_INT32 dims: [ 1 ] }}']
+    inputs = ['  { name: "seed" data_type: TYPE_UINT64 dims: [ 1 ] }',
+              '  { name: "first_sample" data_type: TYPE_UINT64 dims: [ 1 ] }',
+              '  { name: "num" data_type: TYPE_INT32 dims: [ 1 ] }']
     inputs += [f'  {{ name: "{c}" data_type: TYPE_FP32 dims: [ -1, {_dims(shape)} ] }}' for c in m.sampler.conditioning]
     params = {"bundle_digest": bundle.digest, "backend": backend, "device": device, "max_num": str(max_num),
               "max_rows": str(max_rows), "threads": str(threads or 0)}

@@ -7,8 +7,6 @@ bit-identical, with one intra-op thread on both sides)."""
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import pytest
 from conftest import copy_bundle, edit_manifest, reseal, run_host
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, numpy_helper
 
 from vpsde.cli.main import main
 from vpsde.runtime import Bundle, BundleError, Sampler

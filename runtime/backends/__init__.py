@@ -6,22 +6,12 @@ on host arrays, for tests and tools). Backends are imported only when asked for.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Mapping
-
 from vpsde.runtime.errors import BackendUnavailable
+from vpsde.runtime.loop import OpenBackend
 
 BACKENDS = ("onnxruntime", "onnxruntime-trt", "tensorrt")
 MAX_THREADS = 1024  # intra-op CPU threads: far more make ONNX Runtime exhaust the process instead of failing
 DEFAULT_DEVICE = {"onnxruntime": "cpu", "onnxruntime-trt": "cuda", "tensorrt": "cuda"}
-
-
-@dataclass
-class OpenBackend:
-    """What a backend opened for one bundle: its ``device`` and one runner per graph key."""
-
-    device: Any
-    runners: Mapping[str, Any]
 
 
 def open_backend(backend: str, bundle, device: str | None = None, threads: int | None = None,

@@ -15,7 +15,8 @@ import numpy as np
 
 from vpsde.runtime.errors import BackendUnavailable, VpsdeError
 
-INSTALL_HINT = "pip install cuda-python (or 'vpsde[gpu]'), on a machine with an NVIDIA GPU and driver"
+INSTALL_HINT = ("pip install cuda-python (or 'vpsde[tensorrt]' / 'vpsde[tensorrt-rtx]', which carry cuda-bindings), "
+                "on a machine with an NVIDIA GPU and driver")
 _NO_GPU = ("cudaErrorInsufficientDriver", "cudaErrorNoDevice", "cudaErrorInitializationError")
 
 

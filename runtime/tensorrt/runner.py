@@ -17,10 +17,9 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from vpsde.runtime.backends import OpenBackend
 from vpsde.runtime.bundle import Bundle
 from vpsde.runtime.errors import BackendUnavailable, BundleError, InputError
-from vpsde.runtime.loop import infer_once
+from vpsde.runtime.loop import OpenBackend, infer_once
 from vpsde.runtime.tensorrt.cache import ENGINE_DIR, EngineKey, cached_keys, check_engine
 from vpsde.runtime.tensorrt.cuda import DeviceArray, Event, PinnedArray, Stream, copy_async, gpu_info
 from vpsde.runtime.tensorrt.flavor import Flavor, load_flavor

@@ -1,0 +1,84 @@
+"""What the subcommands share: argument types, the usage error, and small output helpers."""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+from vpsde.runtime.errors import VpsdeError
+
+
+DIGEST_HELP = ("refuse the bundle unless its digest (the sha256 of its SHA256SUMS, which covers the manifest and "
+               "every graph; `vpsde inspect` prints it) is this one: pin the bundle you reviewed")
+
+
+class UsageError(VpsdeError):
+    """A bad command-line argument."""
+
+
+def shape_arg(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated sizes like 1,16,16, got {text!r}") from None
+    if not shape or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"sizes must be positive, got {text!r}")
+    return shape
+
+
+def positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def threads_arg(text: str) -> int:
+    from vpsde.runtime.backends import MAX_THREADS
+
+    value = positive(text)
+    if value > MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"expected 1..{MAX_THREADS}, got {value}")
+    return value
+
+
+def u64(what: str):
+    """An argparse type: an integer in [0, 2^64) (decimal or 0x hex), named ``what`` in its error."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text, 0)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if not 0 <= value < 2**64:
+            raise argparse.ArgumentTypeError(f"expected 0 <= {what} < 2^64, got {value}")
+        return value
+
+    return parse
+
+
+def noise_id(name: str | None) -> str | None:
+    from vpsde.runtime.noise import PHILOX_ID, TORCH_ID
+
+    return {None: None, "philox": PHILOX_ID, "torch": TORCH_ID}[name]
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters (other than newlines) escaped: a manifest's strings reach the terminal."""
+    return "".join(ch if ch == "\n" or ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
+
+
+def prepare_out_dir(out: Path) -> None:
+    """Create ``out`` and prove it writable (a file is made and removed there), so that a bad --out fails
+    before sampling, not after."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: exists and is not a directory; --out names the directory for samples.npz")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out, prefix=".vpsde-probe-"):
+            pass
+    except OSError as e:  # name --out, not the probe file
+        raise OSError(e.errno, e.strerror, str(out)) from None

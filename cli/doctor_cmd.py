@@ -1,0 +1,48 @@
+"""``vpsde doctor``: what this machine can run."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub, fmt) -> None:
+    """Add the subcommand to ``sub`` (argparse subparsers); ``fmt``: the help formatter."""
+    sub.add_parser("doctor", help="what this machine can run: ONNX Runtime providers, TensorRT, GPU, torch",
+                   formatter_class=fmt)
+
+
+def run(args: argparse.Namespace) -> None:
+    """What this machine can run: ONNX Runtime providers, TensorRT, cuda-python and the GPU, torch for export."""
+    import importlib.metadata as md
+    import platform
+
+    def version(dist: str) -> str | None:
+        try:
+            return md.version(dist)
+        except md.PackageNotFoundError:
+            return None
+
+    print(f"vpsde       {version('vpsde') or 'not installed (running from source)'}  python {platform.python_version()}"
+          f"  numpy {version('numpy')}")
+    import onnxruntime as ort
+
+    print(f"onnxruntime {ort.__version__}  providers {', '.join(ort.get_available_providers())}")
+    from vpsde.runtime.errors import BackendUnavailable
+    from vpsde.runtime.tensorrt.flavor import load_flavor
+
+    try:
+        flavor = load_flavor("auto")
+        targets = ", ".join(flavor.compute_capabilities()) if flavor.targets_named_cc else "the GPU it runs on"
+        print(f"tensorrt    {flavor.name} {flavor.version}  builds for {targets}")
+    except BackendUnavailable as e:
+        print(f"tensorrt    none: {e}")
+    try:
+        from vpsde.runtime.tensorrt.cuda import gpu_info
+
+        gpu = gpu_info()
+        print(f"gpu         {gpu.name} ({gpu.compute_capability}), cuda-bindings {version('cuda-bindings')}")
+    except BackendUnavailable as e:
+        print(f"gpu         none: {e}")
+    torch = version("torch")
+    print(f"export      torch {torch}, onnx {version('onnx')}" if torch else
+          "export      torch not installed: `vpsde export` needs pip install 'vpsde[export]' after torch")

@@ -1,0 +1,98 @@
+"""``vpsde export``: a score model and a sampler's step graphs into a bundle (needs torch)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from vpsde.cli.common import UsageError, noise_id, positive, shape_arg
+
+
+SAMPLER_IDS = ("em", "pc", "ancestral", "ode-euler", "ode-heun", "dpmpp-2m", "inpaint")  # == export.samplers.SAMPLERS
+
+
+DEFAULT_STEPS = {"ode-euler": 100, "ode-heun": 50, "dpmpp-2m": 20}
+
+
+SAMPLER_HELP = ("em = Euler-Maruyama (diffusers' step_pred); pc = Langevin corrector + reverse-diffusion predictor "
+                "(score_sde PC); ancestral = DDPM ancestral; ode-euler / ode-heun = probability-flow ODE (Heun: "
+                "2 NFE per step); dpmpp-2m = DPM-Solver++(2M), the few-step sampler; inpaint = EM that re-imposes "
+                "known pixels (sample with --known/--mask)")
+
+
+def register(sub, fmt) -> None:
+    """Add the subcommand to ``sub`` (argparse subparsers); ``fmt``: the help formatter."""
+    p = sub.add_parser("export", help="export a score model + sampler step to a bundle (needs torch)",
+                       formatter_class=fmt, description="Export the sampler step around a score model to ONNX "
+                       "and write a bundle directory (graphs + manifest.json).")
+    p.add_argument("--model", required=True,
+                   help="model spec: digits (shipped) | weights:PATH.json | diffusers:DIR | "
+                        "gmm[:dim=2,components=3,seed=0] | unet-random[:seed=0,channels=16] | py:package.module:factory")
+    p.add_argument("--out", required=True, type=Path, help="bundle directory to write")
+    p.add_argument("--sampler", default="em", choices=list(SAMPLER_IDS), help=SAMPLER_HELP)
+    p.add_argument("--steps", type=positive, default=None,
+                   help="number of sampler steps N (default: 1000; ode-euler 100, ode-heun 50, dpmpp-2m 20)")
+    p.add_argument("--nfe", type=positive, default=None,
+                   help="instead of --steps: the model-evaluation budget (pc: steps x (corrector steps + 1); "
+                        "ode-heun: 2 per step)")
+    p.add_argument("--grid", default=None, choices=["diffusers", "uniform", "logsnr"],
+                   help="time grid (default: diffusers for em/pc/ancestral/inpaint, logsnr for the ODE samplers "
+                        "and dpmpp-2m): diffusers = linspace(1, eps, N) with dt = -1/N (bit parity with diffusers, "
+                        "score_sde's discrete betas); uniform = N equal steps from 1 to eps; logsnr = equal steps in "
+                        "log(alpha/sigma)")
+    p.add_argument("--snr", type=float, default=0.16, help="pc: Langevin corrector signal-to-noise ratio")
+    p.add_argument("--corrector-steps", type=positive, default=1, help="pc: Langevin steps before each predictor step")
+    p.add_argument("--coupling", default="per-sample", choices=["per-sample", "batch"],
+                   help="pc: Langevin step size from each sample's norms (per-sample: results independent of "
+                        "batching) or from batch-averaged norms (batch: score_sde exactly)")
+    p.add_argument("--noise", default="philox", choices=["philox", "torch"],
+                   help="default noise generator recorded in the manifest (philox = portable spec)")
+    p.add_argument("--denoise-final", action="store_true",
+                   help="dpmpp-2m: make the last step the jump from t = eps to t = 0, so the sample is the model's "
+                        "data prediction at eps (diffusers' final_sigmas_type='zero'); the other steps span 1..eps")
+    p.add_argument("--beta-min", type=float, default=0.1)
+    p.add_argument("--beta-max", type=float, default=20.0)
+    p.add_argument("--sampling-eps", type=float, default=1e-3)
+    p.add_argument("--sample-shape", type=shape_arg, default=None, help="C,H,W for a py: model that is a plain nn.Module")
+    p.add_argument("--value-range", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="data range of image samples, for PNG output (default: the model's, else none)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"],
+                   help="compute precision of the network inside the graphs; graph IO and the VP-SDE arithmetic "
+                        "stay float32 (explicit casts: strongly typed for TensorRT). bf16 bundles run on TensorRT "
+                        "only (ONNX Runtime's CPU provider has no bfloat16 kernels)")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 18; 22 for bf16)")
+    p.add_argument("--force", action="store_true", help="replace an existing bundle directory")
+
+
+def run(args: argparse.Namespace) -> None:
+    try:
+        from vpsde.export import VPSDE, export_bundle, load_model, steps_for_nfe
+        from vpsde.export.bundle import default_std_formula
+        from vpsde.export.sources import ModelSpecError
+    except ImportError as e:
+        raise UsageError(f"vpsde export needs torch and onnx ({e}); install them with pip install 'vpsde[export]' "
+                         "after installing the torch build you want") from None
+    if args.steps and args.nfe:
+        raise UsageError("give --steps or --nfe, not both")
+    steps = (steps_for_nfe(args.sampler, args.nfe, args.corrector_steps) if args.nfe
+             else args.steps or DEFAULT_STEPS.get(args.sampler, 1000))
+    try:
+        sde = VPSDE(args.beta_min, args.beta_max, args.sampling_eps,
+                    std_formula=default_std_formula(args.sampler, args.grid))
+        model = load_model(args.model, sde, sample_shape=args.sample_shape)
+    except (ModelSpecError, ValueError) as e:
+        raise UsageError(str(e)) from e
+    value_range = args.value_range or getattr(model, "value_range", None)
+    if value_range is None and len(model.sample_shape) == 3:
+        value_range = (-1.0, 1.0)
+    options = {"snr": args.snr, "corrector_steps": args.corrector_steps, "coupling": args.coupling} \
+        if args.sampler == "pc" else {}
+    if args.denoise_final:
+        options["denoise_final"] = True
+    try:
+        export_bundle(model, args.out, sampler=args.sampler, steps=steps, grid=args.grid, sde=sde,
+                      noise=noise_id(args.noise), opset=args.opset, value_range=value_range, source=args.model,
+                      overwrite=args.force, precision=args.precision, **options)
+    except (FileExistsError, ValueError) as e:
+        raise UsageError(str(e)) from e
+    print(args.out)

@@ -1,0 +1,134 @@
+"""``vpsde sample``: run a bundle's loop and write samples.npz (+ grid.png), in process or sharded on Ray."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from vpsde.cli.common import DIGEST_HELP, UsageError, noise_id, positive, prepare_out_dir, threads_arg, u64
+
+
+def register(sub, fmt) -> None:
+    """Add the subcommand to ``sub`` (argparse subparsers); ``fmt``: the help formatter."""
+    p = sub.add_parser("sample", help="draw samples from a bundle (no torch needed)", formatter_class=fmt,
+                       description="Run the bundle's timestep loop and write samples.npz (+ grid.png for images).")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--expect-digest", default=None, metavar="SHA256", help=DIGEST_HELP)
+    p.add_argument("--out", type=Path, default=Path("out"), help="output directory")
+    p.add_argument("--num", type=positive, default=64, help="number of samples")
+    p.add_argument("--seed", type=u64("seed"), default=0)
+    p.add_argument("--batch-size", type=positive, default=None, help="samples per graph call (default: all)")
+    p.add_argument("--first-sample", type=u64("index"), default=0,
+                   help="global index of the first sample (for sharding: same seed, disjoint index ranges)")
+    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "onnxruntime-trt", "tensorrt"],
+                   help="onnxruntime (CPU, or its CUDA provider with --device cuda: needs onnxruntime-gpu); "
+                        "onnxruntime-trt (ONNX Runtime's TensorRT execution provider, on the GPU); or tensorrt "
+                        "(the engines `vpsde build` cached in the bundle; needs an NVIDIA GPU)")
+    p.add_argument("--device", default=None, choices=["cpu", "cuda"],
+                   help="where tensors live (default: cpu for onnxruntime, cuda for the others)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="GPU only: capture each graph binding once as a CUDA graph and replay it")
+    p.add_argument("--threads", type=threads_arg, default=None, help="intra-op CPU threads, 1..1024 (default: all cores)")
+    p.add_argument("--noise", default=None, choices=["philox", "torch"], help="override the manifest's generator")
+    p.add_argument("--nan-guard", default="auto", choices=["auto", "step", "final", "off"],
+                   help="NaN/Inf check: step = every graph output, naming the step (reads each output back: the "
+                        "CPU default); final = the result only (the GPU default); off")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--known", type=Path, default=None,
+                   help="inpainting bundles: known data, an image file (pixels 0..255 map to the model's value "
+                        "range) or .npy [*sample_shape] / [num, *sample_shape] in the value range")
+    p.add_argument("--mask", type=Path, default=None,
+                   help="inpainting bundles: 1 where --known is kept; image (pixel > 127 = known) or .npy")
+    g = p.add_argument_group("scale-out on Ray (needs vpsde[ray])",
+                             "--ray writes OUT/shards/*.npy and OUT/index.json (read them with "
+                             "vpsde.scale.load_samples); rerunning the same command resumes")
+    g.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="shard the samples over Ray workers: alone, a local Ray instance; or a cluster address "
+                        "(auto, HOST:PORT, ray://HOST:10001)")
+    g.add_argument("--shard-size", type=positive, default=1024, help="samples per shard file")
+    g.add_argument("--workers", type=positive, default=2, help="Ray actors, each with its own Sampler")
+    g.add_argument("--worker-cpus", type=float, default=1.0, help="CPUs Ray reserves per worker")
+    g.add_argument("--worker-gpus", type=float, default=0.0, help="GPUs Ray reserves per worker")
+
+
+def run(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    from vpsde.runtime import Bundle, Sampler
+    from vpsde.runtime.images import image_grid, save_npz, save_png
+
+    if args.first_sample > 2**64 - args.num:
+        raise UsageError(f"--first-sample {args.first_sample} + --num {args.num} passes the last sample index 2^64 - 1")
+    bundle = Bundle.load(args.bundle, expect_digest=args.expect_digest)
+    conditioning = _conditioning(args, bundle)
+    prepare_out_dir(args.out)  # before any graph call: a bad --out must not cost a sampling run
+    if args.ray is not None:
+        return _sample_on_ray(args, bundle, conditioning)
+    sampler = Sampler(bundle, backend=args.backend, device=args.device, nan_guard=args.nan_guard,
+                      progress=not args.no_progress, threads=args.threads, cuda_graph=args.cuda_graph)
+    t0 = time.perf_counter()
+    samples = sampler.sample(args.num, seed=args.seed, batch_size=args.batch_size, first_sample=args.first_sample,
+                             generator=noise_id(args.noise), conditioning=conditioning)
+    elapsed = time.perf_counter() - t0
+    m = bundle.manifest
+    npz = args.out / "samples.npz"
+    save_npz(npz, samples=samples, seed=np.uint64(args.seed), first_sample=np.uint64(args.first_sample),
+             generator=np.str_(noise_id(args.noise) or m.noise.generator), bundle=np.str_(str(args.bundle)),
+             bundle_digest=np.str_(bundle.digest))
+    batches = -(-args.num // (args.batch_size or args.num))
+    print(f"sampled {args.num} x {m.model.sample_shape} in {elapsed:.2f} s "
+          f"({m.sampler.steps} {m.sampler.name} steps, {sampler.device.name}): "
+          f"{1000 * elapsed / (m.sampler.steps * batches):.2f} ms/step, {args.num / elapsed:.1f} samples/s")
+    if m.sampler.params.get("coupling") == "batch" and args.batch_size and args.batch_size < args.num:
+        print("note: this bundle's corrector couples the samples of a batch (coupling = batch); samples depend "
+              "on --batch-size", file=sys.stderr)
+    print(f"wrote {npz}")
+    if m.model.value_range and len(m.model.sample_shape) == 3:
+        png = args.out / "grid.png"
+        save_png(png, image_grid(samples, tuple(m.model.value_range)))
+        print(f"wrote {png}")
+
+
+def _sample_on_ray(args: argparse.Namespace, bundle, conditioning) -> None:
+    from vpsde.runtime.images import image_grid, save_png
+    from vpsde.scale import sample_on_ray
+    from vpsde.scale.ray_sampling import first_samples
+
+    t0 = time.perf_counter()
+    report = sample_on_ray(bundle, args.num, args.seed, args.out, first_sample=args.first_sample,
+                           shard_size=args.shard_size, workers=args.workers, worker_cpus=args.worker_cpus,
+                           worker_gpus=args.worker_gpus, address=None if args.ray == "local" else args.ray,
+                           backend=args.backend, device=args.device, threads=args.threads,
+                           batch_size=args.batch_size, generator=noise_id(args.noise), conditioning=conditioning,
+                           progress=not args.no_progress)
+    m = bundle.manifest
+    print(f"sampled {args.num} x {m.model.sample_shape} on Ray in {time.perf_counter() - t0:.2f} s "
+          f"({m.sampler.steps} {m.sampler.name} steps)")
+    print("\n".join(report.lines()))
+    print(f"wrote {args.out / 'index.json'}")
+    if m.model.value_range and len(m.model.sample_shape) == 3:
+        png = args.out / "grid.png"
+        save_png(png, image_grid(first_samples(args.out, 64), tuple(m.model.value_range)))
+        print(f"wrote {png}")
+
+
+def _conditioning(args: argparse.Namespace, bundle) -> dict | None:
+    """--known/--mask -> the conditioning arrays an inpainting bundle takes (clear errors otherwise)."""
+    from vpsde.runtime.images import load_image, load_mask
+
+    m = bundle.manifest
+    wanted = set(m.sampler.conditioning)
+    given = {k for k in ("known", "mask") if getattr(args, k) is not None}
+    if not wanted:
+        if given:
+            raise UsageError(f"{args.bundle} ({m.sampler.name}) takes no --known/--mask; export with --sampler inpaint")
+        return None
+    if wanted != {"known", "mask"}:
+        raise UsageError(f"{args.bundle}: conditioning inputs {sorted(wanted)} are not supported by this CLI")
+    if given != wanted:
+        raise UsageError(f"{args.bundle} is an inpainting bundle ({m.sampler.name}): pass --known and --mask")
+    shape = tuple(m.model.sample_shape)
+    value_range = tuple(m.model.value_range) if m.model.value_range else None
+    return {"known": load_image(args.known, shape, value_range, "known data"), "mask": load_mask(args.mask, shape)}

@@ -1,0 +1,132 @@
+"""``vpsde triton | serve | request``: Triton model repositories, a local tritonserver, and its client."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from vpsde.cli.common import DIGEST_HELP, UsageError, positive, prepare_out_dir, threads_arg, u64
+from vpsde.runtime.errors import VpsdeError
+
+
+def register_triton(sub, fmt) -> None:
+    """Add the subcommand triton to ``sub`` (argparse subparsers); ``fmt``: the help formatter."""
+    p = sub.add_parser("triton", help="write a Triton Inference Server model repository serving a bundle",
+                       formatter_class=fmt, description="Write REPO/NAME/config.pbtxt, REPO/NAME/1/model.py (Python "
+                       "backend driving vpsde.runtime) and a digest-pinned copy of the bundle in REPO/NAME/1/bundle. "
+                       "The Python that runs the model needs vpsde installed (pip install vpsde in the container).")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--out", type=Path, required=True, help="repository directory to write")
+    _triton_options(p)
+    p.add_argument("--force", action="store_true", help="replace a repository vpsde wrote")
+
+
+def register_serve(sub, fmt) -> None:
+    """Add the subcommand serve to ``sub`` (argparse subparsers); ``fmt``: the help formatter."""
+    p = sub.add_parser("serve", help="serve a bundle on a local tritonserver (needs vpsde[serve])", formatter_class=fmt,
+                       description="Write a model repository to a temporary directory, start tritonserver on it "
+                       "(loopback unless --host), print the endpoints, and stop cleanly on Ctrl-C or SIGTERM.")
+    p.add_argument("bundle", type=Path, nargs="?", help="the bundle to serve (or --repository)")
+    p.add_argument("--repository", type=Path, default=None, help="serve this repository (from `vpsde triton`) as is")
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--tritonserver", default=None, help="the tritonserver binary (default: nvidia-pytriton's, or PATH)")
+    _triton_options(p)
+
+
+def register_request(sub, fmt) -> None:
+    """Add the subcommand request to ``sub`` (argparse subparsers); ``fmt``: the help formatter."""
+    p = sub.add_parser("request", help="ask a served vpsde model for samples (tritonclient, HTTP or gRPC)",
+                       formatter_class=fmt, description="Write samples.npz (+ grid.png) like `vpsde sample`, from a "
+                       "server started by `vpsde serve` or any Triton serving a `vpsde triton` repository.")
+    p.add_argument("url", help="HOST:PORT of the server's HTTP or gRPC endpoint")
+    p.add_argument("--protocol", default="http", choices=["http", "grpc"])
+    p.add_argument("--name", default="vpsde", help="model name")
+    p.add_argument("--num", type=positive, default=16)
+    p.add_argument("--seed", type=u64("seed"), default=0)
+    p.add_argument("--first-sample", type=u64("index"), default=0)
+    p.add_argument("--value-range", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="write grid.png of image samples in this data range")
+    p.add_argument("--out", type=Path, default=Path("out"), help="output directory")
+
+
+def _triton_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--expect-digest", default=None, metavar="SHA256", help=DIGEST_HELP)
+    p.add_argument("--name", default="vpsde", help="model name in the repository")
+    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "onnxruntime-trt", "tensorrt"])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where each model instance runs")
+    p.add_argument("--max-batch", type=positive, default=16,
+                   help="requests Triton's dynamic batcher may hand the model at once (sampled together)")
+    p.add_argument("--max-num", type=positive, default=1024, help="most samples one request may ask for")
+    p.add_argument("--max-rows", type=positive, default=256, help="samples per graph batch across requests")
+    p.add_argument("--instances", type=positive, default=1, help="model instances, each with its own Sampler")
+    p.add_argument("--threads", type=threads_arg, default=1,
+                   help="intra-op CPU threads per instance (1: responses are bit-identical to a 1-thread in-process "
+                        "Sampler under any load; scale with --instances)")
+
+
+def _repository(args: argparse.Namespace, out: Path, force: bool) -> Path:
+    from vpsde.runtime import Bundle
+    from vpsde.serving.repository import write_repository
+
+    bundle = Bundle.load(args.bundle, expect_digest=getattr(args, "expect_digest", None))
+    try:
+        return write_repository(bundle, out, name=args.name, backend=args.backend, device=args.device,
+                                max_batch=args.max_batch, instances=args.instances, max_num=args.max_num,
+                                max_rows=args.max_rows, threads=args.threads, force=force)
+    except FileExistsError as e:
+        raise UsageError(str(e)) from None
+
+
+def cmd_triton(args: argparse.Namespace) -> None:
+    repo = _repository(args, args.out, args.force)
+    print(f"wrote {repo}: model {args.name!r} (config.pbtxt, 1/model.py, 1/bundle)")
+    print(f"serve it: tritonserver --model-repository={repo.resolve()}  (the model's Python needs vpsde installed)")
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    import tempfile
+
+    from vpsde.serving.server import TritonServer, find_tritonserver
+
+    if (args.bundle is None) == (args.repository is None):
+        raise UsageError("give a BUNDLE or --repository REPO (one of them)")
+    install = find_tritonserver(args.tritonserver)
+    with tempfile.TemporaryDirectory(prefix="vpsde-serve-") as work:
+        repo = args.repository or _repository(args, Path(work) / "repository", False)
+        server = TritonServer(repo, install, args.http_port, args.grpc_port, host=args.host)
+        try:
+            server.wait_ready()
+            print(f"serving {args.bundle or repo} as model {args.name!r}: HTTP {server.http_url}  gRPC {server.grpc_url}  "
+                  f"(Ctrl-C to stop)", flush=True)
+            while server.process.poll() is None:
+                time.sleep(0.5)
+            raise VpsdeError(f"tritonserver stopped by itself (exit {server.process.returncode}): {server.errors()}")
+        finally:
+            code = server.stop()
+            print(f"tritonserver stopped (exit {code})", file=sys.stderr)
+
+
+def cmd_request(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    from vpsde.runtime.images import image_grid, save_npz, save_png
+    from vpsde.serving.client import request_samples
+
+    prepare_out_dir(args.out)
+    t0 = time.perf_counter()
+    samples = request_samples(args.url, args.seed, args.num, args.first_sample, model=args.name,
+                              protocol=args.protocol)
+    elapsed = time.perf_counter() - t0
+    npz = args.out / "samples.npz"
+    save_npz(npz, samples=samples, seed=np.uint64(args.seed), first_sample=np.uint64(args.first_sample),
+             server=np.str_(f"{args.protocol}://{args.url}/{args.name}"))
+    print(f"received {args.num} x {list(samples.shape[1:])} from {args.url} in {elapsed:.2f} s")
+    print(f"wrote {npz}")
+    if args.value_range and samples.ndim == 4:
+        png = args.out / "grid.png"
+        save_png(png, image_grid(samples, tuple(args.value_range)))
+        print(f"wrote {png}")
