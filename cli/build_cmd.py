@@ -15,7 +15,7 @@ def register(sub, fmt) -> None:
                        formatter_class=fmt, description="Build one TensorRT engine per graph with an optimization "
                        "profile over the batch, into the bundle's engine cache (keyed by graph sha256, TensorRT "
                        "flavour and version, target, precision and profile; valid engines are reused).")
-    p.add_argument("bundle", type=Path)
+    p.add_argument("bundle", type=Path, help="bundle directory (its engines go to BUNDLE/engines)")
     p.add_argument("--expect-digest", default=None, metavar="SHA256", help=DIGEST_HELP)
     p.add_argument("--batch", default="1:16:64", help="optimization profile over the batch: MIN:OPT:MAX (or one size)")
     p.add_argument("--opt-level", type=int, default=3, help="builder optimization level 0..5")

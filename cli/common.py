@@ -13,6 +13,17 @@ DIGEST_HELP = ("refuse the bundle unless its digest (the sha256 of its SHA256SUM
                "every graph; `vpsde inspect` prints it) is this one: pin the bundle you reviewed")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: X)" to an option's help unless the help already says its default or there is none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "(default" in text or action.default is None or action.default is False \
+                or action.default == argparse.SUPPRESS:
+            return text
+        return super()._get_help_string(action)
+
+
 class UsageError(VpsdeError):
     """A bad command-line argument."""
 

@@ -8,6 +8,8 @@ import argparse
 def register(sub, fmt) -> None:
     """Add the subcommand to ``sub`` (argparse subparsers); ``fmt``: the help formatter."""
     sub.add_parser("doctor", help="what this machine can run: ONNX Runtime providers, TensorRT, GPU, torch",
+                   description="Print the ONNX Runtime providers, the TensorRT flavour and its targets, the GPU "
+                   "(or why there is none) and whether torch is there for export.",
                    formatter_class=fmt)
 
 

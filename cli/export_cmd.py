@@ -50,9 +50,9 @@ def register(sub, fmt) -> None:
     p.add_argument("--denoise-final", action="store_true",
                    help="dpmpp-2m: make the last step the jump from t = eps to t = 0, so the sample is the model's "
                         "data prediction at eps (diffusers' final_sigmas_type='zero'); the other steps span 1..eps")
-    p.add_argument("--beta-min", type=float, default=0.1)
-    p.add_argument("--beta-max", type=float, default=20.0)
-    p.add_argument("--sampling-eps", type=float, default=1e-3)
+    p.add_argument("--beta-min", type=float, default=0.1, help="VP-SDE beta(t) at t = 0")
+    p.add_argument("--beta-max", type=float, default=20.0, help="VP-SDE beta(t) at t = 1")
+    p.add_argument("--sampling-eps", type=float, default=1e-3, help="the last time of the reverse grid (t = eps)")
     p.add_argument("--sample-shape", type=shape_arg, default=None, help="C,H,W for a py: model that is a plain nn.Module")
     p.add_argument("--value-range", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                    help="data range of image samples, for PNG output (default: the model's, else none)")

@@ -13,8 +13,10 @@ from vpsde.runtime.errors import VpsdeError
 def register(sub, fmt) -> None:
     """Add the subcommand to ``sub`` (argparse subparsers); ``fmt``: the help formatter."""
     p = sub.add_parser("inspect", help="validate a bundle and print its manifest summary and cached engines",
+                       description="Check a bundle (SHA256SUMS, manifest, graphs) and print its digest, sampler, "
+                       "schedule, graphs and the TensorRT engines cached in it with their state.",
                        formatter_class=fmt)
-    p.add_argument("bundle", type=Path)
+    p.add_argument("bundle", type=Path, help="bundle directory")
     p.add_argument("--expect-digest", default=None, metavar="SHA256", help=DIGEST_HELP)
     p.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
 

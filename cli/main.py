@@ -12,7 +12,7 @@ import sys
 import threading
 
 from vpsde.cli import build_cmd, doctor_cmd, export_cmd, inspect_cmd, sample_cmd, serve_cmd
-from vpsde.cli.common import printable
+from vpsde.cli.common import HelpFormatter, printable
 from vpsde.cli.export_cmd import SAMPLER_IDS  # noqa: F401  (re-exported: the CLI's sampler ids)
 from vpsde.runtime.errors import VpsdeError
 
@@ -39,7 +39,7 @@ COMMANDS = {"export": export_cmd.run, "sample": sample_cmd.run, "inspect": inspe
 
 
 def build_parser() -> argparse.ArgumentParser:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = HelpFormatter
     parser = argparse.ArgumentParser(prog="vpsde", description="Deploy VP-SDE score-model samplers as ONNX bundles.",
                                      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--verbose", action="store_true", help="show tracebacks on errors")

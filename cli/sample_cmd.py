@@ -14,11 +14,11 @@ def register(sub, fmt) -> None:
     """Add the subcommand to ``sub`` (argparse subparsers); ``fmt``: the help formatter."""
     p = sub.add_parser("sample", help="draw samples from a bundle (no torch needed)", formatter_class=fmt,
                        description="Run the bundle's timestep loop and write samples.npz (+ grid.png for images).")
-    p.add_argument("bundle", type=Path)
+    p.add_argument("bundle", type=Path, help="bundle directory (from vpsde export)")
     p.add_argument("--expect-digest", default=None, metavar="SHA256", help=DIGEST_HELP)
     p.add_argument("--out", type=Path, default=Path("out"), help="output directory")
     p.add_argument("--num", type=positive, default=64, help="number of samples")
-    p.add_argument("--seed", type=u64("seed"), default=0)
+    p.add_argument("--seed", type=u64("seed"), default=0, help="noise seed, 0 <= seed < 2^64")
     p.add_argument("--batch-size", type=positive, default=None, help="samples per graph call (default: all)")
     p.add_argument("--first-sample", type=u64("index"), default=0,
                    help="global index of the first sample (for sharding: same seed, disjoint index ranges)")

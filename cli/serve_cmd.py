@@ -17,7 +17,7 @@ def register_triton(sub, fmt) -> None:
                        formatter_class=fmt, description="Write REPO/NAME/config.pbtxt, REPO/NAME/1/model.py (Python "
                        "backend driving vpsde.runtime) and a digest-pinned copy of the bundle in REPO/NAME/1/bundle. "
                        "The Python that runs the model needs vpsde installed (pip install vpsde in the container).")
-    p.add_argument("bundle", type=Path)
+    p.add_argument("bundle", type=Path, help="bundle directory to serve")
     p.add_argument("--out", type=Path, required=True, help="repository directory to write")
     _triton_options(p)
     p.add_argument("--force", action="store_true", help="replace a repository vpsde wrote")
@@ -30,8 +30,8 @@ def register_serve(sub, fmt) -> None:
                        "(loopback unless --host), print the endpoints, and stop cleanly on Ctrl-C or SIGTERM.")
     p.add_argument("bundle", type=Path, nargs="?", help="the bundle to serve (or --repository)")
     p.add_argument("--repository", type=Path, default=None, help="serve this repository (from `vpsde triton`) as is")
-    p.add_argument("--http-port", type=int, default=8000)
-    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--http-port", type=int, default=8000, help="HTTP/REST port")
+    p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--tritonserver", default=None, help="the tritonserver binary (default: nvidia-pytriton's, or PATH)")
     _triton_options(p)
@@ -45,9 +45,9 @@ def register_request(sub, fmt) -> None:
     p.add_argument("url", help="HOST:PORT of the server's HTTP or gRPC endpoint")
     p.add_argument("--protocol", default="http", choices=["http", "grpc"])
     p.add_argument("--name", default="vpsde", help="model name")
-    p.add_argument("--num", type=positive, default=16)
-    p.add_argument("--seed", type=u64("seed"), default=0)
-    p.add_argument("--first-sample", type=u64("index"), default=0)
+    p.add_argument("--num", type=positive, default=16, help="number of samples")
+    p.add_argument("--seed", type=u64("seed"), default=0, help="noise seed")
+    p.add_argument("--first-sample", type=u64("index"), default=0, help="global index of the first sample")
     p.add_argument("--value-range", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                    help="write grid.png of image samples in this data range")
     p.add_argument("--out", type=Path, default=Path("out"), help="output directory")

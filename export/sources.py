@@ -85,5 +85,6 @@ def load_model(spec: str, sde: VPSDE, sample_shape: tuple[int, ...] | None = Non
         else:
             raise ModelSpecError(f"--model {spec!r}: factory returned {type(net).__name__}, expected an nn.Module")
     else:
-        raise ModelSpecError(f"unknown model {spec!r}; expected one of:\n{SPEC_HELP}")
+        raise ModelSpecError(f"unknown model {spec!r}; expected digits, weights:PATH.json, diffusers:DIR, gmm[:...], "
+                             "unet-random[:...] or py:package.module:factory (vpsde export --help lists them)")
     return model.eval()
