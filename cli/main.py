@@ -26,7 +26,7 @@ EXAMPLES = """examples:
   vpsde doctor                                                    # what this machine can run
   vpsde export --model digits --sampler dpmpp-2m --steps 20 --out build/digits-dpm20
   vpsde export --model digits --sampler inpaint --out build/digits-inpaint
-  vpsde sample build/digits-inpaint --known digit.png --mask mask.png --num 16 --out out/inpaint
+  vpsde sample build/digits-inpaint --known docs/examples/digit.png --mask docs/examples/mask.png --num 16 --out out/inpaint
   vpsde sample build/digits-em1000 --num 100000 --ray ray://head:10001 --out out/digits-100k   # on a Ray cluster
   vpsde serve build/gmm-em --http-port 8000 --grpc-port 8001       # Triton (from an env with vpsde[serve])
   vpsde request 127.0.0.1:8000 --num 16 --seed 0 --out out/served

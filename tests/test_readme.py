@@ -19,7 +19,8 @@ def readme_cli_commands() -> list[str]:
 
 
 def write_inpainting_inputs(where: Path) -> None:
-    """digit.png (a held-out digit, 16x16 grayscale) and mask.png (left half white = keep) for the example."""
+    """digit.png (a held-out digit, 16x16 grayscale) and mask.png (left half white = keep): how the example inputs
+    in docs/examples were made (test_shipped_example_inputs checks they still are)."""
     import numpy as np
     from PIL import Image
 
@@ -41,7 +42,9 @@ def test_readme_has_the_two_setup_commands_first():
 def test_readme_cli_examples_run(tmp_path):
     commands = readme_cli_commands()
     assert len(commands) >= 8
-    write_inpainting_inputs(tmp_path)
+    (tmp_path / "docs" / "examples").mkdir(parents=True)
+    for name in ("digit.png", "mask.png"):  # the example inputs README points to, shipped in docs/examples
+        (tmp_path / "docs" / "examples" / name).write_bytes((README.parent / "docs" / "examples" / name).read_bytes())
     for cmd in commands:
         args = shlex.split(cmd)[1:]
         r = subprocess.run([sys.executable, "-m", "vpsde.cli.main", *args, *(["--no-progress"] if args[0] == "sample" else [])],
@@ -50,3 +53,9 @@ def test_readme_cli_examples_run(tmp_path):
     assert (tmp_path / "out" / "digits" / "grid.png").is_file()
     assert (tmp_path / "out" / "shard1" / "samples.npz").is_file()
     assert (tmp_path / "out" / "dpm20" / "grid.png").is_file() and (tmp_path / "out" / "inpaint" / "grid.png").is_file()
+
+
+def test_shipped_example_inputs(tmp_path):
+    write_inpainting_inputs(tmp_path)
+    for name in ("digit.png", "mask.png"):
+        assert (tmp_path / name).read_bytes() == (README.parent / "docs" / "examples" / name).read_bytes()
