@@ -103,7 +103,8 @@ def sample_em(eps_fn: EpsFn, x: torch.Tensor, noise: NoiseFn, vp: VP = VP(), ste
               inpaint: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Euler-Maruyama on the reverse SDE dx = [-1/2 beta x - beta score] dt + sqrt(beta) dw-bar; returns the
     last x_mean. ``inpaint=(known, mask)``: after every step, known pixels are replaced by the known data
-    noised to the step's t (score_sde ``get_pc_inpainter``), with one more noise call per step."""
+    noised to the step's t (score_sde ``get_pc_inpainter``), with one more noise call per step; the returned
+    x_mean holds the known data itself where mask is 1."""
     call = 1
     x_mean = x
     for i, (t, dt) in enumerate(_em_grid(vp, steps, grid)):
@@ -120,7 +121,7 @@ def sample_em(eps_fn: EpsFn, x: torch.Tensor, noise: NoiseFn, vp: VP = VP(), ste
             call += 1
             known_mean = _b(vp.alpha(tv), x) * known
             x_next = x_next * (1 - mask) + (known_mean + _b(vp.sigma(tv), x) * zk) * mask
-            x_mean = x_mean * (1 - mask) + known_mean * mask
+            x_mean = x_mean * (1 - mask) + known * mask  # the final sample returns the known data exactly
             inputs.update(known=known, mask=mask, known_noise=zk)
         _emit(callback, "inpaint_em" if inpaint is not None else "em", i, inputs, {"x_next": x_next, "x_mean": x_mean})
         x = x_next

@@ -201,11 +201,13 @@ class InpaintStep(nn.Module):
     pixels noised to the step's t with host noise,
 
         x_next = x_next (1 - mask) + (alpha(t) known + std(t) known_noise) mask
-        x_mean = x_mean (1 - mask) + alpha(t) known mask
+        x_mean = x_mean (1 - mask) + known mask
 
     Inputs: the wrapped step's, then known [B, *sample] (data, model value range), mask [B, *sample] (1 =
     known), known_noise [B, *sample]. score_sde builds x_mean from the noisy x in the unknown region; this uses
-    the step's x_mean there, so the final sample carries no last-step noise (as every other sampler here).
+    the step's x_mean there, so the final sample carries no last-step noise (as every other sampler here). The
+    known region of x_mean (the final sample) is the known data itself, exactly where mask is 1: users get
+    their pixels back, not alpha(eps) times them.
     """
 
     def __init__(self, step: Step) -> None:
@@ -225,4 +227,4 @@ class InpaintStep(nn.Module):
         t = step_inputs[self._t]
         known_mean = per_sample(self.sde.mean_coeff(t), known) * known
         known_noisy = known_mean + per_sample(self.sde.std(t), known) * known_noise
-        return x_next * (1.0 - mask) + known_noisy * mask, x_mean * (1.0 - mask) + known_mean * mask
+        return x_next * (1.0 - mask) + known_noisy * mask, x_mean * (1.0 - mask) + known * mask
