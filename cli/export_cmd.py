@@ -72,6 +72,8 @@ def run(args: argparse.Namespace) -> None:
     except ImportError as e:
         raise UsageError(f"vpsde export needs torch and onnx ({e}); install them with pip install 'vpsde[export]' "
                          "after installing the torch build you want") from None
+    if (args.out.exists() or args.out.is_symlink()) and not args.force:
+        raise UsageError(f"{args.out} exists; pass --force to replace the bundle there")
     if args.steps and args.nfe:
         raise UsageError("give --steps or --nfe, not both")
     steps = (steps_for_nfe(args.sampler, args.nfe, args.corrector_steps) if args.nfe

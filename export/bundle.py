@@ -100,10 +100,10 @@ def check_replaceable(out: Path, overwrite: bool) -> None:
     if not os.path.lexists(out):
         return
     if not overwrite:
-        raise FileExistsError(f"{out} exists; pass --force (overwrite=True) to replace the bundle there")
+        raise FileExistsError(f"{out} exists; pass overwrite=True to replace the bundle there")
     if out.is_symlink() or not out.is_dir():
-        raise FileExistsError(f"{out} is {'a symlink' if out.is_symlink() else 'not a directory'}; --force replaces "
-                              "only a bundle directory vpsde wrote: choose another --out")
+        raise FileExistsError(f"{out} is {'a symlink' if out.is_symlink() else 'not a directory'}; only a bundle "
+                              "directory vpsde wrote is replaced: choose another output directory")
     entries = sorted(os.listdir(out))
     if not entries:
         return
@@ -114,12 +114,12 @@ def check_replaceable(out: Path, overwrite: bool) -> None:
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         is_bundle = False
     if not is_bundle:
-        raise FileExistsError(f"{out} is not a vpsde bundle (no manifest.json of format {FORMAT!r}); --force replaces "
-                              "only a bundle vpsde wrote: choose another --out, or empty it yourself")
+        raise FileExistsError(f"{out} is not a vpsde bundle (no manifest.json of format {FORMAT!r}); only a bundle "
+                              "vpsde wrote is replaced: choose another output directory, or empty it yourself")
     foreign = [e for e in entries if e not in ours and TMP_TAG not in e]
     if foreign:
         raise FileExistsError(f"{out} holds files a bundle does not ({', '.join(foreign[:5])}"
-                              f"{' ...' if len(foreign) > 5 else ''}); --force replaces only what vpsde wrote: move "
+                              f"{' ...' if len(foreign) > 5 else ''}); only what vpsde wrote is replaced: move "
                               "them out first")
 
 
