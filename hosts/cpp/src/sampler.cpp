@@ -45,21 +45,30 @@ struct Sampler::Graph {
 
 namespace {
 
-Ort::SessionOptions session_options(const SamplerOptions& o) {
+Ort::SessionOptions session_options(const SamplerOptions& o, const std::string& bundle_dir) {
   Ort::SessionOptions so;
   if (o.threads > 0) so.SetIntraOpNumThreads(o.threads);
-  so.SetLogSeverityLevel(3);
+  so.SetLogSeverityLevel(4);  // fatal only: vpsde reports failures itself, in one line
   if (o.provider == "cuda") {
     OrtCUDAProviderOptions cuda{};
+    cuda.device_id = o.device_id;
     so.AppendExecutionProvider_CUDA(cuda);
   } else if (o.provider == "tensorrt") {
+    static thread_local std::string cache;  // ORT keeps the pointer until the session is made
+    cache = o.trt_engine_cache.empty() ? (std::filesystem::path(bundle_dir) / "engines" / "ort-trt").string()
+                                       : o.trt_engine_cache;
     OrtTensorRTProviderOptions trt{};
+    trt.device_id = o.device_id;
+    trt.trt_engine_cache_enable = 1;
+    trt.trt_engine_cache_path = cache.c_str();
     so.AppendExecutionProvider_TensorRT(trt);
     OrtCUDAProviderOptions cuda{};  // fallback for nodes TensorRT does not take
+    cuda.device_id = o.device_id;
     so.AppendExecutionProvider_CUDA(cuda);
   } else if (o.provider != "cpu") {
     throw Error("unknown provider '" + o.provider + "'; expected cpu, cuda or tensorrt");
   }
+  if (o.configure_session) o.configure_session(so);
   return so;
 }
 
@@ -75,9 +84,13 @@ std::string explain_load_error(const std::string& what) {
 
 }  // namespace
 
+const char* version() { return VPSDE_VERSION; }
+
 Sampler::Sampler(std::string bundle_dir, SamplerOptions options)
     : bundle_dir_(std::move(bundle_dir)), options_(std::move(options)),
-      manifest_(load_bundle(bundle_dir_, options_.expect_digest)), env_(ORT_LOGGING_LEVEL_ERROR, "vpsde") {
+      manifest_(load_bundle(bundle_dir_, options_.expect_digest)) {
+  if (options_.env == nullptr) own_env_ = std::make_unique<Ort::Env>(ORT_LOGGING_LEVEL_FATAL, "vpsde");
+  Ort::Env& env = options_.env ? *options_.env : *own_env_;
   if (options_.threads < 0 || options_.threads > kMaxThreads)
     throw Error("--threads: expected 1.." + std::to_string(kMaxThreads) + ", got " + std::to_string(options_.threads));
   if (manifest_.noise_generator != kPhiloxId)
@@ -88,7 +101,7 @@ Sampler::Sampler(std::string bundle_dir, SamplerOptions options)
                 "bfloat16 kernels: run it with --provider tensorrt, or export with --precision fp16 or fp32");
   Ort::SessionOptions so;
   try {
-    so = session_options(options_);
+    so = session_options(options_, bundle_dir_);
   } catch (const Ort::Exception& e) {
     throw Error("ONNX Runtime provider '" + options_.provider + "' is not available in this build: " + first_line(e.what()));
   }
@@ -99,7 +112,7 @@ Sampler::Sampler(std::string bundle_dir, SamplerOptions options)
     g->path = (std::filesystem::path(bundle_dir_) / spec.file).string();
     const std::string bytes = read_graph(bundle_dir_, key, spec);  // the checked bytes, not the path
     try {
-      g->session = Ort::Session(env_, bytes.data(), bytes.size(), so);
+      g->session = Ort::Session(env, bytes.data(), bytes.size(), so);
     } catch (const Ort::Exception& e) {
       throw Error(g->path + ": ONNX Runtime could not load graph '" + key + "': " + explain_load_error(e.what()));
     }
@@ -127,14 +140,27 @@ void Sampler::check_memory(std::int64_t num, std::int64_t batch) const {
 }
 
 std::vector<float> Sampler::sample(std::int64_t num, std::uint64_t seed, std::int64_t batch, std::uint64_t first_sample,
-                                  const std::map<std::string, NpyArray>& conditioning) {
+                                  const std::map<std::string, NpyArray>& conditioning, const ProgressFn& progress) {
   if (num < 1) throw Error("--num must be >= 1");
+  check_memory(num, batch < 1 || batch > num ? num : batch);
+  std::vector<float> out(static_cast<std::size_t>(num * manifest_.sample_numel()));
+  sample_into(out.data(), out.size(), num, seed, batch, first_sample, conditioning, progress);
+  return out;
+}
+
+void Sampler::sample_into(float* out, std::size_t capacity, std::int64_t num, std::uint64_t seed, std::int64_t batch,
+                          std::uint64_t first_sample, const std::map<std::string, NpyArray>& conditioning,
+                          const ProgressFn& progress) {
+  std::lock_guard<std::mutex> lock(mutex_);  // one sample() at a time: the sessions' buffers are shared
+  if (num < 1) throw Error("--num must be >= 1");
+  if (out == nullptr || capacity < static_cast<std::size_t>(num) * static_cast<std::size_t>(manifest_.sample_numel()))
+    throw Error("the output buffer holds " + std::to_string(capacity) + " floats; " + std::to_string(num) +
+                " samples need " + std::to_string(num * manifest_.sample_numel()));
   if (first_sample > UINT64_MAX - static_cast<std::uint64_t>(num - 1))
     throw Error("--first-sample " + std::to_string(first_sample) + " + --num " + std::to_string(num) +
                 " passes the last sample index 2^64 - 1");
   if (batch < 1 || batch > num) batch = num;
   const std::int64_t numel = manifest_.sample_numel();
-  check_memory(num, batch);
   std::vector<std::string> wanted = manifest_.conditioning, given;
   for (const auto& [name, _] : conditioning) given.push_back(name);
   std::sort(wanted.begin(), wanted.end());
@@ -158,7 +184,6 @@ std::vector<float> Sampler::sample(std::int64_t num, std::uint64_t seed, std::in
       throw Error("conditioning input '" + name + "': expected shape " + str(per_sample) + " or " + str(all) +
                   ", got " + str(a.shape));
   }
-  std::vector<float> out(static_cast<std::size_t>(num * numel));
   for (std::int64_t start = 0; start < num; start += batch) {
     const std::int64_t size = std::min(batch, num - start);
     std::map<std::string, CondView> cond;
@@ -166,13 +191,12 @@ std::vector<float> Sampler::sample(std::int64_t num, std::uint64_t seed, std::in
       const bool shared = a.shape.size() == manifest_.sample_shape.size();  // [*S]: the same for every sample
       cond[name] = {shared ? a.data.data() : a.data.data() + start * numel, shared};
     }
-    sample_batch(seed, first_sample + static_cast<std::uint64_t>(start), size, out.data() + start * numel, cond);
+    sample_batch(seed, first_sample + static_cast<std::uint64_t>(start), size, out + start * numel, cond, progress);
   }
-  return out;
 }
 
 void Sampler::sample_batch(std::uint64_t seed, std::uint64_t first, std::int64_t size, float* out,
-                           const std::map<std::string, CondView>& cond) {
+                           const std::map<std::string, CondView>& cond, const ProgressFn& progress) {
   const std::size_t numel = static_cast<std::size_t>(manifest_.sample_numel());
   auto draw = [&](std::uint32_t call, float* dst) {
     for (std::int64_t b = 0; b < size; ++b) philox_normal(seed, call, first + static_cast<std::uint64_t>(b), dst + b * numel, numel);
@@ -229,6 +253,8 @@ void Sampler::sample_batch(std::uint64_t seed, std::uint64_t first, std::int64_t
         last_graph = &g;
       }
     }
+    if (progress && !progress(i, manifest_.steps))
+      throw Cancelled("sampling cancelled at step " + std::to_string(i) + " of " + std::to_string(manifest_.steps));
   }
   last = &last_graph->buffers.at(manifest_.final_output);
   std::copy(last->begin(), last->end(), out);

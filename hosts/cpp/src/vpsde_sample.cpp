@@ -20,7 +20,7 @@ namespace {
 const char* kUsage =
     "usage: vpsde-sample BUNDLE --num N --seed S [--batch B] [--first-sample K]\n"
     "                    [--provider cpu|cuda|tensorrt] [--threads T] [--no-nan-guard] [--cond NAME=FILE.npy ...]\n"
-    "                    [--expect-digest SHA256] --out samples.npy\n"
+    "                    [--expect-digest SHA256] [--device-id N] [--version] --out samples.npy\n"
     "Runs the bundle's timestep loop on ONNX Runtime with the portable Philox noise and writes the final\n"
     "samples (float32 [N, *sample_shape]) as .npy. Defaults: --batch N, --first-sample 0, --provider cpu.\n"
     "--cond gives a conditioning input the bundle names (inpainting: --cond known=k.npy --cond mask=m.npy),\n"
@@ -76,7 +76,7 @@ int main(int argc, char** argv) {
     std::string bundle, out, provider = "cpu", expect_digest;
     std::int64_t num = 0, batch = 0;
     std::uint64_t seed = 0, first = 0;
-    int threads = 0;
+    int threads = 0, device_id = 0;
     bool nan_guard = true, have_seed = false;
     std::map<std::string, vpsde::NpyArray> cond;
     for (int i = 1; i < argc; ++i) {
@@ -87,6 +87,9 @@ int main(int argc, char** argv) {
       };
       if (a == "-h" || a == "--help") {
         std::cout << kUsage;
+        return 0;
+      } else if (a == "--version") {
+        std::cout << "vpsde-sample " << vpsde::version() << " (ONNX Runtime " << Ort::GetVersionString() << ")\n";
         return 0;
       } else if (a == "--num") num = static_cast<std::int64_t>(parse_u64(a, value(), 1, kMaxNum));
       else if (a == "--seed") seed = parse_u64(a, value()), have_seed = true;
@@ -102,6 +105,7 @@ int main(int argc, char** argv) {
       }
       else if (a == "--out") out = value();
       else if (a == "--no-nan-guard") nan_guard = false;
+      else if (a == "--device-id") device_id = static_cast<int>(parse_u64(a, value(), 0, 1024));
       else if (a == "--cond") {
         const std::string v = value();
         const auto eq = v.find('=');
@@ -117,7 +121,13 @@ int main(int argc, char** argv) {
     if (first > UINT64_MAX - static_cast<std::uint64_t>(num - 1))
       throw vpsde::Error("--first-sample " + std::to_string(first) + " + --num " + std::to_string(num) +
                          " passes the last sample index 2^64 - 1");
-    vpsde::Sampler sampler(bundle, {provider, threads, nan_guard, expect_digest});
+    vpsde::SamplerOptions options;
+    options.provider = provider;
+    options.threads = threads;
+    options.nan_guard = nan_guard;
+    options.expect_digest = expect_digest;
+    options.device_id = device_id;
+    vpsde::Sampler sampler(bundle, options);
     vpsde::AtomicFile file(out);  // before any graph call: a bad --out must not cost a sampling run
     const auto t0 = std::chrono::steady_clock::now();
     const std::vector<float> x = sampler.sample(num, seed, batch, first, cond);

@@ -1,4 +1,5 @@
-// The bundle manifest (schema version 2; version 1 reads too), read and checked: errors name the file and the field.
+/// @file
+/// The bundle manifest (schema version 2; version 1 reads too), read and checked: errors name the file and the field.
 #pragma once
 
 #include <cstdint>
@@ -9,14 +10,14 @@
 
 namespace vpsde {
 
-// A user-facing error: the CLI prints its message and exits non-zero.
+/// A user-facing error: the CLI prints its message and exits non-zero.
 struct Error : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
 inline constexpr int kSchemaVersion = 2;  // newest version read; 1 (Euler-Maruyama only) reads too
 inline constexpr const char* kPhiloxId = "philox4x32-10/box-muller/v1";
-// Bounds on what a manifest may ask for (the same as vpsde/runtime/manifest.py).
+/// Bounds on what a manifest may ask for (the same as vpsde/runtime/manifest.py).
 inline constexpr std::uint64_t kManifestLimit = 64ull << 20;  // bytes of manifest.json
 inline constexpr std::uint64_t kSumsLimit = 1ull << 16;       // bytes of SHA256SUMS
 inline constexpr std::uint64_t kGraphLimit = 2ull << 30;      // bytes of one graph
@@ -39,7 +40,7 @@ struct ProgramCall {
   int repeat = 1;
 };
 
-// Host-carried state: fed to graph input `input`, replaced by graph output `output` after each call (init zeros).
+/// Host-carried state: fed to graph input `input`, replaced by graph output `output` after each call (init zeros).
 struct StateSpec {
   std::string input, output;
 };
@@ -61,16 +62,16 @@ struct Manifest {
   std::int64_t sample_numel() const;
 };
 
-// Read <bundle>/SHA256SUMS and manifest.json (bytes checked against it, then every field), then every graph file
-// (inside the bundle, a regular file, its sha256); IO shapes vs the sample shape. With `expect_digest` (64 hex),
-// a bundle of another digest is refused.
+/// Read <bundle>/SHA256SUMS and manifest.json (bytes checked against it, then every field), then every graph file
+/// (inside the bundle, a regular file, its sha256); IO shapes vs the sample shape. With `expect_digest` (64 hex),
+/// a bundle of another digest is refused.
 Manifest load_bundle(const std::string& bundle_dir, const std::string& expect_digest = "");
 
-// The bytes of graph `key`, read once from inside the bundle and checked against its sha256: hand these to
-// ONNX Runtime, never the path.
+/// The bytes of graph `key`, read once from inside the bundle and checked against its sha256: hand these to
+/// ONNX Runtime, never the path.
 std::string read_graph(const std::string& bundle_dir, const std::string& key, const GraphSpec& graph);
 
-// Refuse a graph that keeps any tensor as external data (a file read by path, outside every check).
+/// Refuse a graph that keeps any tensor as external data (a file read by path, outside every check).
 void check_self_contained(const std::string& bytes, const std::string& path, const std::string& key);
 
 }  // namespace vpsde

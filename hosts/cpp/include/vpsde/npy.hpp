@@ -1,5 +1,6 @@
-// Minimal .npy (format 1.0) for float32 arrays: a writer (locked temporary file renamed into place) and a reader
-// (little-endian float32, C order; anything else is an error naming the file).
+/// @file
+/// Minimal .npy (format 1.0) for float32 arrays: a writer (locked temporary file renamed into place) and a reader
+/// (little-endian float32, C order; anything else is an error naming the file).
 #pragma once
 
 #include <cstdint>
@@ -14,7 +15,7 @@
 
 namespace vpsde {
 
-// Writes float32 [shape] into `out` (a temporary that commit() renames into place).
+/// Writes float32 [shape] into `out` (a temporary that commit() renames into place).
 inline void write_npy(AtomicFile& out, const std::vector<float>& data, const std::vector<std::int64_t>& shape) {
   std::string dims;
   for (std::size_t i = 0; i < shape.size(); ++i) dims += std::to_string(shape[i]) + (shape.size() == 1 || i + 1 < shape.size() ? "," : "");

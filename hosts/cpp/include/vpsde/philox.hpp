@@ -1,8 +1,9 @@
-// Portable host noise "philox4x32-10/box-muller/v1" (docs/DESIGN.md), header-only.
+/// @file
+/// Portable host noise "philox4x32-10/box-muller/v1" (docs/DESIGN.md), header-only.
 //
-// Key (k0, k1) = (seed mod 2^32, seed div 2^32). Element e of global sample s at noise call c uses the
-// Philox4x32-10 counter (e / 4, c, s mod 2^32, s div 2^32) and lane e mod 4 of the Box-Muller transform of
-// the four output words, computed in double and rounded to float. Same numbers as vpsde.runtime.noise.
+/// Key (k0, k1) = (seed mod 2^32, seed div 2^32). Element e of global sample s at noise call c uses the
+/// Philox4x32-10 counter (e / 4, c, s mod 2^32, s div 2^32) and lane e mod 4 of the Box-Muller transform of
+/// the four output words, computed in double and rounded to float. Same numbers as vpsde.runtime.noise.
 #pragma once
 
 #include <array>
@@ -15,7 +16,7 @@ namespace vpsde {
 using PhiloxBlock = std::array<std::uint32_t, 4>;
 using PhiloxKey = std::array<std::uint32_t, 2>;
 
-// Philox4x32 with 10 rounds, as in Random123.
+/// Philox4x32 with 10 rounds, as in Random123.
 inline PhiloxBlock philox4x32_10(PhiloxBlock c, PhiloxKey k) {
   constexpr std::uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u, kW0 = 0x9E3779B9u, kW1 = 0xBB67AE85u;
   for (int round = 0; round < 10; ++round) {
@@ -31,7 +32,7 @@ inline PhiloxBlock philox4x32_10(PhiloxBlock c, PhiloxKey k) {
   return c;
 }
 
-// Four standard normals from four words: (x0, x1) -> z0, z1 and (x2, x3) -> z2, z3.
+/// Four standard normals from four words: (x0, x1) -> z0, z1 and (x2, x3) -> z2, z3.
 inline std::array<double, 4> box_muller(const PhiloxBlock& w) {
   constexpr double kTwoPow32 = 4294967296.0;
   constexpr double kPi = 3.141592653589793;
@@ -47,7 +48,7 @@ inline std::array<double, 4> box_muller(const PhiloxBlock& w) {
   return z;
 }
 
-// Standard normals for one sample: out[0 .. n) of global sample `sample` at noise call `call`.
+/// Standard normals for one sample: out[0 .. n) of global sample `sample` at noise call `call`.
 inline void philox_normal(std::uint64_t seed, std::uint32_t call, std::uint64_t sample, float* out, std::size_t n) {
   const PhiloxKey key{static_cast<std::uint32_t>(seed), static_cast<std::uint32_t>(seed >> 32)};
   for (std::size_t block = 0; 4 * block < n; ++block) {
