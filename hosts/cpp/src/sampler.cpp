@@ -12,37 +12,26 @@
 
 namespace vpsde {
 
-// One graph: its session and, per batch size, host buffers bound once (no allocation inside the loop).
+// One graph: its session and its IO binding (rebound per call: each call reads and writes other buffers).
 struct Sampler::Graph {
   std::string key, path;
   GraphSpec spec;
   Ort::Session session{nullptr};
-  std::int64_t batch = 0;
-  std::map<std::string, std::vector<float>> buffers;  // every input and output, by name
   std::unique_ptr<Ort::IoBinding> binding;
-
-  void activate(std::int64_t b) {
-    if (batch == b) return;
-    const Ort::MemoryInfo cpu = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
-    binding = std::make_unique<Ort::IoBinding>(session);
-    buffers.clear();
-    auto bind = [&](const TensorSpec& t, bool is_input) {
-      std::vector<std::int64_t> shape = t.shape;
-      for (auto& d : shape) d = d < 0 ? b : d;
-      std::int64_t n = 1;
-      for (auto d : shape) n *= d;
-      auto& buf = buffers[t.name];
-      buf.assign(static_cast<std::size_t>(n), 0.0f);
-      Ort::Value v = Ort::Value::CreateTensor<float>(cpu, buf.data(), buf.size(), shape.data(), shape.size());
-      if (is_input) binding->BindInput(t.name.c_str(), v);
-      else binding->BindOutput(t.name.c_str(), v);
-    };
-    for (const auto& t : spec.inputs) bind(t, true);
-    for (const auto& t : spec.outputs) bind(t, false);
-    batch = b;
-  }
 };
 
+// The buffers of one batch size. Where tensors live follows the provider: host memory on the CPU, the GPU for cuda
+// and tensorrt. x, every state and every other graph output stay there (x and each state in two buffers, a call
+// reading one and writing the other); what the host owns (noise, schedule scalars, conditioning, the prior x and
+// the zero state of the first calls, and the final sample) is host memory bound as it is, so on a GPU ONNX Runtime
+// uploads only those per call and the sample comes back once.
+struct Sampler::Workspace {
+  std::int64_t batch = 0;
+  std::map<std::string, std::vector<float>> host;       // host-owned tensors by name
+  std::map<std::string, Ort::Value> host_values;         // views of `host`, bound as inputs (or the final output)
+  std::map<std::string, std::array<Ort::Value, 2>> rolling;  // x and each state input, on the device
+  std::map<std::string, Ort::Value> fixed;               // every other graph output, on the device
+};
 namespace {
 
 Ort::SessionOptions session_options(const SamplerOptions& o, const std::string& bundle_dir) {
@@ -121,7 +110,17 @@ Sampler::Sampler(std::string bundle_dir, SamplerOptions options)
       throw Error(g->path + ": graph has " + std::to_string(n_in) + " inputs / " + std::to_string(n_out) +
                   " outputs, 'graphs." + key + "' in the manifest declares " + std::to_string(spec.inputs.size()) + " / " +
                   std::to_string(spec.outputs.size()));
+    g->binding = std::make_unique<Ort::IoBinding>(g->session);
     graphs_.emplace(key, std::move(g));
+  }
+  // The device buffers (x, state, outputs) come from the first session's allocator for the provider's memory.
+  const Ort::MemoryInfo memory = options_.provider == "cpu"
+                                     ? Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault)
+                                     : Ort::MemoryInfo("Cuda", OrtArenaAllocator, options_.device_id, OrtMemTypeDefault);
+  try {
+    allocator_ = std::make_unique<Ort::Allocator>(graphs_.begin()->second->session, memory);
+  } catch (const Ort::Exception& e) {
+    throw Error("ONNX Runtime has no allocator for provider '" + options_.provider + "': " + first_line(e.what()));
   }
 }
 
@@ -195,69 +194,142 @@ void Sampler::sample_into(float* out, std::size_t capacity, std::int64_t num, st
   }
 }
 
+namespace {
+
+std::vector<std::int64_t> concrete(const std::vector<std::int64_t>& shape, std::int64_t batch) {
+  std::vector<std::int64_t> out = shape;
+  for (auto& d : out) d = d < 0 ? batch : d;
+  return out;
+}
+
+}  // namespace
+
+Sampler::Workspace& Sampler::workspace(std::int64_t size) {
+  if (ws_ && ws_->batch == size) return *ws_;
+  ws_.reset();
+  auto ws = std::make_unique<Workspace>();
+  ws->batch = size;
+  const Ort::MemoryInfo cpu = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
+  auto host_value = [&](const std::string& name, const std::vector<std::int64_t>& shape) {
+    std::int64_t n = 1;
+    for (auto d : shape) n *= d;
+    auto& buf = ws->host[name];
+    buf.assign(static_cast<std::size_t>(n), 0.0f);
+    ws->host_values.emplace(name, Ort::Value::CreateTensor<float>(cpu, buf.data(), buf.size(), shape.data(), shape.size()));
+  };
+  std::map<std::string, std::string> rolling_of_output{{"x_next", "x"}};
+  for (const StateSpec& st : manifest_.state) rolling_of_output[st.output] = st.input;
+  for (const auto& [key, g] : graphs_) {
+    for (const TensorSpec& t : g->spec.inputs) {
+      const auto shape = concrete(t.shape, size);
+      const bool rolling = t.name == "x" || std::any_of(manifest_.state.begin(), manifest_.state.end(),
+                                                        [&](const StateSpec& st) { return st.input == t.name; });
+      if (!ws->host.count(t.name)) host_value(t.name, shape);  // noise, schedule, conditioning; x and state: first call
+      if (rolling && !ws->rolling.count(t.name))
+        ws->rolling.emplace(t.name, std::array<Ort::Value, 2>{
+            Ort::Value::CreateTensor<float>(*allocator_, shape.data(), shape.size()),
+            Ort::Value::CreateTensor<float>(*allocator_, shape.data(), shape.size())});
+    }
+    for (const TensorSpec& t : g->spec.outputs) {
+      const auto shape = concrete(t.shape, size);
+      if (t.name == manifest_.final_output && !ws->host.count("final:" + t.name)) host_value("final:" + t.name, shape);
+      if (!rolling_of_output.count(t.name) && !ws->fixed.count(t.name))
+        ws->fixed.emplace(t.name, Ort::Value::CreateTensor<float>(*allocator_, shape.data(), shape.size()));
+    }
+  }
+  ws_ = std::move(ws);
+  return *ws_;
+}
+
 void Sampler::sample_batch(std::uint64_t seed, std::uint64_t first, std::int64_t size, float* out,
                            const std::map<std::string, CondView>& cond, const ProgressFn& progress) {
   const std::size_t numel = static_cast<std::size_t>(manifest_.sample_numel());
   auto draw = [&](std::uint32_t call, float* dst) {
     for (std::int64_t b = 0; b < size; ++b) philox_normal(seed, call, first + static_cast<std::uint64_t>(b), dst + b * numel, numel);
   };
-  for (auto& [key, g] : graphs_) g->activate(size);
+  Workspace& ws = workspace(size);
   // conditioning inputs are never written by a graph: fill them once per batch (a shared [*S] array is
   // repeated for every sample)
   for (const auto& [name, view] : cond)
-    for (auto& [key, g] : graphs_)
-      if (auto it = g->buffers.find(name); it != g->buffers.end())
-        for (std::int64_t b = 0; b < size; ++b) {
-          const float* src = view.data + (view.shared ? 0 : b * static_cast<std::int64_t>(numel));
-          std::copy(src, src + numel, it->second.begin() + b * static_cast<std::int64_t>(numel));
-        }
-
-  std::vector<float> x(static_cast<std::size_t>(size) * numel);
-  draw(0, x.data());  // the prior x_T is noise call 0
+    for (std::int64_t b = 0; b < size; ++b) {
+      const float* src = view.data + (view.shared ? 0 : b * static_cast<std::int64_t>(numel));
+      std::copy(src, src + numel, ws.host.at(name).begin() + b * static_cast<std::int64_t>(numel));
+    }
+  draw(0, ws.host.at("x").data());  // the prior x_T is noise call 0, bound from the host on the first call
+  for (const StateSpec& st : manifest_.state) std::fill(ws.host.at(st.input).begin(), ws.host.at(st.input).end(), 0.0f);
+  std::map<std::string, int> parity;      // rolling value -> which of its two buffers is current
+  std::map<std::string, bool> on_device;  // false until a graph has written it: read the host copy
+  for (const auto& [name, _] : ws.rolling) parity[name] = 0, on_device[name] = false;
+  std::map<std::string, std::string> rolling_of_output{{"x_next", "x"}};
+  for (const StateSpec& st : manifest_.state) rolling_of_output[st.output] = st.input;
+  const bool host_memory = options_.provider == "cpu";
   std::uint32_t call = 1;
-  std::map<std::string, std::vector<float>> state;  // host-carried state (e.g. DPM-Solver++ history), zeros
-  for (const StateSpec& s : manifest_.state) state[s.input].assign(x.size(), 0.0f);
-  const std::vector<float>* last = nullptr;
-  Graph* last_graph = nullptr;
+  const int calls_per_step = [&] {
+    int n = 0;
+    for (const ProgramCall& pc : manifest_.program) n += pc.repeat;
+    return n;
+  }();
+  int call_in_step = 0;
   for (int i = 0; i < manifest_.steps; ++i) {
+    call_in_step = 0;
     for (const ProgramCall& pc : manifest_.program) {
       Graph& g = *graphs_.at(pc.graph);
       for (int r = 0; r < pc.repeat; ++r) {
-        std::copy(x.begin(), x.end(), g.buffers.at("x").begin());
-        for (auto& [name, values] : manifest_.schedule) {
-          auto it = g.buffers.find(name);
-          if (it != g.buffers.end()) std::fill(it->second.begin(), it->second.end(), static_cast<float>(values[i]));
+        const bool last_call = i == manifest_.steps - 1 && ++call_in_step == calls_per_step;
+        Ort::IoBinding& binding = *g.binding;
+        for (const TensorSpec& t : g.spec.inputs) {
+          if (manifest_.schedule.count(t.name)) {
+            auto& buf = ws.host.at(t.name);
+            std::fill(buf.begin(), buf.end(), static_cast<float>(manifest_.schedule.at(t.name)[i]));
+          }
+          auto roll = ws.rolling.find(t.name);
+          if (roll != ws.rolling.end() && on_device[t.name]) binding.BindInput(t.name.c_str(), roll->second[parity[t.name]]);
+          else binding.BindInput(t.name.c_str(), ws.host_values.at(t.name));
         }
         for (const std::string& name : manifest_.noise_inputs)
-          if (auto it = g.buffers.find(name); it != g.buffers.end()) draw(call++, it->second.data());
-        for (const auto& [name, value] : state)
-          if (auto it = g.buffers.find(name); it != g.buffers.end()) std::copy(value.begin(), value.end(), it->second.begin());
+          if (ws.host.count(name) && std::any_of(g.spec.inputs.begin(), g.spec.inputs.end(),
+                                                 [&](const TensorSpec& t) { return t.name == name; }))
+            draw(call++, ws.host.at(name).data());
+        for (const TensorSpec& t : g.spec.outputs) {
+          auto roll = rolling_of_output.find(t.name);
+          if (last_call && t.name == manifest_.final_output)
+            binding.BindOutput(t.name.c_str(), ws.host_values.at("final:" + t.name));  // the sample comes back once
+          else if (roll != rolling_of_output.end())
+            binding.BindOutput(t.name.c_str(), ws.rolling.at(roll->second)[1 - parity[roll->second]]);
+          else
+            binding.BindOutput(t.name.c_str(), ws.fixed.at(t.name));
+        }
         try {
-          g.session.Run(Ort::RunOptions{nullptr}, *g.binding);
+          g.session.Run(Ort::RunOptions{nullptr}, binding);
         } catch (const Ort::Exception& e) {
           throw Error(g.path + ": ONNX Runtime failed running graph '" + g.key + "' at step " + std::to_string(i) + ": " +
                       first_line(e.what()));
         }
-        if (options_.nan_guard)
-          for (const auto& t : g.spec.outputs) {
-            const auto& buf = g.buffers.at(t.name);
-            if (!std::all_of(buf.begin(), buf.end(), [](float v) { return std::isfinite(v); }))
+        for (const TensorSpec& t : g.spec.outputs) {
+          auto roll = rolling_of_output.find(t.name);
+          const bool final_here = last_call && t.name == manifest_.final_output;
+          if (options_.nan_guard && (host_memory || final_here)) {  // on a GPU: the final sample only
+            const Ort::Value& value = final_here ? ws.host_values.at("final:" + t.name)
+                                      : roll != rolling_of_output.end() ? ws.rolling.at(roll->second)[1 - parity[roll->second]]
+                                                                        : ws.fixed.at(t.name);
+            const float* data = value.GetTensorData<float>();
+            const std::size_t n = value.GetTensorTypeAndShapeInfo().GetElementCount();
+            if (!std::all_of(data, data + n, [](float v) { return std::isfinite(v); }))
               throw Error(g.path + ": graph '" + g.key + "' produced NaN/Inf in output '" + t.name + "' at step " +
                           std::to_string(i) + " (of 0.." + std::to_string(manifest_.steps - 1) + ")");
           }
-        const auto& x_next = g.buffers.at("x_next");
-        std::copy(x_next.begin(), x_next.end(), x.begin());
-        for (const StateSpec& s : manifest_.state)
-          if (auto it = g.buffers.find(s.output); it != g.buffers.end())
-            std::copy(it->second.begin(), it->second.end(), state[s.input].begin());
-        last_graph = &g;
+          if (roll != rolling_of_output.end() && !final_here) {
+            parity[roll->second] ^= 1;
+            on_device[roll->second] = true;
+          }
+        }
       }
     }
     if (progress && !progress(i, manifest_.steps))
       throw Cancelled("sampling cancelled at step " + std::to_string(i) + " of " + std::to_string(manifest_.steps));
   }
-  last = &last_graph->buffers.at(manifest_.final_output);
-  std::copy(last->begin(), last->end(), out);
+  const auto& result = ws.host.at("final:" + manifest_.final_output);
+  std::copy(result.begin(), result.end(), out);
 }
 
 }  // namespace vpsde

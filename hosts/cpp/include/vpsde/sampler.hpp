@@ -86,8 +86,10 @@ class Sampler {
   const Manifest& manifest() const { return manifest_; }
 
  private:
-  struct Graph;  // a session with its buffers and IO binding
+  struct Graph;      // a session and its IO binding
+  struct Workspace;  // the buffers of one batch size, on the provider's device
   void check_memory(std::int64_t num, std::int64_t batch) const;
+  Workspace& workspace(std::int64_t size);
   void sample_batch(std::uint64_t seed, std::uint64_t first, std::int64_t size, float* out,
                     const std::map<std::string, CondView>& cond, const ProgressFn& progress);
 
@@ -96,6 +98,8 @@ class Sampler {
   Manifest manifest_;
   std::unique_ptr<Ort::Env> own_env_;
   std::map<std::string, std::unique_ptr<Graph>> graphs_;
+  std::unique_ptr<Ort::Allocator> allocator_;  // device memory for x, state and outputs
+  std::unique_ptr<Workspace> ws_;              // destroyed before the allocator and the sessions
   std::mutex mutex_;
 };
 
