@@ -37,7 +37,7 @@ namespace {
 Ort::SessionOptions session_options(const SamplerOptions& o, const std::string& bundle_dir) {
   Ort::SessionOptions so;
   if (o.threads > 0) so.SetIntraOpNumThreads(o.threads);
-  so.SetLogSeverityLevel(4);  // fatal only: vpsde reports failures itself, in one line
+  so.SetLogSeverityLevel(o.verbose ? 2 : 4);  // fatal only by default: vpsde reports failures itself, in one line
   if (o.provider == "cuda") {
     OrtCUDAProviderOptions cuda{};
     cuda.device_id = o.device_id;
@@ -78,7 +78,8 @@ const char* version() { return VPSDE_VERSION; }
 Sampler::Sampler(std::string bundle_dir, SamplerOptions options)
     : bundle_dir_(std::move(bundle_dir)), options_(std::move(options)),
       manifest_(load_bundle(bundle_dir_, options_.expect_digest)) {
-  if (options_.env == nullptr) own_env_ = std::make_unique<Ort::Env>(ORT_LOGGING_LEVEL_FATAL, "vpsde");
+  if (options_.env == nullptr)
+    own_env_ = std::make_unique<Ort::Env>(options_.verbose ? ORT_LOGGING_LEVEL_WARNING : ORT_LOGGING_LEVEL_FATAL, "vpsde");
   Ort::Env& env = options_.env ? *options_.env : *own_env_;
   if (options_.threads < 0 || options_.threads > kMaxThreads)
     throw Error("--threads: expected 1.." + std::to_string(kMaxThreads) + ", got " + std::to_string(options_.threads));

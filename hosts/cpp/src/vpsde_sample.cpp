@@ -20,7 +20,7 @@ namespace {
 const char* kUsage =
     "usage: vpsde-sample BUNDLE --num N --seed S [--batch B] [--first-sample K]\n"
     "                    [--provider cpu|cuda|tensorrt] [--threads T] [--no-nan-guard] [--cond NAME=FILE.npy ...]\n"
-    "                    [--expect-digest SHA256] [--device-id N] [--version] --out samples.npy\n"
+    "                    [--expect-digest SHA256] [--device-id N] [--verbose] [--version] --out samples.npy\n"
     "Runs the bundle's timestep loop on ONNX Runtime with the portable Philox noise and writes the final\n"
     "samples (float32 [N, *sample_shape]) as .npy. Defaults: --batch N, --first-sample 0, --provider cpu.\n"
     "--cond gives a conditioning input the bundle names (inpainting: --cond known=k.npy --cond mask=m.npy),\n"
@@ -77,7 +77,7 @@ int main(int argc, char** argv) {
     std::int64_t num = 0, batch = 0;
     std::uint64_t seed = 0, first = 0;
     int threads = 0, device_id = 0;
-    bool nan_guard = true, have_seed = false;
+    bool nan_guard = true, have_seed = false, verbose = false;
     std::map<std::string, vpsde::NpyArray> cond;
     for (int i = 1; i < argc; ++i) {
       const std::string a = argv[i];
@@ -105,6 +105,7 @@ int main(int argc, char** argv) {
       }
       else if (a == "--out") out = value();
       else if (a == "--no-nan-guard") nan_guard = false;
+      else if (a == "--verbose") verbose = true;
       else if (a == "--device-id") device_id = static_cast<int>(parse_u64(a, value(), 0, 1024));
       else if (a == "--cond") {
         const std::string v = value();
@@ -127,6 +128,7 @@ int main(int argc, char** argv) {
     options.nan_guard = nan_guard;
     options.expect_digest = expect_digest;
     options.device_id = device_id;
+    options.verbose = verbose;
     vpsde::Sampler sampler(bundle, options);
     vpsde::AtomicFile file(out);  // before any graph call: a bad --out must not cost a sampling run
     const auto t0 = std::chrono::steady_clock::now();

@@ -41,6 +41,7 @@ struct SamplerOptions {
   bool nan_guard = true;         ///< check every output for NaN/Inf and name the step
   std::string expect_digest;     ///< 64 hex: refuse a bundle of another digest (empty: any)
   int device_id = 0;             ///< GPU for the cuda / tensorrt providers
+  bool verbose = false;          ///< let ONNX Runtime log warnings (default: its own logging off, fatal only)
   /// TensorRT provider's engine cache; empty: BUNDLE/engines/ort-trt (the Python runtime's layout).
   std::string trt_engine_cache;
   Ort::Env* env = nullptr;  ///< the caller's Ort::Env to share (must outlive the Sampler); null: the Sampler's own
