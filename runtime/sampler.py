@@ -99,12 +99,7 @@ class Sampler:
         the model's value range and ``mask``, 1 where known), each [num, *sample_shape] or [*sample_shape]
         (shared by all samples).
         """
-        num = _count(num, "num", 1, None)
-        seed = _count(seed, "seed", 0, 2**64 - 1)
-        first_sample = _count(first_sample, "first_sample", 0, 2**64 - 1)
-        if first_sample > 2**64 - num:
-            raise InputError(f"sample indices first_sample .. first_sample + num - 1 must lie in [0, 2^64), "
-                             f"got first_sample = {first_sample} and num = {num}")
+        seed, first_sample, num = _request(seed, first_sample, num)
         batch_size = min(_count(batch_size, "batch_size", 1, None, optional=True) or num, num)
         generator = generator or self.manifest.noise.generator
         if generator not in GENERATORS:
@@ -143,12 +138,7 @@ class Sampler:
         rows = []  # (seed, index) per row, in request order
         conds = []
         for k, (seed, first, num) in enumerate(segments):
-            num = _count(num, f"request {k}: num", 1, None)
-            seed = _count(seed, f"request {k}: seed", 0, 2**64 - 1)
-            first = _count(first, f"request {k}: first_sample", 0, 2**64 - 1)
-            if first > 2**64 - num:
-                raise InputError(f"request {k}: sample indices first_sample .. first_sample + num - 1 must lie in "
-                                 f"[0, 2^64), got first_sample = {first} and num = {num}")
+            seed, first, num = _request(seed, first, num, f"request {k}: ")
             rows.append((seed, first, num))
             cond = self._check_conditioning((conditioning or [None] * len(segments))[k], num)
             conds.append({name: np.broadcast_to(v, (num, *self.sample_shape)) for name, v in cond.items()})
@@ -197,6 +187,18 @@ class Sampler:
             with PrefetchedNoise(noise, start, size, self.sample_shape, 1, last_call, self.noise_threads) as stream:
                 return run(lambda _call: stream.take())
         return run(lambda call: noise(call, start, size, self.sample_shape))
+
+
+def _request(seed, first_sample, num, where: str = "") -> tuple[int, int, int]:
+    """A checked (seed, first_sample, num): integers, seed < 2^64, and sample indices first_sample .. first_sample +
+    num - 1 inside [0, 2^64). ``where`` prefixes the messages (e.g. "request 3: ")."""
+    num = _count(num, f"{where}num", 1, None)
+    seed = _count(seed, f"{where}seed", 0, 2**64 - 1)
+    first_sample = _count(first_sample, f"{where}first_sample", 0, 2**64 - 1)
+    if first_sample > 2**64 - num:
+        raise InputError(f"{where}sample indices first_sample .. first_sample + num - 1 must lie in [0, 2^64), "
+                         f"got first_sample = {first_sample} and num = {num}")
+    return seed, first_sample, num
 
 
 def _pieces(rows: Sequence[tuple[int, int, int]], lo: int, size: int) -> list[tuple[int, int, int]]:
