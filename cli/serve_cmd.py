@@ -59,13 +59,11 @@ def _triton_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "onnxruntime-trt", "tensorrt"])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where each model instance runs")
     p.add_argument("--max-batch", type=positive, default=16,
-                   help="requests Triton's dynamic batcher may hand the model at once (sampled together)")
+                   help="requests Triton's dynamic batcher may hand the model in one call (each sampled on its own)")
     p.add_argument("--max-num", type=positive, default=1024, help="most samples one request may ask for")
-    p.add_argument("--max-rows", type=positive, default=256, help="samples per graph batch across requests")
     p.add_argument("--instances", type=positive, default=1, help="model instances, each with its own Sampler")
     p.add_argument("--threads", type=threads_arg, default=1,
-                   help="intra-op CPU threads per instance (1: responses are bit-identical to a 1-thread in-process "
-                        "Sampler under any load; scale with --instances)")
+                   help="intra-op CPU threads per instance (scale with --instances)")
 
 
 def _repository(args: argparse.Namespace, out: Path, force: bool) -> Path:
@@ -76,7 +74,7 @@ def _repository(args: argparse.Namespace, out: Path, force: bool) -> Path:
     try:
         return write_repository(bundle, out, name=args.name, backend=args.backend, device=args.device,
                                 max_batch=args.max_batch, instances=args.instances, max_num=args.max_num,
-                                max_rows=args.max_rows, threads=args.threads, force=force)
+                                threads=args.threads, force=force)
     except FileExistsError as e:
         raise UsageError(str(e)) from None
 

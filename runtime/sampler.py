@@ -22,7 +22,7 @@ import operator
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -33,7 +33,7 @@ from vpsde.runtime.digest import check_digest_text
 from vpsde.runtime.errors import BundleError, InputError
 from vpsde.runtime.loop import NAN_GUARDS, DeviceLoop
 from vpsde.runtime.manifest import Manifest
-from vpsde.runtime.noise import GENERATORS, PHILOX_ID, TORCH_ID, make_noise
+from vpsde.runtime.noise import GENERATORS, TORCH_ID, make_noise
 from vpsde.runtime.prefetch import PrefetchedNoise
 
 
@@ -122,40 +122,6 @@ class Sampler:
                 out[lo:lo + size] = self._sample_batch(noise, start, size, bar, callback, batch_cond)
         return out
 
-    def sample_segments(self, segments: Sequence[tuple[int, int, int]], *, batch_size: int | None = None,
-                        conditioning: Sequence[Mapping[str, np.ndarray] | None] | None = None) -> list[np.ndarray]:
-        """Several requests ``(seed, first_sample, num)`` sampled together, in shared batches of at most
-        ``batch_size`` rows (default: all rows in one batch): row r of a batch uses its own request's seed and
-        sample index for every noise call, so result k equals ``sample(num_k, seed_k, first_sample=first_k)``
-        bit for bit, whatever it was batched with (what a server's dynamic batching needs). Portable generator
-        only; ``conditioning[k]`` is request k's arrays ([num_k, *S] or [*S]). -> one float32 array per request."""
-        if self.manifest.noise.generator != PHILOX_ID:
-            raise InputError(f"batched requests need the portable generator {PHILOX_ID!r}; this bundle's is "
-                             f"{self.manifest.noise.generator!r}")
-        if self.manifest.sampler.params.get("coupling") == "batch":
-            raise InputError("this bundle's corrector couples the samples of a batch (coupling = batch): requests "
-                             "cannot share a batch")
-        rows = []  # (seed, index) per row, in request order
-        conds = []
-        for k, (seed, first, num) in enumerate(segments):
-            seed, first, num = _request(seed, first, num, f"request {k}: ")
-            rows.append((seed, first, num))
-            cond = self._check_conditioning((conditioning or [None] * len(segments))[k], num)
-            conds.append({name: np.broadcast_to(v, (num, *self.sample_shape)) for name, v in cond.items()})
-        total = sum(n for _, _, n in rows)
-        batch_size = min(_count(batch_size, "batch_size", 1, None, optional=True) or total, total)
-        check_memory(self.manifest, total, batch_size)
-        flat_cond = {name: np.concatenate([c[name] for c in conds]) for name in self.manifest.sampler.conditioning}
-        out = np.empty((total, *self.sample_shape), dtype=np.float32)
-        for lo in range(0, total, batch_size):
-            size = min(batch_size, total - lo)
-            pieces = _pieces(rows, lo, size)
-            noise = _SegmentNoise(pieces)
-            batch_cond = {name: v[lo:lo + size] for name, v in flat_cond.items()}
-            out[lo:lo + size] = self._sample_batch(noise, pieces[0][1], size, _NoBar(), None, batch_cond)
-        bounds = np.cumsum([0] + [n for _, _, n in rows])
-        return [out[bounds[k]:bounds[k + 1]] for k in range(len(rows))]
-
     def _check_conditioning(self, conditioning: Mapping[str, np.ndarray] | None, num: int) -> dict[str, np.ndarray]:
         wanted = list(self.manifest.sampler.conditioning)
         given = dict(conditioning or {})
@@ -199,34 +165,6 @@ def _request(seed, first_sample, num, where: str = "") -> tuple[int, int, int]:
         raise InputError(f"{where}sample indices first_sample .. first_sample + num - 1 must lie in [0, 2^64), "
                          f"got first_sample = {first_sample} and num = {num}")
     return seed, first_sample, num
-
-
-def _pieces(rows: Sequence[tuple[int, int, int]], lo: int, size: int) -> list[tuple[int, int, int]]:
-    """Rows lo .. lo + size - 1 of the requests ``rows`` (seed, first, num), as (seed, first index, count) runs."""
-    out, pos = [], 0
-    for seed, first, num in rows:
-        a, b = max(lo, pos), min(lo + size, pos + num)
-        if a < b:
-            out.append((seed, first + (a - pos), b - a))
-        pos += num
-    return out
-
-
-class _SegmentNoise:
-    """Noise for a batch made of runs of rows with their own seeds: call c of the batch is the concatenation of
-    each run's portable noise (seed, c, first .. first + n - 1), the same values each run gets on its own."""
-
-    def __init__(self, pieces: Sequence[tuple[int, int, int]]) -> None:
-        self.pieces = [(make_noise(PHILOX_ID, seed), first, n) for seed, first, n in pieces]
-
-    def __call__(self, call: int, start: int, size: int, shape: tuple[int, ...]) -> np.ndarray:
-        parts = [noise(call, first, n, shape) for noise, first, n in self.pieces]
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
-
-
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        pass
 
 
 def _count(value, name: str, lo: int, hi: int | None, optional: bool = False) -> int | None:

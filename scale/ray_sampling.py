@@ -109,8 +109,9 @@ def sample_on_ray(bundle: Bundle | str | os.PathLike, num: int, seed: int, out: 
     ``address``: a running cluster ("auto", "HOST:PORT", "ray://HOST:10001"); None starts a local one with
     ``workers * worker_cpus`` CPUs. ``workers`` actors with ``worker_cpus`` / ``worker_gpus`` each compute the
     shards; ``threads`` is each worker's intra-op thread count (default: ``worker_cpus``). ``on_shard(result)``
-    sees every finished shard (after its file is written). The samples equal ``Sampler.sample(num, seed,
-    first_sample=...)`` bit for bit (portable noise; not for a ``coupling = batch`` corrector).
+    sees every finished shard (after its file is written). Each shard is one batch unless ``batch_size`` is smaller,
+    so the samples equal ``Sampler.sample(num, seed, first_sample=..., batch_size=shard_size)`` bit for bit (portable
+    noise; not for a ``coupling = batch`` corrector).
     """
     import ray
 

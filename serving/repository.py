@@ -34,7 +34,7 @@ def _dims(shape) -> str:
 
 
 def config_pbtxt(bundle: Bundle, name: str, backend: str, device: str, max_batch: int, instances: int,
-                 max_num: int, max_rows: int, threads: int | None, queue_delay_us: int) -> str:
+                 max_num: int, threads: int | None, queue_delay_us: int) -> str:
     """The model's config.pbtxt: inputs seed/first_sample (UINT64 [1]), num (INT32 [1]), each conditioning input
     (FP32 [-1, *S]: one row shared by all samples, or one per sample); output samples (FP32 [-1, *S])."""
     m = bundle.manifest
@@ -44,7 +44,7 @@ def config_pbtxt(bundle: Bundle, name: str, backend: str, device: str, max_batch
               '  { name: "num" data_type: TYPE_INT32 dims: [ 1 ] }']
     inputs += [f'  {{ name: "{c}" data_type: TYPE_FP32 dims: [ -1, {_dims(shape)} ] }}' for c in m.sampler.conditioning]
     params = {"bundle_digest": bundle.digest, "backend": backend, "device": device, "max_num": str(max_num),
-              "max_rows": str(max_rows), "threads": str(threads or 0)}
+              "threads": str(threads or 0)}
     kind = "KIND_GPU" if device == "cuda" else "KIND_CPU"
     return "\n".join([
         f'name: "{name}"',
@@ -63,15 +63,14 @@ def config_pbtxt(bundle: Bundle, name: str, backend: str, device: str, max_batch
 
 def write_repository(bundle: Bundle | str | Path, out: str | Path, *, name: str = "vpsde", backend: str = "onnxruntime",
                      device: str = "cpu", max_batch: int = 16, instances: int = 1, max_num: int = 1024,
-                     max_rows: int = 256, threads: int | None = 1, queue_delay_us: int = 2000,
+                     threads: int | None = 1, queue_delay_us: int = 2000,
                      force: bool = False) -> Path:
     """Write (atomically) the model repository ``out`` serving ``bundle`` as model ``name``; return its path.
 
-    ``max_batch``: requests Triton may hand the model at once (dynamic batching); ``max_num``: samples one
-    request may ask for; ``max_rows``: samples per graph batch when requests are sampled together; ``instances``:
-    model instances (each with its own Sampler); ``threads``: intra-op CPU threads per instance (None: all cores;
-    the default 1 keeps responses bit-identical to a one-thread in-process Sampler whatever the load: with more
-    threads ONNX Runtime may split a loop differently when cores are busy, which moved results by 1 ulp here)."""
+    ``max_batch``: requests Triton may hand the model in one call (dynamic batching; each is still sampled on its
+    own); ``max_num``: samples one request may ask for; ``instances``: model instances (each with its own
+    Sampler); ``threads``: intra-op CPU threads per instance (None: all cores; the default 1 leaves the cores to
+    the instances: scale with ``instances``)."""
     bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(Path(bundle))
     if not is_plain_name(name):
         raise InputError(f"--name: expected a plain model name (letters, digits, '_', '.', '-'), got {name!r}")
@@ -79,8 +78,7 @@ def write_repository(bundle: Bundle | str | Path, out: str | Path, *, name: str 
         raise InputError(f"--backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
     if device not in ("cpu", "cuda"):
         raise InputError(f"--device: expected cpu or cuda, got {device!r}")
-    for flag, value in (("--max-batch", max_batch), ("--instances", instances), ("--max-num", max_num),
-                        ("--max-rows", max_rows)):
+    for flag, value in (("--max-batch", max_batch), ("--instances", instances), ("--max-num", max_num)):
         if not isinstance(value, int) or value < 1:
             raise InputError(f"{flag}: expected an integer >= 1, got {value!r}")
     out = Path(out)
@@ -100,7 +98,7 @@ def write_repository(bundle: Bundle | str | Path, out: str | Path, *, name: str 
         Bundle.load(version / "bundle", expect_digest=bundle.digest)
         (version / "model.py").write_text(MODEL_PY)
         (tmp / name / "config.pbtxt").write_text(config_pbtxt(bundle, name, backend, device, max_batch, instances,
-                                                              max_num, max_rows, threads, queue_delay_us))
+                                                              max_num, threads, queue_delay_us))
         with directory_lock(out.parent):
             replace_dir(tmp, out)
     return out

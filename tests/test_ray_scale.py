@@ -75,7 +75,7 @@ def test_sharded_runs_equal_one_process_and_stay_torch_free(bundles, tmp_path):
     """)
     for name, num, shard, first, seed in cases:
         got = load_samples(tmp_path / name)
-        want = Sampler(bundles[name], progress=False).sample(num, seed, first_sample=first)
+        want = Sampler(bundles[name], progress=False).sample(num, seed, first_sample=first, batch_size=shard)
         assert len(got) == num and got.first_sample == first
         np.testing.assert_array_equal(np.asarray(got), want)
         np.testing.assert_array_equal(got[num - 3:num - 1], want[num - 3:num - 1])
@@ -100,7 +100,8 @@ def test_a_killed_worker_is_restarted_by_ray_and_nothing_is_lost(bundles, tmp_pa
                       on_shard=kill_once)
         assert killed
     """)
-    np.testing.assert_array_equal(np.asarray(load_samples(out)), Sampler(bundles["em"], progress=False).sample(120, 3))
+    np.testing.assert_array_equal(np.asarray(load_samples(out)),
+                                  Sampler(bundles["em"], progress=False).sample(120, 3, batch_size=10))
     assert sorted(p.name for p in (out / "shards").iterdir()) == [f"{s:020d}-000010.npy" for s in range(0, 120, 10)]
 
 
@@ -127,7 +128,8 @@ def test_a_killed_driver_resumes_and_a_changed_run_is_refused(bundles, tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     computed, reused = (int(n) for n in re.search(r"(\d+) shards computed, (\d+) reused", r.stdout).groups())
     assert reused >= done_before and computed + reused == 10
-    np.testing.assert_array_equal(np.asarray(load_samples(out)), Sampler(bundles["digits"], progress=False).sample(40, 5))
+    np.testing.assert_array_equal(np.asarray(load_samples(out)),
+                                  Sampler(bundles["digits"], progress=False).sample(40, 5, batch_size=4))
     assert (out / "grid.png").is_file()
     # the same directory with another seed (or shard size) is refused before any work
     r = subprocess.run(cli[:cli.index("--seed") + 1] + ["6"] + cli[cli.index("--seed") + 2:], capture_output=True,

@@ -2,8 +2,7 @@
 
 The server and its Python backend run in the serving environment (.venv-serve, made by `make install`: numpy<2,
 which the backend stub needs); this process is only a client, with tritonclient. Responses are compared bit for
-bit with the in-process Sampler, both with one intra-op thread (the serving default: with more threads, ONNX Runtime
-moved a result by 1 ulp when the cores were busy). Skipped with the reason when the serving environment is missing."""
+bit with the in-process Sampler. Skipped with the reason when the serving environment is missing."""
 
 from __future__ import annotations
 
@@ -91,7 +90,8 @@ def test_responses_equal_in_process_samples(server, bundles):
 
 def test_concurrent_clients_are_batched_and_all_correct(server, bundles):
     """8 threads x 20 requests with their own seeds, offsets and sizes: every response is its own in-process sample
-    set (none lost, none mixed up), and the server did fuse requests (fewer executions than requests)."""
+    set (none lost, none mixed up), and the dynamic batcher did hand the model several requests per execution
+    (fewer executions than requests), each still sampled on its own."""
     import tritonclient.http as tc
 
     sampler = Sampler(bundles["em"], progress=False, threads=1)

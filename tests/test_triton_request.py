@@ -1,30 +1,10 @@
-"""Requests sampled together (Sampler.sample_segments, what a server's dynamic batching uses): every request gets
-exactly its own in-process samples, whatever it shares a batch with; and the Triton model's request parsing."""
+"""The Triton model's request parsing (no server needed): the contract's inputs, their dtypes and shapes, the
+limits, and conditioning."""
 
 import numpy as np
 import pytest
 
-from vpsde.runtime import InputError, Sampler
 from vpsde.serving.triton_model import RequestError, parse_request
-
-
-@pytest.mark.parametrize("batch_size", [None, 3, 7])
-def test_requests_with_different_seeds_share_batches_bit_for_bit(gmm_bundle, batch_size):
-    s = Sampler(gmm_bundle, progress=False, threads=1)
-    rng = np.random.default_rng(3)
-    reqs = [(int(rng.integers(0, 2**64, dtype=np.uint64)), int(rng.integers(0, 2**40)), int(rng.integers(1, 6)))
-            for _ in range(6)] + [(2**64 - 1, 2**64 - 2, 2)]
-    outs = s.sample_segments(reqs, batch_size=batch_size)
-    for out, (seed, first, num) in zip(outs, reqs):
-        np.testing.assert_array_equal(out, s.sample(num, seed, first_sample=first))
-
-
-def test_segments_refuse_what_sample_refuses(gmm_bundle):
-    s = Sampler(gmm_bundle, progress=False)
-    with pytest.raises(InputError, match="request 1: num must be >= 1"):
-        s.sample_segments([(0, 0, 2), (1, 0, 0)])
-    with pytest.raises(InputError, match="request 0: sample indices"):
-        s.sample_segments([(0, 2**64 - 1, 2)])
 
 
 def _getter(**arrays):
