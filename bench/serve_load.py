@@ -67,7 +67,7 @@ def main() -> None:
         url = f"127.0.0.1:{http}"
         request_samples(url, 0, args.num)  # warm-up
         print(f"machine: {os.cpu_count()} cores; digits EM {args.steps} steps, {args.num} samples per request; "
-              f"server: 1 instance, 1 thread, dynamic batching (max 16 requests, 256 rows); "
+              f"server: 1 instance, 1 thread, dynamic batching (up to 16 requests per call, each its own batch); "
               f"in-process Sampler (1 thread, batch {args.num}): {inproc:.1f} samples/s")
         print("| clients | requests | requests/s | samples/s | p50 latency s | p99 latency s | served / in-process |")
         print("|---:|---:|---:|---:|---:|---:|---:|")
