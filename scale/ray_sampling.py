@@ -74,9 +74,6 @@ class ShardWorker:
                 "worker": os.getpid(), "host": os.uname().nodename, "bundle_root": str(self.root),
                 "torch_imported": "torch" in sys.modules}
 
-    def pid(self) -> int:
-        return os.getpid()
-
 
 @dataclass
 class RayRunReport:
