@@ -27,7 +27,7 @@ def register(sub, fmt) -> None:
                        "and write a bundle directory (graphs + manifest.json).")
     p.add_argument("--model", required=True,
                    help="model spec: digits (shipped) | weights:PATH.json | diffusers:DIR | "
-                        "gmm[:dim=2,components=3,seed=0] | unet-random[:seed=0,channels=16] | py:package.module:factory")
+                        "gmm[:dim=2,components=3,seed=0,full=0] | unet-random[:seed=0,channels=16] | py:package.module:factory")
     p.add_argument("--out", required=True, type=Path, help="bundle directory to write")
     p.add_argument("--sampler", default="em", choices=list(SAMPLER_IDS), help=SAMPLER_HELP)
     p.add_argument("--steps", type=positive, default=None,
@@ -42,9 +42,11 @@ def register(sub, fmt) -> None:
                         "log(alpha/sigma)")
     p.add_argument("--snr", type=float, default=0.16, help="pc: Langevin corrector signal-to-noise ratio")
     p.add_argument("--corrector-steps", type=positive, default=1, help="pc: Langevin steps before each predictor step")
-    p.add_argument("--coupling", default="per-sample", choices=["per-sample", "batch"],
-                   help="pc: Langevin step size from each sample's norms (per-sample: results independent of "
-                        "batching) or from batch-averaged norms (batch: score_sde exactly)")
+    p.add_argument("--coupling", default="expected", choices=["expected", "batch", "per-sample"],
+                   help="pc: Langevin step size 2 alpha (snr |z| / |score|)^2 with the norms' expectations "
+                        "(expected: 2 alpha (snr sigma_t)^2, each sample independent of its batch; at the exact-truth "
+                        "floor, docs/samplers.md), batch-averaged norms (batch: score_sde exactly; samples depend on "
+                        "their batch) or each sample's own norms (per-sample: unstable in low dimensions)")
     p.add_argument("--noise", default="philox", choices=["philox", "torch"],
                    help="default noise generator recorded in the manifest (philox = portable spec)")
     p.add_argument("--denoise-final", action="store_true",

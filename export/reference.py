@@ -146,13 +146,17 @@ def discrete_schedule(vp: VP, steps: int, grid: str) -> list[tuple[float, float]
 def langevin(eps_fn: EpsFn, vp: VP, x: torch.Tensor, t: torch.Tensor, beta: float, z: torch.Tensor, snr: float,
              coupling: str) -> tuple[torch.Tensor, torch.Tensor]:
     """score_sde ``LangevinCorrector.update_fn`` for VP (alpha = 1 - beta); norms averaged over the batch
-    ("batch") or per sample ("per-sample")."""
+    ("batch"), per sample ("per-sample"), or replaced by their expectations ("expected": E|z|^2 = d,
+    E|score|^2 = d / sigma(t)^2, so the step is 2 alpha (snr sigma(t))^2)."""
     grad = _score(eps_fn, vp, x, t)
-    grad_norm = torch.norm(grad.reshape(grad.shape[0], -1), dim=-1)
-    noise_norm = torch.norm(z.reshape(z.shape[0], -1), dim=-1)
-    if coupling == "batch":
-        grad_norm, noise_norm = grad_norm.mean(), noise_norm.mean()
-    step_size = (snr * noise_norm / grad_norm) ** 2 * 2 * (1.0 - beta) * torch.ones(x.shape[0], dtype=x.dtype)
+    if coupling == "expected":
+        step_size = (snr * vp.sigma(t)) ** 2 * 2 * (1.0 - beta) * torch.ones(x.shape[0], dtype=x.dtype)
+    else:
+        grad_norm = torch.norm(grad.reshape(grad.shape[0], -1), dim=-1)
+        noise_norm = torch.norm(z.reshape(z.shape[0], -1), dim=-1)
+        if coupling == "batch":
+            grad_norm, noise_norm = grad_norm.mean(), noise_norm.mean()
+        step_size = (snr * noise_norm / grad_norm) ** 2 * 2 * (1.0 - beta) * torch.ones(x.shape[0], dtype=x.dtype)
     x_mean = x + _b(step_size, x) * grad
     return x_mean + _b(torch.sqrt(step_size * 2), x) * z, x_mean
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from vpsde.export.grids import EDGE_GRIDS, GRIDS, discrete_betas, grid_edges, log_snr, respaced_betas, time_grid
-from vpsde.export.steps import (DiscretePredictorStep, DPMSolverPP2MStep, EulerMaruyamaStep, InpaintStep,
+from vpsde.export.steps import (COUPLINGS, DiscretePredictorStep, DPMSolverPP2MStep, EulerMaruyamaStep, InpaintStep,
                                 LangevinCorrectorStep, ProbabilityFlowStep)
 from vpsde.models.base import ScoreModel
 from vpsde.models.sde import VPSDE
@@ -47,7 +47,6 @@ SAMPLER_GRIDS: dict[str, tuple[str, ...]] = {
 DEFAULT_GRID: dict[str, str] = {"em": "diffusers", "inpaint": "diffusers", "pc": "diffusers",
                                 "ancestral": "diffusers", "ode-euler": "logsnr", "ode-heun": "logsnr",
                                 "dpmpp-2m": "logsnr"}
-COUPLINGS = ("per-sample", "batch")
 LOWER_ORDER_FINAL_BELOW = 15
 """DPM-Solver++(2M) takes a first-order last step when N < 15 (as DPM-Solver and diffusers do): stabler at
 very few steps."""
@@ -84,12 +83,13 @@ def steps_for_nfe(sampler: str, nfe: int, corrector_steps: int = 1) -> int:
 
 
 def build_sampler(sampler: str, model: ScoreModel, sde: VPSDE, steps: int, grid: str | None = None, *,
-                  snr: float = 0.16, corrector_steps: int = 1, coupling: str = "per-sample",
+                  snr: float = 0.16, corrector_steps: int = 1, coupling: str = "expected",
                   denoise_final: bool = False) -> SamplerRecipe:
     """The recipe of ``sampler`` with ``steps`` steps on ``grid`` (default: the sampler's, see DEFAULT_GRID).
 
     ``snr``, ``corrector_steps`` and ``coupling`` configure the Langevin corrector of "pc" (score_sde defaults:
-    snr 0.16, one corrector step, batch-averaged norms; here per-sample norms by default).
+    snr 0.16, one corrector step, batch-averaged norms; here the norms' expectations by default, see
+    :class:`LangevinCorrectorStep` and docs/samplers.md for the measurements behind it).
     ``denoise_final`` (dpmpp-2m): the last of the N steps goes from t = eps to t = 0, so the sample is the
     model's data prediction at eps (diffusers' ``final_sigmas_type="zero"``); the first N - 1 steps span the
     grid from 1 to eps.

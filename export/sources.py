@@ -3,7 +3,8 @@
     digits                                    the shipped model: DDPM++-style UNet trained on 16x16 digits
     weights:PATH.json                         a SmallUNet trained by vpsde.models.train_digits (its JSON config)
     diffusers:DIR                             a diffusers UNet2DModel save_pretrained directory (label 999 t)
-    gmm[:dim=2,components=3,seed=0]           analytic Gaussian-mixture score (exact, known ground truth)
+    gmm[:dim=2,components=3,seed=0,full=0]    analytic Gaussian-mixture score (exact, known ground truth);
+                                              full=1: rotated full covariances, stds 0.1-2, |mu| <= 9
     unet-random[:seed=0,channels=16,...]      small DDPM++-style UNet with random weights, sample [1, 16, 16]
     py:package.module:factory                 any callable returning a ScoreModel, or an nn.Module
                                               net(x, label) (then --sample-shape is required; label = 999 t)
@@ -59,8 +60,9 @@ def load_model(spec: str, sde: VPSDE, sample_shape: tuple[int, ...] | None = Non
         except (OSError, ValueError) as e:
             raise ModelSpecError(f"--model {spec!r}: {e}") from None
     elif kind == "gmm":
-        o = _options(rest, {"dim": int, "components": int, "seed": int})
-        model: ScoreModel = GaussianMixtureScore(GaussianMixture.default(**o), sde, name=f"gmm:{rest}" if rest else "gmm")
+        o = _options(rest, {"dim": int, "components": int, "seed": int, "full": int})
+        mixture = (GaussianMixture.rotated if o.pop("full", 0) else GaussianMixture.default)(**o)
+        model: ScoreModel = GaussianMixtureScore(mixture, sde, name=f"gmm:{rest}" if rest else "gmm")
     elif kind == "unet-random":
         o = _options(rest, {"seed": int, "channels": int, "num_res_blocks": int})
         torch.manual_seed(o.pop("seed", 0))
@@ -87,4 +89,5 @@ def load_model(spec: str, sde: VPSDE, sample_shape: tuple[int, ...] | None = Non
     else:
         raise ModelSpecError(f"unknown model {spec!r}; expected digits, weights:PATH.json, diffusers:DIR, gmm[:...], "
                              "unet-random[:...] or py:package.module:factory (vpsde export --help lists them)")
+    model.spec = spec  # what rebuilds it: export records it as model.source (vpsde parity --against eager reads it)
     return model.eval()

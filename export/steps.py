@@ -24,6 +24,10 @@ SAMPLE_INPUTS = frozenset({"x", "noise", "known", "mask", "known_noise", "x0_pre
 """Inputs shaped like the sample [B, *sample_shape]; every other input is a per-sample scalar [B]."""
 
 
+COUPLINGS = ("expected", "batch", "per-sample")
+"""Langevin corrector step-size rules (see :class:`LangevinCorrectorStep`); the first is the default."""
+
+
 def per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Reshape a per-sample vector [B] to broadcast against ``like`` [B, ...]."""
     return v.reshape((-1,) + (1,) * (like.dim() - 1))
@@ -112,18 +116,23 @@ class LangevinCorrectorStep(Step):
         step   = 2 alpha_i (snr |noise| / |score|)^2,   alpha_i = 1 - beta_i (``beta`` input)
         x_mean = x + step score,                         x_next = x_mean + sqrt(2 step) noise
 
-    |.| is the L2 norm of one sample. ``coupling="batch"`` averages both norms over the batch, exactly as
-    score_sde does (every sample's step then depends on the rest of its batch); ``"per-sample"`` uses each
-    sample's own norms, so results do not depend on how samples are batched.
+    |.| is the L2 norm of one sample, and ``coupling`` says which norms:
+
+    - ``"expected"``: their expectations, |noise|^2 = d and |score|^2 = d / sigma(t)^2 (|eps|^2 = d), so
+      step = 2 alpha_i (snr sigma(t))^2: no reduction over any axis, so a sample depends on nothing but its own
+      inputs, and the step cannot blow up where one sample's score vanishes;
+    - ``"batch"``: averaged over the batch, exactly as score_sde does (a sample then depends on its batch-mates);
+    - ``"per-sample"``: each sample's own norms (unstable in low dimensions: near a mode |score| -> 0).
     """
 
     kind = "langevin"
     input_names = ("x", "t", "beta", "noise")
 
-    def __init__(self, model: ScoreModel, sde: VPSDE, snr: float, coupling: Literal["batch", "per-sample"]) -> None:
+    def __init__(self, model: ScoreModel, sde: VPSDE, snr: float,
+                 coupling: Literal["expected", "batch", "per-sample"]) -> None:
         super().__init__(model, sde)
-        if coupling not in ("batch", "per-sample"):
-            raise ValueError(f"coupling must be 'batch' or 'per-sample', got {coupling!r}")
+        if coupling not in COUPLINGS:
+            raise ValueError(f"coupling must be one of {', '.join(COUPLINGS)}, got {coupling!r}")
         if not snr > 0:
             raise ValueError(f"snr must be > 0, got {snr}")
         self.snr, self.coupling = float(snr), coupling
@@ -131,11 +140,15 @@ class LangevinCorrectorStep(Step):
     def forward(self, x: torch.Tensor, t: torch.Tensor, beta: torch.Tensor,
                 noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         grad = self.score(x, t)
-        grad_norm = torch.linalg.vector_norm(grad.flatten(1), dim=-1)
-        noise_norm = torch.linalg.vector_norm(noise.flatten(1), dim=-1)
-        if self.coupling == "batch":
-            grad_norm, noise_norm = grad_norm.mean(), noise_norm.mean()
-        step_size = per_sample((self.snr * noise_norm / grad_norm) ** 2 * 2.0 * (1.0 - beta), x)
+        if self.coupling == "expected":
+            step_size = (self.snr * self.sde.std(t)) ** 2 * 2.0 * (1.0 - beta)
+        else:
+            grad_norm = torch.linalg.vector_norm(grad.flatten(1), dim=-1)
+            noise_norm = torch.linalg.vector_norm(noise.flatten(1), dim=-1)
+            if self.coupling == "batch":
+                grad_norm, noise_norm = grad_norm.mean(), noise_norm.mean()
+            step_size = (self.snr * noise_norm / grad_norm) ** 2 * 2.0 * (1.0 - beta)
+        step_size = per_sample(step_size, x)
         x_mean = x + step_size * grad
         return x_mean + torch.sqrt(step_size * 2.0) * noise, x_mean
 

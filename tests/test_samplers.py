@@ -35,6 +35,7 @@ CASES = {
     "pc": ("pc", 40, "diffusers", {"corrector_steps": 2, "coupling": "batch", "snr": 0.16}),
     "pc-1000": ("pc", 1000, "diffusers", {"coupling": "batch"}),
     "pc-per-sample": ("pc", 25, "diffusers", {"coupling": "per-sample", "snr": 0.2}),
+    "pc-expected": ("pc", 30, "diffusers", {"corrector_steps": 2}),
     "pc-logsnr": ("pc", 10, "logsnr", {}),
     "ancestral": ("ancestral", 50, "diffusers", {}),
     "ancestral-logsnr": ("ancestral", 10, "logsnr", {}),
@@ -55,7 +56,7 @@ def run_reference(sampler, steps, grid, options, eps_fn, x, noise, callback=None
     if sampler == "inpaint":
         return ref.sample_em(eps_fn, x, noise, vp, steps, grid, callback, inpaint=(cond["known"], cond["mask"]))
     if sampler == "pc":
-        opts = {"snr": 0.16, "corrector_steps": 1, "coupling": "per-sample", **options}
+        opts = {"snr": 0.16, "corrector_steps": 1, "coupling": "expected", **options}
         return ref.sample_pc(eps_fn, x, noise, vp, steps, grid, callback=callback, **opts)
     if sampler == "ancestral":
         return ref.sample_ancestral(eps_fn, x, noise, vp, steps, grid, callback)
@@ -173,14 +174,20 @@ def test_per_call_parity_unet(sampler, steps, grid, tmp_path):
 
 
 def test_batch_coupling_is_recorded_and_behaves(tmp_path, gmm):
-    """Per-sample Langevin: a sample does not depend on its batch (batch 8 == batches of 3); score_sde's
-    batch-averaged norms do, and the manifest says which one a bundle uses."""
-    per = export_bundle(gmm, tmp_path / "per", sampler="pc", steps=20, log=lambda _: None)
-    bat = export_bundle(gmm, tmp_path / "bat", sampler="pc", steps=20, coupling="batch", log=lambda _: None)
-    assert per.manifest.sampler.params["coupling"] == "per-sample"
-    assert bat.manifest.sampler.params["coupling"] == "batch"
-    s_per, s_bat = Sampler(per, progress=False), Sampler(bat, progress=False)
-    np.testing.assert_array_equal(s_per.sample(8, seed=4), s_per.sample(8, seed=4, batch_size=3))
+    """Expected-norm (the default) and per-sample Langevin: a sample does not depend on its batch (batch 8 ==
+    batches of 3 == batches of 1); score_sde's batch-averaged norms do, and the manifest says which one a
+    bundle uses."""
+    bundles = {c: export_bundle(gmm, tmp_path / c, sampler="pc", steps=20, log=lambda _: None,
+                                **({} if c == "expected" else {"coupling": c})) for c in ("expected", "per-sample", "batch")}
+    for coupling, bundle in bundles.items():
+        assert bundle.manifest.sampler.params["coupling"] == coupling
+    for coupling in ("expected", "per-sample"):
+        s = Sampler(bundles[coupling], progress=False)
+        whole = s.sample(8, seed=4)
+        assert np.isfinite(whole).all()
+        np.testing.assert_array_equal(whole, s.sample(8, seed=4, batch_size=3))
+        np.testing.assert_array_equal(whole, s.sample(8, seed=4, batch_size=1))
+    s_bat = Sampler(bundles["batch"], progress=False)
     assert not np.array_equal(s_bat.sample(8, seed=4), s_bat.sample(8, seed=4, batch_size=3))
 
 
