@@ -19,13 +19,15 @@ def to_uint8(samples: np.ndarray, value_range: tuple[float, float]) -> np.ndarra
     return np.round(scaled * 255).astype(np.uint8).transpose(0, 2, 3, 1)
 
 
-def image_grid(samples: np.ndarray, value_range: tuple[float, float], scale: int = 4, pad: int = 1) -> np.ndarray:
-    """Tile [N, C, H, W] samples into one uint8 image [rows*(H+pad)+pad, cols*(W+pad)+pad, C], upscaled ``scale``x."""
+def image_grid(samples: np.ndarray, value_range: tuple[float, float], scale: int = 4, pad: int = 1,
+               cols: int | None = None) -> np.ndarray:
+    """Tile [N, C, H, W] samples into one uint8 image [rows*(H+pad)+pad, cols*(W+pad)+pad, C], upscaled ``scale``x;
+    ``cols`` defaults to ceil(sqrt(N))."""
     if samples.ndim != 4 or samples.shape[1] not in (1, 3):
         raise ValueError(f"image grid needs samples [N, 1 or 3, H, W], got {samples.shape}")
     imgs = to_uint8(samples, value_range).repeat(scale, axis=1).repeat(scale, axis=2)
     n, h, w, c = imgs.shape
-    cols = math.ceil(math.sqrt(n))
+    cols = cols or math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
     grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, dtype=np.uint8)
     for k in range(n):

@@ -1,0 +1,156 @@
+"""``vpsde parity``: a bundle's whole trajectory on one or more backends against a reference, per step and per
+graph call (see ``runtime/parity.py``)."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from vpsde.cli.common import DIGEST_HELP, UsageError, positive, threads_arg, u64
+
+EPILOG = """references (--against):
+  eager            the bundle's step modules in eager torch, float32 (needs vpsde[export]; the model is
+                   rebuilt from the manifest's model.source, or --model)
+  eager64          the same in float64 arithmetic (values between calls stay float32, as in the graphs)
+  backend:NAME     this bundle on another backend (onnxruntime, onnxruntime-trt, tensorrt)
+  PATH             another bundle of the same program (e.g. the fp32 sibling of an fp16 bundle)
+
+tolerances: a graph call passes under polygraphy's elementwise rule (each element within --call-atol or
+--call-rtol); the final sample passes if max |a - b| <= --atol or its relative L2 <= --rtol. Defaults by
+the lower precision of the two sides (fp32 / fp16 / bf16): call atol 1e-5 / 1e-3 / 1e-2 and rtol 1e-5 / 1e-2 /
+5e-2; final atol 1e-4 / 1e-2 / 5e-2 and rtol 1e-3 / 1e-2 / 5e-2 (docs/parity.md says why). Exit status 1 when
+a comparison fails, 2 on an error.
+
+examples:
+  vpsde parity build/digits-em --against eager --num 4 --report out/parity
+  vpsde parity build/digits-em-fp16 --against build/digits-em --report out/fp16
+  vpsde parity build/digits-em --against eager --backends onnxruntime,tensorrt      # on an NVIDIA GPU
+  vpsde parity build/digits-em --against eager --report out/p --polygraphy-cmd      # one call, for polygraphy run
+"""
+
+
+def register(sub, fmt) -> None:
+    p = sub.add_parser("parity", help="compare a bundle's trajectory across backends, precisions or eager torch",
+                       description="Run a bundle's sampler on each --backends side and on a reference with the same "
+                       "seeds and host noise; compare every graph call (the test side fed the reference's inputs) "
+                       "and the two free-running trajectories step by step; print a table and exit 1 past the "
+                       "tolerances.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("bundle", type=Path, help="bundle directory (the side under test)")
+    p.add_argument("--against", required=True, metavar="REF", help="eager | eager64 | backend:NAME | PATH (below)")
+    p.add_argument("--backends", default="onnxruntime", help="comma-separated backends to test (default: onnxruntime)")
+    p.add_argument("--device", default=None, help="cpu | cuda for the onnxruntime sides (default: each backend's)")
+    p.add_argument("--model", default=None, help="eager references: the model spec (default: the manifest's model.source)")
+    p.add_argument("--num", type=positive, default=4, help="samples (one batch; default: 4)")
+    p.add_argument("--seed", type=u64("--seed"), default=0, help="noise seed (default: 0)")
+    p.add_argument("--threads", type=threads_arg, default=None, help="intra-op CPU threads of ONNX Runtime")
+    for flag, what in (("--atol", "final sample: max |a - b|"), ("--rtol", "final sample: relative L2"),
+                       ("--call-atol", "per graph call: elementwise absolute"),
+                       ("--call-rtol", "per graph call: elementwise relative")):
+        p.add_argument(flag, type=float, default=None, help=f"{what} tolerance (default: by precision, below)")
+    p.add_argument("--report", type=Path, default=None, metavar="DIR",
+                   help="write report.json, error_vs_step.png and (image bundles) samples.png here")
+    p.add_argument("--polygraphy-cmd", action="store_true",
+                   help="save the first failing call's inputs (else the first call's) to DIR/polygraphy_inputs.json "
+                        "and print the `polygraphy run` line that compares that one call across ONNX Runtime and "
+                        "TensorRT (needs --report)")
+    p.add_argument("--expect-digest", default=None, metavar="SHA256", help=DIGEST_HELP)
+
+
+def _reference(args, bundle):
+    from vpsde.runtime import Bundle
+    from vpsde.runtime.parity import BackendSide
+
+    ref = args.against
+    if ref in ("eager", "eager64"):
+        try:
+            import torch
+
+            from vpsde.export.eager import EagerSide
+        except ImportError:
+            raise UsageError("--against eager needs torch: pip install 'vpsde[export]'") from None
+        return EagerSide(bundle, args.model, torch.float64 if ref == "eager64" else torch.float32), bundle.manifest
+    if ref.startswith("backend:"):
+        backend = ref.removeprefix("backend:")
+        return BackendSide(bundle, backend, None, args.threads, name=f"{backend} (reference)"), bundle.manifest
+    other = Bundle.load(Path(ref))
+    _check_same_program(bundle, other)
+    return BackendSide(other, "onnxruntime", args.device, args.threads,
+                       name=f"{other.root.name} onnxruntime[{other.manifest.model.precision}]"), other.manifest
+
+
+def _check_same_program(bundle, other) -> None:
+    """Two bundles compare only if they run the same program on the same schedule and noise."""
+    a, b = bundle.manifest, other.manifest
+    fields = {"sampler.steps": lambda m: m.sampler.steps, "sampler.program": lambda m: m.sampler.program,
+              "sampler.final": lambda m: m.sampler.final, "sampler.state": lambda m: m.sampler.state,
+              "sampler.conditioning": lambda m: m.sampler.conditioning, "schedule": lambda m: m.schedule,
+              "noise.inputs": lambda m: m.noise.inputs, "model.sample_shape": lambda m: m.model.sample_shape}
+    for name, get in fields.items():
+        if get(a) != get(b):
+            raise UsageError(f"{other.root / 'manifest.json'}: field {name} differs from {bundle.root / 'manifest.json'}'s; "
+                             "only bundles of the same sampler program and schedule can be compared")
+
+
+def run(args: argparse.Namespace) -> int:
+    from vpsde.runtime import Bundle
+    from vpsde.runtime.parity import BackendSide, compare, lower_precision
+
+    if args.polygraphy_cmd and args.report is None:
+        raise UsageError("--polygraphy-cmd saves the call's inputs under --report DIR: give --report")
+    bundle = Bundle.load(args.bundle, expect_digest=args.expect_digest)
+    m = bundle.manifest
+    if m.sampler.conditioning:
+        raise UsageError(f"{bundle.root}: this bundle takes conditioning ({', '.join(m.sampler.conditioning)}); parity "
+                         "of conditioned samplers runs from Python (vpsde.runtime.parity.compare(conditioning=...))")
+    reference, ref_manifest = _reference(args, bundle)
+    precision = lower_precision(m.model.precision, ref_manifest.model.precision)
+    reports = []
+    for backend in filter(None, args.backends.split(",")):
+        test = BackendSide(bundle, backend, args.device, args.threads)
+        report = compare(m, reference, test, args.num, args.seed, atol=args.atol, rtol=args.rtol,
+                         call_atol=args.call_atol, call_rtol=args.call_rtol, precision=precision)
+        reports.append(report)
+    _print_table(m, reports)
+    if args.report is not None:
+        from vpsde.runtime.parity_report import write_report
+
+        extra = {"bundle": str(bundle.root), "digest": bundle.digest, "against": args.against, "precision": precision}
+        for path in write_report(reports, args.report, m.model.value_range, extra):
+            print(f"wrote {path}", file=sys.stderr)
+        if args.polygraphy_cmd:
+            print(_polygraphy_cmd(bundle, reports[0], args.report))
+    return 0 if all(r.passed for r in reports) else 1
+
+
+def _print_table(m, reports) -> None:
+    print(f"{m.sampler.name}, {m.sampler.steps} steps, {reports[0].num} samples, seed {reports[0].seed}; "
+          f"reference: {reports[0].reference}")
+    print(f"{'test side':<28}{'final max|d|':>13}{'final relL2':>12}{'worst step relL2':>18}{'call atol req':>15}"
+          f"{'call rtol req':>15}  result")
+    for r in reports:
+        worst = max(r.steps, key=lambda s: s.rel_l2)
+        first = r.first_failing_call
+        verdict = "ok" if r.passed else (f"FAIL: call at step {first.step} ({first.graph}) past atol {r.call_atol:g} / "
+                                         f"rtol {r.call_rtol:g}" if first else
+                                         f"FAIL: final sample past atol {r.atol:g} / rtol {r.rtol:g}")
+        print(f"{r.test:<28}{r.final_max_abs:>13.3g}{r.final_rel_l2:>12.3g}{worst.rel_l2:>11.3g} @{worst.step:<5}"
+              f"{r.required_call_atol:>15.3g}{r.required_call_rtol:>15.3g}  {verdict}")
+
+
+def _polygraphy_cmd(bundle, report, out: Path) -> str:
+    """Save the captured call's feed in polygraphy's input format and return the `polygraphy run` line."""
+    from polygraphy.json import save_json
+
+    from vpsde.runtime.atomic import atomic_path
+
+    step, key, feed = report.captured
+    path = out / "polygraphy_inputs.json"
+    with atomic_path(path, suffix=".json") as tmp:
+        save_json([feed], str(tmp), description=f"vpsde parity: inputs of graph {key!r} at step {step}")
+    graph = bundle.graph_path(key)
+    shapes = " ".join(f"{name}:{list(v.shape)}".replace(" ", "") for name, v in feed.items())
+    return (f"# graph {key!r} at step {step}: ONNX Runtime vs TensorRT on the same inputs\n"
+            f"polygraphy run {shlex.quote(str(graph))} --onnxrt --trt --load-inputs {shlex.quote(str(path))} "
+            f"--input-shapes {shapes} --check-error-stat elemwise --atol {report.call_atol:g} --rtol {report.call_rtol:g}")

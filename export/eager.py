@@ -1,0 +1,64 @@
+"""The eager torch side of ``vpsde parity``: a bundle's step modules rebuilt from its manifest and run in torch.
+
+The manifest records what the graphs were exported from: the model spec (``model.source``), its weights' hash,
+the SDE, and the sampler with its options (``sampler.params``). :class:`EagerSide` rebuilds the same step
+modules with :func:`build_sampler` and runs them on the runtime's host arrays, in float32 (what the graphs
+compute) or float64 (a reference one rounding step away from exact arithmetic).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+import torch
+
+from vpsde.export.samplers import SAMPLERS, build_sampler
+from vpsde.export.sources import ModelSpecError, load_model
+from vpsde.models.sde import VPSDE
+from vpsde.runtime.errors import InputError
+
+SAMPLER_OPTIONS = ("snr", "corrector_steps", "coupling", "denoise_final")
+
+
+class EagerSide:
+    """Runs a bundle's graphs as eager torch modules. ``model_spec`` defaults to the manifest's ``model.source``
+    (e.g. "digits", "gmm:dim=4"); the model's weights hash must equal the manifest's when both are known."""
+
+    def __init__(self, bundle, model_spec: str | None = None, dtype: torch.dtype = torch.float32) -> None:
+        m = bundle.manifest
+        spec = model_spec or m.model.source
+        sde = VPSDE(beta_min=m.sde.beta_min, beta_max=m.sde.beta_max, sampling_eps=m.sde.sampling_eps,
+                    num_train_timesteps=m.sde.num_train_timesteps, std_formula=m.sde.std_formula)
+        try:
+            model = load_model(spec, sde, sample_shape=tuple(m.model.sample_shape))
+        except ModelSpecError as e:
+            raise InputError(f"{bundle.root / 'manifest.json'}: model.source {spec!r} cannot be rebuilt for the eager "
+                             f"reference ({e}); name the model with --model") from None
+        if m.model.weights_sha256 and m.model.weights_sha256 != model.weights_sha256:
+            raise InputError(f"{bundle.root / 'manifest.json'}: model.weights_sha256 is {m.model.weights_sha256}, but "
+                             f"--model {spec!r} has weights {model.weights_sha256}: not the model this bundle holds")
+        if tuple(model.sample_shape) != tuple(m.model.sample_shape):
+            raise InputError(f"{bundle.root / 'manifest.json'}: model.sample_shape is {m.model.sample_shape}, but "
+                             f"{spec!r} makes {list(model.sample_shape)}")
+        params = dict(m.sampler.params)
+        sampler = params.get("id")
+        if sampler not in SAMPLERS:
+            raise InputError(f"{bundle.root / 'manifest.json'}: sampler.params.id {sampler!r} is not a sampler this "
+                             f"vpsde can rebuild ({', '.join(SAMPLERS)})")
+        options = {k: params[k] for k in SAMPLER_OPTIONS if k in params}
+        if "denoise_final" in options:
+            options["denoise_final"] = bool(options["denoise_final"])
+        recipe = build_sampler(sampler, model, sde, m.sampler.steps, m.sampler.grid, **options)
+        self.dtype = dtype
+        self.graphs = {key: step.eval().to(dtype) for key, step in recipe.graphs.items()}
+        self.inputs = {key: [s.name for s in g.inputs] for key, g in m.graphs.items()}
+        self.outputs = {key: [s.name for s in g.outputs] for key, g in m.graphs.items()}
+        self.name = f"eager torch {str(dtype).removeprefix('torch.')} ({spec})"
+
+    @torch.no_grad()
+    def __call__(self, key: str, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        args = [torch.from_numpy(np.ascontiguousarray(feed[name])).to(self.dtype) for name in self.inputs[key]]
+        outs = self.graphs[key](*args)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        return {name: v.to(torch.float32).numpy() for name, v in zip(self.outputs[key], outs)}

@@ -1,0 +1,264 @@
+"""Trajectory-aware parity: one bundle's program run on two sides (backends, precisions, or the eager torch
+steps), with the same host noise, compared per graph call and along the whole trajectory.
+
+A *side* is anything that runs one graph call on host arrays: ``side(key, feed) -> outputs`` (graph key,
+``{input name: float32 array}`` -> ``{output name: float32 array}``). Two comparisons run in one pass:
+
+- **per call** (polygraphy's question: does one call agree?): the test side is fed the *reference's* inputs
+  (x, state, schedule row, noise, conditioning) and its outputs are compared with the reference's by
+  polygraphy's ``SimpleCompareFunc`` (max statistic): max |a - b|, max |a - b| / |b|, and the smallest atol and
+  rtol that would have passed;
+- **trajectory** (what polygraphy cannot see): each side runs freely from the same prior and noise, carrying its
+  own x and state, and after every step the two x's are compared (max abs, relative L2), then the final samples.
+
+Both follow the manifest's program exactly as :class:`~vpsde.runtime.loop.DeviceLoop` does (noise call 0 is
+the prior; each noise input of each call takes the next call index; state starts at zeros).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Mapping, Protocol
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from vpsde.runtime.errors import InputError
+from vpsde.runtime.loop import infer_once, rolling_of_output
+from vpsde.runtime.manifest import Manifest
+from vpsde.runtime.noise import PHILOX_ID, make_noise
+
+DEFAULT_TOLERANCES: dict[str, tuple[float, float]] = {"fp32": (1e-4, 1e-3), "fp16": (1e-2, 1e-2),
+                                                      "bf16": (5e-2, 5e-2)}
+"""Default (atol, rtol) on the *final sample*, by the lower of the two sides' precisions; a sample passes if
+max |a - b| <= atol or its relative L2 <= rtol. Measured on the shipped digits model (docs/parity.md): fp32 ONNX
+Runtime vs eager torch 1.3e-7 relative L2 after 200 steps, so fp32's bars leave three decades for kernels that
+sum in another order (TensorRT, other CPUs); fp16 vs fp32 2.7e-4, so 1e-2 flags a regression, not rounding.
+bf16 (8 bits of mantissa, 2^-8 = 3.9e-3 per rounding) has no CPU kernels here and was not measured: its bar is
+fp16's scaled by their unit roundoffs' ratio, capped."""
+
+PER_CALL_TOLERANCES: dict[str, tuple[float, float]] = {"fp32": (1e-5, 1e-5), "fp16": (1e-3, 1e-2),
+                                                        "bf16": (1e-2, 5e-2)}
+"""Per-call (atol, rtol) under polygraphy's elementwise rule (an element passes within either). fp32: the test
+suite's per-call bar (measured: 4.8e-7 needed); fp16: measured 8.4e-5 needed on the digits model, bar 12x that."""
+
+
+class Side(Protocol):
+    name: str
+
+    def __call__(self, key: str, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One call of graph ``key`` on host arrays -> host copies of its outputs."""
+
+
+class BackendSide:
+    """A bundle opened on one backend (the runtime's own runners), one checked call at a time."""
+
+    def __init__(self, bundle, backend: str = "onnxruntime", device: str | None = None,
+                 threads: int | None = None, name: str | None = None) -> None:
+        from vpsde.runtime.backends import open_backend
+
+        self.manifest: Manifest = bundle.manifest
+        opened = open_backend(backend, bundle, device, threads)
+        self.device, self.runners = opened.device, opened.runners
+        self.name = name or f"{backend}[{self.manifest.model.precision}]"
+
+    def __call__(self, key: str, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return infer_once(self.runners[key], self.device, self.manifest.graphs[key], key, feed)
+
+
+@dataclass
+class CallRecord:
+    """One graph call compared with the test side fed the reference's inputs; figures per output name."""
+
+    step: int
+    graph: str
+    max_abs: dict[str, float]
+    max_rel: dict[str, float]
+    rel_l2: dict[str, float]
+    passed: bool
+
+
+@dataclass
+class StepRecord:
+    """x of the two free-running trajectories after one step."""
+
+    step: int
+    t: float
+    max_abs: float
+    rel_l2: float
+
+
+@dataclass
+class ParityReport:
+    reference: str
+    test: str
+    num: int
+    seed: int
+    atol: float
+    rtol: float
+    call_atol: float
+    call_rtol: float
+    calls: list[CallRecord] = field(default_factory=list)
+    steps: list[StepRecord] = field(default_factory=list)
+    final_max_abs: float = float("nan")
+    final_rel_l2: float = float("nan")
+    reference_sample: np.ndarray | None = None
+    test_sample: np.ndarray | None = None
+    captured: tuple[int, str, dict[str, np.ndarray]] | None = None
+    """(step, graph key, feed) of the first failing call, else of the first call: what ``--polygraphy-cmd``
+    saves for ``polygraphy run --load-inputs``."""
+
+    @property
+    def first_failing_call(self) -> CallRecord | None:
+        return next((c for c in self.calls if not c.passed), None)
+
+    @property
+    def required_call_atol(self) -> float:
+        """The smallest per-call atol under which every call passes on max |a - b| alone."""
+        return max((max(c.max_abs.values()) for c in self.calls), default=0.0)
+
+    @property
+    def required_call_rtol(self) -> float:
+        return max((max(c.max_rel.values()) for c in self.calls), default=0.0)
+
+    @property
+    def final_passed(self) -> bool:
+        return bool(self.final_max_abs <= self.atol or self.final_rel_l2 <= self.rtol)
+
+    @property
+    def passed(self) -> bool:
+        return self.final_passed and self.first_failing_call is None
+
+    def to_json(self) -> dict:
+        first = self.first_failing_call
+        return {"reference": self.reference, "test": self.test, "num": self.num, "seed": self.seed,
+                "passed": self.passed,
+                "final": {"max_abs": self.final_max_abs, "rel_l2": self.final_rel_l2, "atol": self.atol,
+                          "rtol": self.rtol, "passed": self.final_passed},
+                "per_call": {"atol": self.call_atol, "rtol": self.call_rtol, "rule": "polygraphy elemwise",
+                             "required_atol": self.required_call_atol, "required_rtol": self.required_call_rtol,
+                             "first_failing": None if first is None else asdict(first)},
+                "steps": [asdict(s) for s in self.steps], "calls": [asdict(c) for c in self.calls]}
+
+
+def _rel_l2(ref: np.ndarray, test: np.ndarray) -> float:
+    ref, test = ref.astype(np.float64), test.astype(np.float64)
+    norm = float(np.linalg.norm(ref))
+    diff = float(np.linalg.norm(test - ref))
+    return diff / norm if norm > 0 else (0.0 if diff == 0 else float("inf"))
+
+
+def _max_abs(ref: np.ndarray, test: np.ndarray) -> float:
+    d = np.abs(test.astype(np.float64) - ref.astype(np.float64))
+    return float("inf") if not np.isfinite(d).all() else float(d.max(initial=0.0))
+
+
+class _Trajectory:
+    """One side's rolling values (x and states) and the feed of its next call."""
+
+    def __init__(self, manifest: Manifest, x_T: np.ndarray) -> None:
+        self.m = manifest
+        self.values = {"x": x_T.copy(), **{s.input: np.zeros_like(x_T) for s in manifest.sampler.state}}
+        self.writes = rolling_of_output(manifest)
+        self.last: dict[str, np.ndarray] = {}
+
+    def feed(self, key: str, step: int, noise: Mapping[str, np.ndarray], cond: Mapping[str, np.ndarray]) -> dict:
+        batch = self.values["x"].shape[0]
+        out = {}
+        for spec in self.m.graphs[key].inputs:
+            n = spec.name
+            if n in self.values:
+                out[n] = self.values[n]
+            elif n in self.m.schedule:
+                out[n] = np.full(batch, self.m.schedule[n][step], dtype=np.float32)
+            elif n in noise:
+                out[n] = noise[n]
+            else:
+                out[n] = cond[n]
+        return out
+
+    def advance(self, outputs: Mapping[str, np.ndarray]) -> None:
+        self.last = dict(outputs)
+        for name, value in outputs.items():
+            if name in self.writes:
+                self.values[self.writes[name]] = value
+
+
+def lower_precision(*precisions: str) -> str:
+    """The least precise of ``precisions`` ("fp32" > "fp16" > "bf16" in mantissa bits)."""
+    order = ["fp32", "fp16", "bf16"]
+    return max(precisions, key=order.index)
+
+
+def compare(manifest: Manifest, reference: Side, test: Side, num: int = 4, seed: int = 0, *,
+            atol: float | None = None, rtol: float | None = None, call_atol: float | None = None,
+            call_rtol: float | None = None, precision: str | None = None,
+            conditioning: Mapping[str, np.ndarray] | None = None, progress: bool = True,
+            on_step: Callable[[StepRecord], None] | None = None) -> ParityReport:
+    """Run ``manifest``'s program for ``num`` samples (sample indices 0..num-1, portable noise of ``seed``) on
+    both sides; see the module docstring. Tolerances default by ``precision`` (the lower of the two sides';
+    default: the manifest's), from :data:`DEFAULT_TOLERANCES` and :data:`PER_CALL_TOLERANCES`."""
+    try:
+        from polygraphy.comparator.compare import SimpleCompareFunc
+        from polygraphy.comparator.struct import IterationResult
+        from polygraphy.logger import G_LOGGER
+    except ImportError:
+        raise InputError("parity compares graph calls with polygraphy: pip install 'vpsde[parity]'") from None
+
+    G_LOGGER.module_severity = G_LOGGER.ERROR
+    shape = tuple(manifest.model.sample_shape)
+    cond = {k: np.broadcast_to(np.asarray(v, np.float32), (num, *shape)).copy() for k, v in (conditioning or {}).items()}
+    if sorted(cond) != sorted(manifest.sampler.conditioning):
+        raise InputError(f"this bundle takes conditioning {list(manifest.sampler.conditioning) or 'none'}, got "
+                         f"{sorted(cond) or 'none'}")
+    precision = precision or manifest.model.precision
+    d_atol, d_rtol = DEFAULT_TOLERANCES.get(precision, DEFAULT_TOLERANCES["fp32"])
+    c_atol, c_rtol = PER_CALL_TOLERANCES.get(precision, PER_CALL_TOLERANCES["fp32"])
+    report = ParityReport(reference.name, test.name, num, seed, d_atol if atol is None else atol,
+                          d_rtol if rtol is None else rtol, c_atol if call_atol is None else call_atol,
+                          c_rtol if call_rtol is None else call_rtol)
+    check = SimpleCompareFunc(atol=report.call_atol, rtol=report.call_rtol, check_error_stat="elemwise")
+    noise = make_noise(PHILOX_ID, seed)  # portable, and the same for both sides whatever the manifest names
+    x_T = noise(0, 0, num, shape)
+    ref, tst = _Trajectory(manifest, x_T), _Trajectory(manifest, x_T)
+    call = 1
+    quiet = not progress or not sys.stderr.isatty()
+    for i in tqdm(range(manifest.sampler.steps), desc="parity", unit="step", disable=quiet, leave=False):
+        for pc in manifest.sampler.program:
+            inputs = {s.name for s in manifest.graphs[pc.graph].inputs}
+            for _ in range(pc.repeat):
+                drawn = {}
+                for name in manifest.noise.inputs:
+                    if name in inputs:
+                        drawn[name] = noise(call, 0, num, shape)
+                        call += 1
+                feed = ref.feed(pc.graph, i, drawn, cond)
+                out_ref = reference(pc.graph, feed)
+                out_forced = test(pc.graph, feed)
+                result = check(IterationResult(out_forced, runner_name=test.name),
+                               IterationResult(out_ref, runner_name=reference.name))
+                record = CallRecord(i, pc.graph, {k: _max_abs(out_ref[k], out_forced[k]) for k in out_ref},
+                                    {k: _nan_as_inf(v.max_reldiff) for k, v in result.items()},
+                                    {k: _rel_l2(out_ref[k], out_forced[k]) for k in out_ref},
+                                    all(bool(v) for v in result.values()))
+                record.passed = record.passed and all(np.isfinite(v) for v in record.max_abs.values())
+                report.calls.append(record)
+                if report.captured is None or (not record.passed and report.first_failing_call is record):
+                    report.captured = (i, pc.graph, {k: v.copy() for k, v in feed.items()})
+                tst.advance(test(pc.graph, tst.feed(pc.graph, i, drawn, cond)))
+                ref.advance(out_ref)
+        record = StepRecord(i, float(manifest.schedule["t"][i]), _max_abs(ref.values["x"], tst.values["x"]),
+                            _rel_l2(ref.values["x"], tst.values["x"]))
+        report.steps.append(record)
+        if on_step is not None:
+            on_step(record)
+    final = manifest.sampler.final
+    report.reference_sample, report.test_sample = ref.last[final], tst.last[final]
+    report.final_max_abs = _max_abs(report.reference_sample, report.test_sample)
+    report.final_rel_l2 = _rel_l2(report.reference_sample, report.test_sample)
+    return report
+
+
+def _nan_as_inf(v: float | None) -> float:
+    return float("inf") if v is None or not np.isfinite(v) else float(v)

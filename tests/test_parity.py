@@ -1,0 +1,165 @@
+"""`vpsde parity`: per-call and whole-trajectory comparison of a bundle against a reference.
+
+The checks are built to fail: identical sides must give exactly 0; a graph whose eps is scaled by 1.001 from
+t < 0.5 on must be flagged at the first step with t < 0.5 (not before); fp16 vs fp32 must give non-zero,
+bounded figures; a float64 eager reference must agree with ONNX Runtime to float32 rounding."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from vpsde.cli.main import main as cli
+from vpsde.export import export_bundle, load_model
+from vpsde.models.base import ScoreModel
+from vpsde.models.sde import VPSDE
+from vpsde.runtime import Bundle
+from vpsde.runtime.parity import BackendSide, compare
+
+pytest.importorskip("polygraphy", reason="vpsde[parity] (polygraphy) not installed")
+
+GMM = "gmm:dim=4,components=5,full=1"
+
+
+class ScaledLate(ScoreModel):
+    """A model's eps times ``factor`` where t < ``below``: a regression that appears mid-trajectory."""
+
+    time_label = "t"
+
+    def __init__(self, inner: ScoreModel, factor: float, below: float) -> None:
+        super().__init__()
+        self.inner, self.factor, self.below = inner, factor, below
+        self.name, self.sample_shape = inner.name, inner.sample_shape
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        scale = torch.where(t < self.below, torch.full_like(t, self.factor), torch.ones_like(t))
+        return self.inner(x, t) * scale[:, None]
+
+
+@pytest.fixture(scope="module")
+def gmm_em(tmp_path_factory):
+    return export_bundle(load_model(GMM, VPSDE()), tmp_path_factory.mktemp("parity") / "gmm", steps=40,
+                         grid="uniform", log=lambda _: None)
+
+
+def test_identical_sides_give_exactly_zero(gmm_em):
+    report = compare(gmm_em.manifest, BackendSide(gmm_em, name="a"), BackendSide(gmm_em, name="b"), num=6, seed=3,
+                     progress=False)
+    assert report.passed
+    assert report.final_max_abs == 0.0 and report.final_rel_l2 == 0.0
+    assert all(s.max_abs == 0.0 for s in report.steps) and len(report.steps) == 40
+    assert report.required_call_atol == 0.0 and len(report.calls) == 40
+
+
+def test_eager_float64_reference_agrees_to_float32_rounding(gmm_em):
+    from vpsde.export.eager import EagerSide
+
+    report = compare(gmm_em.manifest, EagerSide(gmm_em, dtype=torch.float64), BackendSide(gmm_em), num=8, seed=1,
+                     progress=False)
+    assert report.passed
+    assert 0 < report.final_rel_l2 < 1e-5  # float32 graphs vs float64 arithmetic: rounding, never exact
+    assert report.required_call_atol < 1e-5
+
+
+def test_a_perturbed_graph_is_caught_where_it_diverges(gmm_em, tmp_path):
+    sde = VPSDE()
+    bad = export_bundle(ScaledLate(load_model(GMM, sde), 1.001, below=0.5), tmp_path / "bad", steps=40,
+                        grid="uniform", sde=sde, log=lambda _: None)
+    report = compare(bad.manifest, BackendSide(gmm_em, name="good"), BackendSide(bad, name="bad"), num=8, seed=0,
+                     progress=False)
+    t = np.asarray(gmm_em.manifest.schedule["t"])
+    first_late = int(np.argmax(t < 0.5))
+    assert 0 < first_late < 40
+    assert not report.passed
+    assert report.first_failing_call.step == first_late
+    assert all(c.passed for c in report.calls[:first_late])
+    assert all(s.max_abs == 0.0 for s in report.steps[:first_late])  # bit-equal before the change
+    assert report.steps[first_late].max_abs > 0
+    assert report.captured[0] == first_late  # --polygraphy-cmd saves the failing call
+
+
+def test_cli_writes_report_and_exits_1_on_divergence(gmm_em, tmp_path, capsys):
+    sde = VPSDE()
+    bad = export_bundle(ScaledLate(load_model(GMM, sde), 1.001, below=2.0), tmp_path / "bad", steps=40,
+                        grid="uniform", sde=sde, log=lambda _: None)
+    out = tmp_path / "report"
+    assert cli(["parity", str(bad.root), "--against", str(gmm_em.root), "--report", str(out), "--polygraphy-cmd"]) == 1
+    text = capsys.readouterr().out
+    assert "FAIL: call at step 0 (em)" in text
+    assert "polygraphy run" in text and "--load-inputs" in text and str(bad.root / "em.onnx") in text
+    data = json.loads((out / "report.json").read_text())
+    (comp,) = data["comparisons"]
+    assert comp["passed"] is False and comp["per_call"]["first_failing"]["step"] == 0
+    assert len(comp["steps"]) == 40 and (out / "error_vs_step.png").stat().st_size > 1000
+    from polygraphy.json import load_json
+
+    (feed,) = load_json(str(out / "polygraphy_inputs.json"))
+    assert sorted(feed) == sorted(s.name for s in bad.manifest.graphs["em"].inputs)
+    assert feed["x"].shape == (4, 4) and np.isfinite(feed["x"]).all()
+
+
+def test_fp16_against_fp32_is_bounded_on_the_shipped_model(tmp_path, capsys):
+    sde = VPSDE()
+    model = load_model("digits", sde)
+    fp32 = export_bundle(model, tmp_path / "fp32", steps=30, grid="uniform", sde=sde, value_range=(-1, 1),
+                         log=lambda _: None)
+    fp16 = export_bundle(model, tmp_path / "fp16", steps=30, grid="uniform", sde=sde, value_range=(-1, 1),
+                         precision="fp16", log=lambda _: None)
+    out = tmp_path / "r"
+    assert cli(["parity", str(fp16.root), "--against", str(fp32.root), "--num", "4", "--report", str(out)]) == 0
+    comp = json.loads((out / "report.json").read_text())["comparisons"][0]
+    assert 1e-6 < comp["final"]["rel_l2"] < 1e-2  # fp16 rounding: visible, bounded
+    assert comp["final"]["atol"] == 1e-2  # fp16 defaults chosen from the lower precision
+    assert (out / "samples.png").exists()
+
+
+def test_eager_against_ort_on_the_shipped_model(tmp_path, capsys):
+    bundle = export_bundle(load_model("digits", VPSDE()), tmp_path / "d", steps=10, grid="uniform",
+                           log=lambda _: None)
+    assert cli(["parity", str(bundle.root), "--against", "eager", "--num", "2"]) == 0
+    assert "onnxruntime[fp32]" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--against", "eager", "--polygraphy-cmd"], "give --report"),
+    (["--against", "eager", "--model", "nope"], "cannot be rebuilt"),
+    (["--against", "eager", "--model", "gmm:dim=2"], "sample_shape"),
+    (["--against", "backend:nope"], "unknown backend"),
+])
+def test_bad_requests_are_clear_errors(gmm_em, argv, message, capsys):
+    assert cli(["parity", str(gmm_em.root), *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bundles_of_different_programs_are_refused(gmm_em, tmp_path, capsys):
+    other = export_bundle(load_model(GMM, VPSDE()), tmp_path / "o", steps=41, grid="uniform", log=lambda _: None)
+    assert cli(["parity", str(gmm_em.root), "--against", str(other.root)]) == 2
+    err = capsys.readouterr().err
+    assert "field sampler.steps differs" in err and str(other.root / "manifest.json") in err
+
+
+def test_nan_never_passes(gmm_em, tmp_path):
+    class NaNLate(ScaledLate):
+        def forward(self, x, t):
+            return super().forward(x, t) * torch.where(t < 0.3, torch.full_like(t, float("nan")), torch.ones_like(t))[:, None]
+
+    sde = VPSDE()
+    bad = export_bundle(NaNLate(load_model(GMM, sde), 1.0, below=2.0), tmp_path / "nan", steps=40, grid="uniform",
+                        sde=sde, log=lambda _: None)
+    report = compare(bad.manifest, BackendSide(gmm_em), BackendSide(bad), num=2, progress=False, call_atol=1e9,
+                     call_rtol=1e9, atol=1e9, rtol=1e9)
+    assert not report.passed and not report.final_passed
+    assert report.first_failing_call.step == int(np.argmax(np.asarray(gmm_em.manifest.schedule["t"]) < 0.3))
+
+
+def test_same_model_check_uses_the_weights_hash(tmp_path):
+    """A bundle of the digits model cannot be compared against another model's eager steps."""
+    from vpsde.export.eager import EagerSide
+    from vpsde.runtime.errors import InputError
+
+    bundle = export_bundle(load_model("digits", VPSDE()), tmp_path / "d", steps=5, grid="uniform", log=lambda _: None)
+    with pytest.raises(InputError, match="weights"):
+        EagerSide(Bundle.load(bundle.root), "unet-random:channels=8")
