@@ -3,7 +3,7 @@ and the vpsde loop with its host noise drawn in line (before each call) vs prefe
 
 Each loop runs in its own child process (so peak RSS is its own), warm-up first, then --repeats timed runs;
 medians are reported, with the ratios. Whole-loop time includes host noise. For the vpsde loops, "loop
-overhead" is the loop's time over that of N bare graph calls on buffers bound once (bench/bare.py).
+overhead" is the loop's time over that of N bare graph calls on buffers bound once (vpsde.runtime.benchmark.bare_step_seconds).
 
     python bench/cpu_loop.py                          # shipped digits model, 1000 steps, batch 16
     python bench/cpu_loop.py --model unet-random --steps 200 --batch 64 --threads 2
@@ -14,14 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import resource
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from bare import bare_calls
+from vpsde.runtime.benchmark import bare_step_seconds, peak_rss_mb
 
 
 def _diffusers_loop(model, num, steps, seed):
@@ -63,17 +62,8 @@ def worker(kind: str, args: dict, bundle: str, queue) -> None:
         times.append(time.perf_counter() - t0)
     result = {"kind": kind, "times": times, "peak_rss_mb": peak_rss_mb()}
     if kind != "diffusers-eager":
-        result["bare_s"] = statistics.median(bare_calls(sampler, args["batch"], args["steps"]) for _ in range(args["repeats"]))
+        result["bare_s"] = statistics.median(bare_step_seconds(sampler, args["batch"], args["steps"]) for _ in range(args["repeats"]))
     queue.put(result)
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident set (VmHWM). Not ru_maxrss: Linux carries that over fork + exec, so a
-    spawned child would report its parent's peak."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bare import bare_calls
+from vpsde.runtime.benchmark import bare_step_seconds
 
 
 def worker(kind: str, args: dict, bundle: str, queue) -> None:
@@ -65,7 +65,7 @@ def worker(kind: str, args: dict, bundle: str, queue) -> None:
         times.append(time.perf_counter() - t0)
     result = {"kind": kind, "times": times}
     if kind != "diffusers-eager-cuda":
-        result["bare_s"] = bare_calls(sampler, args["batch"], args["steps"])
+        result["bare_s"] = bare_step_seconds(sampler, args["batch"], args["steps"])
     queue.put(result)
 
 

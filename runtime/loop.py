@@ -116,11 +116,12 @@ class DeviceLoop:
 
     def run(self, x_T: np.ndarray, draw: Callable[[int], np.ndarray], cond: Mapping[str, np.ndarray],
             first_sample: int, nan_guard: str = "step", callback: Callable[[int, np.ndarray], None] | None = None,
-            on_step: Callable[[], None] = lambda: None) -> np.ndarray:
+            on_step: Callable[[], None] = lambda: None, steps: int | None = None) -> np.ndarray:
         """One batch: ``x_T`` float32 [batch, *sample_shape] is the prior sample; ``draw(call)`` returns noise
         call ``call`` (1, 2, ... in order); ``cond`` holds this batch's conditioning arrays. Returns the final
         output, float32 [batch, *sample_shape]. ``nan_guard``: "step" checks every call's outputs (naming the
-        step), "final" only the result, "off" nothing."""
+        step), "final" only the result, "off" nothing. ``steps`` stops after that many steps (benchmarks: the
+        output is then the trajectory's value there, not a sample)."""
         m, dev = self.manifest, self.device
         batch = int(x_T.shape[0])
         ws = self.workspace(batch)
@@ -133,7 +134,7 @@ class DeviceLoop:
         scalar = np.empty(batch, dtype=np.float32)
         uploaded_step = {name: -1 for name in self.schedule}
         call, last_key = 1, ""
-        for i in range(m.sampler.steps):
+        for i in range(m.sampler.steps if steps is None else min(steps, m.sampler.steps)):
             for pc in m.sampler.program:
                 graph, names = m.graphs[pc.graph], self._input_names[pc.graph]
                 for _ in range(pc.repeat):

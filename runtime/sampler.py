@@ -88,7 +88,7 @@ class Sampler:
 
     def sample(self, num: int, seed: int = 0, *, batch_size: int | None = None, first_sample: int = 0,
                generator: str | None = None, callback: Callable[[int, np.ndarray], None] | None = None,
-               conditioning: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
+               conditioning: Mapping[str, np.ndarray] | None = None, stop_after_steps: int | None = None) -> np.ndarray:
         """Draw ``num`` samples -> float32 [num, *sample_shape].
 
         Samples are global indices ``first_sample .. first_sample + num - 1``: with the portable generator,
@@ -97,18 +97,20 @@ class Sampler:
         the batch, so it needs a single batch). ``callback(step, x)`` sees x after every step.
         ``conditioning``: the arrays the bundle's ``sampler.conditioning`` names (inpainting: ``known`` data in
         the model's value range and ``mask``, 1 where known), each [num, *sample_shape] or [*sample_shape]
-        (shared by all samples).
+        (shared by all samples). ``stop_after_steps``: for timing, run only the first K steps and return the
+        trajectory there (not samples).
         """
         seed, first_sample, num = _request(seed, first_sample, num)
         batch_size = min(_count(batch_size, "batch_size", 1, None, optional=True) or num, num)
         generator = generator or self.manifest.noise.generator
         if generator not in GENERATORS:
             raise InputError(f"generator: expected one of {', '.join(GENERATORS)}, got {generator!r}")
+        stop = _count(stop_after_steps, "stop_after_steps", 1, None, optional=True)
         check_memory(self.manifest, num, batch_size)
         if generator == TORCH_ID and batch_size < num:
             raise InputError("the 'torch' noise generator reproduces diffusers for a single batch only; "
                              "use batch_size >= num or the portable philox generator")
-        steps = self.manifest.sampler.steps
+        steps = min(self.manifest.sampler.steps, stop or self.manifest.sampler.steps)
         batches = [(s, min(batch_size, first_sample + num - s)) for s in range(first_sample, first_sample + num, batch_size)]
         cond = self._check_conditioning(conditioning, num)
         out = np.empty((num, *self.sample_shape), dtype=np.float32)
@@ -119,7 +121,7 @@ class Sampler:
                 lo = start - first_sample
                 batch_cond = {k: v[lo:lo + size] if v.shape[0] == num else np.broadcast_to(v, (size, *self.sample_shape))
                               for k, v in cond.items()}
-                out[lo:lo + size] = self._sample_batch(noise, start, size, bar, callback, batch_cond)
+                out[lo:lo + size] = self._sample_batch(noise, start, size, bar, callback, batch_cond, steps)
         return out
 
     def _check_conditioning(self, conditioning: Mapping[str, np.ndarray] | None, num: int) -> dict[str, np.ndarray]:
@@ -145,10 +147,12 @@ class Sampler:
         return sum(pc.repeat * sum(1 for spec in m.graphs[pc.graph].inputs if spec.name in m.noise.inputs)
                    for pc in m.sampler.program)
 
-    def _sample_batch(self, noise, start: int, size: int, bar, callback, cond: dict[str, np.ndarray]) -> np.ndarray:
+    def _sample_batch(self, noise, start: int, size: int, bar, callback, cond: dict[str, np.ndarray],
+                      steps: int) -> np.ndarray:
         x_T = noise(0, start, size, self.sample_shape)
-        last_call = self.noise_calls_per_step() * self.manifest.sampler.steps
-        run = lambda draw: self.loop.run(x_T, draw, cond, start, self.nan_guard, callback, lambda: bar.update(1))  # noqa: E731
+        last_call = self.noise_calls_per_step() * steps
+        run = lambda draw: self.loop.run(x_T, draw, cond, start, self.nan_guard, callback,  # noqa: E731
+                                         lambda: bar.update(1), steps)
         if self.prefetch_noise and last_call:
             with PrefetchedNoise(noise, start, size, self.sample_shape, 1, last_call, self.noise_threads) as stream:
                 return run(lambda _call: stream.take())

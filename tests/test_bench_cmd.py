@@ -1,0 +1,33 @@
+"""`vpsde bench`: the table and JSON it writes, and its argument checks. (Figures are not asserted: a timed unit
+test proves nothing on a shared machine. What is checked is that every row is a real, finite measurement of
+the batch it names.)"""
+
+from __future__ import annotations
+
+import json
+import math
+
+from vpsde.cli.main import main as cli
+
+
+def test_bench_writes_rows_for_each_batch(gmm_bundle, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert cli(["bench", str(gmm_bundle.root), "--batch", "1,8", "--steps", "5", "--iters", "2", "--threads", "1",
+                "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "ms/step" in text and "bundle load" in text
+    data = json.loads(out.read_text())
+    assert data["digest"] == gmm_bundle.digest
+    rows = data["rows"]
+    assert [r["batch"] for r in rows] == [1, 8] and all(r["steps_timed"] == 5 for r in rows)
+    for r in rows:
+        for key in ("ms_per_step", "bare_ms_per_step", "samples_per_s", "first_call_ms", "peak_rss_mb"):
+            assert math.isfinite(r[key]) and r[key] > 0, (key, r)
+        # loop time includes the bare calls' work plus host noise and uploads: never far below it
+        assert r["ms_per_step"] > 0.5 * r["bare_ms_per_step"]
+
+
+def test_bench_refuses_bad_batches(gmm_bundle, capsys):
+    assert cli(["bench", str(gmm_bundle.root), "--batch", "0,4"]) == 2
+    assert "--batch" in capsys.readouterr().err
+    assert cli(["bench", str(gmm_bundle.root), "--batch", "a"]) == 2
