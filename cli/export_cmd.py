@@ -8,16 +8,18 @@ from pathlib import Path
 from vpsde.cli.common import UsageError, noise_id, positive, shape_arg
 
 
-SAMPLER_IDS = ("em", "pc", "ancestral", "ode-euler", "ode-heun", "dpmpp-2m", "inpaint")  # == export.samplers.SAMPLERS
+SAMPLER_IDS = ("em", "pc", "ancestral", "ode-euler", "ode-heun", "dpmpp-2m", "dpmpp-3m", "dpmpp-2m-sde", "edm-heun",
+              "inpaint")  # == export.samplers.SAMPLERS
 
 
-DEFAULT_STEPS = {"ode-euler": 100, "ode-heun": 50, "dpmpp-2m": 20}
+DEFAULT_STEPS = {"ode-euler": 100, "ode-heun": 50, "dpmpp-2m": 20, "dpmpp-3m": 20, "dpmpp-2m-sde": 20, "edm-heun": 10}
 
 
 SAMPLER_HELP = ("em = Euler-Maruyama (diffusers' step_pred); pc = Langevin corrector + reverse-diffusion predictor "
                 "(score_sde PC); ancestral = DDPM ancestral; ode-euler / ode-heun = probability-flow ODE (Heun: "
-                "2 NFE per step); dpmpp-2m = DPM-Solver++(2M), the few-step sampler; inpaint = EM that re-imposes "
-                "known pixels (sample with --known/--mask)")
+                "2 NFE per step); dpmpp-2m / dpmpp-3m = DPM-Solver++(2M) / (3M), the few-step samplers; dpmpp-2m-sde = "
+                "SDE-DPM-Solver++(2M) (host noise); edm-heun = Karras et al.'s Heun on the edm grid (2 NFE per step); "
+                "inpaint = EM that re-imposes known pixels (sample with --known/--mask)")
 
 
 def register(sub, fmt) -> None:
@@ -31,15 +33,15 @@ def register(sub, fmt) -> None:
     p.add_argument("--out", required=True, type=Path, help="bundle directory to write")
     p.add_argument("--sampler", default="em", choices=list(SAMPLER_IDS), help=SAMPLER_HELP)
     p.add_argument("--steps", type=positive, default=None,
-                   help="number of sampler steps N (default: 1000; ode-euler 100, ode-heun 50, dpmpp-2m 20)")
+                   help="number of sampler steps N (default: 1000; ode-euler 100, ode-heun 50, dpmpp-* 20, edm-heun 10)")
     p.add_argument("--nfe", type=positive, default=None,
                    help="instead of --steps: the model-evaluation budget (pc: steps x (corrector steps + 1); "
                         "ode-heun: 2 per step)")
-    p.add_argument("--grid", default=None, choices=["diffusers", "uniform", "logsnr"],
-                   help="time grid (default: diffusers for em/pc/ancestral/inpaint, logsnr for the ODE samplers "
-                        "and dpmpp-2m): diffusers = linspace(1, eps, N) with dt = -1/N (bit parity with diffusers, "
+    p.add_argument("--grid", default=None, choices=["diffusers", "uniform", "logsnr", "edm"],
+                   help="time grid (default: diffusers for em/pc/ancestral/inpaint, logsnr for the ODE and "
+                        "DPM-Solver++ samplers, edm for edm-heun): diffusers = linspace(1, eps, N) with dt = -1/N (bit parity with diffusers, "
                         "score_sde's discrete betas); uniform = N equal steps from 1 to eps; logsnr = equal steps in "
-                        "log(alpha/sigma)")
+                        "log(alpha/sigma); edm = Karras et al.'s rho = 7 steps in sigma/alpha")
     p.add_argument("--snr", type=float, default=0.16, help="pc: Langevin corrector signal-to-noise ratio")
     p.add_argument("--corrector-steps", type=positive, default=1, help="pc: Langevin steps before each predictor step")
     p.add_argument("--coupling", default="expected", choices=["expected", "batch", "per-sample"],
@@ -50,7 +52,7 @@ def register(sub, fmt) -> None:
     p.add_argument("--noise", default="philox", choices=["philox", "torch"],
                    help="default noise generator recorded in the manifest (philox = portable spec)")
     p.add_argument("--denoise-final", action="store_true",
-                   help="dpmpp-2m: make the last step the jump from t = eps to t = 0, so the sample is the model's "
+                   help="dpmpp-*: make the last step the jump from t = eps to t = 0, so the sample is the model's "
                         "data prediction at eps (diffusers' final_sigmas_type='zero'); the other steps span 1..eps")
     p.add_argument("--beta-min", type=float, default=0.1, help="VP-SDE beta(t) at t = 0")
     p.add_argument("--beta-max", type=float, default=20.0, help="VP-SDE beta(t) at t = 1")

@@ -8,6 +8,10 @@ A grid is data computed once, outside the sampling loop, and written into the bu
 - "uniform": N equal steps from t = 1 down to t = eps (N + 1 edges).
 - "logsnr": N + 1 edges equally spaced in lambda(t) = log(alpha(t) / sigma(t)) from t = 1 to t = eps, the
   spacing DPM-Solver recommends for few-step sampling (denser near t = eps).
+- "edm": Karras et al.'s (EDM) discretisation, N + 1 edges equally spaced in sigma^(1/rho), rho = 7, where
+  sigma = sigma(t) / alpha(t) = e^(-lambda) is the noise level of x / alpha, from t = 1 to t = eps. "logsnr"
+  (geometric in sigma) is its limit rho -> inf; at rho = 7 the steps are shorter at high noise and longer near
+  t = eps.
 """
 
 from __future__ import annotations
@@ -18,9 +22,10 @@ import torch
 
 from vpsde.models.sde import VPSDE
 
-Grid = Literal["diffusers", "uniform", "logsnr"]
-GRIDS: tuple[str, ...] = ("diffusers", "uniform", "logsnr")
-EDGE_GRIDS: tuple[str, ...] = ("uniform", "logsnr")
+Grid = Literal["diffusers", "uniform", "logsnr", "edm"]
+GRIDS: tuple[str, ...] = ("diffusers", "uniform", "logsnr", "edm")
+EDGE_GRIDS: tuple[str, ...] = ("uniform", "logsnr", "edm")
+EDM_RHO = 7.0
 
 
 def log_snr(sde: VPSDE, t: torch.Tensor) -> torch.Tensor:
@@ -47,6 +52,12 @@ def grid_edges(grid: str, steps: int, sde: VPSDE) -> torch.Tensor:
         ends = log_snr(sde, torch.tensor([1.0, eps], dtype=torch.float64))
         edges = t_from_log_snr(sde, torch.linspace(float(ends[0]), float(ends[1]), steps + 1, dtype=torch.float64))
         edges[0], edges[-1] = 1.0, eps  # exact end points (the closed form is accurate to ~1e-15)
+        return edges
+    if grid == "edm":
+        s_max, s_min = torch.exp(-log_snr(sde, torch.tensor([1.0, eps], dtype=torch.float64))) ** (1.0 / EDM_RHO)
+        sigma = (s_max + torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64) * (s_min - s_max)) ** EDM_RHO
+        edges = t_from_log_snr(sde, -torch.log(sigma))
+        edges[0], edges[-1] = 1.0, eps
         return edges
     raise ValueError(f"grid {grid!r} has no edges; expected one of {', '.join(EDGE_GRIDS)}")
 

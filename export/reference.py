@@ -54,14 +54,20 @@ class VP:
 
 
 def times(vp: VP, steps: int, grid: str) -> torch.Tensor:
-    """N + 1 float64 times from 1 down to eps: "uniform" in t, or "logsnr" (equal steps in lambda, found by
-    bisection of the monotone lambda(t))."""
+    """N + 1 float64 times from 1 down to eps: "uniform" in t, "logsnr" (equal steps in lambda) or "edm" (equal
+    steps in s^(1/7), s = sigma/alpha = e^-lambda; Karras et al. 2022, eq. 5), the last two found by bisection of
+    the monotone lambda(t)."""
     if grid == "uniform":
         return torch.linspace(1.0, vp.eps, steps + 1, dtype=torch.float64)
-    if grid != "logsnr":
-        raise ValueError(f"grid {grid!r}: expected uniform or logsnr")
+    if grid not in ("logsnr", "edm"):
+        raise ValueError(f"grid {grid!r}: expected uniform, logsnr or edm")
     one = torch.tensor([1.0, vp.eps], dtype=torch.float64)
-    target = torch.linspace(float(vp.lam(one[:1])), float(vp.lam(one[1:])), steps + 1, dtype=torch.float64)
+    if grid == "logsnr":
+        target = torch.linspace(float(vp.lam(one[:1])), float(vp.lam(one[1:])), steps + 1, dtype=torch.float64)
+    else:
+        s_max, s_min = (vp.sigma(one) / vp.alpha(one)) ** (1 / 7)
+        i = torch.arange(steps + 1, dtype=torch.float64)
+        target = -7 * torch.log(s_max + i / steps * (s_min - s_max))
     lo, hi = torch.zeros_like(target), torch.ones_like(target)
     for _ in range(80):  # lambda decreases in t
         mid = 0.5 * (lo + hi)
@@ -256,4 +262,101 @@ def sample_dpmpp_2m(eps_fn: EpsFn, x: torch.Tensor, vp: VP = VP(), steps: int = 
         x_next = vp.sigma(t) / vp.sigma(s) * x - vp.alpha(t) * math.expm1(-h) * d
         _emit(callback, "dpmpp_2m", i, {"x": x, "x0_prev": x0_prev}, {"x_next": x_next, "x0": x0})
         x, x0_prev, h_prev = x_next, x0, h
+    return x
+
+
+# -- DPM-Solver++(3M) and SDE-DPM-Solver++(2M) ---------------------------------------------------------------------
+def sample_dpmpp_3m(eps_fn: EpsFn, x: torch.Tensor, vp: VP = VP(), steps: int = 20, grid: str = "logsnr",
+                    lower_order_final: bool = True, callback: Callback | None = None,
+                    denoise_final: bool = False) -> torch.Tensor:
+    """Multistep DPM-Solver++(3M) (Lu et al. 2022, arXiv:2211.01095, the third-order multistep update, as in
+    their reference code): with D0 = x0, D1_0 = (x0 - x0') / r0, D1_1 = (x0' - x0'') / r1,
+    D1 = D1_0 + r0 / (r0 + r1) (D1_0 - D1_1), D2 = (D1_0 - D1_1) / (r0 + r1),
+
+        x_t = sigma_t / sigma_s x - alpha_t (e^-h - 1) D0 + alpha_t ((e^-h - 1) / h + 1) D1
+              - alpha_t ((e^-h - 1 + h) / h^2 - 1/2) D2.
+
+    Order 1 at the first step, 2 (midpoint) at the second; with N < 15 and ``lower_order_final``, order 1 at the
+    last step and at most 2 at the one before."""
+    e = times(vp, steps - int(denoise_final), grid)
+    hist: list[tuple[torch.Tensor, float]] = []  # (x0, h of the step that followed it), newest last
+    prev = {"x0_prev": torch.zeros_like(x), "x0_prev2": torch.zeros_like(x)}
+    for i in range(steps):
+        s = e[i]
+        x0 = (x - vp.sigma(s) * eps_fn(x, _vec(s, x))) / vp.alpha(s)
+        if denoise_final and i == steps - 1:
+            _emit(callback, "dpmpp_3m", i, {"x": x, **prev}, {"x_next": x0, "x0": x0, "x0_prev_out": prev["x0_prev"]})
+            return x0
+        t = e[i + 1]
+        h = float(vp.lam(t) - vp.lam(s))
+        order = min(i + 1, 3)
+        if lower_order_final and steps < 15:
+            order = 1 if i == steps - 1 else min(order, 2) if i == steps - 2 else order
+        em1 = math.expm1(-h)
+        if order == 1:
+            x_next = vp.sigma(t) / vp.sigma(s) * x - vp.alpha(t) * em1 * x0
+        elif order == 2:
+            r0 = hist[-1][1] / h
+            d1 = (x0 - hist[-1][0]) / r0
+            x_next = vp.sigma(t) / vp.sigma(s) * x - vp.alpha(t) * em1 * (x0 + 0.5 * d1)
+        else:
+            r0, r1 = hist[-1][1] / h, hist[-2][1] / h
+            d1_0, d1_1 = (x0 - hist[-1][0]) / r0, (hist[-1][0] - hist[-2][0]) / r1
+            d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
+            d2 = (d1_0 - d1_1) / (r0 + r1)
+            x_next = (vp.sigma(t) / vp.sigma(s) * x - vp.alpha(t) * em1 * x0 + vp.alpha(t) * (em1 / h + 1) * d1
+                      - vp.alpha(t) * ((em1 + h) / h**2 - 0.5) * d2)
+        _emit(callback, "dpmpp_3m", i, {"x": x, **prev}, {"x_next": x_next, "x0": x0, "x0_prev_out": prev["x0_prev"]})
+        prev = {"x0_prev": x0, "x0_prev2": prev["x0_prev"]}
+        hist.append((x0, h))
+        x = x_next
+    return x
+
+
+def sample_dpmpp_2m_sde(eps_fn: EpsFn, x: torch.Tensor, noise: NoiseFn, vp: VP = VP(), steps: int = 20,
+                        grid: str = "logsnr", lower_order_final: bool = True, callback: Callback | None = None,
+                        denoise_final: bool = False) -> torch.Tensor:
+    """SDE-DPM-Solver++(2M) (Lu et al. 2022, the second-order multistep solver of the data-prediction reverse SDE,
+    midpoint form): x_t = sigma_t / sigma_s e^-h x + alpha_t (1 - e^-2h) (D0 + D1 / 2) + sigma_t sqrt(1 - e^-2h) z,
+    D0 = x0, D1 = (x0 - x0_prev) / r0; one noise call per step; first order (D1 = 0) at the first step and at the
+    last when N < 15; a final step to t = 0 returns x0."""
+    e = times(vp, steps - int(denoise_final), grid)
+    x0_prev, h_prev = torch.zeros_like(x), None
+    for i in range(steps):
+        s = e[i]
+        z = noise(i + 1)
+        x0 = (x - vp.sigma(s) * eps_fn(x, _vec(s, x))) / vp.alpha(s)
+        if denoise_final and i == steps - 1:
+            _emit(callback, "dpmpp_2m_sde", i, {"x": x, "x0_prev": x0_prev, "noise": z}, {"x_next": x0, "x0": x0})
+            return x0
+        t = e[i + 1]
+        h = float(vp.lam(t) - vp.lam(s))
+        d = x0
+        if h_prev is not None and not (lower_order_final and steps < 15 and i == steps - 1):
+            d = x0 + 0.5 * (x0 - x0_prev) / (h_prev / h)
+        x_next = (vp.sigma(t) / vp.sigma(s) * math.exp(-h) * x + vp.alpha(t) * -math.expm1(-2 * h) * d
+                  + vp.sigma(t) * math.sqrt(-math.expm1(-2 * h)) * z)
+        _emit(callback, "dpmpp_2m_sde", i, {"x": x, "x0_prev": x0_prev, "noise": z}, {"x_next": x_next, "x0": x0})
+        x, x0_prev, h_prev = x_next, x0, h
+    return x
+
+
+# -- EDM Heun ------------------------------------------------------------------------------------------------------
+def sample_edm_heun(eps_fn: EpsFn, x: torch.Tensor, vp: VP = VP(), steps: int = 10, grid: str = "edm",
+                    callback: Callback | None = None) -> torch.Tensor:
+    """Karras et al. 2022, Algorithm 1 (deterministic Heun) for the VP model: with their scaling s(t) = alpha(t)
+    and noise level sigma_K(t) = sigma(t) / alpha(t), the probability-flow ODE in x~ = x / s is
+    dx~/dsigma_K = eps(s x~, t). Per step: an Euler step in sigma_K, then the trapezoidal (Heun) correction,
+    mapped back to x by s(t_next)."""
+    e = times(vp, steps, grid)
+    for i in range(steps):
+        t, tn = e[i], e[i + 1]
+        sk, skn = vp.sigma(t) / vp.alpha(t), vp.sigma(tn) / vp.alpha(tn)
+        xt = x / vp.alpha(t)
+        d = eps_fn(x, _vec(t, x))
+        x_euler = xt + (skn - sk) * d
+        d2 = eps_fn(vp.alpha(tn) * x_euler, _vec(tn, x))
+        x_next = vp.alpha(tn) * (xt + (skn - sk) * 0.5 * (d + d2))
+        _emit(callback, "edm_heun", i, {"x": x}, {"x_next": x_next})
+        x = x_next
     return x

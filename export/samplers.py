@@ -11,6 +11,9 @@ host-carried state and the conditioning inputs. The runtime executes it without 
     ode-euler  ode_euler                          t, dt                                1
     ode-heun   ode_heun                           t, dt, t_next                        2
     dpmpp-2m   dpmpp_2m  (state x0_prev <- x0)    t, alpha, sigma, c_x, c_d, w_*       1
+    dpmpp-3m   dpmpp_3m  (+ x0_prev2 <- x0_prev_out)  ... + w_prev2                   1
+    dpmpp-2m-sde  dpmpp_2m_sde (noise)            ... + c_z                            1
+    edm-heun   edm_heun                           t, t_next, c_x, c_e                  2
     inpaint    inpaint_em (conditioning known, mask)   t, dt, sqrt_neg_dt               1
 """
 
@@ -22,8 +25,8 @@ import torch
 from torch import nn
 
 from vpsde.export.grids import EDGE_GRIDS, GRIDS, discrete_betas, grid_edges, log_snr, respaced_betas, time_grid
-from vpsde.export.steps import (COUPLINGS, DiscretePredictorStep, DPMSolverPP2MStep, EulerMaruyamaStep, InpaintStep,
-                                LangevinCorrectorStep, ProbabilityFlowStep)
+from vpsde.export.steps import (COUPLINGS, DiscretePredictorStep, DPMSolverPPStep, EDMHeunStep, EulerMaruyamaStep,
+                                InpaintStep, LangevinCorrectorStep, ProbabilityFlowStep)
 from vpsde.models.base import ScoreModel
 from vpsde.models.sde import VPSDE
 from vpsde.runtime.manifest import ProgramCall, StateSpec
@@ -35,6 +38,9 @@ SAMPLERS: dict[str, str] = {
     "ode-euler": "probability-flow-euler",
     "ode-heun": "probability-flow-heun",
     "dpmpp-2m": "dpm-solver++(2m)",
+    "dpmpp-3m": "dpm-solver++(3m)",
+    "dpmpp-2m-sde": "sde-dpm-solver++(2m)",
+    "edm-heun": "edm-heun",
     "inpaint": "inpaint-euler-maruyama",
 }
 """Sampler id (CLI ``--sampler``) -> the name written to ``sampler.name``."""
@@ -42,11 +48,15 @@ SAMPLERS: dict[str, str] = {
 SAMPLER_GRIDS: dict[str, tuple[str, ...]] = {
     "em": GRIDS, "inpaint": GRIDS,
     "pc": GRIDS, "ancestral": GRIDS,  # "diffusers": score_sde's linspace betas; edge grids: respaced DDPM betas
-    "ode-euler": EDGE_GRIDS, "ode-heun": EDGE_GRIDS, "dpmpp-2m": EDGE_GRIDS,
+    "ode-euler": EDGE_GRIDS, "ode-heun": EDGE_GRIDS, "dpmpp-2m": EDGE_GRIDS, "dpmpp-3m": EDGE_GRIDS,
+    "dpmpp-2m-sde": EDGE_GRIDS, "edm-heun": EDGE_GRIDS,
 }
 DEFAULT_GRID: dict[str, str] = {"em": "diffusers", "inpaint": "diffusers", "pc": "diffusers",
                                 "ancestral": "diffusers", "ode-euler": "logsnr", "ode-heun": "logsnr",
-                                "dpmpp-2m": "logsnr"}
+                                "dpmpp-2m": "logsnr", "dpmpp-3m": "logsnr", "dpmpp-2m-sde": "logsnr",
+                                "edm-heun": "edm"}
+DPMPP: dict[str, tuple[int, bool]] = {"dpmpp-2m": (2, False), "dpmpp-3m": (3, False), "dpmpp-2m-sde": (2, True)}
+"""DPM-Solver++ sampler id -> (order, stochastic)."""
 LOWER_ORDER_FINAL_BELOW = 15
 """DPM-Solver++(2M) takes a first-order last step when N < 15 (as DPM-Solver and diffusers do): stabler at
 very few steps."""
@@ -78,7 +88,7 @@ class SamplerRecipe:
 
 def steps_for_nfe(sampler: str, nfe: int, corrector_steps: int = 1) -> int:
     """The step count N that spends ``nfe`` model evaluations (rounded down, at least 1)."""
-    per_step = {"pc": corrector_steps + 1, "ode-heun": 2}.get(sampler, 1)
+    per_step = {"pc": corrector_steps + 1, "ode-heun": 2, "edm-heun": 2}.get(sampler, 1)
     return max(1, nfe // per_step)
 
 
@@ -90,7 +100,7 @@ def build_sampler(sampler: str, model: ScoreModel, sde: VPSDE, steps: int, grid:
     ``snr``, ``corrector_steps`` and ``coupling`` configure the Langevin corrector of "pc" (score_sde defaults:
     snr 0.16, one corrector step, batch-averaged norms; here the norms' expectations by default, see
     :class:`LangevinCorrectorStep` and docs/samplers.md for the measurements behind it).
-    ``denoise_final`` (dpmpp-2m): the last of the N steps goes from t = eps to t = 0, so the sample is the
+    ``denoise_final`` (the DPM-Solver++ samplers): the last of the N steps goes from t = eps to t = 0, so the sample is the
     model's data prediction at eps (diffusers' ``final_sigmas_type="zero"``); the first N - 1 steps span the
     grid from 1 to eps.
     """
@@ -101,8 +111,8 @@ def build_sampler(sampler: str, model: ScoreModel, sde: VPSDE, steps: int, grid:
         raise ValueError(f"sampler {sampler!r} runs on the grids {', '.join(SAMPLER_GRIDS[sampler])}, not {grid!r}")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    if denoise_final and sampler != "dpmpp-2m":
-        raise ValueError("denoise_final is a dpmpp-2m option")
+    if denoise_final and sampler not in DPMPP:
+        raise ValueError(f"denoise_final is an option of {', '.join(DPMPP)}")
     common = dict(sampler=sampler, name=SAMPLERS[sampler], grid=grid, steps=steps)
 
     if sampler in ("em", "inpaint"):
@@ -161,29 +171,87 @@ def build_sampler(sampler: str, model: ScoreModel, sde: VPSDE, steps: int, grid:
         return SamplerRecipe(**common, graphs={step.kind: step}, program=[ProgramCall(step.kind)], schedule=schedule,
                              final="x_next", noise_inputs=[], params={"nfe": steps * order})
 
-    step = DPMSolverPP2MStep(model, sde)
+    if sampler == "edm-heun":
+        step = EDMHeunStep(model, sde)
+        return SamplerRecipe(**common, graphs={step.kind: step}, program=[ProgramCall(step.kind)],
+                             schedule=edm_heun_schedule(sde, edges), final="x_next", noise_inputs=[],
+                             params={"nfe": 2 * steps})
+    order, stochastic = DPMPP[sampler]
+    step = DPMSolverPPStep(model, sde, order, stochastic)
+    state = [StateSpec(input="x0_prev", output="x0")]
+    if order == 3:
+        state.append(StateSpec(input="x0_prev2", output="x0_prev_out"))
     return SamplerRecipe(**common, graphs={step.kind: step}, program=[ProgramCall(step.kind)],
-                         schedule=dpmpp_2m_schedule(sde, edges), final="x_next", noise_inputs=[],
-                         state=[StateSpec(input="x0_prev", output="x0")],
+                         schedule=dpmpp_schedule(sde, edges, order, stochastic), final="x_next",
+                         noise_inputs=["noise"] if stochastic else [], state=state,
                          params={"nfe": steps, "lower_order_final": int(steps < LOWER_ORDER_FINAL_BELOW),
                                  "denoise_final": int(denoise_final)})
 
 
-def dpmpp_2m_schedule(sde: VPSDE, edges: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Coefficients of DPM-Solver++(2M) on the edges t_0 = 1 > ... > t_N (float64 [N + 1]; t_N = eps, or 0 for
-    a final jump to the data) -> float64 [N] arrays t, alpha, sigma, c_x, c_d, w_cur, w_prev (see
-    :class:`DPMSolverPP2MStep`). A step to t = 0 (sigma = 0, h = inf) is first order with c_x = 0, c_d = 1:
-    x_next = x0."""
+def edm_heun_schedule(sde: VPSDE, edges: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Coefficients of :class:`EDMHeunStep` on the edges t_0 = 1 > ... > t_N (float64 [N + 1]): with s = sigma/alpha,
+    c_x = alpha_{i+1} / alpha_i and c_e = alpha_{i+1} (s_{i+1} - s_i), float64 [N] each, and t, t_next."""
+    alpha = sde.mean_coeff(edges)
+    s = sde.std(edges) / alpha
+    return {"t": edges[:-1], "t_next": edges[1:], "c_x": alpha[1:] / alpha[:-1], "c_e": alpha[1:] * (s[1:] - s[:-1])}
+
+
+def dpmpp_schedule(sde: VPSDE, edges: torch.Tensor, order: int = 2, stochastic: bool = False) -> dict[str, torch.Tensor]:
+    """Coefficients of :class:`DPMSolverPPStep` on the edges t_0 = 1 > ... > t_N (float64 [N + 1]; t_N = eps, or 0 for
+    a final jump to the data) -> float64 [N] arrays t, alpha, sigma, c_x, c_d, w_cur, w_prev (+ w_prev2 at order 3,
+    + c_z when stochastic).
+
+    With h_i = lambda_{i+1} - lambda_i, phi = -expm1(-h) and the step ratios r0 = h_{i-1}/h_i, r1 = h_{i-2}/h_i:
+
+    - order 1 (the first step; the last when N < 15): D = x0;
+    - order 2 (midpoint): D = x0 + (x0 - x0_prev) / (2 r0);
+    - order 3 (Lu et al. 2022, eq. for DPM-Solver++(3M)): D = D0 + k1 D1 + k2 D2 with D0 = x0,
+      D1_0 = (x0 - x0_prev)/r0, D1_1 = (x0_prev - x0_prev2)/r1, D1 = D1_0 + r0/(r0 + r1) (D1_0 - D1_1),
+      D2 = (D1_0 - D1_1)/(r0 + r1), k1 = (1 - phi/h)/phi, k2 = (1/2 - (h - phi)/h^2)/phi; the second step and,
+      when N < 15, the one before last run at order 2.
+
+    Deterministic: c_x = sigma_{i+1}/sigma_i, c_d = alpha_{i+1} phi. Stochastic (SDE-DPM-Solver++(2M)):
+    c_x = sigma_{i+1}/sigma_i e^(-h), c_d = alpha_{i+1} (1 - e^(-2h)), c_z = sigma_{i+1} sqrt(1 - e^(-2h)).
+    A step to t = 0 (sigma = 0, h = inf) is first order with c_x = 0, c_d = 1, c_z = 0: x_next = x0."""
     alpha, sigma, lam = sde.mean_coeff(edges), sde.std(edges), log_snr(sde, edges)
     h = lam[1:] - lam[:-1]  # > 0: lambda grows as t falls; inf for a step to t = 0
     n = h.numel()
-    second_order = (torch.arange(n) >= 1) & torch.isfinite(h)
+    finite = torch.isfinite(h)
+    step_order = torch.clamp(torch.arange(n) + 1, max=order)
+    step_order = torch.where(finite, step_order, torch.ones_like(step_order))
     if n < LOWER_ORDER_FINAL_BELOW:
-        second_order[-1] = False
-    r = torch.ones(n, dtype=torch.float64)
-    r[1:] = h[:-1] / h[1:]
-    r = torch.where(second_order, r, torch.ones_like(r))
-    w_cur = torch.where(second_order, 1.0 + 0.5 / r, torch.ones_like(r))
-    w_prev = torch.where(second_order, -0.5 / r, torch.zeros_like(r))
-    return {"t": edges[:-1], "alpha": alpha[:-1], "sigma": sigma[:-1], "c_x": sigma[1:] / sigma[:-1],
-            "c_d": -alpha[1:] * torch.expm1(-h), "w_cur": w_cur, "w_prev": w_prev}
+        step_order[-1] = 1
+        if n >= 2:
+            step_order[-2] = min(int(step_order[-2]), 2)
+    w = torch.zeros(3, n, dtype=torch.float64)  # weights of x0, x0_prev, x0_prev2
+    for i in range(n):
+        k = int(step_order[i])
+        if k == 1:
+            w[:, i] = torch.tensor([1.0, 0.0, 0.0])
+        elif k == 2:
+            r0 = h[i - 1] / h[i]
+            w[:, i] = torch.stack([1 + 0.5 / r0, -0.5 / r0, torch.zeros((), dtype=torch.float64)])
+        else:
+            hi = h[i]
+            r0, r1 = h[i - 1] / hi, h[i - 2] / hi
+            phi = -torch.expm1(-hi)
+            k1, k2 = (1 - phi / hi) / phi, (0.5 - (hi - phi) / hi**2) / phi
+            d10 = torch.stack([1 / r0, -1 / r0, torch.zeros((), dtype=torch.float64)])  # D1_0 in (x0, prev, prev2)
+            d11 = torch.stack([torch.zeros((), dtype=torch.float64), 1 / r1, -1 / r1])
+            d1 = d10 + r0 / (r0 + r1) * (d10 - d11)
+            d2 = (d10 - d11) / (r0 + r1)
+            w[:, i] = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64) + k1 * d1 + k2 * d2
+    exp_h = torch.exp(-h)
+    if stochastic:
+        c_x = torch.where(finite, sigma[1:] / sigma[:-1] * exp_h, torch.zeros_like(h))
+        c_d = torch.where(finite, alpha[1:] * -torch.expm1(-2 * h), torch.ones_like(h))
+    else:
+        c_x = sigma[1:] / sigma[:-1]
+        c_d = torch.where(finite, -alpha[1:] * torch.expm1(-h), torch.ones_like(h))
+    out = {"t": edges[:-1], "alpha": alpha[:-1], "sigma": sigma[:-1], "c_x": c_x, "c_d": c_d,
+           "w_cur": w[0], "w_prev": w[1]}
+    if order == 3:
+        out["w_prev2"] = w[2]
+    if stochastic:
+        out["c_z"] = torch.where(finite, sigma[1:] * torch.sqrt(-torch.expm1(-2 * h)), torch.zeros_like(h))
+    return out

@@ -20,7 +20,7 @@ from torch import nn
 from vpsde.models.base import ScoreModel
 from vpsde.models.sde import VPSDE
 
-SAMPLE_INPUTS = frozenset({"x", "noise", "known", "mask", "known_noise", "x0_prev"})
+SAMPLE_INPUTS = frozenset({"x", "noise", "known", "mask", "known_noise", "x0_prev", "x0_prev2"})
 """Inputs shaped like the sample [B, *sample_shape]; every other input is a per-sample scalar [B]."""
 
 
@@ -184,29 +184,69 @@ class ProbabilityFlowStep(Step):
         return x + dt * (0.5 * (d + d_next))
 
 
-class DPMSolverPP2MStep(Step):
-    """One step of multistep DPM-Solver++(2M) (Lu et al. 2022, Alg. 2), data prediction, from t_i to t_{i+1}:
+class DPMSolverPPStep(Step):
+    """One step of multistep DPM-Solver++ (Lu et al. 2022, arXiv:2211.01095), data prediction, from t_i to t_{i+1}:
 
         x0     = (x - sigma_i eps(x, t_i)) / alpha_i
-        D      = w_cur x0 + w_prev x0_prev
-        x_next = c_x x + c_d D
+        D      = w_cur x0 + w_prev x0_prev [+ w_prev2 x0_prev2]
+        x_next = c_x x + c_d D [+ c_z noise]
 
-    with c_x = sigma_{i+1}/sigma_i, c_d = -alpha_{i+1} expm1(-h_i), h_i = lambda_{i+1} - lambda_i (lambda =
-    log alpha/sigma), and (w_cur, w_prev) = (1 + 1/(2 r_i), -1/(2 r_i)), r_i = h_{i-1}/h_i, or (1, 0) for a
-    first-order step (the first step, and the last when N < 15). All from the schedule (float64 on the host).
-    ``x0_prev`` is state the host carries: the previous call's ``x0`` output.
+    Every coefficient is a schedule input, computed on the host in float64 (``samplers.dpmpp_schedule``), so one
+    module covers the family: ``order=2`` is DPM-Solver++(2M) (kind ``dpmpp_2m``); ``order=3`` is (3M) (kind
+    ``dpmpp_3m``: a second history ``x0_prev2``, passed on as output ``x0_prev_out``); ``stochastic=True`` is
+    SDE-DPM-Solver++(2M) (kind ``dpmpp_2m_sde``: host noise, ``c_z`` = sigma_{i+1} sqrt(1 - e^(-2 h_i))). The
+    first steps (and the last ones when N < 15) run at lower order by their weights alone. The history values are
+    state the host carries: ``x0_prev`` <- ``x0``, ``x0_prev2`` <- ``x0_prev_out``.
     """
 
-    kind = "dpmpp_2m"
-    input_names = ("x", "t", "alpha", "sigma", "c_x", "c_d", "w_cur", "w_prev", "x0_prev")
-    output_names = ("x_next", "x0")
+    def __init__(self, model: ScoreModel, sde: VPSDE, order: int = 2, stochastic: bool = False) -> None:
+        super().__init__(model, sde)
+        if order not in (2, 3) or (stochastic and order != 2):
+            raise ValueError(f"DPM-Solver++ steps: order 2 or 3, stochastic only at order 2; got {order}, {stochastic}")
+        self.order, self.stochastic = order, stochastic
+        self.kind = {(2, False): "dpmpp_2m", (3, False): "dpmpp_3m", (2, True): "dpmpp_2m_sde"}[(order, stochastic)]
+        names = ["x", "t", "alpha", "sigma", "c_x", "c_d", "w_cur", "w_prev"]
+        names += ["w_prev2"] if order == 3 else []
+        names += ["c_z"] if stochastic else []
+        names += ["x0_prev"] + (["x0_prev2"] if order == 3 else []) + (["noise"] if stochastic else [])
+        self.input_names = tuple(names)
+        self.output_names = ("x_next", "x0", "x0_prev_out") if order == 3 else ("x_next", "x0")
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, c_x: torch.Tensor,
-                c_d: torch.Tensor, w_cur: torch.Tensor, w_prev: torch.Tensor,
-                x0_prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x0 = (x - per_sample(sigma, x) * self.model(x, t)) / per_sample(alpha, x)
-        d = per_sample(w_cur, x) * x0 + per_sample(w_prev, x) * x0_prev
-        return per_sample(c_x, x) * x + per_sample(c_d, x) * d, x0
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        v = dict(zip(self.input_names, inputs))
+        x = v["x"]
+        c = {k: per_sample(v[k], x) for k in self.input_names if k not in ("x", "t", "x0_prev", "x0_prev2", "noise")}
+        x0 = (x - c["sigma"] * self.model(x, v["t"])) / c["alpha"]
+        d = c["w_cur"] * x0 + c["w_prev"] * v["x0_prev"]
+        if self.order == 3:
+            d = d + c["w_prev2"] * v["x0_prev2"]
+        x_next = c["c_x"] * x + c["c_d"] * d
+        if self.stochastic:
+            x_next = x_next + c["c_z"] * v["noise"]
+        return (x_next, x0, v["x0_prev"] * 1.0) if self.order == 3 else (x_next, x0)
+
+
+class EDMHeunStep(Step):
+    """One step of Karras et al.'s (EDM, 2022) deterministic Heun sampler, Algorithm 1 with s(t) = 1, on the
+    VP model: in the variables x~ = x / alpha and s = sigma / alpha the probability-flow ODE is dx~/ds = eps, so
+
+        x_e    = c_x x + c_e eps(x, t_i)                              (Euler: DDIM)
+        x_next = c_x x + c_e (eps(x, t_i) + eps(x_e, t_{i+1})) / 2     (Heun's correction)
+
+    with c_x = alpha_{i+1} / alpha_i and c_e = alpha_{i+1} (s_{i+1} - s_i) from the schedule (float64 on the
+    host). 2 NFE per step; its grid is EDM's rho = 7 by default.
+    """
+
+    kind = "edm_heun"
+    input_names = ("x", "t", "t_next", "c_x", "c_e")
+    output_names = ("x_next",)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor, c_x: torch.Tensor,
+                c_e: torch.Tensor) -> torch.Tensor:
+        c_x, c_e = per_sample(c_x, x), per_sample(c_e, x)
+        e = self.model(x, t)
+        x_euler = c_x * x + c_e * e
+        return c_x * x + c_e * (0.5 * (e + self.model(x_euler, t_next)))
 
 
 class InpaintStep(nn.Module):

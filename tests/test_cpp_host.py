@@ -59,6 +59,9 @@ def test_cpp_samples_equal_python_runtime(host, tmp_path, which, request):
     ("pc", 25, {"corrector_steps": 2}),  # two graphs, a repeated call, two noise draws per step
     ("dpmpp-2m", 12, {}),                # host-carried state (x0_prev <- x0), no noise after the prior
     ("ode-heun", 8, {}),                 # schedule arrays by name (t, dt, t_next)
+    ("dpmpp-3m", 10, {}),                # two states, one of them passed through (x0_prev2 <- x0_prev_out)
+    ("dpmpp-2m-sde", 6, {}),             # state and a noise input in one graph
+    ("edm-heun", 4, {}),                 # the edm grid, two model calls per graph call
 ])
 def test_cpp_runs_every_sampler_like_python(host, tmp_path, sampler, steps, options):
     """The v2 contract (schedule by input name, noise inputs, state, repeats) gives the same samples in C++."""
