@@ -9,7 +9,7 @@ from vpsde.cli.common import UsageError, noise_id, positive, shape_arg
 
 
 SAMPLER_IDS = ("em", "pc", "ancestral", "ode-euler", "ode-heun", "dpmpp-2m", "dpmpp-3m", "dpmpp-2m-sde", "edm-heun",
-              "inpaint")  # == export.samplers.SAMPLERS
+              "inpaint", "colorize")  # == export.samplers.SAMPLERS
 
 
 DEFAULT_STEPS = {"ode-euler": 100, "ode-heun": 50, "dpmpp-2m": 20, "dpmpp-3m": 20, "dpmpp-2m-sde": 20, "edm-heun": 10}
@@ -19,7 +19,8 @@ SAMPLER_HELP = ("em = Euler-Maruyama (diffusers' step_pred); pc = Langevin corre
                 "(score_sde PC); ancestral = DDPM ancestral; ode-euler / ode-heun = probability-flow ODE (Heun: "
                 "2 NFE per step); dpmpp-2m / dpmpp-3m = DPM-Solver++(2M) / (3M), the few-step samplers; dpmpp-2m-sde = "
                 "SDE-DPM-Solver++(2M) (host noise); edm-heun = Karras et al.'s Heun on the edm grid (2 NFE per step); "
-                "inpaint = EM that re-imposes known pixels (sample with --known/--mask)")
+                "inpaint = EM that re-imposes known pixels (sample with --known/--mask); colorize = EM that keeps a "
+                "gray level (3-channel models; sample with --known)")
 
 
 def register(sub, fmt) -> None:

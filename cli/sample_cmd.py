@@ -37,7 +37,7 @@ def register(sub, fmt) -> None:
                         "CPU default); final = the result only (the GPU default); off")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--known", type=Path, default=None,
-                   help="inpainting bundles: known data, an image file (pixels 0..255 map to the model's value "
+                   help="inpainting and colorization bundles: known data, an image file (pixels 0..255 map to the model's value "
                         "range) or .npy [*sample_shape] / [num, *sample_shape] in the value range")
     p.add_argument("--mask", type=Path, default=None,
                    help="inpainting bundles: 1 where --known is kept; image (pixel > 127 = known) or .npy")
@@ -115,7 +115,8 @@ def _sample_on_ray(args: argparse.Namespace, bundle, conditioning) -> None:
 
 
 def _conditioning(args: argparse.Namespace, bundle) -> dict | None:
-    """--known/--mask -> the conditioning arrays an inpainting bundle takes (clear errors otherwise)."""
+    """--known/--mask -> the conditioning arrays an inpainting (known, mask) or colorization (known) bundle takes
+    (clear errors otherwise)."""
     from vpsde.runtime.images import load_image, load_mask
 
     m = bundle.manifest
@@ -123,12 +124,18 @@ def _conditioning(args: argparse.Namespace, bundle) -> dict | None:
     given = {k for k in ("known", "mask") if getattr(args, k) is not None}
     if not wanted:
         if given:
-            raise UsageError(f"{args.bundle} ({m.sampler.name}) takes no --known/--mask; export with --sampler inpaint")
+            raise UsageError(f"{args.bundle} ({m.sampler.name}) takes no --known/--mask; export with --sampler inpaint "
+                             "or colorize")
         return None
-    if wanted != {"known", "mask"}:
+    if wanted not in ({"known", "mask"}, {"known"}):
         raise UsageError(f"{args.bundle}: conditioning inputs {sorted(wanted)} are not supported by this CLI")
     if given != wanted:
-        raise UsageError(f"{args.bundle} is an inpainting bundle ({m.sampler.name}): pass --known and --mask")
+        what = "an inpainting bundle: pass --known and --mask" if "mask" in wanted else \
+            "a colorization bundle: pass --known (the gray image; its channel mean is kept) and no --mask"
+        raise UsageError(f"{args.bundle} is {what} ({m.sampler.name})")
     shape = tuple(m.model.sample_shape)
     value_range = tuple(m.model.value_range) if m.model.value_range else None
-    return {"known": load_image(args.known, shape, value_range, "known data"), "mask": load_mask(args.mask, shape)}
+    cond = {"known": load_image(args.known, shape, value_range, "known data")}
+    if "mask" in wanted:
+        cond["mask"] = load_mask(args.mask, shape)
+    return cond

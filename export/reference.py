@@ -106,11 +106,14 @@ def _em_grid(vp: VP, steps: int, grid: str) -> list[tuple[float, float]]:
 
 def sample_em(eps_fn: EpsFn, x: torch.Tensor, noise: NoiseFn, vp: VP = VP(), steps: int = 1000,
               grid: str = "diffusers", callback: Callback | None = None,
-              inpaint: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+              inpaint: tuple[torch.Tensor, torch.Tensor] | None = None,
+              colorize: torch.Tensor | None = None) -> torch.Tensor:
     """Euler-Maruyama on the reverse SDE dx = [-1/2 beta x - beta score] dt + sqrt(beta) dw-bar; returns the
     last x_mean. ``inpaint=(known, mask)``: after every step, known pixels are replaced by the known data
     noised to the step's t (score_sde ``get_pc_inpainter``), with one more noise call per step; the returned
-    x_mean holds the known data itself where mask is 1."""
+    x_mean holds the known data itself where mask is 1. ``colorize=known`` (score_sde ``get_pc_colorizer``):
+    the gray level g = u . x (u = (1, 1, 1) / sqrt(3) over channel axis 1) is projected onto u . known noised to
+    the step's t (noise: channel 0 of one more noise call): x <- x + u (target - u . x)."""
     call = 1
     x_mean = x
     for i, (t, dt) in enumerate(_em_grid(vp, steps, grid)):
@@ -129,7 +132,18 @@ def sample_em(eps_fn: EpsFn, x: torch.Tensor, noise: NoiseFn, vp: VP = VP(), ste
             x_next = x_next * (1 - mask) + (known_mean + _b(vp.sigma(tv), x) * zk) * mask
             x_mean = x_mean * (1 - mask) + known * mask  # the final sample returns the known data exactly
             inputs.update(known=known, mask=mask, known_noise=zk)
-        _emit(callback, "inpaint_em" if inpaint is not None else "em", i, inputs, {"x_next": x_next, "x_mean": x_mean})
+        if colorize is not None:
+            zk = noise(call)
+            call += 1
+            shape = [1, 3] + [1] * (x.dim() - 2)
+            u = torch.full(shape, 3 ** -0.5, dtype=x.dtype)
+            gray = lambda v: (v * u).sum(1, keepdim=True)  # noqa: E731
+            target = _b(vp.alpha(tv), x) * gray(colorize) + _b(vp.sigma(tv), x) * zk[:, :1]
+            x_next = x_next + u * (target - gray(x_next))
+            x_mean = x_mean + u * (gray(colorize) - gray(x_mean))
+            inputs.update(known=colorize, known_noise=zk)
+        kind = "inpaint_em" if inpaint is not None else "colorize_em" if colorize is not None else "em"
+        _emit(callback, kind, i, inputs, {"x_next": x_next, "x_mean": x_mean})
         x = x_next
     return x_mean
 

@@ -15,6 +15,7 @@ host-carried state and the conditioning inputs. The runtime executes it without 
     dpmpp-2m-sde  dpmpp_2m_sde (noise)            ... + c_z                            1
     edm-heun   edm_heun                           t, t_next, c_x, c_e                  2
     inpaint    inpaint_em (conditioning known, mask)   t, dt, sqrt_neg_dt               1
+    colorize   colorize_em (conditioning known)   t, dt, sqrt_neg_dt                   1
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from torch import nn
 
 from vpsde.export.grids import EDGE_GRIDS, GRIDS, discrete_betas, grid_edges, log_snr, respaced_betas, time_grid
 from vpsde.export.steps import (COUPLINGS, DiscretePredictorStep, DPMSolverPPStep, EDMHeunStep, EulerMaruyamaStep,
-                                InpaintStep, LangevinCorrectorStep, ProbabilityFlowStep)
+                                LangevinCorrectorStep, ProbabilityFlowStep, ReplacementStep)
 from vpsde.models.base import ScoreModel
 from vpsde.models.sde import VPSDE
 from vpsde.runtime.manifest import ProgramCall, StateSpec
@@ -42,16 +43,17 @@ SAMPLERS: dict[str, str] = {
     "dpmpp-2m-sde": "sde-dpm-solver++(2m)",
     "edm-heun": "edm-heun",
     "inpaint": "inpaint-euler-maruyama",
+    "colorize": "colorize-euler-maruyama",
 }
 """Sampler id (CLI ``--sampler``) -> the name written to ``sampler.name``."""
 
 SAMPLER_GRIDS: dict[str, tuple[str, ...]] = {
-    "em": GRIDS, "inpaint": GRIDS,
+    "em": GRIDS, "inpaint": GRIDS, "colorize": GRIDS,
     "pc": GRIDS, "ancestral": GRIDS,  # "diffusers": score_sde's linspace betas; edge grids: respaced DDPM betas
     "ode-euler": EDGE_GRIDS, "ode-heun": EDGE_GRIDS, "dpmpp-2m": EDGE_GRIDS, "dpmpp-3m": EDGE_GRIDS,
     "dpmpp-2m-sde": EDGE_GRIDS, "edm-heun": EDGE_GRIDS,
 }
-DEFAULT_GRID: dict[str, str] = {"em": "diffusers", "inpaint": "diffusers", "pc": "diffusers",
+DEFAULT_GRID: dict[str, str] = {"em": "diffusers", "inpaint": "diffusers", "colorize": "diffusers", "pc": "diffusers",
                                 "ancestral": "diffusers", "ode-euler": "logsnr", "ode-heun": "logsnr",
                                 "dpmpp-2m": "logsnr", "dpmpp-3m": "logsnr", "dpmpp-2m-sde": "logsnr",
                                 "edm-heun": "edm"}
@@ -115,17 +117,20 @@ def build_sampler(sampler: str, model: ScoreModel, sde: VPSDE, steps: int, grid:
         raise ValueError(f"denoise_final is an option of {', '.join(DPMPP)}")
     common = dict(sampler=sampler, name=SAMPLERS[sampler], grid=grid, steps=steps)
 
-    if sampler in ("em", "inpaint"):
+    if sampler in ("em", "inpaint", "colorize"):
         t, dt, sqrt_neg_dt = time_grid(grid, steps, sde)
         step = EulerMaruyamaStep(model, sde)
         schedule = {"t": t.double(), "dt": dt.double(), "sqrt_neg_dt": sqrt_neg_dt.double()}
         if sampler == "em":
             return SamplerRecipe(**common, graphs={step.kind: step}, program=[ProgramCall(step.kind)],
                                  schedule=schedule, params={"nfe": steps})
-        wrapped = InpaintStep(step)
+        if sampler == "colorize" and model.sample_shape[0] != 3:
+            raise ValueError(f"colorize needs 3 channels on the first sample axis, got sample shape "
+                             f"{list(model.sample_shape)}")
+        wrapped = ReplacementStep(step, sampler)
         return SamplerRecipe(**common, graphs={wrapped.kind: wrapped}, program=[ProgramCall(wrapped.kind)],
-                             schedule=schedule, conditioning=["known", "mask"], noise_inputs=["noise", "known_noise"],
-                             params={"nfe": steps})
+                             schedule=schedule, conditioning=["known", "mask"] if sampler == "inpaint" else ["known"],
+                             noise_inputs=["noise", "known_noise"], params={"nfe": steps})
 
     if sampler in ("pc", "ancestral"):
         if grid == "diffusers":

@@ -249,35 +249,73 @@ class EDMHeunStep(Step):
         return c_x * x + c_e * (0.5 * (e + self.model(x_euler, t_next)))
 
 
-class InpaintStep(nn.Module):
-    """Wraps a noisy step (score_sde ``controllable_generation`` inpainting): after the step, re-impose the known
-    pixels noised to the step's t with host noise,
+def gray_basis(dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """score_sde's colorization basis: an orthogonal 3 x 3 matrix M whose first column is (1, 1, 1) / sqrt(3)
+    (the gray level, scaled) and whose other columns, (-2, 1, 1) / sqrt(6) and (0, 1, -1) / sqrt(2), span the colors.
+    Decoupled channels: y_j = sum_i x_i M_ij; back: x_i = sum_j y_j M_ij."""
+    m = torch.tensor([[1 / 3**0.5, -2 / 6**0.5, 0.0], [1 / 3**0.5, 1 / 6**0.5, 1 / 2**0.5],
+                      [1 / 3**0.5, 1 / 6**0.5, -1 / 2**0.5]], dtype=torch.float64)
+    return m.to(dtype)
+
+
+class ReplacementStep(nn.Module):
+    """Wraps a noisy step with score_sde's controllable generation (``controllable_generation.py``): after the
+    step, re-impose what is known, noised to the step's t with host noise.
+
+    ``mode="inpaint"`` (``get_pc_inpainter``): inputs ``known`` [B, *sample] (data, model value range), ``mask``
+    [B, *sample] (1 = known), ``known_noise`` [B, *sample]:
 
         x_next = x_next (1 - mask) + (alpha(t) known + std(t) known_noise) mask
         x_mean = x_mean (1 - mask) + known mask
 
-    Inputs: the wrapped step's, then known [B, *sample] (data, model value range), mask [B, *sample] (1 =
-    known), known_noise [B, *sample]. score_sde builds x_mean from the noisy x in the unknown region; this uses
-    the step's x_mean there, so the final sample carries no last-step noise (as every other sampler here). The
-    known region of x_mean (the final sample) is the known data itself, exactly where mask is 1: users get
-    their pixels back, not alpha(eps) times them.
+    ``mode="colorize"`` (``get_pc_colorizer``; 3 channels on axis 1): inputs ``known`` [B, 3, ...] (an image whose
+    channel mean is the gray level to keep: a gray image repeated, or a color one) and ``known_noise``. In the
+    decoupled channels y = x M (:func:`gray_basis`), channel 0 is sqrt(3) x gray; it is replaced as above (mask =
+    channel 0), with channel 0 of ``known_noise``, and the result mapped back by M^T.
+
+    score_sde builds x_mean from the noisy x in the unknown region; this uses the step's x_mean there, so the
+    final sample carries no last-step noise (as every other sampler here). The known part of x_mean (the final
+    sample) is the known data itself: inpainting returns the known pixels exactly where mask is 1;
+    colorization returns the given gray level (channel mean) to float32 rounding of the basis change (~1e-7).
     """
 
-    def __init__(self, step: Step) -> None:
+    def __init__(self, step: Step, mode: Literal["inpaint", "colorize"] = "inpaint") -> None:
         super().__init__()
         if step.output_names != ("x_next", "x_mean") or "t" not in step.input_names:
             raise ValueError(f"inpainting wraps a noisy step with outputs (x_next, x_mean), not {step.kind!r}")
-        self.step = step
+        if mode not in ("inpaint", "colorize"):
+            raise ValueError(f"mode must be inpaint or colorize, got {mode!r}")
+        self.step, self.mode = step, mode
         self.sde = step.sde
-        self.kind = f"inpaint_{step.kind}"
-        self.input_names = (*step.input_names, "known", "mask", "known_noise")
+        self.kind = f"{mode}_{step.kind}"
+        self.input_names = (*step.input_names, "known", *(("mask",) if mode == "inpaint" else ()), "known_noise")
         self.output_names = step.output_names
         self._t = step.input_names.index("t")
+        if mode == "colorize":
+            self.register_buffer("basis", gray_basis())
+            self.register_buffer("gray_mask", torch.tensor([1.0, 0.0, 0.0]))
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        *step_inputs, known, mask, known_noise = inputs
+        n = len(self.step.input_names)
+        step_inputs, cond = inputs[:n], dict(zip(self.input_names[n:], inputs[n:]))
         x_next, x_mean = self.step(*step_inputs)
         t = step_inputs[self._t]
-        known_mean = per_sample(self.sde.mean_coeff(t), known) * known
-        known_noisy = known_mean + per_sample(self.sde.std(t), known) * known_noise
-        return x_next * (1.0 - mask) + known_noisy * mask, x_mean * (1.0 - mask) + known * mask
+        known, known_noise = cond["known"], cond["known_noise"]
+        if self.mode == "colorize":
+            x_next, x_mean, known = self._decouple(x_next), self._decouple(x_mean), self._decouple(known)
+            mask = self.gray_mask.view(1, 3, *([1] * (known.dim() - 2)))  # channel 0 of y: the gray level
+        else:
+            mask = cond["mask"]
+        known_noisy = per_sample(self.sde.mean_coeff(t), known) * known + per_sample(self.sde.std(t), known) * known_noise
+        x_next = x_next * (1.0 - mask) + known_noisy * mask
+        x_mean = x_mean * (1.0 - mask) + known * mask
+        if self.mode == "colorize":
+            x_next, x_mean = self._couple(x_next), self._couple(x_mean)
+        return x_next, x_mean
+
+    def _decouple(self, x: torch.Tensor) -> torch.Tensor:
+        """y_j = sum_i x_i M_ij over channel axis 1."""
+        return (x.movedim(1, -1) @ self.basis).movedim(-1, 1)
+
+    def _couple(self, y: torch.Tensor) -> torch.Tensor:
+        return (y.movedim(1, -1) @ self.basis.T).movedim(-1, 1)

@@ -46,6 +46,7 @@ CASES = {
     "dpmpp-2m-denoise": ("dpmpp-2m", 12, "logsnr", {"denoise_final": True}),
     "dpmpp-2m-denoise-20": ("dpmpp-2m", 20, "uniform", {"denoise_final": True}),
     "inpaint": ("inpaint", 30, "diffusers", {}),
+    "colorize": ("colorize", 30, "diffusers", {}),
     "em-edm": ("em", 30, "edm", {}),
     "dpmpp-3m": ("dpmpp-3m", 20, "logsnr", {}),
     "dpmpp-3m-10-edm": ("dpmpp-3m", 10, "edm", {}),
@@ -62,6 +63,8 @@ def run_reference(sampler, steps, grid, options, eps_fn, x, noise, callback=None
         return ref.sample_em(eps_fn, x, noise, vp, steps, grid, callback)
     if sampler == "inpaint":
         return ref.sample_em(eps_fn, x, noise, vp, steps, grid, callback, inpaint=(cond["known"], cond["mask"]))
+    if sampler == "colorize":
+        return ref.sample_em(eps_fn, x, noise, vp, steps, grid, callback, colorize=cond["known"])
     if sampler == "pc":
         opts = {"snr": 0.16, "corrector_steps": 1, "coupling": "expected", **options}
         return ref.sample_pc(eps_fn, x, noise, vp, steps, grid, callback=callback, **opts)
@@ -88,6 +91,14 @@ def conditioning(shape, num, dtype, seed=3):
     known = 2 * torch.rand((num, *shape), generator=g) - 1
     mask = (torch.rand((num, *shape), generator=g) < 0.5).float()
     return {"known": known.to(dtype), "mask": mask.to(dtype)}
+
+
+def conditioning_for(sampler, shape, num, dtype):
+    """What a conditioned sampler takes (inpaint: known and mask; colorize: known), else None."""
+    if sampler not in ("inpaint", "colorize"):
+        return None
+    cond = conditioning(shape, num, dtype)
+    return cond if sampler == "inpaint" else {"known": cond["known"]}
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +154,7 @@ def test_per_call_parity_gmm(case, bundles, gmm):
     num, shape, seed = 6, tuple(bundle.manifest.model.sample_shape), 1000 + len(case)
     eps64 = copy.deepcopy(gmm).double()
     noise = philox_noise(seed, num, shape, torch.float64)
-    cond = conditioning(shape, num, torch.float64) if sampler == "inpaint" else None
+    cond = conditioning_for(sampler, shape, num, torch.float64)
     records = []
     with torch.no_grad():
         run_reference(sampler, steps, grid, options, eps64, noise(0), noise, records.append, cond)
@@ -159,7 +170,7 @@ def test_trajectory_gmm(case, bundles, gmm):
     num, shape, seed = 16, tuple(bundle.manifest.model.sample_shape), 77
     eps64 = copy.deepcopy(gmm).double()
     noise = philox_noise(seed, num, shape, torch.float64)
-    cond = conditioning(shape, num, torch.float64) if sampler == "inpaint" else None
+    cond = conditioning_for(sampler, shape, num, torch.float64)
     with torch.no_grad():
         want = run_reference(sampler, steps, grid, options, eps64, noise(0), noise, cond=cond).numpy()
     kwargs = {"conditioning": {k: v.float().numpy() for k, v in cond.items()}} if cond else {}
@@ -174,13 +185,14 @@ def test_trajectory_gmm(case, bundles, gmm):
                                                   ("ode-heun", 6, "logsnr"), ("dpmpp-2m", 6, "logsnr"),
                                                   ("dpmpp-3m", 6, "logsnr"), ("dpmpp-2m-sde", 6, "logsnr"),
                                                   ("edm-heun", 4, "edm"), ("inpaint", 6, "uniform")])
+# colorize needs 3 channels: on the mixture (3-D) above and in test_colorize.py
 def test_per_call_parity_unet(sampler, steps, grid, tmp_path):
     """The same on the random-weight UNet (image-shaped, float32 reference)."""
     model = tiny_unet(seed=5)
     bundle = export_bundle(model, tmp_path / sampler, sampler=sampler, steps=steps, grid=grid, log=lambda _: None)
     num, shape = 3, tuple(model.sample_shape)
     noise = philox_noise(99, num, shape, torch.float32)
-    cond = conditioning(shape, num, torch.float32) if sampler == "inpaint" else None
+    cond = conditioning_for(sampler, shape, num, torch.float32)
     records = []
     with torch.no_grad():
         run_reference(sampler, steps, grid, {}, model, noise(0), noise, records.append, cond)
