@@ -27,7 +27,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--samplers", nargs="+", default=["em", "pc", "pc:coupling=batch", "ancestral", "ode-euler",
                                                       "ode-heun", "dpmpp-2m"],
-                   help="sampler ids, with options as SAMPLER:key=value,... (pc: snr, coupling, corrector_steps)")
+                   help="sampler ids, with options as SAMPLER:key=value,... (grid; pc: snr, coupling, corrector_steps; "
+                        "dpmpp-*: denoise_final=1)")
     p.add_argument("--nfe", nargs="+", type=int, default=[10, 20, 50, 100, 1000])
     p.add_argument("--model", default="gmm:dim=2,components=3,seed=0", help="a gmm model spec")
     p.add_argument("--num", type=int, default=20000)
@@ -51,9 +52,10 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for spec in args.samplers:
             sampler, _, opts = spec.partition(":")
-            options = {k: (v if k in ("coupling", "grid") else float(v) if k == "snr" else int(v))
-                       for k, v in (o.split("=") for o in opts.split(",") if o)}
+            spec_options = {k: (v if k in ("coupling", "grid") else float(v) if k == "snr" else int(v))
+                            for k, v in (o.split("=") for o in opts.split(",") if o)}
             for nfe in args.nfe:
+                options = dict(spec_options)
                 where = Path(tmp) / f"{spec.replace(':', '-').replace(',', '-').replace('=', '-')}-{nfe}"
                 steps = steps_for_nfe(sampler, nfe, options.get("corrector_steps", 1))
                 grid, mark = options.pop("grid", None), ""

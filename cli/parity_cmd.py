@@ -55,6 +55,10 @@ def register(sub, fmt) -> None:
                    help="save the first failing call's inputs (else the first call's) to DIR/polygraphy_inputs.json "
                         "and print the `polygraphy run` line that compares that one call across ONNX Runtime and "
                         "TensorRT (needs --report)")
+    p.add_argument("--quality", action="store_true",
+                   help="also score both sides' final samples with the model's yardstick (the shipped digits "
+                        "model: classifier Fréchet distance and confidence; gmm: the exact-truth figures); use "
+                        "--num 200 or more for figures that mean something (needs vpsde[export])")
     p.add_argument("--expect-digest", default=None, metavar="SHA256", help=DIGEST_HELP)
 
 
@@ -113,15 +117,39 @@ def run(args: argparse.Namespace) -> int:
                          call_atol=args.call_atol, call_rtol=args.call_rtol, precision=precision)
         reports.append(report)
     _print_table(m, reports)
+    quality = _quality(m, reports, args.num) if args.quality else None
     if args.report is not None:
         from vpsde.runtime.parity_report import write_report
 
-        extra = {"bundle": str(bundle.root), "digest": bundle.digest, "against": args.against, "precision": precision}
+        extra = {"bundle": str(bundle.root), "digest": bundle.digest, "against": args.against, "precision": precision,
+                 "quality": quality}
         for path in write_report(reports, args.report, m.model.value_range, extra):
             print(f"wrote {path}", file=sys.stderr)
         if args.polygraphy_cmd:
             print(_polygraphy_cmd(bundle, reports[0], args.report))
     return 0 if all(r.passed for r in reports) else 1
+
+
+def _quality(m, reports, num: int) -> dict:
+    """Both sides' final samples scored by the model's yardstick (printed; returned for report.json)."""
+    try:
+        from vpsde.export.quality import quality_yardstick
+    except ImportError:
+        raise UsageError("--quality needs torch: pip install 'vpsde[export]'") from None
+    score = quality_yardstick(m)
+    if score is None:
+        print(f"quality: no yardstick for model {m.model.name!r} (the shipped digits model and gmm have one)")
+        return {}
+    if num < 200:
+        print(f"quality: only {num} samples per side: the figures below are mostly sampling noise (use --num 200+)")
+    out = {reports[0].reference: score(reports[0].reference_sample)}
+    for r in reports:
+        out[r.test] = score(r.test_sample)
+    names = list(next(iter(out.values())))
+    print(f"{'quality':<28}" + "".join(f"{n:>18}" for n in names))
+    for side, figures in out.items():
+        print(f"{side[:27]:<28}" + "".join(f"{figures[n]:>18.4g}" for n in names))
+    return out
 
 
 def _print_table(m, reports) -> None:

@@ -109,8 +109,13 @@ def test_fp16_against_fp32_is_bounded_on_the_shipped_model(tmp_path, capsys):
     fp16 = export_bundle(model, tmp_path / "fp16", steps=30, grid="uniform", sde=sde, value_range=(-1, 1),
                          precision="fp16", log=lambda _: None)
     out = tmp_path / "r"
-    assert cli(["parity", str(fp16.root), "--against", str(fp32.root), "--num", "4", "--report", str(out)]) == 0
-    comp = json.loads((out / "report.json").read_text())["comparisons"][0]
+    assert cli(["parity", str(fp16.root), "--against", str(fp32.root), "--num", "4", "--report", str(out),
+                "--quality"]) == 0
+    data = json.loads((out / "report.json").read_text())
+    comp = data["comparisons"][0]
+    quality = data["quality"]  # the digits classifier yardstick on both sides (4 samples: noise, but computed)
+    assert len(quality) == 2 and all(0 < q["mean_confidence"] <= 1 and q["fd_to_train"] > 0 for q in quality.values())
+    assert "mostly sampling noise" in capsys.readouterr().out
     assert 1e-6 < comp["final"]["rel_l2"] < 1e-2  # fp16 rounding: visible, bounded
     assert comp["final"]["atol"] == 1e-2  # fp16 defaults chosen from the lower precision
     assert (out / "samples.png").exists()
@@ -139,6 +144,17 @@ def test_bundles_of_different_programs_are_refused(gmm_em, tmp_path, capsys):
     assert cli(["parity", str(gmm_em.root), "--against", str(other.root)]) == 2
     err = capsys.readouterr().err
     assert "field sampler.steps differs" in err and str(other.root / "manifest.json") in err
+
+
+def test_quality_on_the_exact_mixture_is_scored_on_both_sides(gmm_em, tmp_path, capsys):
+    out = tmp_path / "q"
+    assert cli(["parity", str(gmm_em.root), "--against", "eager64", "--num", "300", "--quality", "--report",
+                str(out)]) == 0
+    quality = json.loads((out / "report.json").read_text())["quality"]
+    (ref_q, test_q) = quality.values()
+    assert set(ref_q) >= {"sw1", "weight_error", "component_fd"}
+    for key in ("sw1", "component_fd"):  # same noise, float32 vs float64 steps: the same figures to 3 digits
+        assert np.isfinite(test_q[key]) and abs(test_q[key] - ref_q[key]) <= 1e-3 * abs(ref_q[key]) + 1e-9
 
 
 def test_nan_never_passes(gmm_em, tmp_path):

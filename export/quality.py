@@ -1,0 +1,41 @@
+"""Sample-quality yardsticks for ``vpsde parity --quality``: what a model's samples should look like, scored on
+both sides of a comparison (needs torch; the digits yardstick needs scikit-learn).
+
+- the shipped digits model (the bundle's ``model.weights_sha256`` is the shipped weights'): the classifier
+  yardstick of ``models/digits_eval.py`` (Fréchet distance to the training set in the classifier's features,
+  confidence, class balance);
+- an analytic Gaussian mixture (``model.source`` "gmm..."): the exact-truth figures of ``models/gmm_eval.py``.
+
+Other models have no yardstick here (``None``)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from vpsde.runtime.errors import InputError
+
+
+def quality_yardstick(manifest):
+    """A function samples -> {figure: value} for the bundle's model, or None when there is none."""
+    source = manifest.model.source or ""
+    if source.startswith("gmm"):
+        from vpsde.export.sources import load_model
+        from vpsde.models.gmm_eval import mixture_errors
+        from vpsde.models.sde import VPSDE
+
+        mix = load_model(source, VPSDE()).mixture
+        return lambda x: mixture_errors(mix, x, np.random.default_rng(0))
+    from vpsde.models.shipped import load_shipped
+
+    if manifest.model.weights_sha256 and manifest.model.weights_sha256 == load_shipped().weights_sha256:
+        try:
+            from vpsde.models.digits_eval import DigitsYardstick
+        except ImportError:
+            raise InputError("--quality on the digits model needs scikit-learn: pip install scikit-learn") from None
+        yard = DigitsYardstick.fit()
+
+        def digits(x: np.ndarray) -> dict:
+            r = yard.report(x, bootstrap=10)
+            return {k: r[k] for k in ("fd_to_train", "fd_bootstrap_se", "mean_confidence", "class_balance_max_dev")}
+        return digits
+    return None
