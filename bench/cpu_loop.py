@@ -1,12 +1,19 @@
-"""CPU baseline: the diffusers eager loop (torch) vs the vpsde ONNX Runtime loop, same model, steps and batch;
-and the vpsde loop with its host noise drawn in line (before each call) vs prefetched on a worker thread.
+"""CPU loops side by side, interleaved: the diffusers eager loop (torch) and the vpsde ONNX Runtime loop with its
+noise drawn three ways, against N bare calls of the same step graph (the loop's limit).
 
-Each loop runs in its own child process (so peak RSS is its own), warm-up first, then --repeats timed runs;
-medians are reported, with the ratios. Whole-loop time includes host noise. For the vpsde loops, "loop
-overhead" is the loop's time over that of N bare graph calls on buffers bound once (vpsde.runtime.benchmark.bare_step_seconds).
+Each contender lives in its own long-lived process (so its peak RSS is its own, and its session stays warm).
+Every round runs each contender once, in an order rotated from round to round, so that load drifting on a shared
+machine hits all of them alike; the report gives, per contender, the median time and the median of its per-round
+ratio to ``vpsde-ort`` (vpsde's default), which is what to read on a busy machine.
 
-    python bench/cpu_loop.py                          # shipped digits model, 1000 steps, batch 16
-    python bench/cpu_loop.py --model unet-random --steps 200 --batch 64 --threads 2
+    vpsde-ort                 the default Sampler: noise drawn in line, many calls per pass (CPU)
+    vpsde-ort-inline-noise    noise drawn in line, one call at a time
+    vpsde-ort-prefetch        noise drawn one call ahead on a worker thread
+    vpsde-bare                N bare calls of the step graph on buffers bound once (no noise, no uploads)
+    diffusers-eager           diffusers' ScoreSdeVpScheduler loop around the torch model, torch noise
+
+    python bench/cpu_loop.py                                     # shipped digits model, 200 steps, batch 1 and 64
+    python bench/cpu_loop.py --model unet-random --steps 100 --batch 16 --threads 2 --rounds 7
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from vpsde.runtime.benchmark import bare_step_seconds, peak_rss_mb
+CONTENDERS = ("vpsde-ort", "vpsde-ort-inline-noise", "vpsde-ort-prefetch", "vpsde-bare", "diffusers-eager")
 
 
 def _diffusers_loop(model, num, steps, seed):
@@ -38,44 +45,52 @@ def _diffusers_loop(model, num, steps, seed):
     return x_mean
 
 
-def worker(kind: str, args: dict, bundle: str, queue) -> None:
-    """Child: build the loop, warm up, time ``repeats`` runs; report times and peak RSS."""
+def worker(kind: str, args: dict, bundle: str, conn) -> None:
+    """Child: build the loop once, warm it up, then time one run per "run <batch>" message; "stop" -> peak RSS."""
     if kind == "diffusers-eager":
         import torch
 
         from vpsde.export import VPSDE, load_model
 
         torch.set_num_threads(args["threads"])
-
         model = load_model(args["model"], VPSDE(std_formula="diffusers"))
-        run = lambda: _diffusers_loop(model, args["batch"], args["steps"], 0)  # noqa: E731
+        make = lambda batch: (lambda: _diffusers_loop(model, batch, args["steps"], 0))  # noqa: E731
     else:
         from vpsde.runtime import Sampler  # no torch in this process: its RSS is the runtime's own
+        from vpsde.runtime.benchmark import bare_step_seconds
 
-        sampler = Sampler(bundle, progress=False, threads=args["threads"], prefetch_noise=kind == "vpsde-ort")
-        run = lambda: sampler.sample(args["batch"], seed=0)  # noqa: E731
-    run()  # warm-up
-    times = []
-    for _ in range(args["repeats"]):
+        sampler = Sampler(bundle, progress=False, threads=args["threads"], prefetch_noise=kind == "vpsde-ort-prefetch",
+                          noise_chunk=1 if kind == "vpsde-ort-inline-noise" else None)
+        if kind == "vpsde-bare":
+            make = lambda batch: (lambda: bare_step_seconds(sampler, batch, args["steps"]))  # noqa: E731
+        else:
+            make = lambda batch: (lambda: sampler.sample(batch, seed=0))  # noqa: E731
+    from vpsde.runtime.benchmark import peak_rss_mb
+
+    runs = {}
+    while True:
+        msg = conn.recv()
+        if msg == "stop":
+            conn.send(peak_rss_mb())
+            return
+        batch = int(msg)
+        if batch not in runs:
+            runs[batch] = make(batch)
+            runs[batch]()  # warm-up
         t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
-    result = {"kind": kind, "times": times, "peak_rss_mb": peak_rss_mb()}
-    if kind != "diffusers-eager":
-        result["bare_s"] = statistics.median(bare_step_seconds(sampler, args["batch"], args["steps"]) for _ in range(args["repeats"]))
-    queue.put(result)
+        runs[batch]()
+        conn.send(time.perf_counter() - t0)
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="digits")
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2, help="intra-op threads for both torch and ORT")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 64])
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads for both torch and ORT")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
-    p.add_argument("--loops", nargs="+", default=["diffusers-eager", "vpsde-ort-inline-noise", "vpsde-ort"],
-                   choices=["diffusers-eager", "vpsde-ort-inline-noise", "vpsde-ort"])
+    p.add_argument("--loops", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
     args = p.parse_args(argv)
 
     from vpsde.export import VPSDE, export_bundle, load_model
@@ -85,35 +100,49 @@ def main(argv: list[str] | None = None) -> None:
     export_bundle(load_model(args.model, VPSDE(std_formula="diffusers")), bundle, steps=args.steps, grid="diffusers",
                   log=lambda m: print(m, file=sys.stderr))
     ctx = mp.get_context("spawn")
-    results: dict[str, dict] = {}
+    conns, procs = {}, []
     for kind in args.loops:
-        q = ctx.Queue()
-        proc = ctx.Process(target=worker, args=(kind, vars(args) | {"json": None}, str(bundle), q))
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=worker, args=(kind, vars(args) | {"json": None}, str(bundle), child))
         proc.start()
-        results[kind] = q.get()
+        conns[kind], procs = parent, procs + [proc]
+    times = {(k, b): [] for k in args.loops for b in args.batch}
+    for r in range(args.rounds):
+        for batch in args.batch:
+            order = args.loops[r % len(args.loops):] + args.loops[:r % len(args.loops)]
+            for kind in order:
+                conns[kind].send(str(batch))
+                times[kind, batch].append(conns[kind].recv())
+        print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
+    rss = {}
+    for kind in args.loops:
+        conns[kind].send("stop")
+        rss[kind] = conns[kind].recv()
+    for proc in procs:
         proc.join()
 
     import onnxruntime
     import torch
 
-    print(f"\nVP-SDE Euler-Maruyama, model {args.model}, {args.steps} steps, batch {args.batch}, "
-          f"{args.threads} threads, median of {args.repeats} (torch {torch.__version__}, onnxruntime {onnxruntime.__version__})")
-    print(f"{'loop':<24}{'s/run':>10}{'ms/step':>10}{'samples/s':>12}{'peak RSS MB':>13}{'bare ms/call':>14}"
-          f"{'loop overhead':>15}")
-    for kind, r in results.items():
-        med = statistics.median(r["times"])
-        r |= {"median_s": med, "ms_per_step": 1e3 * med / args.steps, "samples_per_s": args.batch / med}
-        bare = f"{1e3 * r['bare_s'] / args.steps:>14.3f}{med / r['bare_s']:>14.3f}x" if "bare_s" in r else ""
-        print(f"{kind:<24}{med:>10.3f}{r['ms_per_step']:>10.3f}{r['samples_per_s']:>12.2f}{r['peak_rss_mb']:>13.0f}{bare}")
-    ratio = None
-    for base in ("diffusers-eager", "vpsde-ort-inline-noise"):
-        if base in results and "vpsde-ort" in results:
-            r = results[base]["median_s"] / results["vpsde-ort"]["median_s"]
-            ratio = ratio or r
-            print(f"speed-up of vpsde-ort (prefetched noise) over {base}: {r:.2f}x")
+    base = "vpsde-ort" if "vpsde-ort" in args.loops else args.loops[0]
+    print(f"\nVP-SDE Euler-Maruyama, model {args.model}, {args.steps} steps, {args.threads} thread(s), {args.rounds} "
+          f"interleaved rounds (torch {torch.__version__}, onnxruntime {onnxruntime.__version__})")
+    print(f"{'loop':<24}{'batch':>6}{'median s':>10}{'ms/step':>10}{'samples/s':>11}{'x ' + base:>16}"
+          f"{'peak RSS MB':>13}")
+    results = []
+    for batch in args.batch:
+        for kind in args.loops:
+            t = times[kind, batch]
+            ratio = statistics.median(a / b for a, b in zip(t, times[base, batch]))
+            med = statistics.median(t)
+            row = {"loop": kind, "batch": batch, "median_s": med, "ms_per_step": 1e3 * med / args.steps,
+                   "samples_per_s": batch / med, "ratio_to_" + base: ratio, "peak_rss_mb": rss[kind], "times": t}
+            results.append(row)
+            print(f"{kind:<24}{batch:>6}{med:>10.3f}{row['ms_per_step']:>10.3f}{row['samples_per_s']:>11.2f}"
+                  f"{ratio:>16.3f}{rss[kind]:>13.0f}")
     if args.json:
-        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results,
-                                         "speedup": ratio}, indent=2))
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results},
+                                        indent=2))
 
 
 if __name__ == "__main__":

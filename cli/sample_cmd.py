@@ -19,7 +19,8 @@ def register(sub, fmt) -> None:
     p.add_argument("--out", type=Path, default=Path("out"), help="output directory")
     p.add_argument("--num", type=positive, default=64, help="number of samples")
     p.add_argument("--seed", type=u64("seed"), default=0, help="noise seed, 0 <= seed < 2^64")
-    p.add_argument("--batch-size", type=positive, default=None, help="samples per graph call (default: all)")
+    p.add_argument("--batch-size", type=positive, default=None,
+                   help="samples per graph call (default: 64 on the CPU, where larger batches cost more per sample; all on a GPU)")
     p.add_argument("--first-sample", type=u64("index"), default=0,
                    help="global index of the first sample (for sharding: same seed, disjoint index ranges)")
     p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "onnxruntime-trt", "tensorrt"],
@@ -77,11 +78,12 @@ def run(args: argparse.Namespace) -> None:
     save_npz(npz, samples=samples, seed=np.uint64(args.seed), first_sample=np.uint64(args.first_sample),
              generator=np.str_(noise_id(args.noise) or m.noise.generator), bundle=np.str_(str(args.bundle)),
              bundle_digest=np.str_(bundle.digest))
-    batches = -(-args.num // (args.batch_size or args.num))
+    batch_size = sampler.batch_size_for(args.num, args.batch_size, noise_id(args.noise))
+    batches = -(-args.num // batch_size)
     print(f"sampled {args.num} x {m.model.sample_shape} in {elapsed:.2f} s "
           f"({m.sampler.steps} {m.sampler.name} steps, {sampler.device.name}): "
           f"{1000 * elapsed / (m.sampler.steps * batches):.2f} ms/step, {args.num / elapsed:.1f} samples/s")
-    if m.sampler.params.get("coupling") == "batch" and args.batch_size and args.batch_size < args.num:
+    if m.sampler.params.get("coupling") == "batch" and batch_size < args.num:
         print("note: this bundle's corrector couples the samples of a batch (coupling = batch); samples depend "
               "on --batch-size", file=sys.stderr)
     print(f"wrote {npz}")

@@ -70,20 +70,25 @@ def box_muller(words: np.ndarray) -> np.ndarray:
     return out
 
 
-def philox_normal(seed: int, call: int, first_sample: int, batch: int, sample_shape: tuple[int, ...]) -> np.ndarray:
-    """Standard normals float32 [batch, *sample_shape] for global samples first_sample .. first_sample+batch-1."""
+def philox_normal(seed: int, call: int, first_sample: int, batch: int, sample_shape: tuple[int, ...],
+                  num_calls: int | None = None) -> np.ndarray:
+    """Standard normals float32 [batch, *sample_shape] for global samples first_sample .. first_sample+batch-1 at
+    noise call ``call``; with ``num_calls`` = K, calls call .. call + K - 1 in one pass, [K, batch, *sample_shape]
+    (the call index is a counter word, so each slice is bit-identical to its own single-call draw)."""
     if not 0 <= seed < 2**64:
         raise ValueError(f"seed must be in [0, 2^64), got {seed}")
+    k = 1 if num_calls is None else int(num_calls)
     n_elem = int(np.prod(sample_shape, dtype=np.int64))
     blocks = -(-n_elem // 4)
     s = np.arange(first_sample, first_sample + batch, dtype=np.uint64)
-    counter = np.empty((batch, blocks, 4), dtype=np.uint32)
-    counter[..., 0] = np.arange(blocks, dtype=np.uint32)[None, :]
-    counter[..., 1] = np.uint32(call)
-    counter[..., 2] = (s & MASK32).astype(np.uint32)[:, None]
-    counter[..., 3] = (s >> np.uint64(32)).astype(np.uint32)[:, None]
+    counter = np.empty((k, batch, blocks, 4), dtype=np.uint32)
+    counter[..., 0] = np.arange(blocks, dtype=np.uint32)[None, None, :]
+    counter[..., 1] = np.arange(call, call + k, dtype=np.uint64).astype(np.uint32)[:, None, None]
+    counter[..., 2] = (s & MASK32).astype(np.uint32)[None, :, None]
+    counter[..., 3] = (s >> np.uint64(32)).astype(np.uint32)[None, :, None]
     z = box_muller(philox4x32_10(counter, (seed & 0xFFFFFFFF, seed >> 32)))
-    return z.reshape(batch, blocks * 4)[:, :n_elem].astype(np.float32).reshape((batch, *sample_shape))
+    z = z.reshape(k, batch, blocks * 4)[:, :, :n_elem].astype(np.float32).reshape((k, batch, *sample_shape))
+    return z[0] if num_calls is None else z
 
 
 class NoiseSource(Protocol):
@@ -106,6 +111,11 @@ class PhiloxNoise:
 
     def __call__(self, call: int, first_sample: int, batch: int, sample_shape: tuple[int, ...]) -> np.ndarray:
         return philox_normal(self.seed, call, first_sample, batch, sample_shape)
+
+    def calls(self, first_call: int, num_calls: int, first_sample: int, batch: int,
+              sample_shape: tuple[int, ...]) -> np.ndarray:
+        """Calls first_call .. first_call + num_calls - 1 in one pass: float32 [num_calls, batch, *sample_shape]."""
+        return philox_normal(self.seed, first_call, first_sample, batch, sample_shape, num_calls)
 
 
 class TorchNoise:

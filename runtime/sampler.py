@@ -34,7 +34,12 @@ from vpsde.runtime.errors import BundleError, InputError
 from vpsde.runtime.loop import NAN_GUARDS, DeviceLoop
 from vpsde.runtime.manifest import Manifest
 from vpsde.runtime.noise import GENERATORS, TORCH_ID, make_noise
-from vpsde.runtime.prefetch import PrefetchedNoise
+from vpsde.runtime.prefetch import ChunkedNoise, PrefetchedNoise
+
+
+DEFAULT_CPU_BATCH = 64
+"""Default batch size on the CPU: the per-sample cost is flat from batch 16 to 64 and grows above it (and memory
+with it, about 1.3 MB per digits sample); on a GPU the default is one batch of all samples."""
 
 
 class Sampler:
@@ -53,7 +58,10 @@ class Sampler:
             (default: 1 on the CPU, where the backend uses the cores; up to 4 on a GPU, where one core's
             Philox can fall behind the step). The portable generator only; values are the same.
         prefetch_noise: draw each noise call on a worker thread while the previous graph call runs (same
-            values; off: draw in line, before each call).
+            values). Default: on a GPU only; on the CPU the noise is drawn in line, ``noise_chunk`` calls per pass
+            (a thread hand-off costs more than it hides there, and competes with the backend's threads).
+        noise_chunk: in-line noise: how many calls one pass draws (bit-identical values; default: as many as
+            fit in 4 MiB, at most 64; 1 = one call at a time).
         progress: show a progress bar over steps (only when stderr is a terminal).
         threads: intra-op CPU threads of the backend (default: all cores).
         cuda_graph: on a GPU, capture each graph binding once as a CUDA graph and replay it (a batch size's
@@ -64,8 +72,8 @@ class Sampler:
 
     def __init__(self, bundle: Bundle | str | os.PathLike, backend: str = "onnxruntime", device: str | None = None,
                  nan_guard: bool | str = "auto", progress: bool = True, threads: int | None = None,
-                 prefetch_noise: bool = True, cuda_graph: bool = False, noise_threads: int | None = None,
-                 expect_digest: str | None = None) -> None:
+                 prefetch_noise: bool | None = None, cuda_graph: bool = False, noise_threads: int | None = None,
+                 expect_digest: str | None = None, noise_chunk: int | None = None) -> None:
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(Path(bundle), expect_digest=expect_digest)
         if expect_digest is not None and self.bundle.digest != check_digest_text(expect_digest, "expect_digest"):
             raise BundleError(f"{self.bundle.root}: bundle digest is {self.bundle.digest}, but {expect_digest} was "
@@ -73,6 +81,7 @@ class Sampler:
         self.manifest = self.bundle.manifest
         threads = _count(threads, "threads", 1, MAX_THREADS, optional=True)
         noise_threads = _count(noise_threads, "noise_threads", 1, 64, optional=True)
+        self.noise_chunk = _count(noise_chunk, "noise_chunk", 1, 1 << 16, optional=True)
         opened = open_backend(backend, self.bundle, device, threads, cuda_graph)
         self.device, self.runners = opened.device, opened.runners
         guard = ("auto" if nan_guard else "off") if isinstance(nan_guard, bool) else nan_guard
@@ -81,7 +90,7 @@ class Sampler:
         self.nan_guard = ("step" if self.device.on_host else "final") if guard == "auto" else guard
         self.loop = DeviceLoop(self.manifest, self.runners, self.device,
                                describe_graph=lambda key: str(self.bundle.graph_path(key)))
-        self.prefetch_noise = prefetch_noise
+        self.prefetch_noise = (not self.device.on_host) if prefetch_noise is None else bool(prefetch_noise)
         self.noise_threads = noise_threads or (1 if self.device.on_host else max(1, min(4, (os.cpu_count() or 2) - 1)))
         self.progress = progress
         self.sample_shape = tuple(self.manifest.model.sample_shape)
@@ -91,7 +100,8 @@ class Sampler:
                conditioning: Mapping[str, np.ndarray] | None = None, stop_after_steps: int | None = None) -> np.ndarray:
         """Draw ``num`` samples -> float32 [num, *sample_shape].
 
-        Samples are global indices ``first_sample .. first_sample + num - 1``: with the portable generator,
+        ``batch_size`` defaults to 64 on the CPU (:data:`DEFAULT_CPU_BATCH`) and to ``num`` on a GPU and for the
+        ``torch`` generator. Samples are global indices ``first_sample .. first_sample + num - 1``: with the portable generator,
         sample s is the same whatever the batch size or sharding (shard k passes its own ``first_sample``).
         ``generator`` overrides the manifest's (``"torch"`` reproduces diffusers' noise order; it depends on
         the batch, so it needs a single batch). ``callback(step, x)`` sees x after every step.
@@ -101,8 +111,8 @@ class Sampler:
         trajectory there (not samples).
         """
         seed, first_sample, num = _request(seed, first_sample, num)
-        batch_size = min(_count(batch_size, "batch_size", 1, None, optional=True) or num, num)
         generator = generator or self.manifest.noise.generator
+        batch_size = self.batch_size_for(num, batch_size, generator)
         if generator not in GENERATORS:
             raise InputError(f"generator: expected one of {', '.join(GENERATORS)}, got {generator!r}")
         stop = _count(stop_after_steps, "stop_after_steps", 1, None, optional=True)
@@ -123,6 +133,13 @@ class Sampler:
                               for k, v in cond.items()}
                 out[lo:lo + size] = self._sample_batch(noise, start, size, bar, callback, batch_cond, steps)
         return out
+
+    def batch_size_for(self, num: int, batch_size: int | None = None, generator: str | None = None) -> int:
+        """The batch size :meth:`sample` uses for ``num`` samples: ``batch_size`` if given (at most ``num``), else
+        :data:`DEFAULT_CPU_BATCH` on the CPU, or ``num`` on a GPU and for the ``torch`` generator."""
+        generator = generator or self.manifest.noise.generator
+        default = num if generator == TORCH_ID or not self.device.on_host else DEFAULT_CPU_BATCH
+        return min(_count(batch_size, "batch_size", 1, None, optional=True) or default, num)
 
     def _check_conditioning(self, conditioning: Mapping[str, np.ndarray] | None, num: int) -> dict[str, np.ndarray]:
         wanted = list(self.manifest.sampler.conditioning)
@@ -156,6 +173,9 @@ class Sampler:
         if self.prefetch_noise and last_call:
             with PrefetchedNoise(noise, start, size, self.sample_shape, 1, last_call, self.noise_threads) as stream:
                 return run(lambda _call: stream.take())
+        if last_call:
+            chunked = ChunkedNoise(noise, start, size, self.sample_shape, 1, last_call, self.noise_chunk)
+            return run(lambda _call: chunked.take())
         return run(lambda call: noise(call, start, size, self.sample_shape))
 
 

@@ -68,7 +68,7 @@ class ShardWorker:
                conditioning: Mapping[str, np.ndarray] | None = None) -> dict[str, Any]:
         """Samples ``first .. first + num - 1``: float32 [num, *sample_shape] with timing and who made them."""
         t0 = time.perf_counter()
-        samples = self.sampler.sample(num, seed, first_sample=first, batch_size=self.batch_size, generator=generator,
+        samples = self.sampler.sample(num, seed, first_sample=first, batch_size=self.batch_size or num, generator=generator,
                                       conditioning=conditioning)
         return {"first": first, "num": num, "samples": samples, "seconds": time.perf_counter() - t0,
                 "worker": os.getpid(), "host": os.uname().nodename, "bundle_root": str(self.root),

@@ -93,7 +93,7 @@ def test_inpainting_from_the_command_line(tmp_path, capsys):
 @pytest.mark.parametrize("args, message", [
     (["--sampler", "ode-heun", "--grid", "diffusers"], "runs on the grids"),
     (["--steps", "10", "--nfe", "10"], "not both"),
-    (["--sampler", "em", "--denoise-final"], "denoise_final is a dpmpp-2m option"),
+    (["--sampler", "em", "--denoise-final"], "denoise_final is an option of dpmpp-2m"),
 ])
 def test_export_option_errors(tmp_path, args, message):
     r = run_cli("export", "--model", "gmm", "--out", str(tmp_path / "b"), *args)

@@ -263,10 +263,11 @@ def test_prefetched_noise_with_several_noise_inputs(case, bundles):
     shape = tuple(b.manifest.model.sample_shape)
     kw = {"conditioning": {k: v.numpy() for k, v in conditioning(shape, 4, torch.float32).items()}} \
         if case == "inpaint" else {}
-    on, off = Sampler(b, progress=False), Sampler(b, progress=False, prefetch_noise=False)
+    on, off = Sampler(b, progress=False, prefetch_noise=True), Sampler(b, progress=False, noise_chunk=1)
     want = off.sample(4, seed=8, **kw)
     np.testing.assert_array_equal(on.sample(4, seed=8, **kw), want)
-    deep = Sampler(b, progress=False, noise_threads=3)  # three calls drawn at once, on three threads
+    np.testing.assert_array_equal(Sampler(b, progress=False, noise_chunk=5).sample(4, seed=8, **kw), want)
+    deep = Sampler(b, progress=False, prefetch_noise=True, noise_threads=3)  # three calls at once, on three threads
     np.testing.assert_array_equal(deep.sample(4, seed=8, **kw), want)
     per_step = {"pc": 3, "inpaint": 2, "dpmpp-2m": 0}[case]
     assert on.noise_calls_per_step() == per_step

@@ -72,8 +72,15 @@ def test_bad_sample_arguments(gmm_bundle):
 
 @pytest.mark.parametrize("which", ["gmm", "unet"])
 def test_prefetched_noise_gives_the_same_samples(which, gmm_bundle, unet_bundle):
-    """Noise drawn one call ahead on a worker thread == drawn in line, bit for bit, for both generators."""
+    """Noise drawn one call ahead on a worker thread == drawn in line one call at a time == drawn in line in
+    chunks of calls (the CPU default), bit for bit, for both generators."""
     bundle = gmm_bundle if which == "gmm" else unet_bundle
-    on, off = Sampler(bundle, progress=False), Sampler(bundle, progress=False, prefetch_noise=False)
-    np.testing.assert_array_equal(on.sample(5, seed=3, batch_size=2), off.sample(5, seed=3, batch_size=2))
+    on = Sampler(bundle, progress=False, prefetch_noise=True)
+    off = Sampler(bundle, progress=False, prefetch_noise=False, noise_chunk=1)
+    chunked = Sampler(bundle, progress=False)
+    assert not chunked.prefetch_noise  # the CPU default
+    want = off.sample(5, seed=3, batch_size=2)
+    np.testing.assert_array_equal(on.sample(5, seed=3, batch_size=2), want)
+    np.testing.assert_array_equal(chunked.sample(5, seed=3, batch_size=2), want)
     np.testing.assert_array_equal(on.sample(3, seed=4, generator="torch"), off.sample(3, seed=4, generator="torch"))
+    np.testing.assert_array_equal(chunked.sample(3, seed=4, generator="torch"), off.sample(3, seed=4, generator="torch"))

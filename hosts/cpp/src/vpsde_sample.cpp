@@ -2,6 +2,7 @@
 //              [--threads T] [--no-nan-guard] [--expect-digest SHA256] --out samples.npy
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <csignal>
 #include <cstdio>
@@ -22,7 +23,8 @@ const char* kUsage =
     "                    [--provider cpu|cuda|tensorrt] [--threads T] [--no-nan-guard] [--cond NAME=FILE.npy ...]\n"
     "                    [--expect-digest SHA256] [--device-id N] [--verbose] [--version] --out samples.npy\n"
     "Runs the bundle's timestep loop on ONNX Runtime with the portable Philox noise and writes the final\n"
-    "samples (float32 [N, *sample_shape]) as .npy. Defaults: --batch N, --first-sample 0, --provider cpu.\n"
+    "samples (float32 [N, *sample_shape]) as .npy. Defaults: --batch 64 on the CPU (N on a GPU), --first-sample 0,\n"
+    "--provider cpu.\n"
     "--cond gives a conditioning input the bundle names (inpainting: --cond known=k.npy --cond mask=m.npy),\n"
     "float32 [*sample_shape] (shared) or [N, *sample_shape].\n"
     "--expect-digest refuses a bundle whose digest (sha256 of its SHA256SUMS; `vpsde inspect` prints it) differs.\n";
@@ -132,6 +134,7 @@ int main(int argc, char** argv) {
     vpsde::Sampler sampler(bundle, options);
     vpsde::AtomicFile file(out);  // before any graph call: a bad --out must not cost a sampling run
     const auto t0 = std::chrono::steady_clock::now();
+    if (batch == 0) batch = provider == "cpu" ? std::min<std::int64_t>(num, 64) : num;  // as the Python CLI
     const std::vector<float> x = sampler.sample(num, seed, batch, first, cond);
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     std::vector<std::int64_t> shape{num};
