@@ -43,7 +43,9 @@ def register(sub, fmt) -> None:
                         "DPM-Solver++ samplers, edm for edm-heun): diffusers = linspace(1, eps, N) with dt = -1/N (bit parity with diffusers, "
                         "score_sde's discrete betas); uniform = N equal steps from 1 to eps; logsnr = equal steps in "
                         "log(alpha/sigma); edm = Karras et al.'s rho = 7 steps in sigma/alpha")
-    p.add_argument("--snr", type=float, default=0.16, help="pc: Langevin corrector signal-to-noise ratio")
+    p.add_argument("--snr", type=float, default=None,
+                   help="pc: Langevin corrector signal-to-noise ratio (default: 0.10 with --coupling expected, 0.16 "
+                        "(score_sde's) with batch or per-sample)")
     p.add_argument("--corrector-steps", type=positive, default=1, help="pc: Langevin steps before each predictor step")
     p.add_argument("--coupling", default="expected", choices=["expected", "batch", "per-sample"],
                    help="pc: Langevin step size 2 alpha (snr |z| / |score|)^2 with the norms' expectations "

@@ -11,7 +11,7 @@ import signal
 import sys
 import threading
 
-from vpsde.cli import bench_cmd, build_cmd, doctor_cmd, export_cmd, inspect_cmd, parity_cmd, sample_cmd, serve_cmd
+from vpsde.cli import bench_cmd, build_cmd, convert_cmd, doctor_cmd, export_cmd, inspect_cmd, parity_cmd, sample_cmd, serve_cmd
 from vpsde.cli.common import HelpFormatter, printable
 from vpsde.cli.export_cmd import SAMPLER_IDS  # noqa: F401  (re-exported: the CLI's sampler ids)
 from vpsde.runtime.errors import VpsdeError
@@ -23,6 +23,8 @@ EXAMPLES = """examples:
   vpsde inspect build/gmm-em
   vpsde parity build/gmm-em --against eager --report out/parity          # trajectory parity, per call and step
   vpsde bench build/gmm-em --batch 1,16,64                                # ms/step, loop overhead, RSS
+  vpsde convert score_sde:checkpoint_26.pth --out models/cifar10          # score_sde_pytorch -> safetensors
+  vpsde export --model weights:models/cifar10/checkpoint_26.json --sampler dpmpp-3m --out build/cifar-dpm
   vpsde build build/gmm-em --batch 1:16:64 --target-cc SM86      # TensorRT engines (TensorRT for RTX on CPU)
   vpsde sample build/gmm-em --backend tensorrt --cuda-graph       # on an NVIDIA GPU
   vpsde doctor                                                    # what this machine can run
@@ -37,7 +39,7 @@ EXAMPLES = """examples:
 
 COMMANDS = {"export": export_cmd.run, "sample": sample_cmd.run, "inspect": inspect_cmd.run, "build": build_cmd.run,
             "triton": serve_cmd.cmd_triton, "serve": serve_cmd.cmd_serve, "request": serve_cmd.cmd_request,
-            "parity": parity_cmd.run, "bench": bench_cmd.run, "doctor": doctor_cmd.run}
+            "parity": parity_cmd.run, "bench": bench_cmd.run, "convert": convert_cmd.run, "doctor": doctor_cmd.run}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"vpsde {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
     for register in (export_cmd.register, sample_cmd.register, build_cmd.register, serve_cmd.register_triton,
-                     serve_cmd.register_serve, serve_cmd.register_request, parity_cmd.register, bench_cmd.register, doctor_cmd.register,
+                     serve_cmd.register_serve, serve_cmd.register_request, parity_cmd.register, bench_cmd.register, convert_cmd.register,
+                     doctor_cmd.register,
                      inspect_cmd.register):
         register(sub, fmt)
     for command in sub.choices.values():  # --verbose after the subcommand too (SUPPRESS: no False default)

@@ -57,6 +57,10 @@ DEFAULT_GRID: dict[str, str] = {"em": "diffusers", "inpaint": "diffusers", "colo
                                 "ancestral": "diffusers", "ode-euler": "logsnr", "ode-heun": "logsnr",
                                 "dpmpp-2m": "logsnr", "dpmpp-3m": "logsnr", "dpmpp-2m-sde": "logsnr",
                                 "edm-heun": "edm"}
+DEFAULT_SNR: dict[str, float] = {"expected": 0.10, "batch": 0.16, "per-sample": 0.16}
+"""The Langevin corrector's default snr by coupling: score_sde's 0.16 for its own (batch) coupling; 0.10 for the
+expected-norm one, at the exact-truth floor in 2-D and 4-D where 0.16 was 10-60% above it in 2-D (Langevin
+discretisation bias), and the same on the digits model (docs/samplers.md)."""
 DPMPP: dict[str, tuple[int, bool]] = {"dpmpp-2m": (2, False), "dpmpp-3m": (3, False), "dpmpp-2m-sde": (2, True)}
 """DPM-Solver++ sampler id -> (order, stochastic)."""
 LOWER_ORDER_FINAL_BELOW = 15
@@ -95,13 +99,14 @@ def steps_for_nfe(sampler: str, nfe: int, corrector_steps: int = 1) -> int:
 
 
 def build_sampler(sampler: str, model: ScoreModel, sde: VPSDE, steps: int, grid: str | None = None, *,
-                  snr: float = 0.16, corrector_steps: int = 1, coupling: str = "expected",
+                  snr: float | None = None, corrector_steps: int = 1, coupling: str = "expected",
                   denoise_final: bool = False) -> SamplerRecipe:
     """The recipe of ``sampler`` with ``steps`` steps on ``grid`` (default: the sampler's, see DEFAULT_GRID).
 
     ``snr``, ``corrector_steps`` and ``coupling`` configure the Langevin corrector of "pc" (score_sde defaults:
     snr 0.16, one corrector step, batch-averaged norms; here the norms' expectations by default, see
-    :class:`LangevinCorrectorStep` and docs/samplers.md for the measurements behind it).
+    :class:`LangevinCorrectorStep`; ``snr`` defaults by coupling, :data:`DEFAULT_SNR`; docs/samplers.md has the
+    measurements behind both).
     ``denoise_final`` (the DPM-Solver++ samplers): the last of the N steps goes from t = eps to t = 0, so the sample is the
     model's data prediction at eps (diffusers' ``final_sigmas_type="zero"``); the first N - 1 steps span the
     grid from 1 to eps.
@@ -150,6 +155,7 @@ def build_sampler(sampler: str, model: ScoreModel, sde: VPSDE, steps: int, grid:
             raise ValueError(f"corrector_steps must be >= 1, got {corrector_steps}")
         if coupling not in COUPLINGS:
             raise ValueError(f"coupling must be one of {COUPLINGS}, got {coupling!r}")
+        snr = DEFAULT_SNR[coupling] if snr is None else snr
         corrector = LangevinCorrectorStep(model, sde, snr, coupling)
         predictor = DiscretePredictorStep(model, sde, "reverse-diffusion")
         return SamplerRecipe(**common, graphs={corrector.kind: corrector, predictor.kind: predictor},

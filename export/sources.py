@@ -6,6 +6,10 @@
     gmm[:dim=2,components=3,seed=0,full=0]    analytic Gaussian-mixture score (exact, known ground truth);
                                               full=1: rotated full covariances, stds 0.1-2, |mu| <= 9
     unet-random[:seed=0,channels=16,...]      small DDPM++-style UNet with random weights, sample [1, 16, 16]
+    score_sde:PATH[,config=NAME|JSON][,ema=true]   a score_sde_pytorch checkpoint_*.pth (DDPM++ / DDPM; config:
+                                              a preset, default cifar10_ddpmpp_continuous, or a JSON object;
+                                              ema=false: the raw weights); opened with torch.load(weights_only)
+    score_sde-random[:config=NAME,seed=0]     that network with random weights (benchmarks)
     py:package.module:factory                 any callable returning a ScoreModel, or an nn.Module
                                               net(x, label) (then --sample-shape is required; label = 999 t)
 """
@@ -41,6 +45,64 @@ def _options(text: str, allowed: dict[str, type]) -> dict[str, Any]:
     return opts
 
 
+def parse_score_sde_spec(rest: str) -> tuple[str, str, bool]:
+    """'PATH[,config=NAME|JSON][,ema=true|false]' -> (path, config text, ema). A JSON config may hold commas."""
+    path, sep, tail = rest.partition(",")
+    config, ema = "cifar10_ddpmpp_continuous", True
+    while sep and tail:
+        key, eq, value = tail.partition("=")
+        if not eq or key not in ("config", "ema"):
+            raise ModelSpecError(f"score_sde option {tail[:40]!r}: expected config=NAME|JSON or ema=true|false")
+        if key == "config" and value.startswith("{"):
+            depth, end = 0, None
+            for i, ch in enumerate(value):
+                depth += (ch == "{") - (ch == "}")
+                if depth == 0:
+                    end = i + 1
+                    break
+            if end is None:
+                raise ModelSpecError("score_sde option config=: unbalanced braces in the JSON")
+            item, rest_tail = value[:end], value[end:]
+        else:
+            item, _, rest_tail = value.partition(",")
+            rest_tail = "," + rest_tail if rest_tail else ""
+        if key == "config":
+            config = item
+        elif item.lower() in ("true", "false"):
+            ema = item.lower() == "true"
+        else:
+            raise ModelSpecError(f"score_sde option ema={item!r}: expected true or false")
+        sep, tail = rest_tail[:1], rest_tail[1:]
+    if not path:
+        raise ModelSpecError("score_sde:PATH: the checkpoint path is missing")
+    return path, config, ema
+
+
+def _wrap_score_sde(net, spec: str) -> ScoreModel:
+    """A score_sde network as a ScoreModel: label 999 t, output eps, value range [-1, 1] or [0, 1] (centered)."""
+    import hashlib
+
+    from vpsde.models.shipped import state_bytes
+
+    c = net.config
+    model = TimeLabelAdapter(net, (c.num_channels, c.image_size, c.image_size), scale=999.0, name=spec[:200],
+                             weights_sha256=hashlib.sha256(state_bytes(net)).hexdigest())
+    model.value_range = (-1.0, 1.0) if c.centered else (0.0, 1.0)
+    return model
+
+
+def _score_sde_model(spec: str, rest: str) -> ScoreModel:
+    from vpsde.models.score_sde import config_from_spec
+    from vpsde.models.score_sde_checkpoint import CheckpointError, load_score_sde
+
+    path, config_text, ema = parse_score_sde_spec(rest)
+    try:
+        net = load_score_sde(path, config_from_spec(config_text), ema)
+    except (CheckpointError, ValueError) as e:
+        raise ModelSpecError(f"--model {spec[:80]!r}: {e}") from None
+    return _wrap_score_sde(net, spec)
+
+
 def load_model(spec: str, sde: VPSDE, sample_shape: tuple[int, ...] | None = None,
                label_scale: float = 999.0) -> ScoreModel:
     """Build the model a spec names, in eval mode."""
@@ -63,6 +125,18 @@ def load_model(spec: str, sde: VPSDE, sample_shape: tuple[int, ...] | None = Non
         o = _options(rest, {"dim": int, "components": int, "seed": int, "full": int})
         mixture = (GaussianMixture.rotated if o.pop("full", 0) else GaussianMixture.default)(**o)
         model: ScoreModel = GaussianMixtureScore(mixture, sde, name=f"gmm:{rest}" if rest else "gmm")
+    elif kind == "score_sde":
+        model = _score_sde_model(spec, rest)
+    elif kind == "score_sde-random":
+        from vpsde.models.score_sde import ScoreSdeNet, config_from_spec
+
+        o = _options(rest, {"config": str, "seed": int})
+        torch.manual_seed(o.get("seed", 0))
+        try:
+            config = config_from_spec(o.get("config", "cifar10_ddpmpp_continuous"))
+        except ValueError as e:
+            raise ModelSpecError(f"--model {spec!r}: {e}") from None
+        model = _wrap_score_sde(ScoreSdeNet(config), spec)
     elif kind == "unet-random":
         o = _options(rest, {"seed": int, "channels": int, "num_res_blocks": int})
         torch.manual_seed(o.pop("seed", 0))
@@ -88,6 +162,7 @@ def load_model(spec: str, sde: VPSDE, sample_shape: tuple[int, ...] | None = Non
             raise ModelSpecError(f"--model {spec!r}: factory returned {type(net).__name__}, expected an nn.Module")
     else:
         raise ModelSpecError(f"unknown model {spec!r}; expected digits, weights:PATH.json, diffusers:DIR, gmm[:...], "
-                             "unet-random[:...] or py:package.module:factory (vpsde export --help lists them)")
+                             "unet-random[:...], score_sde:PATH[,...], score_sde-random[:...] or "
+                             "py:package.module:factory (vpsde export --help lists them)")
     model.spec = spec  # what rebuilds it: export records it as model.source (vpsde parity --against eager reads it)
     return model.eval()

@@ -16,7 +16,10 @@ from vpsde.runtime.atomic import atomic_path
 from vpsde.models.unet import SmallUNet, UNetConfig
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
-REQUIRED_KEYS = ("name", "architecture", "unet", "time_label", "value_range", "weights", "weights_sha256")
+REQUIRED_KEYS = ("name", "architecture", "time_label", "value_range", "weights", "weights_sha256")
+ARCHITECTURES = {"SmallUNet": "unet", "ScoreSdeNet": "score_sde"}
+"""Architecture -> the config key holding its hyperparameters (SmallUNet: this project's; ScoreSdeNet: score_sde's
+DDPM++ / DDPM, as ``vpsde convert`` writes them)."""
 
 
 class WeightsError(ValueError):
@@ -28,12 +31,19 @@ def _atomic_bytes(path: Path, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
-def save_weights(net: nn.Module, meta: dict, out: Path) -> None:
-    """Write ``{name}.safetensors`` and ``{name}.json`` (config + sha256 of the weights) into ``out``."""
+def state_bytes(net: nn.Module) -> bytes:
+    """The network's state dict as safetensors bytes (float32, float64 buffers kept): what ``weights_sha256``
+    hashes, the same for a model loaded from a checkpoint and for its converted files."""
     from safetensors.torch import save
 
+    return save({k: v.detach().contiguous() if v.dtype == torch.float64 else v.detach().contiguous().float()
+                 for k, v in net.state_dict().items()})
+
+
+def save_weights(net: nn.Module, meta: dict, out: Path) -> None:
+    """Write ``{name}.safetensors`` and ``{name}.json`` (config + sha256 of the weights) into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    blob = save({k: v.detach().contiguous().float() for k, v in net.state_dict().items()})
+    blob = state_bytes(net)
     name = meta["name"]
     meta = {**meta, "weights": f"{name}.safetensors", "weights_sha256": hashlib.sha256(blob).hexdigest()}
     _atomic_bytes(out / f"{name}.safetensors", blob)
@@ -44,7 +54,8 @@ def _check_config_types(meta: dict, path: Path) -> None:
     """Every field the loader uses has its JSON type; ``weights`` is a plain file name beside the config."""
     from vpsde.runtime.confine import is_plain_name
 
-    types = {"architecture": str, "weights": str, "weights_sha256": str, "time_label": str, "unet": dict}
+    types = {"architecture": str, "weights": str, "weights_sha256": str, "time_label": str, "unet": dict,
+             "score_sde": dict}
     for key, tp in types.items():
         if key in meta and not isinstance(meta[key], tp):
             raise WeightsError(f"{path}: field {key!r}: expected {'an object' if tp is dict else 'a string'}, "
@@ -61,7 +72,8 @@ def _check_config_types(meta: dict, path: Path) -> None:
 
 
 def load_shipped(config_path: str | os.PathLike | None = None) -> TimeLabelAdapter:
-    """Load a trained SmallUNet from its JSON config (default: the shipped digits16) as a ScoreModel."""
+    """Load a trained network from its JSON config (default: the shipped digits16) as a ScoreModel: a SmallUNet
+    (config key ``unet``) or a score_sde DDPM++ / DDPM (``score_sde``, written by ``vpsde convert``)."""
     from safetensors import SafetensorError
     from safetensors.torch import load
 
@@ -78,12 +90,23 @@ def load_shipped(config_path: str | os.PathLike | None = None) -> TimeLabelAdapt
     if missing:
         raise WeightsError(f"{path}: missing config key(s) {missing}; expected {list(REQUIRED_KEYS)}")
     _check_config_types(meta, path)
-    if meta["architecture"] != "SmallUNet":
-        raise WeightsError(f"{path}: field 'architecture': expected 'SmallUNet', got {meta['architecture']!r}")
+    arch = meta["architecture"]
+    if arch not in ARCHITECTURES:
+        raise WeightsError(f"{path}: field 'architecture': expected one of {sorted(ARCHITECTURES)}, got {arch!r}")
+    config_key = ARCHITECTURES[arch]
+    if config_key not in meta:
+        raise WeightsError(f"{path}: architecture {arch!r} needs the config key {config_key!r}")
     try:
-        config = UNetConfig.from_dict(meta["unet"])
+        if arch == "SmallUNet":
+            config = UNetConfig.from_dict(meta[config_key])
+            shape = (config.in_channels, config.resolution, config.resolution)
+        else:
+            from vpsde.models.score_sde import ScoreSdeConfig
+
+            config = ScoreSdeConfig.from_dict(meta[config_key])
+            shape = (config.num_channels, config.image_size, config.image_size)
     except (KeyError, TypeError, ValueError) as e:
-        raise WeightsError(f"{path}: field 'unet': {e}") from None
+        raise WeightsError(f"{path}: field {config_key!r}: {e}") from None
     weights = path.parent / meta["weights"]
     try:
         blob = weights.read_bytes()
@@ -96,7 +119,12 @@ def load_shipped(config_path: str | os.PathLike | None = None) -> TimeLabelAdapt
         state = load(blob)
     except SafetensorError as e:
         raise WeightsError(f"{weights}: not a readable safetensors file ({e})") from None
-    net = SmallUNet(config)
+    if arch == "SmallUNet":
+        net = SmallUNet(config)
+    else:
+        from vpsde.models.score_sde import ScoreSdeNet
+
+        net = ScoreSdeNet(config)
     expected = net.state_dict()
     problems = [f"missing {k}" for k in expected if k not in state]
     problems += [f"unexpected {k}" for k in state if k not in expected]
@@ -115,7 +143,6 @@ def load_shipped(config_path: str | os.PathLike | None = None) -> TimeLabelAdapt
     label = meta["time_label"]
     if not label.endswith("t"):
         raise WeightsError(f"{path}: field 'time_label': expected '<scale>t' like '999t', got {label!r}")
-    model = TimeLabelAdapter(net, (config.in_channels, config.resolution, config.resolution),
-                             scale=float(label[:-1] or 1), name=meta["name"], weights_sha256=sha)
+    model = TimeLabelAdapter(net, shape, scale=float(label[:-1] or 1), name=meta["name"], weights_sha256=sha)
     model.value_range = tuple(meta["value_range"])
     return model.eval()

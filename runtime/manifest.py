@@ -14,6 +14,7 @@ import os
 import re
 import types
 import typing
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Union
@@ -315,10 +316,27 @@ class Manifest:
 
     def write(self, path: str | os.PathLike) -> None:
         """Write as JSON, atomically (temporary file in the same directory, then rename)."""
-        text = json.dumps(self.to_dict(), indent=2)
-        # one line per number list (schedule arrays, shapes) keeps the file readable
-        text = re.sub(r"\[\s*([-+0-9.eE,\s\"a-z]*?)\s*\]", lambda m: "[" + re.sub(r"\s*,\s*", ", ", m.group(1)) + "]", text)
-        atomic_write_text(Path(path), text + "\n")
+        atomic_write_text(Path(path), dumps_readable(self.to_dict()) + "\n")
+
+
+def dumps_readable(data: Any) -> str:
+    """JSON with indent 2, except that a list of scalars (schedule arrays, shapes, name lists) stays on one line.
+    Done on the data, not on the text, so that no string value is ever rewritten."""
+    marker = f"@@vpsde-list-{uuid.uuid4().hex}-"
+    flat: list[str] = []
+
+    def fold(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: fold(v) for k, v in value.items()}
+        if isinstance(value, list):
+            if all(v is None or isinstance(v, (str, int, float, bool)) for v in value):
+                flat.append(json.dumps(value, separators=(", ", ": ")))
+                return f"{marker}{len(flat) - 1}"
+            return [fold(v) for v in value]
+        return value
+
+    text = json.dumps(fold(data), indent=2)
+    return re.sub(rf'"{re.escape(marker)}(\d+)"', lambda m: flat[int(m.group(1))], text)
 
 
 def json_depth(text: str) -> int:

@@ -66,7 +66,8 @@ def run_reference(sampler, steps, grid, options, eps_fn, x, noise, callback=None
     if sampler == "colorize":
         return ref.sample_em(eps_fn, x, noise, vp, steps, grid, callback, colorize=cond["known"])
     if sampler == "pc":
-        opts = {"snr": 0.16, "corrector_steps": 1, "coupling": "expected", **options}
+        opts = {"corrector_steps": 1, "coupling": "expected", **options}
+        opts.setdefault("snr", {"expected": 0.10}.get(opts["coupling"], 0.16))  # samplers.DEFAULT_SNR, restated
         return ref.sample_pc(eps_fn, x, noise, vp, steps, grid, callback=callback, **opts)
     if sampler == "ancestral":
         return ref.sample_ancestral(eps_fn, x, noise, vp, steps, grid, callback)
