@@ -11,7 +11,7 @@ SERVE_VENV := .venv-serve
 BUNDLE := build/digits-em1000
 OUT := out/digits
 
-.PHONY: install demo test test-quick bench bench-ray bench-serve clean
+.PHONY: install demo test test-quick bench bench-cifar bench-ray bench-serve clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,11 @@ bench: install
 
 # Ray scale-out against the in-process Sampler; the local Ray instance runs in a private network namespace
 # (loopback only), as the tests do.
+# score_sde's DDPM++ at CIFAR scale (61.8 M parameters, random weights): every sampler exported in fp32 and fp16,
+# ONNX vs eager on an untraced batch, eager vs vpsde ms/step, TensorRT-for-RTX build time (15-25 min on 2 cores).
+bench-cifar: install
+	$(BIN)/python bench/cifar_scale.py --json out/cifar_scale.json
+
 bench-ray: install
 	unshare -n bash -c 'ip link set lo up && RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 $(BIN)/python bench/ray_scaling.py'
 

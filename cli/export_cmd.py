@@ -30,7 +30,8 @@ def register(sub, fmt) -> None:
                        "and write a bundle directory (graphs + manifest.json).")
     p.add_argument("--model", required=True,
                    help="model spec: digits (shipped) | weights:PATH.json | diffusers:DIR | "
-                        "gmm[:dim=2,components=3,seed=0,full=0] | unet-random[:seed=0,channels=16] | py:package.module:factory")
+                        "gmm[:dim=2,components=3,seed=0,full=0] | unet-random[:seed=0,channels=16] | "
+                        "score_sde:CHECKPOINT.pth[,config=NAME|JSON][,ema=true] | py:package.module:factory")
     p.add_argument("--out", required=True, type=Path, help="bundle directory to write")
     p.add_argument("--sampler", default="em", choices=list(SAMPLER_IDS), help=SAMPLER_HELP)
     p.add_argument("--steps", type=positive, default=None,
