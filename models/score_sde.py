@@ -247,7 +247,8 @@ class ScoreSdeNet(nn.Module):
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         c, mods = self.config, iter(self.all_modules)
-        temb = next(mods)(timestep_embedding(labels, c.nf))
+        first = next(mods)  # the embedding in float32, then in the network's dtype (fp16/bf16 exports)
+        temb = first(timestep_embedding(labels, c.nf).to(first.weight.dtype))
         temb = next(mods)(F.silu(temb))
         if not c.centered:
             x = 2.0 * x - 1.0

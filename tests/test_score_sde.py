@@ -272,3 +272,16 @@ def test_cifar_scale_ddpmpp_exports_and_matches_eager(tmp_path):
                      BackendSide(bundle), num=3, seed=2, progress=False, call_atol=1e-5, call_rtol=1e-5)
     print(f"\nDDPM++ cifar10: per-call max abs {report.required_call_atol:.2e}, final rel L2 {report.final_rel_l2:.2e}")
     assert report.required_call_atol <= 1e-5 * max(1.0, float(np.abs(report.reference_sample).max()))
+
+
+def test_fp16_export_runs_the_network_in_half_and_stays_close(tmp_path):
+    from vpsde.export.sources import _wrap_score_sde
+    from vpsde.runtime.parity import BackendSide, compare
+
+    model = _wrap_score_sde(perturb(ScoreSdeNet(SMALL), seed=6).eval(), "small")
+    b32 = export_bundle(model, tmp_path / "fp32", steps=6, grid="uniform", log=lambda _: None)
+    b16 = export_bundle(model, tmp_path / "fp16", steps=6, grid="uniform", precision="fp16", log=lambda _: None)
+    report = compare(b16.manifest, BackendSide(b32, name="fp32"), BackendSide(b16, name="fp16"), num=3,
+                     progress=False, precision="fp16")
+    assert report.passed, (report.final_rel_l2, report.required_call_atol)
+    assert 0 < report.final_rel_l2 < 1e-2  # half precision is visible, and bounded
