@@ -31,7 +31,7 @@ def worker(kind: str, args: dict, bundle: str, queue) -> None:
 
         from vpsde.export import VPSDE, load_model
 
-        model = load_model("digits", VPSDE(std_formula="diffusers")).cuda()
+        model = load_model(args["model"], VPSDE(std_formula="diffusers")).cuda()
         if args["precision"] == "fp16":
             model = model.half()
 
@@ -39,7 +39,7 @@ def worker(kind: str, args: dict, bundle: str, queue) -> None:
             sched = ScoreSdeVpScheduler(num_train_timesteps=1000)
             sched.set_timesteps(args["steps"])
             g = torch.Generator(device="cuda").manual_seed(0)
-            x = torch.randn((args["batch"], 1, 16, 16), generator=g, device="cuda")
+            x = torch.randn((args["batch"], *model.sample_shape), generator=g, device="cuda")
             with torch.inference_mode():
                 for t in sched.timesteps:
                     tv = t.repeat(args["batch"]).cuda()
@@ -81,6 +81,8 @@ LOOPS = {
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="digits",
+                   help="model spec (e.g. score_sde-random:config=cifar10_ddpmpp_continuous for DDPM++ at CIFAR scale)")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
@@ -92,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     from vpsde.export import VPSDE, export_bundle, load_model
 
     bundle = Path(tempfile.mkdtemp(prefix="vpsde-gpu-")) / "bundle"
-    export_bundle(load_model("digits", VPSDE(std_formula="diffusers")), bundle, steps=args.steps, grid="diffusers",
+    export_bundle(load_model(args.model, VPSDE(std_formula="diffusers")), bundle, steps=args.steps, grid="diffusers",
                   precision=args.precision, log=lambda m: print(m, file=sys.stderr))
     if any(k.startswith("vpsde-trt") for k in args.loops):
         build_engines(bundle, args.batch)
@@ -104,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
         proc.start()
         results[kind] = q.get()
         proc.join()
-    print(f"\ndigits, {args.steps} EM steps, batch {args.batch}, {args.precision}, median of {args.repeats}")
+    print(f"\n{args.model}, {args.steps} EM steps, batch {args.batch}, {args.precision}, median of {args.repeats}")
     print(f"{'loop':<24}{'s/run':>9}{'ms/step':>9}{'samples/s':>11}{'bare ms/call':>14}{'loop overhead':>15}"
           f"{'vs eager':>10}")
     eager = results.get("diffusers-eager-cuda", {}).get("times")
