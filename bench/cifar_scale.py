@@ -79,13 +79,14 @@ def main(argv: list[str] | None = None) -> None:
 
     from vpsde.export import VPSDE, export_bundle, load_model
     from vpsde.export.eager import EagerSide
+    from vpsde.models.score_sde import parameter_count
     from vpsde.runtime import Sampler
     from vpsde.runtime.benchmark import peak_rss_mb
     from vpsde.runtime.parity import BackendSide
 
     torch.set_num_threads(args.threads)
     model = load_model(SPEC, VPSDE())
-    n_params = sum(p.numel() for p in model.net.parameters())
+    n_params = parameter_count(model.net)
     rows, timing = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         em_bundle = None

@@ -26,6 +26,7 @@ def register(sub, fmt) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from vpsde.export.sources import ModelSpecError, load_model, parse_score_sde_spec
+    from vpsde.models.score_sde import parameter_count
     from vpsde.models.sde import VPSDE
     from vpsde.models.shipped import save_weights
     from vpsde.runtime.confine import is_plain_name
@@ -51,5 +52,5 @@ def run(args: argparse.Namespace) -> None:
                                                                 f"{'EMA' if ema else 'raw'} weights"}
     save_weights(net, meta, args.out)
     print(f"wrote {targets[0]} and {targets[1]} ({net.config.family}, "
-          f"{sum(p.numel() for p in net.parameters()) / 1e6:.1f} M parameters, {'EMA' if ema else 'raw'} weights); "
+          f"{parameter_count(net) / 1e6:.1f} M parameters, {'EMA' if ema else 'raw'} weights); "
           f"export it with --model weights:{targets[1]}", file=sys.stderr)

@@ -65,7 +65,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
 def _unsafe_globals(path: Path) -> list[str]:
     """The globals a checkpoint's pickle names beyond torch's weights-only set (read from its opcodes, nothing
     executed), minus the ones allowed here; [] if it cannot be read that way (e.g. a legacy, non-zip file)."""
-    allowed = {"numpy._core.multiarray.scalar", "numpy.core.multiarray.scalar", "numpy.dtype"}
+    allowed = {g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}" for g in SAFE_GLOBALS}
     try:
         return [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path) if g not in allowed]
     except Exception:  # noqa: BLE001 - only used to word the error
