@@ -64,10 +64,14 @@ def register(sub, fmt) -> None:
     p.add_argument("--sample-shape", type=shape_arg, default=None, help="C,H,W for a py: model that is a plain nn.Module")
     p.add_argument("--value-range", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                    help="data range of image samples, for PNG output (default: the model's, else none)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"],
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16", "int8"],
                    help="compute precision of the network inside the graphs; graph IO and the VP-SDE arithmetic "
                         "stay float32 (explicit casts: strongly typed for TensorRT). bf16 bundles run on TensorRT "
-                        "only (ONNX Runtime's CPU provider has no bfloat16 kernels)")
+                        "only (ONNX Runtime's CPU provider has no bfloat16 kernels). int8: the network's convs "
+                        "(but the first and last) in int8, calibrated on the model's own fp32 trajectories; for "
+                        "CPUs with VNNI/AMX (see docs/cpu.md for speed and quality)")
+    p.add_argument("--calibration-samples", type=int, default=16,
+                   help="int8: number of fp32 trajectories the activation ranges are calibrated on")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 18; 22 for bf16)")
     p.add_argument("--force", action="store_true", help="replace an existing bundle directory")
 
@@ -102,7 +106,8 @@ def run(args: argparse.Namespace) -> None:
     try:
         export_bundle(model, args.out, sampler=args.sampler, steps=steps, grid=args.grid, sde=sde,
                       noise=noise_id(args.noise), opset=args.opset, value_range=value_range, source=args.model,
-                      overwrite=args.force, precision=args.precision, **options)
+                      overwrite=args.force, precision=args.precision,
+                      calibration_samples=args.calibration_samples, **options)
     except (FileExistsError, ValueError) as e:
         raise UsageError(str(e)) from e
     print(args.out)

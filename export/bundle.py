@@ -4,6 +4,7 @@ half-written, and ``--force`` replaces only a bundle vpsde wrote."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -15,6 +16,7 @@ import torch
 
 from vpsde.export.onnx_export import DEFAULT_OPSET, export_step_graph
 from vpsde.export.precision import MIN_OPSET, with_precision
+from vpsde.export.quantize import DEFAULT_CALIBRATION_SAMPLES
 from vpsde.export.samplers import DEFAULT_GRID, SAMPLERS, SamplerRecipe, build_sampler
 from vpsde.models.base import ScoreModel
 from vpsde.models.sde import VPSDE
@@ -37,12 +39,13 @@ def export_bundle(model: ScoreModel, out: str | Path, *, sampler: str = "em", st
                   grid: str | None = None, sde: VPSDE | None = None, noise: str = PHILOX_ID,
                   opset: int | None = None, value_range: tuple[float, float] | None = None,
                   source: str = "", overwrite: bool = False, precision: str = "fp32", log=None,
-                  **sampler_options) -> Bundle:
+                  calibration_samples: int = DEFAULT_CALIBRATION_SAMPLES, **sampler_options) -> Bundle:
     """Export ``model`` with the ``sampler``'s step graphs into the bundle directory ``out``.
 
     ``grid`` defaults to the sampler's (``samplers.DEFAULT_GRID``). ``sde`` defaults to the paper's VP-SDE
     with :func:`default_std_formula`. ``precision`` "fp16" / "bf16" runs the network in float16 / bfloat16 inside
-    the graphs (SDE arithmetic and graph IO stay float32; see ``export/precision.py``). ``opset`` defaults to 18
+    the graphs (SDE arithmetic and graph IO stay float32; see ``export/precision.py``); "int8" quantizes the
+    network's convolutions, calibrated on ``calibration_samples`` fp32 trajectories (``export/quantize.py``). ``opset`` defaults to 18
     (22 for bf16, the first with bfloat16 Conv). ``sampler_options`` go to :func:`build_sampler` (snr,
     corrector_steps, coupling).
     """
@@ -85,6 +88,8 @@ def export_bundle(model: ScoreModel, out: str | Path, *, sampler: str = "em", st
             noise=NoiseSpec(generator=noise, inputs=list(recipe.noise_inputs)),
             producer={"vpsde": _version("vpsde"), "torch": torch.__version__, "onnx": onnx.__version__},
         )
+        if precision == "int8":
+            manifest = _quantize(manifest, tmp, calibration_samples, log)
         manifest.write(tmp / "manifest.json")
         write_sums(tmp)
         Bundle.load(tmp)  # the bundle must read back before it replaces anything
@@ -93,6 +98,28 @@ def export_bundle(model: ScoreModel, out: str | Path, *, sampler: str = "em", st
             replace_dir(tmp, out)
     log(f"wrote bundle {out} ({recipe.name}, {steps} steps, {recipe.nfe} NFE, {grid} grid, {precision}, noise {noise})")
     return Bundle.load(out)
+
+
+def _quantize(manifest: Manifest, root: Path, samples: int, log) -> Manifest:
+    """Replace the fp32 graphs under ``root`` by their int8 versions (``export/quantize.py``); the manifest with
+    their new digests."""
+    from tqdm.auto import tqdm
+
+    from vpsde.export.quantize import calibration_feeds, quantize_graph
+
+    log(f"calibrating int8 on {samples} fp32 trajectories of {manifest.sampler.steps} steps...")
+    bar = lambda it, total: tqdm(it, total=total, desc="calibration", unit="step", leave=False,  # noqa: E731
+                                 disable=not sys.stderr.isatty())
+    feeds = calibration_feeds(manifest, root, samples, progress=bar)
+    graphs = {}
+    for key, spec in manifest.graphs.items():
+        path = root / spec.file
+        int8 = path.with_name(path.stem + ".int8.onnx")
+        count = quantize_graph(path, int8, feeds[key], manifest.model.sample_shape[0])
+        os.replace(int8, path)
+        log(f"graph {key!r}: {count} convolutions in int8 ({len(feeds[key])} calibration calls)")
+        graphs[key] = dataclasses.replace(spec, sha256=sha256_file(path))
+    return dataclasses.replace(manifest, graphs=graphs)
 
 
 def check_replaceable(out: Path, overwrite: bool) -> None:

@@ -16,8 +16,9 @@ import torch
 
 from vpsde.models.base import ScoreModel
 
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-"""Export precisions (the network's compute dtype inside the graphs)."""
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.float32}
+"""Export precisions and the network's dtype in the torch module that is exported; "int8" exports float32 graphs
+that ``export/quantize.py`` then quantizes (int8 convolutions, calibrated on the bundle's own trajectories)."""
 MIN_OPSET = {"bf16": 22}
 """ONNX Conv takes bfloat16 only from opset 22. ONNX Runtime's CPU provider has no bfloat16 kernels (Gemm, Conv), so
 a bf16 bundle runs on TensorRT (and is checked on CPU with ONNX's reference evaluator)."""
@@ -39,7 +40,8 @@ class HalfPrecisionModel(ScoreModel):
 
 
 def with_precision(model: ScoreModel, precision: str) -> ScoreModel:
-    """``model`` itself for "fp32", else a :class:`HalfPrecisionModel` copy in float16 or bfloat16."""
+    """``model`` itself for "fp32" and "int8" (quantized after export), else a :class:`HalfPrecisionModel` copy in
+    float16 or bfloat16."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
-    return model if precision == "fp32" else HalfPrecisionModel(model, PRECISIONS[precision])
+    return model if PRECISIONS[precision] == torch.float32 else HalfPrecisionModel(model, PRECISIONS[precision])

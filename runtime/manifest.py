@@ -35,6 +35,8 @@ RESERVED_FILES = (MANIFEST_NAME, "SHA256SUMS")
 MANIFEST_LIMIT = 64 << 20  # bytes of manifest.json
 MAX_DEPTH = 32  # JSON nesting (the schema needs 5)
 MAX_STEPS = 100_000
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+"""model.precision values: the network's compute precision inside the graphs."""
 MAX_REPEAT = 1_000
 MAX_CALLS = 1_000_000  # graph calls per sample: steps x sum of repeats (noise call indices must stay < 2^32)
 MAX_SAMPLE_NUMEL = 1 << 28  # elements of one sample (1 GiB of float32)
@@ -81,8 +83,8 @@ class SDESpec:
 class ModelSpec:
     """The score model fused into the graphs. ``sample_shape`` excludes the batch dimension; ``value_range``
     is the data range of image samples ([lo, hi] maps to pixel 0..255), null for non-image data;
-    ``precision`` the network's compute precision inside the graphs ("fp32", "fp16" or "bf16"; graph IO and the SDE
-    arithmetic are float32 either way)."""
+    ``precision`` the network's compute precision inside the graphs ("fp32", "fp16", "bf16", or "int8": int8
+    convolutions as QDQ pairs, the rest float32; graph IO and the SDE arithmetic are float32 either way)."""
 
     name: str
     sample_shape: list[int]
@@ -192,8 +194,9 @@ class Manifest:
         vr = self.model.value_range
         if vr is not None and not (len(vr) == 2 and all(math.isfinite(v) for v in vr) and vr[0] < vr[1]):
             raise fail("model.value_range", f"expected [lo, hi] with finite lo < hi, or null, got {vr!r:.80}")
-        if self.model.precision not in ("fp32", "fp16", "bf16"):
-            raise fail("model.precision", f"expected 'fp32', 'fp16' or 'bf16', got {self.model.precision!r:.80}")
+        if self.model.precision not in PRECISIONS:
+            raise fail("model.precision", f"expected one of {', '.join(map(repr, PRECISIONS))}, got "
+                                          f"{self.model.precision!r:.80}")
         for key, values in self.schedule.items():
             if not all(math.isfinite(v) for v in values):
                 raise fail(f"schedule.{key}", "expected finite numbers, found NaN or Infinity")

@@ -143,8 +143,8 @@ def test_bf16_bundle_is_refused_by_ort_cpu_with_the_reason(bf16_bundle):
 
 
 def test_unknown_precision_and_low_opset_are_refused(digits, tmp_path):
-    with pytest.raises(ValueError, match="unknown precision 'int8'"):
-        export_bundle(digits, tmp_path / "b", steps=4, precision="int8", log=lambda _: None)
+    with pytest.raises(ValueError, match="unknown precision 'int4'"):
+        export_bundle(digits, tmp_path / "b", steps=4, precision="int4", log=lambda _: None)
     with pytest.raises(ValueError, match="bf16 needs --opset 22"):
         export_bundle(digits, tmp_path / "b", steps=4, precision="bf16", opset=18, log=lambda _: None)
     assert not (tmp_path / "b").exists()
