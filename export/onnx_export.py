@@ -11,6 +11,7 @@ import onnx
 import torch
 from torch import nn
 
+from vpsde.export.lean import lean_graph
 from vpsde.export.steps import SAMPLE_INPUTS
 from vpsde.runtime.manifest import TensorSpec
 
@@ -53,8 +54,9 @@ def export_step_graph(step: nn.Module, sample_shape: tuple[int, ...], path: Path
                       opset: int = DEFAULT_OPSET) -> tuple[list[TensorSpec], list[TensorSpec]]:
     """Export ``step`` (``forward(*step.input_names) -> step.output_names``) to ``path``; returns IO specs.
 
-    Traced at batch 2 with the batch dimension symbolic ("batch"); onnx.checker (full) and strict shape
-    inference must pass.
+    Traced at batch 2 with the batch dimension symbolic ("batch"), then made lean for CPU hosts
+    (:func:`~vpsde.export.lean.lean_graph`: constant reshape targets, one Gemm for sibling projections, no dead
+    nodes); onnx.checker (full) and strict shape inference must pass.
     """
     args = example_inputs(tuple(step.input_names), sample_shape)
     registry_log = logging.getLogger("torch.onnx._internal.exporter._registration")
@@ -75,7 +77,7 @@ def export_step_graph(step: nn.Module, sample_shape: tuple[int, ...], path: Path
             raise RuntimeError(f"exported graph has a fixed batch size on {value.name!r}; expected symbolic")
         dim0.dim_param = BATCH
     onnx.checker.check_model(model, full_check=True)
-    model = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    model, _ = lean_graph(model)
     onnx.save_model(model, str(path))
     return _io_specs(model.graph.input), _io_specs(model.graph.output)
 
