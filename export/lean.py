@@ -8,7 +8,8 @@ Conv), so every node the exporter leaves that a host does not need is time. The 
   dimension that ``data`` shares, takes the constant target ``[0, d1, d2, ...]`` (0: "copy the input's
   dimension"). GroupNorm exports as Reshape / InstanceNormalization / Reshape-back-to-``Shape(x)``, and the
   ``Shape`` node both costs a kernel call and hides the output's shape from shape inference (and so from ONNX
-  Runtime's layout and fusion passes) for the rest of the graph.
+  Runtime's layout and fusion passes) for the rest of the graph. A constant target ``[-1, 1, 1, 1]`` that keeps
+  the batch (per-sample scalars broadcast against x) becomes ``[0, 1, 1, 1]``, which shape inference can follow.
 - ``merged_sibling_gemms``: the ``Gemm`` nodes that read one input with constant weights (a UNet's per-block
   projections of the time embedding) become one ``Gemm`` over the concatenated weights and a ``Split``: each
   output element is the same dot product.
@@ -48,16 +49,33 @@ def _attr(node: onnx.NodeProto, name: str, default):
 
 
 def static_reshapes(model: onnx.ModelProto) -> int:
-    """Give constant targets to Reshapes whose target is ``Shape(src)`` with only the batch dimension unknown;
-    returns how many were rewritten (the Shape nodes are left for :func:`drop_dead_nodes`)."""
+    """Give constant targets to Reshapes whose target is ``Shape(src)`` with only the batch dimension unknown, and
+    write a constant target ``[-1, d1, ...]`` that keeps the batch as ``[0, d1, ...]``; returns how many were
+    rewritten (the Shape nodes are left for :func:`drop_dead_nodes`)."""
     shapes = _shapes(model)
     shape_of = {n.output[0]: n.input[0] for n in model.graph.node  # whole shapes only (start 0, no end)
                 if n.op_type == "Shape" and _attr(n, "start", 0) == 0 and _attr(n, "end", None) is None}
+    inits = {i.name: i for i in model.graph.initializer}
     count = 0
     for node in model.graph.node:
-        if node.op_type != "Reshape" or node.input[1] not in shape_of or _attr(node, "allowzero", 0):
+        if node.op_type != "Reshape":
             continue
-        src, data = shapes.get(shape_of[node.input[1]]), shapes.get(node.input[0])
+        data = shapes.get(node.input[0])
+        if node.input[1] in inits:  # [-1, d1, ...] keeping the batch: [0, d1, ...] says so to shape inference
+            target = numpy_helper.to_array(inits[node.input[1]])
+            if (data and isinstance(data[0], str) and target.ndim == 1 and target.size and target[0] == -1
+                    and all(isinstance(d, int) and d > 0 for d in data[1:]) and (target[1:] > 0).all()
+                    and np.prod(data[1:], dtype=np.int64) == np.prod(target[1:], dtype=np.int64)):
+                name = f"{node.name}_static_target"
+                model.graph.initializer.append(numpy_helper.from_array(np.array([0, *target[1:]], np.int64), name))
+                node.input[1] = name
+                for a in [a for a in node.attribute if a.name == "allowzero"]:  # the old target had no 0
+                    node.attribute.remove(a)
+                count += 1
+            continue
+        if node.input[1] not in shape_of or _attr(node, "allowzero", 0):
+            continue
+        src = shapes.get(shape_of[node.input[1]])
         if not src or not data or not isinstance(src[0], str) or src[0] != data[0]:
             continue  # the batch dimension must be the one data carries, so that 0 copies it
         if not all(isinstance(d, int) and d > 0 for d in src[1:]):

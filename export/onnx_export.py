@@ -50,14 +50,9 @@ def _dynamic_batch(step: nn.Module, n_args: int) -> dict[str, object]:
     return {p.name: {0: batch} for p in params[:n_args]}
 
 
-def export_step_graph(step: nn.Module, sample_shape: tuple[int, ...], path: Path,
-                      opset: int = DEFAULT_OPSET) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    """Export ``step`` (``forward(*step.input_names) -> step.output_names``) to ``path``; returns IO specs.
-
-    Traced at batch 2 with the batch dimension symbolic ("batch"), then made lean for CPU hosts
-    (:func:`~vpsde.export.lean.lean_graph`: constant reshape targets, one Gemm for sibling projections, no dead
-    nodes); onnx.checker (full) and strict shape inference must pass.
-    """
+def trace_step_graph(step: nn.Module, sample_shape: tuple[int, ...], opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
+    """``step`` (``forward(*step.input_names) -> step.output_names``) as torch.onnx's dynamo exporter writes it
+    (with its optimizer), traced at batch 2 with the batch dimension symbolic ("batch"); full onnx.checker."""
     args = example_inputs(tuple(step.input_names), sample_shape)
     registry_log = logging.getLogger("torch.onnx._internal.exporter._registration")
     level = registry_log.level
@@ -77,7 +72,15 @@ def export_step_graph(step: nn.Module, sample_shape: tuple[int, ...], path: Path
             raise RuntimeError(f"exported graph has a fixed batch size on {value.name!r}; expected symbolic")
         dim0.dim_param = BATCH
     onnx.checker.check_model(model, full_check=True)
-    model, _ = lean_graph(model)
+    return model
+
+
+def export_step_graph(step: nn.Module, sample_shape: tuple[int, ...], path: Path,
+                      opset: int = DEFAULT_OPSET) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """Export ``step`` to ``path`` (:func:`trace_step_graph`), made lean for CPU hosts
+    (:func:`~vpsde.export.lean.lean_graph`: constant reshape targets, one Gemm for sibling projections, residual
+    scales folded, no dead nodes; onnx.checker and strict shape inference pass); returns the IO specs."""
+    model, _ = lean_graph(trace_step_graph(step, sample_shape, opset))
     onnx.save_model(model, str(path))
     return _io_specs(model.graph.input), _io_specs(model.graph.output)
 

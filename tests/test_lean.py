@@ -1,0 +1,112 @@
+"""The lean-graph passes (export/lean.py): what they remove, that the graph computes the same (float32 rounding
+only: the folded 1/√2 is rounded into the weights), and that they leave alone what they must not touch."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from vpsde.export import VPSDE, load_model
+from vpsde.export.lean import folded_residual_scales, lean_graph, static_reshapes
+from vpsde.export.onnx_export import trace_step_graph
+from vpsde.export.samplers import build_sampler
+
+
+def _run(model: onnx.ModelProto, feed: dict) -> list[np.ndarray]:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, feed)
+
+
+@pytest.fixture(scope="module")
+def digits_em_raw():
+    model = load_model("digits", VPSDE(std_formula="diffusers"))
+    step = build_sampler("em", model, VPSDE(std_formula="diffusers"), 10, "diffusers").graphs["em"]
+    return trace_step_graph(step.eval(), tuple(model.sample_shape))
+
+
+def _em_feed(batch: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    dt = -rng.uniform(1e-3, 0.1, batch).astype(np.float32)
+    return {"x": rng.standard_normal((batch, 1, 16, 16), dtype=np.float32),
+            "t": rng.uniform(0.01, 1.0, batch).astype(np.float32), "dt": dt, "sqrt_neg_dt": np.sqrt(-dt),
+            "noise": rng.standard_normal((batch, 1, 16, 16), dtype=np.float32)}
+
+
+def test_the_digits_step_loses_its_shape_nodes_and_computes_the_same(digits_em_raw):
+    raw = onnx.ModelProto()
+    raw.CopyFrom(digits_em_raw)
+    lean, stats = lean_graph(digits_em_raw)
+    before, after = Counter(n.op_type for n in raw.graph.node), Counter(n.op_type for n in lean.graph.node)
+    # 27 GroupNorms reshaped back to Shape(x); constant [-1, ...] targets: 4 per-sample scalars to [-1, 1, 1, 1]
+    # and 2 per attention block (4) around the attention product; the 11
+    # ResBlocks' time projections read one input (one Gemm and a Split); the 7 ResBlocks whose skip is a 1 x 1 conv
+    assert (stats["static_reshapes"], before["Shape"], after["Shape"]) == (27 + 4 + 2 * 4, 27, 0)
+    assert stats["gemms_merged"] == 10 and after["Gemm"] == before["Gemm"] - stats["gemms_merged"]
+    assert stats["residual_scales_folded"] == 7 and after["Div"] == before["Div"] - 7
+    assert stats["dead_nodes"] == 27  # the Shape nodes
+    assert stats["nodes_after"] == len(lean.graph.node) == len(raw.graph.node) - 27 - stats["gemms_merged"] + 1 - 7  # + the Split
+    # every intermediate's shape is now known but for the batch dimension (all of it was lost after each GroupNorm;
+    # ONNX's Resize inference does not carry a symbol through a scale of 1, so the batch stays "unk" after upsampling)
+    def dims(model, name):
+        inferred = onnx.shape_inference.infer_shapes(model)
+        return next([d.dim_value for d in v.type.tensor_type.shape.dim] for v in inferred.graph.value_info
+                    if v.name == name)
+
+    first_norm = next(n.output[0] for n in lean.graph.node if n.op_type == "InstanceNormalization")
+    back = next(n.output[0] for n in lean.graph.node if n.op_type == "Reshape" and n.input[0] == first_norm)
+    assert dims(raw, back)[1:] == [0, 0, 0] and dims(lean, back)[1:] == [32, 16, 16]
+    assert all(d.dim_value > 0 for v in lean.graph.value_info for d in v.type.tensor_type.shape.dim[1:])
+    rng = np.random.default_rng()
+    for batch in (1, 5):
+        feed = _em_feed(batch, rng)
+        for ref, got in zip(_run(raw, feed), _run(lean, feed)):
+            assert np.isfinite(got).all()
+            assert np.abs(got - ref).max() <= 1e-6 * max(1.0, np.abs(ref).max())
+
+
+def _value(name, dims):
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, dims)
+
+
+def _conv_pair_graph(extra_reader: bool) -> onnx.ModelProto:
+    """y = (conv_a(x) + conv_b(x)) / 2, optionally with conv_a's output also a graph output."""
+    rng = np.random.default_rng(1)
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+             for n, s in (("wa", (4, 3, 3, 3)), ("ba", (4,)), ("wb", (4, 3, 1, 1)), ("bb", (4,)))]
+    inits.append(numpy_helper.from_array(np.array(2.0, np.float32), "two"))
+    nodes = [helper.make_node("Conv", ["x", "wa", "ba"], ["a"], name="ca", pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["x", "wb", "bb"], ["b"], name="cb"),
+             helper.make_node("Add", ["a", "b"], ["s"], name="add"),
+             helper.make_node("Div", ["s", "two"], ["y"], name="div")]
+    outputs = [_value("y", ["batch", 4, 5, 5])] + ([_value("a", ["batch", 4, 5, 5])] if extra_reader else [])
+    graph = helper.make_graph(nodes, "g", [_value("x", ["batch", 3, 5, 5])], outputs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+@pytest.mark.parametrize("extra_reader", [False, True])
+def test_residual_scale_folds_only_when_the_convs_feed_nothing_else(extra_reader):
+    model = _conv_pair_graph(extra_reader)
+    feed = {"x": np.random.default_rng().standard_normal((2, 3, 5, 5), dtype=np.float32)}
+    ref = _run(model, feed)
+    lean, stats = lean_graph(model)
+    assert stats["residual_scales_folded"] == (0 if extra_reader else 1)
+    assert ("Div" in {n.op_type for n in lean.graph.node}) == extra_reader
+    for r, g in zip(ref, _run(lean, feed)):
+        np.testing.assert_allclose(g, r, rtol=1e-6, atol=1e-6)
+
+
+def test_a_reshape_to_another_batch_keeps_its_computed_target():
+    """Reshape(data, Shape(src)) where data's leading dimension is not src's: a constant 0 would copy the wrong one."""
+    nodes = [helper.make_node("Shape", ["src"], ["s"], name="shape"),
+             helper.make_node("Reshape", ["data", "s"], ["y"], name="reshape")]
+    graph = helper.make_graph(nodes, "g", [_value("src", ["n", 2, 3]), _value("data", ["m", 6])],
+                              [_value("y", ["n", 2, 3])])
+    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+    assert static_reshapes(model) == 0
+    assert folded_residual_scales(model) == 0
