@@ -5,7 +5,9 @@ optimisations, and the kernel time per operator type from ORT's profiler, per ba
     python bench/graph_profile.py a.onnx b.onnx --batch 1 64 --threads 1       # two graphs side by side
 
 Per batch: ``--warmup`` untimed calls, then ``--calls`` profiled calls; the table gives each op type's share of the
-summed kernel time (ORT's "Node" events) and µs per call. Inputs are random (N(0, 1) for sample-shaped ones,
+summed kernel time (ORT's "Node" events) and µs per call, and the rate the convolutions reach (their multiply-adds
+x 2 per sample, from the graph's shapes, over the Conv kernels' time: compare with the core's peak, e.g. 2 FMA
+ports x 16 float32 lanes x 2 flops x the clock with AVX-512). Inputs are random (N(0, 1) for sample-shaped ones,
 t in (0.01, 1), other per-sample scalars in (0.01, 0.1)); the graph's own numbers do not depend on them.
 """
 
@@ -73,6 +75,28 @@ def profile(path: Path, batch: int, threads: int, calls: int, warmup: int) -> tu
     return dict(per_op), optimized_nodes
 
 
+def conv_flops_per_sample(model: onnx.ModelProto) -> float:
+    """Floating-point operations (2 per multiply-add) of the graph's Conv nodes for one sample, from the inferred
+    shapes (the first dimension is the batch); QDQ convs count the same."""
+    model = onnx.shape_inference.infer_shapes(model)
+    dims = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+            for v in [*model.graph.value_info, *model.graph.output, *model.graph.input]}
+    weights = {i.name: list(i.dims) for i in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    total = 0.0
+    for node in model.graph.node:
+        if node.op_type != "Conv":
+            continue
+        w = weights.get(node.input[1])
+        if w is None and node.input[1] in producers:  # QDQ: the weight is DequantizeLinear(int8 initializer)
+            w = weights.get(producers[node.input[1]].input[0])
+        out = dims.get(node.output[0])
+        if w is None or not out or 0 in out[1:]:
+            continue
+        total += 2.0 * float(np.prod(w)) * float(np.prod(out[2:]))  # Cout x Cin/g x k x k, per output pixel
+    return total
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("graphs", type=Path, nargs="+", help="ONNX step graphs")
@@ -84,14 +108,20 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     print(f"onnxruntime {ort.__version__}, {args.threads} thread(s), {args.calls} profiled calls", file=sys.stderr)
     for path in args.graphs:
-        counts = op_counts(onnx.load(str(path)))
+        model = onnx.load(str(path))
+        counts = op_counts(model)
+        flops = conv_flops_per_sample(model)
         print(f"\n{path}: {sum(counts.values())} nodes as exported: "
               + ", ".join(f"{k} {v}" for k, v in counts.most_common()))
+        print(f"  convolutions: {flops / 1e9:.4f} GFLOP per sample")
         for batch in args.batch:
             per_op, optimized = profile(path, batch, args.threads, args.calls, args.warmup)
             whole = per_op.pop("(whole call)")
             kernels = sum(per_op.values())
-            print(f"  batch {batch}: {whole:.0f} µs/call ({kernels:.0f} µs in kernels), {optimized} nodes after ORT")
+            conv_us = sum(us for op, us in per_op.items() if "Conv" in op)
+            rate = f", Conv kernels at {flops * batch / conv_us / 1e3:.1f} GFLOP/s" if conv_us else ""
+            print(f"  batch {batch}: {whole:.0f} µs/call ({kernels:.0f} µs in kernels), {optimized} nodes after ORT"
+                  + rate)
             for op, us in sorted(per_op.items(), key=lambda kv: -kv[1])[:args.top]:
                 print(f"    {op:<28}{us:>10.1f} µs{100 * us / kernels:>7.1f}%")
 
