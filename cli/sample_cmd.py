@@ -33,9 +33,10 @@ def register(sub, fmt) -> None:
                    help="GPU only: capture each graph binding once as a CUDA graph and replay it")
     p.add_argument("--threads", type=threads_arg, default=None, help="intra-op CPU threads, 1..1024 (default: all cores)")
     p.add_argument("--noise", default=None, choices=["philox", "torch"], help="override the manifest's generator")
-    p.add_argument("--nan-guard", default="auto", choices=["auto", "step", "final", "off"],
-                   help="NaN/Inf check: step = every graph output, naming the step (reads each output back: the "
-                        "CPU default); final = the result only (the GPU default); off")
+    p.add_argument("--nan-guard", default="auto", choices=["auto", "locate", "step", "final", "off"],
+                   help="NaN/Inf check: locate = the result, and if it is not finite the batch again checking every "
+                        "output, so the error names the step (the CPU default: no cost per step); step = every "
+                        "graph output as it is made; final = the result only (the GPU default); off")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--known", type=Path, default=None,
                    help="inpainting and colorization bundles: known data, an image file (pixels 0..255 map to the model's value "

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from vpsde.runtime.backends import MAX_THREADS, open_backend
 from vpsde.runtime.bundle import Bundle
 from vpsde.runtime.digest import check_digest_text
-from vpsde.runtime.errors import BundleError, InputError
+from vpsde.runtime.errors import BundleError, InputError, NonFiniteError
 from vpsde.runtime.loop import NAN_GUARDS, DeviceLoop
 from vpsde.runtime.manifest import Manifest
 from vpsde.runtime.noise import GENERATORS, TORCH_ID, make_noise
@@ -52,8 +52,11 @@ class Sampler:
             from ``vpsde build``, on the GPU).
         device: "cpu" or "cuda" (default: the backend's, cpu for onnxruntime).
         nan_guard: "step" checks every graph output for NaN/Inf and raises :class:`NonFiniteError` naming the
-            step; "final" checks the result only (no per-call device-to-host reads); "off"; True / "auto" means
-            "step" on the CPU and "final" on a GPU, False means "off".
+            step; "final" checks the result only (no per-call device-to-host reads); "locate" checks the result
+            and, if it is not finite, samples that batch again checking every output (the loop is deterministic:
+            the same noise gives the same NaN), so the error names the step as "step" does, at no cost per step
+            while nothing goes wrong; "off"; True / "auto" means "locate" on the CPU and "final" on a GPU, False
+            means "off".
         noise_threads: with prefetch, how many noise calls are drawn ahead at once, each on its own thread
             (default: 1 on the CPU, where the backend uses the cores; up to 4 on a GPU, where one core's
             Philox can fall behind the step). The portable generator only; values are the same.
@@ -85,9 +88,9 @@ class Sampler:
         opened = open_backend(backend, self.bundle, device, threads, cuda_graph)
         self.device, self.runners = opened.device, opened.runners
         guard = ("auto" if nan_guard else "off") if isinstance(nan_guard, bool) else nan_guard
-        if guard not in (*NAN_GUARDS, "auto"):
-            raise InputError(f"nan_guard: expected one of auto, {', '.join(NAN_GUARDS)}, got {nan_guard!r}")
-        self.nan_guard = ("step" if self.device.on_host else "final") if guard == "auto" else guard
+        if guard not in (*NAN_GUARDS, "locate", "auto"):
+            raise InputError(f"nan_guard: expected one of auto, locate, {', '.join(NAN_GUARDS)}, got {nan_guard!r}")
+        self.nan_guard = ("locate" if self.device.on_host else "final") if guard == "auto" else guard
         self.loop = DeviceLoop(self.manifest, self.runners, self.device,
                                describe_graph=lambda key: str(self.bundle.graph_path(key)))
         self.prefetch_noise = (not self.device.on_host) if prefetch_noise is None else bool(prefetch_noise)
@@ -168,15 +171,27 @@ class Sampler:
                       steps: int) -> np.ndarray:
         x_T = noise(0, start, size, self.sample_shape)
         last_call = self.noise_calls_per_step() * steps
-        run = lambda draw: self.loop.run(x_T, draw, cond, start, self.nan_guard, callback,  # noqa: E731
-                                         lambda: bar.update(1), steps)
-        if self.prefetch_noise and last_call:
-            with PrefetchedNoise(noise, start, size, self.sample_shape, 1, last_call, self.noise_threads) as stream:
-                return run(lambda _call: stream.take())
-        if last_call:
-            chunked = ChunkedNoise(noise, start, size, self.sample_shape, 1, last_call, self.noise_chunk)
-            return run(lambda _call: chunked.take())
-        return run(lambda call: noise(call, start, size, self.sample_shape))
+
+        def run(guard: str, on_step: Callable[[], None], callback=callback) -> np.ndarray:
+            loop = lambda draw: self.loop.run(x_T, draw, cond, start, guard, callback, on_step, steps)  # noqa: E731
+            if self.prefetch_noise and last_call:
+                with PrefetchedNoise(noise, start, size, self.sample_shape, 1, last_call, self.noise_threads) as s:
+                    return loop(lambda _call: s.take())
+            if last_call:
+                chunked = ChunkedNoise(noise, start, size, self.sample_shape, 1, last_call, self.noise_chunk)
+                return loop(lambda _call: chunked.take())
+            return loop(lambda call: noise(call, start, size, self.sample_shape))
+
+        if self.nan_guard != "locate":
+            return run(self.nan_guard, lambda: bar.update(1))
+        try:
+            return run("final", lambda: bar.update(1))
+        except NonFiniteError as final:
+            try:  # the same batch again, every output checked: the same noise gives the same NaN, at its step
+                run("step", lambda: None, callback=None)
+            except NonFiniteError as located:
+                raise located from None
+            raise final
 
 
 def _request(seed, first_sample, num, where: str = "") -> tuple[int, int, int]:

@@ -15,6 +15,7 @@ from vpsde.export import VPSDE, export_bundle, load_model
 from vpsde.runtime import Sampler
 from vpsde.runtime.backends.onnxruntime import OnnxRuntimeRunner, session_from_bundle
 from vpsde.runtime.errors import NonFiniteError
+from vpsde.runtime.loop import DeviceLoop
 from vpsde.runtime.noise import make_noise
 
 CASES = {  # sampler, steps, grid, options: together they cover repeats, two graphs, state, conditioning, 2 NFE/step
@@ -116,7 +117,7 @@ def test_callback_sees_x_after_every_step(bundles):
     assert not np.array_equal(seen[-2][1], seen[-1][1])
 
 
-def test_nan_guard_modes(tmp_path):
+def test_nan_guard_modes(tmp_path, monkeypatch):
     """A model whose output turns NaN for samples with x_0 > 1 once t < 0.5: "step" names the first bad step,
     "final" names the samples, "off" lets the NaN through."""
     import torch
@@ -139,5 +140,16 @@ def test_nan_guard_modes(tmp_path):
         Sampler(b, progress=False, nan_guard="final").sample(64, seed=0)
     out = Sampler(b, progress=False, nan_guard="off").sample(64, seed=0)
     assert np.isnan(out).any() and np.isfinite(out).any()
+    # "locate" (the CPU default) names the same step, and reads nothing back per step while all is finite
+    default = Sampler(b, progress=False)
+    assert default.nan_guard == "locate"
+    with pytest.raises(NonFiniteError, match=r"at step 11 \(of 0..19, t = 0\.4505\d*\), in samples \["):
+        default.sample(64, seed=0)
+    checks = []
+    monkeypatch.setattr(DeviceLoop, "_check_finite", lambda *a: checks.append(a))
+    fine = default.sample(64, seed=0, batch_size=16, stop_after_steps=10)  # before t < 0.5: finite
+    assert np.isfinite(fine).all() and checks == []
+    Sampler(b, progress=False, nan_guard="step").sample(16, seed=0, stop_after_steps=10)
+    assert len(checks) == 10
     with pytest.raises(Exception, match="nan_guard: expected one of"):
         Sampler(b, progress=False, nan_guard="sometimes")
