@@ -25,7 +25,7 @@ ratio to ``vpsde-ort`` (vpsde's default), which is what to read on a busy machin
 
     python bench/cpu_loop.py                                     # shipped digits model, 100 steps, batch 1, 16, 64
     python bench/cpu_loop.py --model unet-random --steps 50 --batch 16 --threads 2 --rounds 7
-    python bench/cpu_loop.py --model score_sde-random:config=ddpmpp --steps 3 --batch 1 16 --rounds 3   # CIFAR scale
+    python bench/cpu_loop.py --model score_sde-random --steps 3 --batch 1 16 64 --rounds 3   # DDPM++ at CIFAR scale
 """
 
 from __future__ import annotations

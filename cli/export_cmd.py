@@ -70,8 +70,8 @@ def register(sub, fmt) -> None:
                         "only (ONNX Runtime's CPU provider has no bfloat16 kernels). int8: the network's convs "
                         "(but the first and last) in int8, calibrated on the model's own fp32 trajectories; for "
                         "CPUs with VNNI/AMX (see docs/cpu.md for speed and quality)")
-    p.add_argument("--calibration-samples", type=int, default=16,
-                   help="int8: number of fp32 trajectories the activation ranges are calibrated on")
+    p.add_argument("--calibration-samples", type=int, default=None,
+                   help="int8: number of fp32 trajectories the activation ranges are calibrated on (default: 16)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 18; 22 for bf16)")
     p.add_argument("--force", action="store_true", help="replace an existing bundle directory")
 
@@ -103,11 +103,14 @@ def run(args: argparse.Namespace) -> None:
         if args.sampler == "pc" else {}
     if args.denoise_final:
         options["denoise_final"] = True
+    if args.calibration_samples is not None:
+        if args.precision != "int8":
+            raise UsageError("--calibration-samples applies to --precision int8")
+        options["calibration_samples"] = args.calibration_samples
     try:
         export_bundle(model, args.out, sampler=args.sampler, steps=steps, grid=args.grid, sde=sde,
                       noise=noise_id(args.noise), opset=args.opset, value_range=value_range, source=args.model,
-                      overwrite=args.force, precision=args.precision,
-                      calibration_samples=args.calibration_samples, **options)
+                      overwrite=args.force, precision=args.precision, **options)
     except (FileExistsError, ValueError) as e:
         raise UsageError(str(e)) from e
     print(args.out)

@@ -45,9 +45,9 @@ def export_bundle(model: ScoreModel, out: str | Path, *, sampler: str = "em", st
     ``grid`` defaults to the sampler's (``samplers.DEFAULT_GRID``). ``sde`` defaults to the paper's VP-SDE
     with :func:`default_std_formula`. ``precision`` "fp16" / "bf16" runs the network in float16 / bfloat16 inside
     the graphs (SDE arithmetic and graph IO stay float32; see ``export/precision.py``); "int8" quantizes the
-    network's convolutions, calibrated on ``calibration_samples`` fp32 trajectories (``export/quantize.py``). ``opset`` defaults to 18
-    (22 for bf16, the first with bfloat16 Conv). ``sampler_options`` go to :func:`build_sampler` (snr,
-    corrector_steps, coupling).
+    network's convolutions, calibrated on ``calibration_samples`` fp32 trajectories (``export/quantize.py``).
+    ``opset`` defaults to 18 (22 for bf16, the first with bfloat16 Conv). ``sampler_options`` go to
+    :func:`build_sampler` (snr, corrector_steps, coupling).
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
     if sampler not in SAMPLERS:
@@ -61,6 +61,8 @@ def export_bundle(model: ScoreModel, out: str | Path, *, sampler: str = "em", st
     if opset < min_opset:
         raise ValueError(f"--precision {precision} needs --opset {min_opset} or later (ONNX Conv has no "
                          f"{precision} before it), got {opset}")
+    if precision == "int8" and not 1 <= calibration_samples <= 4096:
+        raise ValueError(f"calibration_samples: expected 1..4096 trajectories, got {calibration_samples}")
     recipe = build_sampler(sampler, with_precision(model, precision), sde, steps, grid, **sampler_options)
     out = Path(out)
     check_replaceable(out, overwrite)

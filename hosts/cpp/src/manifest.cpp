@@ -176,7 +176,7 @@ Manifest load_bundle(const std::string& bundle_dir, const std::string& expect_di
       r.fail("model.sample_shape", "expected at most " + std::to_string(kMaxSampleNumel) + " elements in all, got " + shape.dump());
   }
   if (model.contains("precision")) {
-    if (!model["precision"].is_string()) r.fail("model.precision", "expected \"fp32\", \"fp16\" or \"bf16\"");
+    if (!model["precision"].is_string()) r.fail("model.precision", "expected \"fp32\", \"fp16\", \"bf16\" or \"int8\"");
     m.precision = model["precision"].get<std::string>();
   }
 

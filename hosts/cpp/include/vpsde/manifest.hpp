@@ -47,7 +47,7 @@ struct StateSpec {
 
 struct Manifest {
   std::vector<std::int64_t> sample_shape;
-  std::string precision = "fp32";  // the network's compute precision inside the graphs: fp32 | fp16 | bf16
+  std::string precision = "fp32";  // the network's compute precision inside the graphs: fp32 | fp16 | bf16 | int8 (QDQ convs)
   int steps = 0;
   std::vector<ProgramCall> program;
   std::string final_output;
