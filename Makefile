@@ -42,8 +42,12 @@ test: install
 test-quick: install
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# CPU loops side by side (docs/cpu.md): vpsde fp32/int8/all threads, bare graph calls, a plain ORT loop, diffusers
+# eager and compiled, OpenVINO (installed here for the comparison only: not a vpsde dependency). About 15 minutes.
 bench: install
-	$(BIN)/python bench/cpu_loop.py
+	$(BIN)/python -m pip install -q openvino
+	$(BIN)/python bench/cpu_loop.py --steps 100 --rounds 5 --batch 1 16 64 --loops vpsde-ort vpsde-ort-int8 \
+		vpsde-ort-all-threads vpsde-bare plain-ort-unet diffusers-eager diffusers-compile openvino-f32 openvino
 
 # Ray scale-out against the in-process Sampler; the local Ray instance runs in a private network namespace
 # (loopback only), as the tests do.
