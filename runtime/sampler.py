@@ -182,8 +182,8 @@ class Sampler:
                 return loop(lambda _call: chunked.take())
             return loop(lambda call: noise(call, start, size, self.sample_shape))
 
-        if self.nan_guard != "locate":
-            return run(self.nan_guard, lambda: bar.update(1))
+        if self.nan_guard != "locate" or getattr(noise, "ordered", True):  # an ordered generator cannot replay
+            return run("step" if self.nan_guard == "locate" else self.nan_guard, lambda: bar.update(1))
         try:
             return run("final", lambda: bar.update(1))
         except NonFiniteError as final:

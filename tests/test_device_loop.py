@@ -145,6 +145,8 @@ def test_nan_guard_modes(tmp_path, monkeypatch):
     assert default.nan_guard == "locate"
     with pytest.raises(NonFiniteError, match=r"at step 11 \(of 0..19, t = 0\.4505\d*\), in samples \["):
         default.sample(64, seed=0)
+    with pytest.raises(NonFiniteError, match=r"at step 11 "):  # torch's generator draws in order: checked per step
+        default.sample(64, seed=0, generator="torch")
     checks = []
     monkeypatch.setattr(DeviceLoop, "_check_finite", lambda *a: checks.append(a))
     fine = default.sample(64, seed=0, batch_size=16, stop_after_steps=10)  # before t < 0.5: finite
