@@ -107,8 +107,10 @@ def _quantize(manifest: Manifest, root: Path, samples: int, log) -> Manifest:
     their new digests."""
     from tqdm.auto import tqdm
 
-    from vpsde.export.quantize import calibration_feeds, quantize_graph
+    from vpsde.export.quantize import calibration_feeds, int8_convs, quantize_graph
 
+    for spec in manifest.graphs.values():
+        int8_convs(root / spec.file, manifest.model.sample_shape[0])  # refuse before calibrating
     log(f"calibrating int8 on {samples} fp32 trajectories of {manifest.sampler.steps} steps...")
     bar = lambda it, total: tqdm(it, total=total, desc="calibration", unit="step", leave=False,  # noqa: E731
                                  disable=not sys.stderr.isatty())

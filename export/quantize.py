@@ -84,18 +84,25 @@ def calibration_feeds(manifest: Manifest, root: Path, samples: int = DEFAULT_CAL
     return feeds
 
 
+def int8_convs(path: Path, sample_channels: int) -> tuple[list[str], list[str]]:
+    """The graph's Conv nodes to quantize and those that stay float32; raises ValueError (naming the graph) if
+    there is none to quantize, before any calibration is spent on it."""
+    model = onnx.load(str(path))
+    keep_fp32 = fp32_convs(model, sample_channels)
+    convs = [n.name for n in model.graph.node if n.op_type == "Conv" and n.name not in keep_fp32]
+    if not convs:
+        raise ValueError(f"{path.name}: int8 quantizes the network's convolutions and this graph has "
+                         f"{'only image-space or 1 x 1 ones' if keep_fp32 else 'none'}; export it in fp32")
+    return convs, keep_fp32
+
+
 def quantize_graph(src: Path, dst: Path, feeds: list[dict], sample_channels: int) -> int:
     """Write the int8 (QDQ) version of the graph ``src`` to ``dst``, calibrated on ``feeds``; returns the number of
     convs quantized. Raises ValueError if the graph has none to quantize."""
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                           quantize_static)
 
-    model = onnx.load(str(src))
-    convs = [n.name for n in model.graph.node if n.op_type == "Conv"]
-    keep_fp32 = fp32_convs(model, sample_channels)
-    if len(convs) == len(keep_fp32):
-        raise ValueError(f"{src.name}: int8 quantizes the network's convolutions and this graph has "
-                         f"{'none' if not convs else 'only image-space or 1 x 1 ones'}; export it in fp32")
+    convs, keep_fp32 = int8_convs(src, sample_channels)
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -122,4 +129,4 @@ def quantize_graph(src: Path, dst: Path, feeds: list[dict], sample_channels: int
         root_log.setLevel(level)
     quantized = onnx.load(str(dst))
     onnx.checker.check_model(quantized, full_check=True)
-    return len(convs) - len(keep_fp32)
+    return len(convs)
