@@ -12,7 +12,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from vpsde.export import VPSDE, load_model
-from vpsde.export.lean import folded_residual_scales, lean_graph, static_reshapes
+from vpsde.export.lean import lean_graph, static_reshapes
 from vpsde.export.onnx_export import trace_step_graph
 from vpsde.export.samplers import build_sampler
 
@@ -110,4 +110,3 @@ def test_a_reshape_to_another_batch_keeps_its_computed_target():
                               [_value("y", ["n", 2, 3])])
     model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
     assert static_reshapes(model) == 0
-    assert folded_residual_scales(model) == 0
