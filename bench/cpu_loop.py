@@ -12,7 +12,8 @@ ratio to ``vpsde-ort`` (vpsde's default), which is what to read on a busy machin
     vpsde-ort-all-threads     vpsde-ort with the Sampler's default intra-op threads (all cores) instead of --threads
     vpsde-ort-inline-noise    noise drawn in line, one call at a time
     vpsde-ort-prefetch        noise drawn one call ahead on a worker thread
-    vpsde-bare                N bare calls of the step graph on buffers bound once (no noise, no uploads)
+    vpsde-bare                N bare calls of the step graph: the calls of one vpsde-ort trajectory, each call's
+                              inputs staged beforehand and bound once (no noise, no uploads; ReplayedCalls)
     plain-ort-unet            the network alone exported by torch.onnx.export (dynamo, its default optimizer), one
                               session.run per step, diffusers' step_pred in numpy, numpy noise: what a user
                               writes by hand
@@ -139,7 +140,7 @@ def worker(kind: str, args: dict, bundle: str, conn) -> None:
         make = lambda batch: (lambda: _openvino_loop(request, b.manifest, batch, 0))  # noqa: E731
     else:
         from vpsde.runtime import Sampler  # no torch in this process: its RSS is the runtime's own
-        from vpsde.runtime.benchmark import bare_step_seconds
+        from vpsde.runtime.benchmark import ReplayedCalls
 
         if kind == "vpsde-ort-int8":
             bundle = str(Path(bundle).parent / "bundle-int8")
@@ -147,7 +148,7 @@ def worker(kind: str, args: dict, bundle: str, conn) -> None:
         sampler = Sampler(bundle, progress=False, threads=threads, prefetch_noise=kind == "vpsde-ort-prefetch",
                           noise_chunk=1 if kind == "vpsde-ort-inline-noise" else None)
         if kind == "vpsde-bare":
-            make = lambda batch: (lambda: bare_step_seconds(sampler, batch, args["steps"]))  # noqa: E731
+            make = lambda batch: ReplayedCalls(sampler, batch, args["steps"]).seconds  # noqa: E731
         else:
             make = lambda batch: (lambda: sampler.sample(batch, seed=0))  # noqa: E731
     from vpsde.runtime.benchmark import peak_rss_mb

@@ -11,7 +11,9 @@ from pathlib import Path
 from vpsde.cli.common import DIGEST_HELP, UsageError, positive, threads_arg
 
 EPILOG = """Each figure is the median of --iters loops of --steps steps (after --warmup untimed loops), each
-followed by the same number of bare graph calls, so that load on the machine hits both alike. samples/s
+followed by the same number of bare graph calls, so that load on the machine hits both alike. On the CPU the
+bare calls are the loop's own (one trajectory's calls, inputs staged beforehand: a CPU call's time depends on
+its data); on a GPU, the program's graphs on buffers bound once. samples/s
 extrapolates ms/step to the bundle's full step count. On a GPU (--device cuda) every batch runs with CUDA
 graphs off and on. Compare figures only within one run (ratios): on a shared machine absolute times drift.
 

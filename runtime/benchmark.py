@@ -2,8 +2,16 @@
 
 Per batch size, in one process: ``iters`` timed loops of ``steps`` steps (after ``warmup`` untimed ones), each
 the runtime's own loop (host noise, schedule uploads, NaN guard as configured), and ``iters`` rounds of the
-same number of *bare* graph calls (the program's graphs launched on buffers bound once: no noise, no uploads,
-no read-back until the end). Medians are reported; the loop overhead is loop time / bare time - 1.
+same number of *bare* graph calls (no noise, no uploads, no read-back until the end). Medians are reported; the
+loop overhead is loop time / bare time - 1.
+
+The bare calls must do the loop's own work: on a CPU a call's time depends on its inputs (denormal floats cost
+extra: the digits int8 step takes 1.045 ms on the prior sample and 1.095 ms half-way down the trajectory), so
+calls replayed on one fixed set of buffers time different arithmetic from the loop's. On a host device the bare
+calls are therefore :class:`ReplayedCalls`: the graph calls of one real trajectory (seed 0, the loop's own
+inputs), each staged beforehand in buffers of its own and bound once. On a GPU (data-independent kernel times,
+and a binding per call would capture a CUDA graph per call) they are :func:`bare_step_seconds`: the program's
+graphs launched on buffers bound once.
 """
 
 from __future__ import annotations
@@ -13,6 +21,9 @@ import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from vpsde.runtime.loop import DeviceLoop
 
 
 @dataclass
@@ -55,6 +66,70 @@ def bare_step_seconds(sampler, batch: int, steps: int) -> float:
     return time.perf_counter() - t0
 
 
+class _RecordingRunner:
+    """Wraps one graph's runner: every launch first keeps host copies of the inputs it is bound to."""
+
+    def __init__(self, key: str, runner, device, graph, calls: list) -> None:
+        self.key, self.runner, self.device, self.graph, self.calls = key, runner, device, graph, calls
+
+    def bind(self, buffers: Mapping[str, Any]) -> Callable[[], None]:
+        launch = self.runner.bind(buffers)
+        inputs = {spec.name: buffers[spec.name] for spec in self.graph.inputs}
+
+        def recording_launch() -> None:
+            self.calls.append((self.key, {name: self.device.peek(buf).copy() for name, buf in inputs.items()}))
+            launch()
+
+        return recording_launch
+
+
+class ReplayedCalls:
+    """The graph calls of one trajectory of ``sampler`` (seed 0, batch ``batch``, the first ``steps`` steps),
+    recorded once and staged: each call's inputs in buffers of its own, uploaded and bound here (each graph's
+    outputs go to one scratch set per graph). :meth:`seconds` launches them all in order: the loop's calls on
+    the loop's data with nothing between them. Staging holds every call's inputs at once (about
+    ``steps * batch * 2 * sample size * 4`` bytes for EM: 30 MB for 200 steps of 16 x 16 at batch 64)."""
+
+    def __init__(self, sampler, batch: int, steps: int) -> None:
+        m, dev = sampler.manifest, sampler.device
+        calls: list[tuple[str, dict]] = []
+        recorders = {key: _RecordingRunner(key, runner, dev, m.graphs[key], calls)
+                     for key, runner in sampler.runners.items()}
+        live = sampler.loop
+        sampler.loop = DeviceLoop(m, recorders, dev, live.describe_graph)
+        try:
+            sampler.sample(batch, seed=0, stop_after_steps=steps)
+        finally:
+            sampler.loop = live
+        scratch = {key: {spec.name: dev.empty(spec.shape_for(batch), spec.dtype) for spec in g.outputs}
+                   for key, g in m.graphs.items()}
+        self.launches: list[Callable[[], None]] = []
+        for key, feed in calls:
+            buffers = dict(scratch[key])
+            for name, value in feed.items():
+                buffers[name] = dev.empty(value.shape, str(value.dtype))
+                dev.upload(buffers[name], value)
+            self.launches.append(sampler.runners[key].bind(buffers))
+        self.device, self.sync = dev, scratch[calls[-1][0]][m.sampler.final]  # the loop's result buffer
+
+    def seconds(self) -> float:
+        """Launch every recorded call once, in order, then read back the last call's ``sampler.final`` output
+        (which waits for the device; it then holds what the loop returned)."""
+        t0 = time.perf_counter()
+        for launch in self.launches:
+            launch()
+        self.device.peek(self.sync)
+        return time.perf_counter() - t0
+
+
+def bare_calls(sampler, batch: int, steps: int) -> Callable[[], float]:
+    """The bare-call timer for ``sampler`` at ``batch`` (see the module docstring): a function returning the seconds
+    of ``steps`` steps' graph calls: :class:`ReplayedCalls` on a host device, :func:`bare_step_seconds` on a GPU."""
+    if sampler.device.on_host:
+        return ReplayedCalls(sampler, batch, steps).seconds
+    return lambda: bare_step_seconds(sampler, batch, steps)
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident set (VmHWM; not ru_maxrss, which Linux carries over fork + exec)."""
     try:
@@ -77,12 +152,14 @@ def bench_sampler(sampler, backend: str, batch: int, steps: int, warmup: int = 1
     first_call = time.perf_counter() - t0
     for _ in range(warmup):
         run()
+    bare_seconds = bare_calls(sampler, batch, steps)
+    bare_seconds()  # warm-up (staged buffers, first call per binding)
     loop, bare = [], []
     for _ in range(iters):  # interleaved, so that load drifting over the run hits both alike
         t0 = time.perf_counter()
         run()
         loop.append(time.perf_counter() - t0)
-        bare.append(bare_step_seconds(sampler, batch, steps))
+        bare.append(bare_seconds())
     ms, bare_ms = 1e3 * statistics.median(loop) / steps, 1e3 * statistics.median(bare) / steps
     return BenchRow(backend=backend, device=sampler.device.name, batch=batch, cuda_graph=cuda_graph, steps_timed=steps,
                     ms_per_step=ms, bare_ms_per_step=bare_ms, loop_overhead=ms / bare_ms - 1.0,

@@ -31,3 +31,28 @@ def test_bench_refuses_bad_batches(gmm_bundle, capsys):
     assert cli(["bench", str(gmm_bundle.root), "--batch", "0,4"]) == 2
     assert "--batch" in capsys.readouterr().err
     assert cli(["bench", str(gmm_bundle.root), "--batch", "a"]) == 2
+
+
+def test_the_bare_calls_replay_the_loops_own_calls(gmm_bundle, tmp_path):
+    """ReplayedCalls (the CPU's bare calls) stages the inputs the loop fed each call: replayed, the last call
+    writes the loop's own sample, bit for bit, and there is one launch per graph call of the steps timed."""
+    import numpy as np
+
+    from vpsde.export import VPSDE, export_bundle, load_model
+    from vpsde.runtime import Sampler
+    from vpsde.runtime.benchmark import ReplayedCalls
+
+    gmm = load_model("gmm:dim=3,components=2,seed=4", VPSDE())
+    pc = export_bundle(gmm, tmp_path / "pc", sampler="pc", steps=6, grid="uniform", corrector_steps=2,
+                       log=lambda _: None)
+    for bundle, steps, calls_per_step in ((gmm_bundle, 5, 1), (pc, 6, 3)):
+        sampler = Sampler(bundle, progress=False, threads=1)
+        want = sampler.sample(3, seed=0, stop_after_steps=steps)
+        replay = ReplayedCalls(sampler, 3, steps)
+        assert len(replay.launches) == steps * calls_per_step
+        assert replay.seconds() > 0
+        got = replay.device.peek(replay.sync)
+        assert np.isfinite(got).all()
+        np.testing.assert_array_equal(got, want)
+        # the loop still runs on its own runners afterwards
+        np.testing.assert_array_equal(sampler.sample(3, seed=0, stop_after_steps=steps), want)
