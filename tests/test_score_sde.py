@@ -298,3 +298,39 @@ def test_fp16_export_runs_the_network_in_half_and_stays_close(tmp_path):
                      progress=False, precision="fp16")
     assert report.passed, (report.final_rel_l2, report.required_call_atol)
     assert 0 < report.final_rel_l2 < 1e-2  # half precision is visible, and bounded
+
+
+def test_bf16_export_runs_attention_and_nin_in_bfloat16(tmp_path):
+    """ONNX's Einsum takes no bfloat16, so the NIN layers and the attention products export as Conv and MatMul:
+    the bf16 graph has no Einsum, its attention products are typed bfloat16, and one call run by ONNX's reference
+    evaluator stays within the bf16 eps bound of tests/test_precision.py (8e-2) of the fp32 graph on ORT."""
+    import onnx
+    from onnx.reference import ReferenceEvaluator
+
+    from vpsde.export.sources import _wrap_score_sde
+    from vpsde.runtime.backends.onnxruntime import OnnxRuntimeRunner, session_from_bundle
+
+    model = _wrap_score_sde(perturb(ScoreSdeNet(SMALL), seed=7).eval(), "small")
+    kw = dict(steps=6, grid="uniform", log=lambda _: None)
+    b32 = export_bundle(model, tmp_path / "fp32", **kw)
+    b16 = export_bundle(model, tmp_path / "bf16", precision="bf16", **kw)
+    graph = onnx.shape_inference.infer_shapes(onnx.load(str(b16.graph_path("em"))))
+    types = {v.name: v.type.tensor_type.elem_type for v in graph.graph.value_info}
+    ops = [n.op_type for n in graph.graph.node]
+    assert "Einsum" not in ops
+    matmuls = [n for n in graph.graph.node if n.op_type == "MatMul"]
+    assert matmuls and all(types[n.output[0]] == onnx.TensorProto.BFLOAT16 for n in matmuls)  # 2 per attention
+
+    m, sde, i = b32.manifest, VPSDE(), 3
+    g = torch.Generator().manual_seed(int(np.random.default_rng().integers(1 << 31)))
+    feed = {"x": torch.randn(2, 3, 16, 16, generator=g).numpy(), "t": np.full(2, m.schedule["t"][i], np.float32),
+            "noise": torch.randn(2, 3, 16, 16, generator=g).numpy(),
+            **{k: np.full(2, m.schedule[k][i], np.float32) for k in ("dt", "sqrt_neg_dt")}}
+    want = OnnxRuntimeRunner(session_from_bundle(b32, "em", threads=1), b32, "em").infer(feed)["x_mean"]
+    names = [s.name for s in b16.manifest.graphs["em"].outputs]
+    got = dict(zip(names, ReferenceEvaluator(graph).run(None, feed)))["x_mean"]
+    assert np.isfinite(got).all()
+    t = torch.tensor(m.schedule["t"][i])
+    to_eps = float(sde.beta(t) * -m.schedule["dt"][i] / sde.std(t))
+    error = np.abs(got - want).max() / to_eps
+    assert 0 < error <= 8e-2, error
