@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[test,tensorrt-rtx,ray]"
+	$(BIN)/python -m pip install -q -e ".[test,tensorrt-rtx,ray,openvino]"
 	touch $@
 
 $(SERVE_VENV)/.installed: pyproject.toml Makefile
@@ -42,12 +42,12 @@ test: install
 test-quick: install
 	$(BIN)/python -m pytest -q -m "not slow"
 
-# CPU loops side by side (docs/cpu.md): vpsde fp32/int8/all threads, bare graph calls, a plain ORT loop, diffusers
-# eager and compiled, OpenVINO (installed here for the comparison only: not a vpsde dependency). About 15 minutes.
+# CPU loops side by side (docs/cpu.md): vpsde fp32/int8/all threads, vpsde bf16 on OpenVINO, bare graph calls, a
+# plain ORT loop, diffusers eager and compiled, OpenVINO on the fp32 graph. About 15 minutes.
 bench: install
-	$(BIN)/python -m pip install -q openvino
 	$(BIN)/python bench/cpu_loop.py --steps 100 --rounds 5 --batch 1 16 64 --loops vpsde-ort vpsde-ort-int8 \
-		vpsde-ort-all-threads vpsde-bare plain-ort-unet diffusers-eager diffusers-compile openvino-f32 openvino
+		vpsde-openvino-bf16 vpsde-ort-all-threads vpsde-bare plain-ort-unet diffusers-eager diffusers-compile \
+		openvino-f32 openvino
 
 # Ray scale-out against the in-process Sampler; the local Ray instance runs in a private network namespace
 # (loopback only), as the tests do.

@@ -9,6 +9,8 @@ ratio to ``vpsde-ort`` (vpsde's default), which is what to read on a busy machin
 
     vpsde-ort                 the default Sampler: noise drawn in line, many calls per pass (CPU)
     vpsde-ort-int8            the same on an int8 bundle (export --precision int8, export/quantize.py)
+    vpsde-openvino-bf16       the default Sampler on a bf16 bundle (export --precision bf16) on the openvino backend
+                              (vpsde[openvino]; ONNX Runtime's CPU provider has no bfloat16 kernels)
     vpsde-ort-all-threads     vpsde-ort with the Sampler's default intra-op threads (all cores) instead of --threads
     vpsde-ort-inline-noise    noise drawn in line, one call at a time
     vpsde-ort-prefetch        noise drawn one call ahead on a worker thread
@@ -21,8 +23,8 @@ ratio to ``vpsde-ort`` (vpsde's default), which is what to read on a busy machin
     diffusers-compile         the same loop around torch.compile(model) (inductor; compiled in the warm-up run)
     openvino-f32, openvino    the fused step graph (the same lean fp32 em.onnx) on OpenVINO's CPU plugin, one
                               infer() per step, schedule from the manifest, numpy noise; with its inference
-                              precision pinned to f32, and its default (bf16 where the CPU has AMX/AVX512-BF16).
-                              Needs `pip install openvino` (not a vpsde dependency)
+                              precision pinned to f32, and its default (bf16 where the CPU has AMX/AVX512-BF16,
+                              which changes the numerics of a graph that declares fp32)
 
     python bench/cpu_loop.py                                     # shipped digits model, 100 steps, batch 1, 16, 64
     python bench/cpu_loop.py --model unet-random --steps 50 --batch 16 --threads 2 --rounds 7
@@ -40,7 +42,7 @@ import tempfile
 import time
 from pathlib import Path
 
-CONTENDERS = ("vpsde-ort", "vpsde-ort-int8", "vpsde-ort-all-threads", "vpsde-ort-inline-noise", "vpsde-ort-prefetch",
+CONTENDERS = ("vpsde-ort", "vpsde-ort-int8", "vpsde-openvino-bf16", "vpsde-ort-all-threads", "vpsde-ort-inline-noise", "vpsde-ort-prefetch",
               "vpsde-bare", "plain-ort-unet", "diffusers-eager", "diffusers-compile", "openvino-f32", "openvino")
 DEFAULT_LOOPS = ("vpsde-ort", "vpsde-ort-int8", "vpsde-bare", "plain-ort-unet", "diffusers-eager", "diffusers-compile")
 
@@ -142,10 +144,11 @@ def worker(kind: str, args: dict, bundle: str, conn) -> None:
         from vpsde.runtime import Sampler  # no torch in this process: its RSS is the runtime's own
         from vpsde.runtime.benchmark import ReplayedCalls
 
-        if kind == "vpsde-ort-int8":
-            bundle = str(Path(bundle).parent / "bundle-int8")
+        if kind in ("vpsde-ort-int8", "vpsde-openvino-bf16"):
+            bundle = str(Path(bundle).parent / f"bundle-{kind.rsplit('-', 1)[1]}")
         threads = None if kind == "vpsde-ort-all-threads" else args["threads"]
-        sampler = Sampler(bundle, progress=False, threads=threads, prefetch_noise=kind == "vpsde-ort-prefetch",
+        sampler = Sampler(bundle, backend="openvino" if "openvino" in kind else "onnxruntime", progress=False,
+                          threads=threads, prefetch_noise=kind == "vpsde-ort-prefetch",
                           noise_chunk=1 if kind == "vpsde-ort-inline-noise" else None)
         if kind == "vpsde-bare":
             make = lambda batch: ReplayedCalls(sampler, batch, args["steps"]).seconds  # noqa: E731
@@ -187,8 +190,10 @@ def main(argv: list[str] | None = None) -> None:
     model = load_model(args.model, VPSDE(std_formula="diffusers"))
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
     export_bundle(model, bundle, steps=args.steps, grid="diffusers", log=log)
-    if "vpsde-ort-int8" in args.loops:
-        export_bundle(model, Path(tmp) / "bundle-int8", steps=args.steps, grid="diffusers", precision="int8", log=log)
+    for kind, precision in (("vpsde-ort-int8", "int8"), ("vpsde-openvino-bf16", "bf16")):
+        if kind in args.loops:
+            export_bundle(model, Path(tmp) / f"bundle-{precision}", steps=args.steps, grid="diffusers",
+                          precision=precision, log=log)
     if "plain-ort-unet" in args.loops:
         _export_bare_network(model, Path(tmp) / "network.onnx")
     del model

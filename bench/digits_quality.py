@@ -2,7 +2,7 @@
 
 Each run is SAMPLER[/OPTION=VALUE,...]:NFE[@NUM] and samples in its own process (one thread; --jobs of them in
 parallel); options go to the export, e.g. dpmpp-2m/denoise_final=1:20, pc/coupling=batch:1000 or dpmpp-2m/precision=fp16:20
-(the fp16 graph run by ONNX Runtime's CPU provider):
+(the fp16 graph run by ONNX Runtime's CPU provider; a bf16 bundle runs on the openvino backend, vpsde[openvino]):
   eager-em:N  — diffusers' ScoreSdeVpScheduler loop around the torch model (torch generator), N steps;
   S:NFE       — a bundle exported with `--sampler S` and the step count that spends NFE model evaluations
                 (pc: NFE/2 steps with one corrector step; ode-heun: NFE/2), sampled on ONNX Runtime CPU with
@@ -91,7 +91,8 @@ def sample_bundle(sampler: str, nfe: int, num: int, seed: int, batch: int, bundl
     steps = steps_for_nfe(sampler, nfe, options.get("corrector_steps", 1))
     export_bundle(load_model("digits", sde), bundle, sampler=sampler, steps=steps, sde=sde, value_range=(-1, 1),
                   overwrite=True, log=lambda m: None, precision=precision, **options)
-    return Sampler(bundle, progress=False, threads=1).sample(num, seed=seed, batch_size=batch)
+    backend = "openvino" if precision == "bf16" else "onnxruntime"  # ORT's CPU provider has no bfloat16 kernels
+    return Sampler(bundle, backend=backend, progress=False, threads=1).sample(num, seed=seed, batch_size=batch)
 
 
 def _child(sampler: str, nfe: int, num: int, seed: int, batch: int, out: str) -> None:

@@ -29,6 +29,9 @@ def run(args: argparse.Namespace) -> None:
     import onnxruntime as ort
 
     print(f"onnxruntime {ort.__version__}  providers {', '.join(ort.get_available_providers())}")
+    openvino = version("openvino")
+    print(f"openvino    {openvino}  (--backend openvino: CPU, runs bf16 bundles)" if openvino else
+          "openvino    not installed: --backend openvino needs pip install 'vpsde[openvino]'")
     from vpsde.runtime.errors import BackendUnavailable
     from vpsde.runtime.tensorrt.flavor import load_flavor
 

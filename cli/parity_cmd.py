@@ -19,8 +19,9 @@ EPILOG = """references (--against):
 
 tolerances: a graph call passes under polygraphy's elementwise rule (each element within --call-atol or
 --call-rtol); the final sample passes if max |a - b| <= --atol or its relative L2 <= --rtol. Defaults by
-the lower precision of the two sides (fp32 / fp16 / bf16): call atol 1e-5 / 1e-3 / 1e-2 and rtol 1e-5 / 1e-2 /
-5e-2; final atol 1e-4 / 1e-2 / 5e-2 and rtol 1e-3 / 1e-2 / 5e-2 (docs/parity.md says why). Exit status 1 when
+the lower precision of the two sides (fp32 / fp16 / bf16 / int8): call atol 1e-5 / 1e-3 / 5e-2 / 5e-2 and rtol
+1e-5 / 1e-2 / 5e-2 / 5e-2; final atol 1e-4 / 1e-2 / 5e-2 / 0.15 and rtol 1e-3 / 1e-2 / 5e-2 / 3e-2 (docs/parity.md
+says why). Exit status 1 when
 a comparison fails, 2 on an error.
 
 examples:

@@ -23,10 +23,12 @@ def register(sub, fmt) -> None:
                    help="samples per graph call (default: 64 on the CPU, where larger batches cost more per sample; all on a GPU)")
     p.add_argument("--first-sample", type=u64("index"), default=0,
                    help="global index of the first sample (for sharding: same seed, disjoint index ranges)")
-    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "onnxruntime-trt", "tensorrt"],
+    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "onnxruntime-trt", "tensorrt", "openvino"],
                    help="onnxruntime (CPU, or its CUDA provider with --device cuda: needs onnxruntime-gpu); "
                         "onnxruntime-trt (ONNX Runtime's TensorRT execution provider, on the GPU); or tensorrt "
-                        "(the engines `vpsde build` cached in the bundle; needs an NVIDIA GPU)")
+                        "(the engines `vpsde build` cached in the bundle; needs an NVIDIA GPU); or openvino (OpenVINO's "
+                        "CPU plugin, vpsde[openvino]: runs bf16 bundles on the CPU; each graph is checked against "
+                        "ONNX Runtime as it opens)")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"],
                    help="where tensors live (default: cpu for onnxruntime, cuda for the others)")
     p.add_argument("--cuda-graph", action="store_true",

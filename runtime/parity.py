@@ -35,15 +35,17 @@ DEFAULT_TOLERANCES: dict[str, tuple[float, float]] = {"fp32": (1e-4, 1e-3), "fp1
 max |a - b| <= atol or its relative L2 <= rtol. Measured on the shipped digits model (docs/parity.md): fp32 ONNX
 Runtime vs eager torch 1.3e-7 relative L2 after 200 steps, so fp32's bars leave three decades for kernels that
 sum in another order (TensorRT, other CPUs); fp16 vs fp32 2.7e-4, so 1e-2 flags a regression, not rounding.
-bf16 (8 bits of mantissa, 2^-8 = 3.9e-3 per rounding) has no CPU kernels here and was not measured: its bar is
-fp16's scaled by their unit roundoffs' ratio, capped. int8 (convolutions only, export/quantize.py) vs its fp32 bundle,
+bf16 (8 bits of mantissa, 2^-8 = 3.9e-3 per rounding), on the openvino backend vs its fp32 bundle, digits EM-200,
+16 samples: max |a - b| 0.024, relative L2 6.7e-3 (EM-50: 0.035, 1.1e-2). int8 (convolutions only, export/quantize.py) vs its fp32 bundle,
 digits EM-200, 16 samples: max |a - b| 0.044, relative L2 6.3e-3; the bars are about 3x and 5x that."""
 
 PER_CALL_TOLERANCES: dict[str, tuple[float, float]] = {"fp32": (1e-5, 1e-5), "fp16": (1e-3, 1e-2),
-                                                        "bf16": (1e-2, 5e-2), "int8": (5e-2, 5e-2)}
+                                                        "bf16": (5e-2, 5e-2), "int8": (5e-2, 5e-2)}
 """Per-call (atol, rtol) under polygraphy's elementwise rule (an element passes within either). fp32: the test
 suite's per-call bar (measured: 4.8e-7 needed); fp16: measured 8.4e-5 needed on the digits model, bar 12x that;
-int8: 0.018 needed (digits EM-200, the last step), bar about 3x that."""
+bf16 (openvino backend): 0.017 needed on digits EM-200, 0.026 on EM-50 (the last step), bar 2-3x that (it was
+1e-2, scaled from fp16 before bf16 could be run on a CPU); int8: 0.018 needed (digits EM-200, the last step),
+bar about 3x that."""
 
 
 class Side(Protocol):

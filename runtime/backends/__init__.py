@@ -9,23 +9,24 @@ from __future__ import annotations
 from vpsde.runtime.errors import BackendUnavailable
 from vpsde.runtime.loop import OpenBackend
 
-BACKENDS = ("onnxruntime", "onnxruntime-trt", "tensorrt")
+BACKENDS = ("onnxruntime", "onnxruntime-trt", "tensorrt", "openvino")
 MAX_THREADS = 1024  # intra-op CPU threads: far more make ONNX Runtime exhaust the process instead of failing
-DEFAULT_DEVICE = {"onnxruntime": "cpu", "onnxruntime-trt": "cuda", "tensorrt": "cuda"}
+DEFAULT_DEVICE = {"onnxruntime": "cpu", "onnxruntime-trt": "cuda", "tensorrt": "cuda", "openvino": "cpu"}
 
 
 def open_backend(backend: str, bundle, device: str | None = None, threads: int | None = None,
                  cuda_graph: bool = False) -> OpenBackend:
     """Open every graph of ``bundle`` on ``backend`` ("onnxruntime" on "cpu" or "cuda"; "onnxruntime-trt", ONNX
     Runtime's TensorRT execution provider, on "cuda"; "tensorrt" on "cuda", from the engines ``vpsde build``
-    cached in the bundle). ``threads`` caps ONNX Runtime's intra-op CPU
-    threads; ``cuda_graph`` replays each binding as a CUDA graph (GPU only)."""
+    cached in the bundle; "openvino" on "cpu", OpenVINO's CPU plugin, which also runs bf16 bundles, each graph
+    checked against ONNX Runtime once as it opens). ``threads`` caps the intra-op CPU threads; ``cuda_graph``
+    replays each binding as a CUDA graph (GPU only)."""
     device = device or DEFAULT_DEVICE.get(backend, "cpu")
     if backend in ("onnxruntime", "onnxruntime-trt"):
         if device == "cpu" and bundle.manifest.model.precision == "bf16":
             raise BackendUnavailable(f"{bundle.root}: a bf16 bundle ('model.precision'); ONNX Runtime's CPU provider "
-                                     "has no bfloat16 kernels: sample it with --backend tensorrt, or export with "
-                                     "--precision fp16 or fp32 for the CPU")
+                                     "has no bfloat16 kernels: sample it with --backend openvino (CPU, vpsde[openvino]) "
+                                     "or tensorrt, or export with --precision fp16 or fp32 for the CPU")
         from vpsde.runtime.backends.onnxruntime import OnnxRuntimeRunner, OrtDevice, session_from_bundle
 
         trt_ep = backend == "onnxruntime-trt"
@@ -33,6 +34,13 @@ def open_backend(backend: str, bundle, device: str | None = None, threads: int |
         return OpenBackend(dev, {key: OnnxRuntimeRunner(session_from_bundle(bundle, key, device, threads, cuda_graph,
                                                                             trt_ep), bundle, key, dev)
                                  for key in bundle.manifest.graphs})
+    if backend == "openvino":
+        if device != "cpu":
+            raise BackendUnavailable(f"the openvino backend runs on the CPU (--device cpu), not {device!r}")
+        from vpsde.runtime.backends.openvino import HostDevice, open_graph
+
+        dev = HostDevice()
+        return OpenBackend(dev, {key: open_graph(bundle, key, dev, threads) for key in bundle.manifest.graphs})
     if backend == "tensorrt":
         if device != "cuda":
             raise BackendUnavailable(f"the tensorrt backend runs on an NVIDIA GPU (--device cuda), not {device!r}")
