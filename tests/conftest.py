@@ -14,6 +14,12 @@ def tiny_unet(seed: int = 0):
 
 
 @pytest.fixture(scope="session")
+def digits():
+    """The shipped digits model (VP-SDE with score_sde's std), for tests that export it; read-only."""
+    return load_model("digits", VPSDE())
+
+
+@pytest.fixture(scope="session")
 def unet_bundle(tmp_path_factory):
     return export_bundle(tiny_unet(), tmp_path_factory.mktemp("bundles") / "unet-em", steps=1000, grid="diffusers",
                          value_range=(-1, 1), log=lambda _: None)

@@ -10,7 +10,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from vpsde.export import VPSDE, export_bundle, load_model
+from vpsde.export import export_bundle
 from vpsde.runtime import Sampler
 from vpsde.runtime.backends.onnxruntime import OnnxRuntimeRunner, session_from_bundle
 
@@ -21,11 +21,6 @@ pytestmark = [
     pytest.mark.skipif("CUDAExecutionProvider" not in ort.get_available_providers(),
                        reason="no CUDAExecutionProvider in this onnxruntime (needs onnxruntime-gpu and an NVIDIA GPU)"),
 ]
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_model("digits", VPSDE())
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from vpsde.export import VPSDE, export_bundle, load_model
+from vpsde.export import export_bundle
 from vpsde.runtime import Sampler
 from vpsde.runtime.errors import BackendUnavailable
 from vpsde.runtime.tensorrt.build import BatchProfile
@@ -44,11 +44,6 @@ def _built(bundle):
     for graph in bundle.manifest.graphs:
         build_cached(bundle, graph, flavor, PROFILE, [gpu.compute_capability])
     return bundle
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_model("digits", VPSDE())
 
 
 @pytest.fixture(scope="module")

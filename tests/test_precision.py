@@ -18,7 +18,7 @@ import onnx
 import pytest
 import torch
 
-from vpsde.export import VPSDE, export_bundle, load_model
+from vpsde.export import VPSDE, export_bundle
 from vpsde.export.precision import with_precision
 from vpsde.export.steps import EulerMaruyamaStep
 from vpsde.runtime import Sampler
@@ -37,11 +37,6 @@ def noisy_digits(sde, t, n, g):
     tt = torch.full((n,), t)
     return sde.mean_coeff(tt)[:, None, None, None] * x0 + sde.std(tt)[:, None, None, None] * torch.randn(
         (n, 1, 16, 16), generator=g), tt
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_model("digits", VPSDE())
 
 
 @pytest.mark.parametrize("precision", list(BOUNDS))

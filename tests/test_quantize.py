@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from vpsde.cli.main import main as cli
-from vpsde.export import VPSDE, export_bundle, load_model
+from vpsde.export import VPSDE, export_bundle
 from vpsde.export import quantize
 from vpsde.models.digits_data import train_heldout_split
 from vpsde.runtime import Sampler
@@ -26,11 +26,6 @@ from vpsde.runtime.backends.onnxruntime import OnnxRuntimeRunner, session_from_b
 
 STEPS = 20
 DRIFT_BOUND = 2e-2
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_model("digits", VPSDE())
 
 
 @pytest.fixture(scope="module")
