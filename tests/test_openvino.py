@@ -93,6 +93,25 @@ def test_mixture_graphs_open_only_if_openvino_computes_them_right(case, bundles)
     _loop_equals_onnxruntime(b, s)
 
 
+def test_a_bf16_mixture_is_checked_through_its_float32_twin_too(tmp_path):
+    """A bf16 graph is held to its precision's wide bar (5e-2) against its float32 twin on ONNX Runtime, and its
+    float32 twin on OpenVINO to the fp32 bar: the PC corrector's miscompile (1e-3 here) hides under the first and not
+    the second. A release that computes it right must sample it as the fp32 bundle does, within the bf16 bars."""
+    gmm = load_model("gmm:dim=3,components=2,seed=4", VPSDE())
+    kw = dict(sampler="pc", steps=6, grid="uniform", corrector_steps=1, **QUIET)
+    bf16 = export_bundle(gmm, tmp_path / "bf16", precision="bf16", **kw)
+    try:
+        s = Sampler(bf16, backend="openvino", progress=False, threads=1)
+    except BundleError as e:
+        assert "differently from ONNX Runtime" in str(e) and "--backend tensorrt" in str(e)
+        assert "float32 twin" in str(e) or "bar 0.05 for bf16" in str(e)
+        return
+    fp32 = export_bundle(gmm, tmp_path / "fp32", **kw)
+    want = Sampler(fp32, progress=False, threads=1).sample(6, seed=3)
+    got = s.sample(6, seed=3)
+    assert np.isfinite(got).all() and np.linalg.norm(got - want) <= 5e-2 * np.linalg.norm(want)
+
+
 def test_the_open_check_catches_a_wrong_or_nan_output(digits_fp32_bf16):
     fp32, _ = digits_fp32_bf16
     right = OpenVinoRunner(compile_graph(fp32, "em", threads=1), fp32, "em").infer
