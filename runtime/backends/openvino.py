@@ -129,7 +129,13 @@ def check_against_onnxruntime(bundle: Bundle, graph_key: str, infer: Callable[[d
     options.intra_op_num_threads = 1
     feed = probe_feed(bundle, graph)
     names = [s.name for s in graph.outputs]
-    want = dict(zip(names, ort.InferenceSession(data, options, providers=["CPUExecutionProvider"]).run(names, feed)))
+    try:
+        session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+        want = dict(zip(names, session.run(names, feed)))
+    except Exception as e:  # onnxruntime's own exception types
+        raise BundleError(f"{bundle.graph_path(graph_key)}: ONNX Runtime, the reference for OpenVINO's open check, "
+                          f"could not run graph {graph_key!r}: {_first_line(e)}") from e
+    del session
     got = infer(feed)
     worst = 0.0
     for name in names:
