@@ -44,6 +44,8 @@ from pathlib import Path
 
 CONTENDERS = ("vpsde-ort", "vpsde-ort-int8", "vpsde-openvino-bf16", "vpsde-ort-all-threads", "vpsde-ort-inline-noise", "vpsde-ort-prefetch",
               "vpsde-bare", "plain-ort-unet", "diffusers-eager", "diffusers-compile", "openvino-f32", "openvino")
+BUNDLE_PRECISION = {"vpsde-ort-int8": "int8", "vpsde-openvino-bf16": "bf16"}
+"""Contenders that sample a bundle of another precision (exported beside the fp32 one, as bundle-<precision>)."""
 DEFAULT_LOOPS = ("vpsde-ort", "vpsde-ort-int8", "vpsde-bare", "plain-ort-unet", "diffusers-eager", "diffusers-compile")
 
 
@@ -144,8 +146,8 @@ def worker(kind: str, args: dict, bundle: str, conn) -> None:
         from vpsde.runtime import Sampler  # no torch in this process: its RSS is the runtime's own
         from vpsde.runtime.benchmark import ReplayedCalls
 
-        if kind in ("vpsde-ort-int8", "vpsde-openvino-bf16"):
-            bundle = str(Path(bundle).parent / f"bundle-{kind.rsplit('-', 1)[1]}")
+        if kind in BUNDLE_PRECISION:
+            bundle = str(Path(bundle).parent / f"bundle-{BUNDLE_PRECISION[kind]}")
         threads = None if kind == "vpsde-ort-all-threads" else args["threads"]
         sampler = Sampler(bundle, backend="openvino" if "openvino" in kind else "onnxruntime", progress=False,
                           threads=threads, prefetch_noise=kind == "vpsde-ort-prefetch",
@@ -190,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     model = load_model(args.model, VPSDE(std_formula="diffusers"))
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
     export_bundle(model, bundle, steps=args.steps, grid="diffusers", log=log)
-    for kind, precision in (("vpsde-ort-int8", "int8"), ("vpsde-openvino-bf16", "bf16")):
+    for kind, precision in BUNDLE_PRECISION.items():
         if kind in args.loops:
             export_bundle(model, Path(tmp) / f"bundle-{precision}", steps=args.steps, grid="diffusers",
                           precision=precision, log=log)

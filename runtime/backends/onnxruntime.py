@@ -30,14 +30,16 @@ def providers_for(device: str) -> list[str]:
 
 
 def session_from_bundle(bundle: Bundle, graph_key: str, device: str = "cpu", threads: int | None = None,
-                        cuda_graph: bool = False, tensorrt_ep: bool = False) -> ort.InferenceSession:
+                        cuda_graph: bool = False, tensorrt_ep: bool = False,
+                        data: bytes | None = None) -> ort.InferenceSession:
     """Loader: an InferenceSession for one graph of the bundle; ORT failures become a :class:`BundleError`.
     ``cuda_graph`` (device "cuda" only) lets the CUDA provider capture each binding once and replay it.
     ``tensorrt_ep`` (device "cuda" only) puts ONNX Runtime's TensorRT execution provider first, with its engines
     cached in ``BUNDLE/engines/ort-trt`` (nodes it does not take fall back to CUDA).
 
     The session is made from the graph's checked bytes (:meth:`Bundle.graph_bytes`), not its path: what was
-    verified is what runs, and no tensor can be read from a file by path."""
+    verified is what runs, and no tensor can be read from a file by path. ``data`` replaces them with bytes derived
+    from them (the openvino backend's float32 twin of a bf16 graph, its reference)."""
     path = bundle.graph_path(graph_key)
     if threads is not None and not 1 <= threads <= MAX_THREADS:
         raise InputError(f"threads: expected 1..{MAX_THREADS}, got {threads}")
@@ -61,7 +63,7 @@ def session_from_bundle(bundle: Bundle, graph_key: str, device: str = "cpu", thr
                                                     "trt_engine_cache_path": str(cache),
                                                     "trt_cuda_graph_enable": "True" if cuda_graph else "False"}),
                      *providers]
-    data = bundle.graph_bytes(graph_key)
+    data = bundle.graph_bytes(graph_key) if data is None else data
     try:
         return ort.InferenceSession(data, sess_options=options, providers=providers)
     except BackendUnavailable:

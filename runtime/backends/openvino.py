@@ -119,23 +119,19 @@ def check_against_onnxruntime(bundle: Bundle, graph_key: str, infer: Callable[[d
     through ONNX Runtime's CPU provider on :func:`reference_bytes`; returns the relative difference (see
     :data:`CHECK_TOLERANCE`, for ``precision``, default the bundle's) and raises :class:`BundleError` naming the
     graph and output where it exceeds the bar."""
-    import onnxruntime as ort
+    from vpsde.runtime.backends.onnxruntime import session_from_bundle
 
     precision = precision or bundle.manifest.model.precision
     graph = bundle.manifest.graphs[graph_key]
-    data = reference_bytes(bundle, graph_key)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.intra_op_num_threads = 1
     feed = probe_feed(bundle, graph)
     names = [s.name for s in graph.outputs]
+    session = session_from_bundle(bundle, graph_key, threads=1, data=reference_bytes(bundle, graph_key))
     try:
-        session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
         want = dict(zip(names, session.run(names, feed)))
     except Exception as e:  # onnxruntime's own exception types
         raise BundleError(f"{bundle.graph_path(graph_key)}: ONNX Runtime, the reference for OpenVINO's open check, "
                           f"could not run graph {graph_key!r}: {_first_line(e)}") from e
-    del session
+    del session  # before OpenVINO's call: one large model in memory at a time
     got = infer(feed)
     worst = 0.0
     for name in names:
