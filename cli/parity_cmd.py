@@ -11,18 +11,21 @@ from pathlib import Path
 from vpsde.cli.common import DIGEST_HELP, UsageError, positive, threads_arg, u64
 
 EPILOG = """references (--against):
-  eager            the bundle's step modules in eager torch, float32 (needs vpsde[export]; the model is
-                   rebuilt from the manifest's model.source, or --model)
+  eager            the bundle's step modules in eager torch, float32 (needs vpsde[export]) around the model
+                   of --model, whose weights must match the manifest's model.weights_sha256; without
+                   --model only a self-contained model.source (digits, gmm) is rebuilt: a bundle never
+                   chooses code to run or files to read
   eager64          the same in float64 arithmetic (values between calls stay float32, as in the graphs)
   backend:NAME     this bundle on another backend (onnxruntime, onnxruntime-trt, tensorrt)
   PATH             another bundle of the same program (e.g. the fp32 sibling of an fp16 bundle)
 
-tolerances: a graph call passes under polygraphy's elementwise rule (each element within --call-atol or
---call-rtol); the final sample passes if max |a - b| <= --atol or its relative L2 <= --rtol. Defaults by
-the lower precision of the two sides (fp32 / fp16 / bf16 / int8): call atol 1e-5 / 1e-3 / 5e-2 / 5e-2 and rtol
-1e-5 / 1e-2 / 5e-2 / 5e-2; final atol 1e-4 / 1e-2 / 5e-2 / 0.15 and rtol 1e-3 / 1e-2 / 5e-2 / 3e-2 (docs/parity.md
-says why). Exit status 1 when
-a comparison fails, 2 on an error.
+tolerances: a graph call passes under polygraphy's elementwise rule per output (each element within its
+output's --call-atol or --call-rtol); the final sample passes if max |a - b| <= --atol or its relative L2 <=
+--rtol. --call-atol/--call-rtol take a number (every output) or NAME:VALUE items, polygraphy's convention
+(--call-atol x0:1e-3 1e-5: x0 at 1e-3, every other output at 1e-5). Defaults by the lower precision of the two
+sides (docs/parity.md says why; x0 is DPM-Solver++'s data prediction, which scales rounding by 1/alpha(t)):
+{table}
+Exit status 1 when a comparison fails, 2 on an error.
 
 examples:
   vpsde parity build/digits-em --against eager --num 4 --report out/parity
@@ -32,24 +35,50 @@ examples:
 """
 
 
+def tolerance_arg(text: str) -> tuple[str, float]:
+    """One --call-atol/--call-rtol item: VALUE (every output) or NAME:VALUE; VALUE finite and >= 0."""
+    name, sep, value = text.rpartition(":")
+    try:
+        bar = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected VALUE or OUTPUT:VALUE with a number, got {text!r}") from None
+    if not (bar >= 0 and bar != float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite tolerance >= 0, got {text!r}")
+    if sep and not name:
+        raise argparse.ArgumentTypeError(f"expected OUTPUT:VALUE with an output name, got {text!r}")
+    return name, bar
+
+
+def finite_tolerance(text: str) -> float:
+    name, bar = tolerance_arg(text)
+    if name:
+        raise argparse.ArgumentTypeError(f"the final-sample tolerance is one number, got {text!r} (per-output bars "
+                                         "are --call-atol/--call-rtol)")
+    return bar
+
+
 def register(sub, fmt) -> None:
+    from vpsde.runtime.parity import tolerance_help
+
     p = sub.add_parser("parity", help="compare a bundle's trajectory across backends, precisions or eager torch",
                        description="Run a bundle's sampler on each --backends side and on a reference with the same "
                        "seeds and host noise; compare every graph call (the test side fed the reference's inputs) "
                        "and the two free-running trajectories step by step; print a table and exit 1 past the "
-                       "tolerances.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       "tolerances.", epilog=EPILOG.format(table=tolerance_help()), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("bundle", type=Path, help="bundle directory (the side under test)")
     p.add_argument("--against", required=True, metavar="REF", help="eager | eager64 | backend:NAME | PATH (below)")
     p.add_argument("--backends", default="onnxruntime", help="comma-separated backends to test (default: onnxruntime)")
     p.add_argument("--device", default=None, help="cpu | cuda for the onnxruntime sides (default: each backend's)")
-    p.add_argument("--model", default=None, help="eager references: the model spec (default: the manifest's model.source)")
+    p.add_argument("--model", default=None, help="eager references: the model spec, as for export (default: the "
+                   "manifest's model.source if it is digits or gmm)")
     p.add_argument("--num", type=positive, default=4, help="samples (one batch; default: 4)")
     p.add_argument("--seed", type=u64("--seed"), default=0, help="noise seed (default: 0)")
     p.add_argument("--threads", type=threads_arg, default=None, help="intra-op CPU threads of ONNX Runtime")
-    for flag, what in (("--atol", "final sample: max |a - b|"), ("--rtol", "final sample: relative L2"),
-                       ("--call-atol", "per graph call: elementwise absolute"),
-                       ("--call-rtol", "per graph call: elementwise relative")):
-        p.add_argument(flag, type=float, default=None, help=f"{what} tolerance (default: by precision, below)")
+    for flag, what in (("--atol", "final sample: max |a - b|"), ("--rtol", "final sample: relative L2")):
+        p.add_argument(flag, type=finite_tolerance, default=None, help=f"{what} tolerance (default: by precision, below)")
+    for flag, what in (("--call-atol", "absolute"), ("--call-rtol", "relative")):
+        p.add_argument(flag, type=tolerance_arg, nargs="+", default=None, metavar="[OUTPUT:]VALUE",
+                       help=f"per graph call: elementwise {what} tolerance, per output (default: by precision, below)")
     p.add_argument("--report", type=Path, default=None, metavar="DIR",
                    help="write report.json, error_vs_step.png and (image bundles) samples.png here")
     p.add_argument("--polygraphy-cmd", action="store_true",
@@ -115,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
     for backend in filter(None, args.backends.split(",")):
         test = BackendSide(bundle, backend, args.device, args.threads)
         report = compare(m, reference, test, args.num, args.seed, atol=args.atol, rtol=args.rtol,
-                         call_atol=args.call_atol, call_rtol=args.call_rtol, precision=precision)
+                         call_atol=_bars(args.call_atol), call_rtol=_bars(args.call_rtol), precision=precision)
         reports.append(report)
     _print_table(m, reports)
     quality = _quality(m, reports, args.num) if args.quality else None
@@ -129,6 +158,20 @@ def run(args: argparse.Namespace) -> int:
         if args.polygraphy_cmd:
             print(_polygraphy_cmd(bundle, reports[0], args.report))
     return 0 if all(r.passed for r in reports) else 1
+
+
+def _bars(items: list[tuple[str, float]] | None) -> float | dict[str, float] | None:
+    """--call-atol/--call-rtol items -> one bar for every output (a lone VALUE), or {output: bar} applied over the
+    defaults ("" for a VALUE among NAME:VALUE items: every output not named)."""
+    if items is None:
+        return None
+    return items[0][1] if len(items) == 1 and not items[0][0] else dict(items)
+
+
+def _bar_text(bars: dict[str, float], outputs: list[str]) -> str:
+    from vpsde.runtime.parity import bar_for
+
+    return "/".join(f"{bar_for(bars, o):g}" for o in outputs)
 
 
 def _quality(m, reports, num: int) -> dict:
@@ -161,9 +204,15 @@ def _print_table(m, reports) -> None:
     for r in reports:
         worst = max(r.steps, key=lambda s: s.rel_l2)
         first = r.first_failing_call
-        verdict = "ok" if r.passed else (f"FAIL: call at step {first.step} ({first.graph}) past atol {r.call_atol:g} / "
-                                         f"rtol {r.call_rtol:g}" if first else
-                                         f"FAIL: final sample past atol {r.atol:g} / rtol {r.rtol:g}")
+        if r.passed:
+            verdict = "ok"
+        elif first is not None:
+            outs = first.failed_outputs
+            verdict = (f"FAIL: call at step {first.step} ({first.graph}), output {'/'.join(outs)}: max |d| "
+                       f"{'/'.join(f'{first.max_abs[o]:.3g}' for o in outs)} past atol {_bar_text(r.call_atol, outs)}"
+                       f" and rtol {_bar_text(r.call_rtol, outs)}")
+        else:
+            verdict = f"FAIL: final sample past atol {r.atol:g} / rtol {r.rtol:g}"
         print(f"{r.test:<28}{r.final_max_abs:>13.3g}{r.final_rel_l2:>12.3g}{worst.rel_l2:>11.3g} @{worst.step:<5}"
               f"{r.required_call_atol:>15.3g}{r.required_call_rtol:>15.3g}  {verdict}")
 
@@ -182,4 +231,10 @@ def _polygraphy_cmd(bundle, report, out: Path) -> str:
     shapes = " ".join(f"{name}:{list(v.shape)}".replace(" ", "") for name, v in feed.items())
     return (f"# graph {key!r} at step {step}: ONNX Runtime vs TensorRT on the same inputs\n"
             f"polygraphy run {shlex.quote(str(graph))} --onnxrt --trt --load-inputs {shlex.quote(str(path))} "
-            f"--input-shapes {shapes} --check-error-stat elemwise --atol {report.call_atol:g} --rtol {report.call_rtol:g}")
+            f"--input-shapes {shapes} --check-error-stat elemwise --atol {_polygraphy_bars(report.call_atol)} "
+            f"--rtol {_polygraphy_bars(report.call_rtol)}")
+
+
+def _polygraphy_bars(bars: dict[str, float]) -> str:
+    """Per-output bars in polygraphy's command-line form: NAME:VALUE items, then the bare default."""
+    return " ".join([f"{k}:{v:g}" for k, v in bars.items() if k] + [f"{bars['']:g}"])

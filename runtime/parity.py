@@ -29,23 +29,53 @@ from vpsde.runtime.loop import infer_once, rolling_of_output
 from vpsde.runtime.manifest import Manifest
 from vpsde.runtime.noise import PHILOX_ID, make_noise
 
-DEFAULT_TOLERANCES: dict[str, tuple[float, float]] = {"fp32": (1e-4, 1e-3), "fp16": (1e-2, 1e-2),
-                                                      "bf16": (5e-2, 5e-2), "int8": (0.15, 3e-2)}
-"""Default (atol, rtol) on the *final sample*, by the lower of the two sides' precisions; a sample passes if
-max |a - b| <= atol or its relative L2 <= rtol. Measured on the shipped digits model (docs/parity.md): fp32 ONNX
-Runtime vs eager torch 1.3e-7 relative L2 after 200 steps, so fp32's bars leave three decades for kernels that
-sum in another order (TensorRT, other CPUs); fp16 vs fp32 2.7e-4, so 1e-2 flags a regression, not rounding.
-bf16 (8 bits of mantissa, 2^-8 = 3.9e-3 per rounding), on the openvino backend vs its fp32 bundle, digits EM-200,
-16 samples: max |a - b| 0.024, relative L2 6.7e-3 (EM-50: 0.035, 1.1e-2). int8 (convolutions only, export/quantize.py) vs its fp32 bundle,
-digits EM-200, 16 samples: max |a - b| 0.044, relative L2 6.3e-3; the bars are about 3x and 5x that."""
+@dataclass(frozen=True)
+class Tolerance:
+    """The bars of one precision (the lower of the two compared sides'). Per graph call, polygraphy's elementwise
+    rule by output name (an element passes within its output's atol or rtol; key "" is every output not named);
+    on the final sample, max |a - b| <= ``final_atol`` or relative L2 <= ``final_rtol``; ``open_check``: the
+    OpenVINO backend's open-time bar, max |OpenVINO - ONNX Runtime| / max(1, |output|). docs/parity.md gives
+    the measurements behind each figure."""
 
-PER_CALL_TOLERANCES: dict[str, tuple[float, float]] = {"fp32": (1e-5, 1e-5), "fp16": (1e-3, 1e-2),
-                                                        "bf16": (5e-2, 5e-2), "int8": (5e-2, 5e-2)}
-"""Per-call (atol, rtol) under polygraphy's elementwise rule (an element passes within either). fp32: the test
-suite's per-call bar (measured: 4.8e-7 needed); fp16: measured 8.4e-5 needed on the digits model, bar 12x that;
-bf16 (openvino backend): 0.017 needed on digits EM-200, 0.026 on EM-50 (the last step), bar 2-3x that (it was
-1e-2, scaled from fp16 before bf16 could be run on a CPU); int8: 0.018 needed (digits EM-200, the last step),
-bar about 3x that."""
+    call_atol: Mapping[str, float]
+    call_rtol: Mapping[str, float]
+    final_atol: float
+    final_rtol: float
+    open_check: float
+
+
+TOLERANCES: dict[str, Tolerance] = {
+    "fp32": Tolerance({"": 1e-5, "x0": 1.5e-3}, {"": 1e-5}, 1e-4, 1e-3, 1e-4),
+    "fp16": Tolerance({"": 1e-3, "x0": 0.15}, {"": 1e-2}, 1e-2, 1e-2, 1e-2),
+    "bf16": Tolerance({"": 5e-2, "x0": 7.5}, {"": 5e-2}, 5e-2, 5e-2, 5e-2),
+    "int8": Tolerance({"": 5e-2, "x0": 7.5}, {"": 5e-2}, 0.15, 3e-2, 5e-2),
+}
+"""Bars by precision. ``x0`` (DPM-Solver++'s data prediction, carried as state) is (x - sigma eps) / alpha: it
+scales every rounding of x and eps by 1 / alpha(t), up to 150 at t = 1 on the default VP-SDE, so its per-call
+atol is the precision's times 150."""
+
+PRECISIONS = tuple(TOLERANCES)
+"""From most to least precise (mantissa bits; int8 last)."""
+
+
+def tolerance_help() -> str:
+    """The default bars as the CLI's help prints them (one line per precision)."""
+    def per_output(bars: Mapping[str, float]) -> str:
+        return " ".join(f"{k + ':' if k else ''}{v:g}" for k, v in sorted(bars.items(), key=lambda kv: kv[0] != ""))
+    return "\n".join(f"  {p:<5} call atol {per_output(t.call_atol):<18} call rtol {per_output(t.call_rtol):<8} "
+                     f"final atol {t.final_atol:<6g} final rtol {t.final_rtol:g}" for p, t in TOLERANCES.items())
+
+
+def resolve_bars(default: Mapping[str, float], given: float | Mapping[str, float] | None) -> dict[str, float]:
+    """Per-output bars: ``default`` with ``given`` applied. A number replaces every output's bar; a mapping
+    (output name -> bar, "" for every output not named) replaces the outputs it names."""
+    if given is None:
+        return dict(default)
+    return {**default, **given} if isinstance(given, Mapping) else {"": float(given)}
+
+
+def bar_for(bars: Mapping[str, float], output: str) -> float:
+    return bars.get(output, bars[""])
 
 
 class Side(Protocol):
@@ -81,6 +111,7 @@ class CallRecord:
     max_rel: dict[str, float]
     rel_l2: dict[str, float]
     passed: bool
+    failed_outputs: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -101,8 +132,9 @@ class ParityReport:
     seed: int
     atol: float
     rtol: float
-    call_atol: float
-    call_rtol: float
+    call_atol: dict[str, float]
+    """Per-call bars by output name ("" for every output not named)."""
+    call_rtol: dict[str, float]
     calls: list[CallRecord] = field(default_factory=list)
     steps: list[StepRecord] = field(default_factory=list)
     final_max_abs: float = float("nan")
@@ -126,6 +158,14 @@ class ParityReport:
     def required_call_rtol(self) -> float:
         return max((max(c.max_rel.values()) for c in self.calls), default=0.0)
 
+    def required_call_atol_by_output(self) -> dict[str, float]:
+        """Per output name: the largest max |a - b| of any call (the smallest atol under which it passes)."""
+        worst: dict[str, float] = {}
+        for c in self.calls:
+            for k, v in c.max_abs.items():
+                worst[k] = max(worst.get(k, 0.0), v)
+        return worst
+
     @property
     def final_passed(self) -> bool:
         return bool(self.final_max_abs <= self.atol or self.final_rel_l2 <= self.rtol)
@@ -140,8 +180,10 @@ class ParityReport:
                 "passed": self.passed,
                 "final": {"max_abs": self.final_max_abs, "rel_l2": self.final_rel_l2, "atol": self.atol,
                           "rtol": self.rtol, "passed": self.final_passed},
-                "per_call": {"atol": self.call_atol, "rtol": self.call_rtol, "rule": "polygraphy elemwise",
+                "per_call": {"atol": self.call_atol, "rtol": self.call_rtol, "rule": "polygraphy elemwise, per output "
+                             "(\"\": every output not named)",
                              "required_atol": self.required_call_atol, "required_rtol": self.required_call_rtol,
+                             "required_atol_by_output": self.required_call_atol_by_output(),
                              "first_failing": None if first is None else asdict(first)},
                 "steps": [asdict(s) for s in self.steps], "calls": [asdict(c) for c in self.calls]}
 
@@ -212,19 +254,20 @@ def program_calls(manifest: Manifest, noise, num: int) -> Iterator[tuple[int, li
 
 
 def lower_precision(*precisions: str) -> str:
-    """The least precise of ``precisions`` ("fp32" > "fp16" > "bf16" in mantissa bits > "int8")."""
-    order = ["fp32", "fp16", "bf16", "int8"]
-    return max(precisions, key=order.index)
+    """The least precise of ``precisions`` (in the order of :data:`PRECISIONS`)."""
+    return max(precisions, key=PRECISIONS.index)
 
 
 def compare(manifest: Manifest, reference: Side, test: Side, num: int = 4, seed: int = 0, *,
-            atol: float | None = None, rtol: float | None = None, call_atol: float | None = None,
-            call_rtol: float | None = None, precision: str | None = None,
+            atol: float | None = None, rtol: float | None = None,
+            call_atol: float | Mapping[str, float] | None = None,
+            call_rtol: float | Mapping[str, float] | None = None, precision: str | None = None,
             conditioning: Mapping[str, np.ndarray] | None = None, progress: bool = True,
             on_step: Callable[[StepRecord], None] | None = None) -> ParityReport:
     """Run ``manifest``'s program for ``num`` samples (sample indices 0..num-1, portable noise of ``seed``) on
     both sides; see the module docstring. Tolerances default by ``precision`` (the lower of the two sides';
-    default: the manifest's), from :data:`DEFAULT_TOLERANCES` and :data:`PER_CALL_TOLERANCES`."""
+    default: the manifest's), from :data:`TOLERANCES`; ``call_atol``/``call_rtol`` take a number (every output)
+    or a mapping of output name to bar applied over the defaults (see :func:`resolve_bars`)."""
     try:
         from polygraphy.comparator.compare import SimpleCompareFunc
         from polygraphy.comparator.struct import IterationResult
@@ -238,12 +281,10 @@ def compare(manifest: Manifest, reference: Side, test: Side, num: int = 4, seed:
     if sorted(cond) != sorted(manifest.sampler.conditioning):
         raise InputError(f"this bundle takes conditioning {list(manifest.sampler.conditioning) or 'none'}, got "
                          f"{sorted(cond) or 'none'}")
-    precision = precision or manifest.model.precision
-    d_atol, d_rtol = DEFAULT_TOLERANCES.get(precision, DEFAULT_TOLERANCES["fp32"])
-    c_atol, c_rtol = PER_CALL_TOLERANCES.get(precision, PER_CALL_TOLERANCES["fp32"])
-    report = ParityReport(reference.name, test.name, num, seed, d_atol if atol is None else atol,
-                          d_rtol if rtol is None else rtol, c_atol if call_atol is None else call_atol,
-                          c_rtol if call_rtol is None else call_rtol)
+    bars = TOLERANCES[precision or manifest.model.precision]
+    report = ParityReport(reference.name, test.name, num, seed, bars.final_atol if atol is None else atol,
+                          bars.final_rtol if rtol is None else rtol, resolve_bars(bars.call_atol, call_atol),
+                          resolve_bars(bars.call_rtol, call_rtol))
     check = SimpleCompareFunc(atol=report.call_atol, rtol=report.call_rtol, check_error_stat="elemwise")
     noise = make_noise(PHILOX_ID, seed)  # portable, and the same for both sides whatever the manifest names
     x_T = noise(0, 0, num, shape)
@@ -258,11 +299,10 @@ def compare(manifest: Manifest, reference: Side, test: Side, num: int = 4, seed:
             out_forced = test(graph, feed)
             result = check(IterationResult(out_forced, runner_name=test.name),
                            IterationResult(out_ref, runner_name=reference.name))
-            record = CallRecord(i, graph, {k: _max_abs(out_ref[k], out_forced[k]) for k in out_ref},
-                                {k: _nan_as_inf(v.max_reldiff) for k, v in result.items()},
-                                {k: _rel_l2(out_ref[k], out_forced[k]) for k in out_ref},
-                                all(bool(v) for v in result.values()))
-            record.passed = record.passed and all(np.isfinite(v) for v in record.max_abs.values())
+            max_abs = {k: _max_abs(out_ref[k], out_forced[k]) for k in out_ref}
+            failed = [k for k in out_ref if not (bool(result[k]) and np.isfinite(max_abs[k]))]
+            record = CallRecord(i, graph, max_abs, {k: _nan_as_inf(v.max_reldiff) for k, v in result.items()},
+                                {k: _rel_l2(out_ref[k], out_forced[k]) for k in out_ref}, not failed, failed)
             report.calls.append(record)
             if report.captured is None or (not record.passed and report.first_failing_call is record):
                 report.captured = (i, graph, {k: v.copy() for k, v in feed.items()})

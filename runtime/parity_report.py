@@ -13,8 +13,8 @@ import numpy as np
 
 from vpsde.runtime.atomic import atomic_path
 from vpsde.runtime.errors import InputError
-from vpsde.runtime.images import image_grid, save_png
-from vpsde.runtime.parity import ParityReport
+from vpsde.runtime.images import image_grid
+from vpsde.runtime.parity import ParityReport, bar_for
 
 
 def write_report(reports: Sequence[ParityReport], out: Path, value_range: Sequence[float] | None,
@@ -30,13 +30,31 @@ def write_report(reports: Sequence[ParityReport], out: Path, value_range: Sequen
     if value_range is not None and reports and reports[0].reference_sample is not None \
             and reports[0].reference_sample.ndim == 4:
         written.append(out / "samples.png")
-        rows = [reports[0].reference_sample] + [r.test_sample for r in reports]
-        cols = min(8, len(rows[0]))
-        save_png(written[-1], image_grid(np.concatenate([r[:cols] for r in rows]), tuple(value_range), cols=cols))
+        plot_samples(reports, tuple(value_range), written[-1])
     return written
 
 
-def plot_errors(reports: Sequence[ParityReport], path: Path) -> None:
+def plot_samples(reports: Sequence[ParityReport], value_range: tuple[float, float], path: Path) -> None:
+    """The reference's first samples (up to 8) in one labelled row, each test side's in a row below."""
+    plt = _pyplot()
+    rows = [(f"reference: {reports[0].reference}", reports[0].reference_sample)] + \
+           [(f"test: {r.test}", r.test_sample) for r in reports]
+    cols = min(8, len(rows[0][1]))
+    fig, axes = plt.subplots(len(rows), 1, figsize=(1.1 * cols + 0.5, 1.4 * len(rows) + 0.2), squeeze=False,
+                             constrained_layout=True)
+    for ax, (label, sample) in zip(axes[:, 0], rows):
+        grid = image_grid(sample[:cols], value_range, cols=cols)
+        ax.imshow(grid[..., 0] if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=255,
+                  interpolation="nearest")
+        ax.set_title(label[:80], fontsize=8, loc="left")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+
+
+def _pyplot():
     try:
         import matplotlib
 
@@ -44,17 +62,33 @@ def plot_errors(reports: Sequence[ParityReport], path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise InputError("--report plots need matplotlib: pip install 'vpsde[parity]'") from None
+    return plt
+
+
+def plot_errors(reports: Sequence[ParityReport], path: Path) -> None:
+    plt = _pyplot()
     fig, (ax_traj, ax_call) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
     floor = 1e-12  # log scale: exact agreement is drawn at the floor
-    for r in reports:
+    outputs = sorted({name for r in reports for c in r.calls for name in c.max_abs})
+    color = {name: f"C{k}" for k, name in enumerate(outputs)}  # one color per output; one line style per side
+    for side, r in enumerate(reports):
+        style = ["-", "--", "-.", ":"][side % 4]
         steps = [s.step for s in r.steps]
-        ax_traj.semilogy(steps, [max(s.rel_l2, floor) for s in r.steps], label=r.test)
-        per_step: dict[int, float] = {}
+        ax_traj.semilogy(steps, [max(s.rel_l2, floor) for s in r.steps], linestyle=style, label=r.test)
+        per_output: dict[str, dict[int, float]] = {}
         for c in r.calls:
-            per_step[c.step] = max(per_step.get(c.step, 0.0), *c.max_abs.values())
-        ax_call.semilogy(list(per_step), [max(v, floor) for v in per_step.values()], label=r.test)
+            for name, v in c.max_abs.items():
+                per_step = per_output.setdefault(name, {})
+                per_step[c.step] = max(per_step.get(c.step, 0.0), v)
+        for name, per_step in per_output.items():
+            ax_call.semilogy(list(per_step), [max(v, floor) for v in per_step.values()], color=color[name],
+                             linestyle=style, label=f"{r.test}: {name}")
     if reports:
-        ax_call.axhline(reports[0].call_atol, color="gray", linestyle="--", linewidth=0.8, label="per-call atol")
+        r = reports[0]
+        ax_traj.axhline(r.rtol, color="gray", linestyle="--", linewidth=0.8, label=f"final rtol {r.rtol:g}")
+        for name in outputs:
+            bar = bar_for(r.call_atol, name)
+            ax_call.axhline(bar, color=color[name], linestyle=":", linewidth=1.0, label=f"atol {name} {bar:g}")
     ax_traj.set(xlabel="step", ylabel="relative L2 of x (free-running)", title=f"trajectory vs {reports[0].reference}"
                 if reports else "trajectory")
     ax_call.set(xlabel="step", ylabel="max |a - b| of one call (same inputs)", title="per graph call")

@@ -17,6 +17,7 @@ from vpsde.export import export_bundle, load_model
 from vpsde.models.base import ScoreModel
 from vpsde.models.sde import VPSDE
 from vpsde.runtime import Bundle
+from vpsde.export.samplers import SAMPLERS
 from vpsde.runtime.parity import BackendSide, compare
 
 pytest.importorskip("polygraphy", reason="vpsde[parity] (polygraphy) not installed")
@@ -36,7 +37,7 @@ class ScaledLate(ScoreModel):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         scale = torch.where(t < self.below, torch.full_like(t, self.factor), torch.ones_like(t))
-        return self.inner(x, t) * scale[:, None]
+        return self.inner(x, t) * scale.view(-1, *[1] * (x.dim() - 1))
 
 
 @pytest.fixture(scope="module")
@@ -179,3 +180,67 @@ def test_same_model_check_uses_the_weights_hash(tmp_path):
     bundle = export_bundle(load_model("digits", VPSDE()), tmp_path / "d", steps=5, grid="uniform", log=lambda _: None)
     with pytest.raises(InputError, match="weights"):
         EagerSide(Bundle.load(bundle.root), "unet-random:channels=8")
+
+
+CONDITIONED = {"inpaint": ("digits", {"known", "mask"}), "colorize": ("gmm:dim=3,components=2,seed=4", {"known"})}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sampler", [s for s in SAMPLERS if s not in CONDITIONED])
+def test_every_samplers_correct_bundle_passes_parity_against_eager_with_the_defaults(sampler, digits, tmp_path,
+                                                                                     capsys):
+    """`vpsde parity --against eager` said FAIL on correct fp32 DPM-Solver++ bundles (0.4.1: the x0 output had the
+    default bar): each sampler's digits bundle, default grid, must pass with the defaults (fresh seed)."""
+    steps = 24 if sampler in ("pc", "ancestral") else 6  # their default (diffusers) grid needs N > beta_max
+    bundle = export_bundle(digits, tmp_path / sampler, sampler=sampler, steps=steps, value_range=(-1, 1),
+                           log=lambda _: None)
+    seed = int(np.random.default_rng().integers(2**32))
+    assert cli(["parity", str(bundle.root), "--against", "eager", "--num", "3", "--seed", str(seed)]) == 0, \
+        capsys.readouterr().out
+    assert "  ok" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sampler", list(CONDITIONED))
+def test_conditioned_samplers_pass_parity_against_eager_with_the_defaults(sampler, tmp_path):
+    from vpsde.export.eager import EagerSide
+
+    spec, inputs = CONDITIONED[sampler]
+    bundle = export_bundle(load_model(spec, VPSDE()), tmp_path / sampler, sampler=sampler, steps=6,
+                           log=lambda _: None)
+    rng = np.random.default_rng()
+    shape = (3, *bundle.manifest.model.sample_shape)
+    cond = {"known": rng.uniform(-1, 1, shape).astype(np.float32),
+            "mask": (rng.random(shape) < 0.5).astype(np.float32)}
+    report = compare(bundle.manifest, EagerSide(bundle), BackendSide(bundle), num=3, seed=int(rng.integers(2**32)),
+                     conditioning={k: cond[k] for k in inputs}, progress=False)
+    assert report.passed, (report.first_failing_call, report.final_rel_l2)
+
+
+@pytest.mark.slow
+def test_a_perturbed_dpmpp_bundle_still_fails_against_eager_and_names_the_output(digits, tmp_path, capsys):
+    """The x0 bar is wider, not blind: eps x 1.001 from t < 0.5 on fails, naming the call and its outputs."""
+    late = ScaledLate(digits, 1.001, below=0.5)
+    late.weights_sha256 = digits.weights_sha256  # the right weights around a wrong graph
+    bad = export_bundle(late, tmp_path / "bad", sampler="dpmpp-2m", steps=10, value_range=(-1, 1),
+                        log=lambda _: None)
+    assert cli(["parity", str(bad.root), "--against", "eager", "--model", "digits", "--num", "3"]) == 1
+    out = capsys.readouterr().out
+    first_late = int(np.argmax(np.asarray(bad.manifest.schedule["t"]) < 0.5))
+    assert f"FAIL: call at step {first_late} (dpmpp_2m), output " in out and "x_next" in out, out
+
+
+def test_per_output_call_tolerances_from_the_command_line(gmm_em, tmp_path, capsys):
+    """polygraphy's convention: NAME:VALUE items and a bare default; a lone number bars every output."""
+    out = tmp_path / "r"
+    assert cli(["parity", str(gmm_em.root), "--against", "eager64", "--num", "2", "--report", str(out),
+                "--call-atol", "x_mean:0.5", "0", "--call-rtol", "0"]) == 1  # x_next at 0: float32 vs float64 fails
+    text = capsys.readouterr().out
+    assert "output x_next" in text and "x_mean" not in text.split("FAIL")[1]
+    per_call = json.loads((out / "report.json").read_text())["comparisons"][0]["per_call"]
+    assert per_call["atol"][""] == 0.0 and per_call["atol"]["x_mean"] == 0.5 and per_call["rtol"] == {"": 0.0}
+    assert cli(["parity", str(gmm_em.root), "--against", "eager64", "--num", "2", "--call-atol", "1e-3"]) == 0
+    for bad in (["--call-atol", "x0:nan"], ["--call-atol", "-1"], ["--call-atol", ":1"], ["--atol", "x0:1"]):
+        with pytest.raises(SystemExit) as stop:  # argparse's own exit: usage and one error line
+            cli(["parity", str(gmm_em.root), "--against", "eager", *bad])
+        assert stop.value.code == 2 and bad[1] in capsys.readouterr().err
