@@ -23,8 +23,6 @@ def test_bench_writes_rows_for_each_batch(gmm_bundle, tmp_path, capsys):
     for r in rows:
         for key in ("ms_per_step", "bare_ms_per_step", "samples_per_s", "first_call_ms", "peak_rss_mb"):
             assert math.isfinite(r[key]) and r[key] > 0, (key, r)
-        # loop time includes the bare calls' work plus host noise and uploads: never far below it
-        assert r["ms_per_step"] > 0.5 * r["bare_ms_per_step"]
 
 
 def test_bench_refuses_bad_batches(gmm_bundle, capsys):

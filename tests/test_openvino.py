@@ -180,3 +180,34 @@ def test_openvino_is_cpu_only_and_samples_from_the_cli(bundles, tmp_path):
     got = np.load(tmp_path / "s" / "samples.npz")
     want = Sampler(bundles["em-unet"], progress=False).sample(3, seed=2)
     assert np.linalg.norm(got[list(got.keys())[0]] - want) <= 1e-5 * np.linalg.norm(want)
+
+
+def test_bench_on_openvino_runs_and_its_replay_is_the_loop(bundles, tmp_path):
+    """`vpsde bench --backend openvino` aborted with heap corruption (0.4.1): the bare-call replay dropped the
+    arrays its infer requests shared with OpenVINO. Run in a child process (a heap abort would kill pytest): the
+    bench exits 0 with finite rows, and the replayed calls write the loop's own sample, bit for bit."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "bench.json"
+    run = subprocess.run([sys.executable, "-m", "vpsde.cli.main", "bench", str(bundles["em-unet"].root), "--backend",
+                          "openvino", "--batch", "1,3", "--steps", "5", "--iters", "2", "--json", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["batch"] for r in rows] == [1, 3] and all(r["bare_ms_per_step"] > 0 for r in rows)
+    script = f"""
+import gc, numpy as np
+from vpsde.runtime import Bundle, Sampler
+from vpsde.runtime.benchmark import ReplayedCalls
+sampler = Sampler(Bundle.load({str(bundles['em-unet'].root)!r}), backend="openvino", progress=False, threads=1)
+want = sampler.sample(3, seed=0, stop_after_steps=6)
+replay = ReplayedCalls(sampler, 3, 6)
+gc.collect()
+churn = [np.full((3, 1, 16, 16), 7.0, np.float32) for _ in range(200)]  # reuse any freed blocks
+replay.seconds()
+np.testing.assert_array_equal(replay.device.peek(replay.sync), want)
+print("replay ok")
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "replay ok" in run.stdout, run.stderr[-2000:]

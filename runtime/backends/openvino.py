@@ -29,13 +29,6 @@ from vpsde.runtime.manifest import GraphSpec
 
 OV_TYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16", "i64": "int64", "i32": "int32"}
 CHECK_BATCH = 2
-CHECK_TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2, "int8": 5e-2}
-"""Open-time check: max |OpenVINO - ONNX Runtime| over a graph's outputs, relative to max(1, max |ONNX Runtime|).
-fp32: OpenVINO's kernels sum in another order (measured 3.8e-5 absolute on DDPM++ outputs of ~4); bf16 against
-the float32 twin, int8 against ONNX Runtime's own int8 kernels: the parity module's per-call rtol for them. The
-miscompiled mixture graphs are off by 0.15-4 relative."""
-
-
 def _openvino():
     try:
         import openvino
@@ -117,11 +110,13 @@ def check_against_onnxruntime(bundle: Bundle, graph_key: str, infer: Callable[[d
                               precision: str | None = None) -> float:
     """One probe call of graph ``graph_key`` through ``infer`` (host arrays in, output arrays by name out) and
     through ONNX Runtime's CPU provider on :func:`reference_bytes`; returns the relative difference (see
-    :data:`CHECK_TOLERANCE`, for ``precision``, default the bundle's) and raises :class:`BundleError` naming the
+    ``TOLERANCES[precision].open_check`` in ``runtime/parity.py``, ``precision`` defaulting to the bundle's) and raises :class:`BundleError` naming the
     graph and output where it exceeds the bar."""
     from vpsde.runtime.backends.onnxruntime import session_from_bundle
+    from vpsde.runtime.parity import TOLERANCES
 
     precision = precision or bundle.manifest.model.precision
+    bar = TOLERANCES[precision].open_check
     graph = bundle.manifest.graphs[graph_key]
     feed = probe_feed(bundle, graph)
     names = [s.name for s in graph.outputs]
@@ -137,14 +132,14 @@ def check_against_onnxruntime(bundle: Bundle, graph_key: str, infer: Callable[[d
     for name in names:
         scale = max(1.0, float(np.abs(want[name]).max()))
         diff = float(np.abs(np.asarray(got[name], np.float64) - want[name]).max()) / scale
-        if not np.isfinite(diff) or diff > CHECK_TOLERANCE[precision]:
+        if not np.isfinite(diff) or diff > bar:
             other = ("--backend tensorrt, or export it in fp32 or int8 for --backend onnxruntime"
                      if bundle.manifest.model.precision == "bf16" else "--backend onnxruntime")
             twin = ", on the bf16 graph's float32 twin" if precision != bundle.manifest.model.precision else ""
             raise BundleError(
                 f"{bundle.graph_path(graph_key)}: OpenVINO computes graph {graph_key!r} differently from ONNX Runtime "
                 f"(output {name!r}: max |difference| {diff:.3g} of max(1, |output|) at batch {CHECK_BATCH}, bar "
-                f"{CHECK_TOLERANCE[precision]:g} for {precision}{twin}): sample this bundle with {other}")
+                f"{bar:g} for {precision}{twin}): sample this bundle with {other}")
         worst = max(worst, diff)
     return worst
 
@@ -190,14 +185,19 @@ class OpenVinoRunner:
                                   f"'graphs.{self.key}.{kind}' in the manifest {want}")
 
     def bind(self, buffers: Mapping[str, np.ndarray]) -> Callable[[], None]:
-        """A launch function for one call on ``buffers`` (C-contiguous numpy arrays, by IO name)."""
+        """A launch function for one call on ``buffers`` (C-contiguous numpy arrays, by IO name). The launch holds
+        the arrays: an OpenVINO tensor made with ``shared_memory=True`` points into its array without keeping it
+        alive, so a caller that drops its buffers must not free the memory the request reads and writes."""
         ov = _openvino()
         request = self.compiled.create_infer_request()
-        for spec in (*self.spec.inputs, *self.spec.outputs):
-            request.set_tensor(spec.name, ov.Tensor(buffers[spec.name], shared_memory=True))
+        shared = tuple(buffers[spec.name] for spec in (*self.spec.inputs, *self.spec.outputs))
+        for spec, array in zip((*self.spec.inputs, *self.spec.outputs), shared):
+            if not (isinstance(array, np.ndarray) and array.flags.c_contiguous):
+                raise TypeError(f"graph {self.key!r} input/output {spec.name!r}: expected a C-contiguous numpy array")
+            request.set_tensor(spec.name, ov.Tensor(array, shared_memory=True))
         start, wait = request.start_async, request.wait
 
-        def launch() -> None:  # not infer(): it builds a dict of output copies every call
+        def launch(_alive: tuple = shared) -> None:  # not infer(): it builds a dict of output copies every call
             start()
             wait()
 

@@ -112,7 +112,8 @@ class TrtRunner:
             raise BackendUnavailable(f"graph {self.graph!r}: this TensorRT engine cannot be captured as a CUDA "
                                      "graph; sample without --cuda-graph")
         graph = stream.capture(lambda: ctx.execute_async_v3(stream.handle))
-        return lambda: graph.launch(stream)  # the graph lives as long as the workspace keeps this launch
+        # the launch holds the graph and the buffers its captured kernels read and write
+        return lambda _alive=buffers: graph.launch(stream)
 
     def infer(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One checked call on host arrays (tests and tools): inputs by name -> host copies of the outputs."""
