@@ -39,6 +39,9 @@ def _inspect_text(bundle) -> str:
              f"digest      {bundle.digest}  (sha256 of SHA256SUMS: manifest and graphs verified)"]
     lines.append(f"model       {m.model.name}  sample {m.model.sample_shape}  time label {m.model.time_label}  "
                  f"precision {m.model.precision}")
+    lines.append(f"source      {m.model.source or '(not recorded)'}  (what the bundle says it was exported from; "
+                 "never run from the bundle)")
+    lines.append(f"weights     sha256 {m.model.weights_sha256 or '(not recorded)'}")
     lines.append(f"sde         VP beta [{m.sde.beta_min}, {m.sde.beta_max}]  eps {m.sde.sampling_eps}  std {m.sde.std_formula}")
     lines.append(f"sampler     {m.sampler.name}  {m.sampler.steps} steps  {m.sampler.grid} grid  final {m.sampler.final}")
     if m.sampler.params:

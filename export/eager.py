@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from vpsde.export.samplers import SAMPLERS, build_sampler
-from vpsde.export.sources import ModelSpecError, load_model
+from vpsde.export.sources import ModelSpecError, load_model, self_contained
 from vpsde.models.sde import VPSDE
 from vpsde.runtime.errors import InputError
 
@@ -22,12 +22,20 @@ SAMPLER_OPTIONS = ("snr", "corrector_steps", "coupling", "denoise_final")
 
 
 class EagerSide:
-    """Runs a bundle's graphs as eager torch modules. ``model_spec`` defaults to the manifest's ``model.source``
-    (e.g. "digits", "gmm:dim=4"); the model's weights hash must equal the manifest's when both are known."""
+    """Runs a bundle's graphs as eager torch modules. ``model_spec`` is the user's; it defaults to the manifest's
+    ``model.source`` only where that is self-contained (:func:`~vpsde.export.sources.self_contained`). The model's
+    weights hash must equal the manifest's when the manifest records one."""
 
     def __init__(self, bundle, model_spec: str | None = None, dtype: torch.dtype = torch.float32) -> None:
         m = bundle.manifest
-        spec = model_spec or m.model.source
+        spec = model_spec
+        if spec is None:  # a bundle never chooses code to run or files to read: only a self-contained model
+            if not self_contained(m.model.source):
+                raise InputError(f"{bundle.root / 'manifest.json'}: model.source is {m.model.source[:120]!r}; "
+                                 "a bundle's model is rebuilt on its own only if it is the shipped digits model or an "
+                                 "analytic gmm: name the eager model yourself with --model (its weights are checked "
+                                 "against model.weights_sha256)")
+            spec = m.model.source
         sde = VPSDE(beta_min=m.sde.beta_min, beta_max=m.sde.beta_max, sampling_eps=m.sde.sampling_eps,
                     num_train_timesteps=m.sde.num_train_timesteps, std_formula=m.sde.std_formula)
         try:
@@ -35,12 +43,12 @@ class EagerSide:
         except ModelSpecError as e:
             raise InputError(f"{bundle.root / 'manifest.json'}: model.source {spec!r} cannot be rebuilt for the eager "
                              f"reference ({e}); name the model with --model") from None
-        if m.model.weights_sha256 and m.model.weights_sha256 != model.weights_sha256:
-            raise InputError(f"{bundle.root / 'manifest.json'}: model.weights_sha256 is {m.model.weights_sha256}, but "
-                             f"--model {spec!r} has weights {model.weights_sha256}: not the model this bundle holds")
         if tuple(model.sample_shape) != tuple(m.model.sample_shape):
             raise InputError(f"{bundle.root / 'manifest.json'}: model.sample_shape is {m.model.sample_shape}, but "
                              f"{spec!r} makes {list(model.sample_shape)}")
+        if m.model.weights_sha256 and m.model.weights_sha256 != model.weights_sha256:
+            raise InputError(f"{bundle.root / 'manifest.json'}: model.weights_sha256 is {m.model.weights_sha256}, but "
+                             f"--model {spec!r} has weights {model.weights_sha256}: not the model this bundle holds")
         params = dict(m.sampler.params)
         sampler = params.get("id")
         if sampler not in SAMPLERS:

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 from typing import Any
 
@@ -30,6 +31,28 @@ SPEC_HELP = __doc__
 
 class ModelSpecError(ValueError):
     """A --model string that cannot be resolved (message says what was expected)."""
+
+
+SELF_CONTAINED_GMM_LIMIT = 64
+"""Largest ``dim`` and ``components`` of a self-contained ``gmm`` spec (a rotated mixture holds components x dim^2
+floats)."""
+
+
+def self_contained(spec: str) -> bool:
+    """Whether ``spec`` names a model vpsde builds from its own code and data alone, importing nothing, reading no
+    file and allocating a bounded amount: ``digits``, or ``gmm`` with dim and components up to
+    :data:`SELF_CONTAINED_GMM_LIMIT`. Only such a spec may be taken from a bundle (untrusted) without the user
+    naming the model."""
+    kind, _, rest = spec.partition(":")
+    if kind == "digits":
+        return rest == ""
+    if kind != "gmm":
+        return False
+    try:
+        o = _options(rest, {"dim": int, "components": int, "seed": int, "full": int})
+    except ModelSpecError:
+        return False
+    return 1 <= o.get("dim", 2) <= SELF_CONTAINED_GMM_LIMIT and 1 <= o.get("components", 3) <= SELF_CONTAINED_GMM_LIMIT
 
 
 def _options(text: str, allowed: dict[str, type]) -> dict[str, Any]:
@@ -80,8 +103,6 @@ def parse_score_sde_spec(rest: str) -> tuple[str, str, bool]:
 
 def _wrap_score_sde(net, spec: str) -> ScoreModel:
     """A score_sde network as a ScoreModel: label 999 t, output eps, value range [-1, 1] or [0, 1] (centered)."""
-    import hashlib
-
     from vpsde.models.shipped import state_bytes
 
     c = net.config
@@ -164,5 +185,10 @@ def load_model(spec: str, sde: VPSDE, sample_shape: tuple[int, ...] | None = Non
         raise ModelSpecError(f"unknown model {spec!r}; expected digits, weights:PATH.json, diffusers:DIR, gmm[:...], "
                              "unet-random[:...], score_sde:PATH[,...], score_sde-random[:...] or "
                              "py:package.module:factory (vpsde export --help lists them)")
-    model.spec = spec  # what rebuilds it: export records it as model.source (vpsde parity --against eager reads it)
+    model.spec = spec  # export records it as model.source (shown by vpsde inspect; never run from a bundle unless
+    # self_contained)
+    if model.weights_sha256 is None and model.state_dict():
+        from vpsde.models.shipped import state_bytes
+
+        model.weights_sha256 = hashlib.sha256(state_bytes(model)).hexdigest()  # py:, diffusers:, unet-random, gmm
     return model.eval()

@@ -195,6 +195,52 @@ def test_checkpoints_that_are_not_plain_state_are_refused(tmp_path, capsys):
         read_checkpoint(notdict)
 
 
+def _scalar_bomb(path, dtype: bytes, count: int) -> None:
+    """A torch zip checkpoint whose pickle is a list of ``count`` numpy scalars of ``dtype`` made with no data:
+    allow-listed globals only (numpy's scalar constructor and numpy.dtype, as score_sde's lr needs), and numpy
+    allocates the dtype's itemsize for each."""
+    import zipfile
+
+    torch.save({"model": {}}, path)
+    module = b"numpy._core.multiarray" if hasattr(np, "_core") else b"numpy.core.multiarray"
+    one = (b"c" + module + b"\nscalar\ncnumpy\ndtype\nX" + len(dtype).to_bytes(4, "little") + dtype
+           + b"\x85R\x85Ra")  # scalar(dtype(name)), appended to the list
+    body = b"\x80\x02]" + one * count + b"."
+    with zipfile.ZipFile(path) as z:
+        records = [(info, z.read(info)) for info in z.infolist()]
+    with zipfile.ZipFile(path, "w") as z:
+        for info, data in records:
+            z.writestr(info, body if info.filename.endswith("data.pkl") else data)
+
+
+@pytest.mark.parametrize("dtype", [b"V2000000000", b"U100000000", b"S300000000", b"O"])
+def test_a_small_checkpoint_cannot_allocate_gigabytes(tmp_path, dtype):
+    """A 1 kB checkpoint made numpy allocate 2 GB per scalar before 0.4.2 (N of them: the OOM killer)."""
+    import resource
+
+    ckpt = tmp_path / "bomb.pth"
+    _scalar_bomb(ckpt, dtype, 2)
+    assert ckpt.stat().st_size < 2000
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(CheckpointError, match="bomb.pth: refused: numpy dtype"):
+        read_checkpoint(ckpt)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200 * 1024  # KiB: no 2 GB spike
+
+
+def test_empty_and_oversized_checkpoints_are_one_line_errors(tmp_path, monkeypatch):
+    import vpsde.models.score_sde_checkpoint as ckpt_module
+
+    empty = tmp_path / "empty.pth"
+    empty.write_bytes(b"")
+    with pytest.raises(CheckpointError, match="empty.pth: not a torch checkpoint"):
+        read_checkpoint(empty)
+    big = tmp_path / "big.pth"
+    torch.save({"model": {"w": torch.ones(1000)}}, big)
+    monkeypatch.setattr(ckpt_module, "MAX_CHECKPOINT_BYTES", 1000)
+    with pytest.raises(CheckpointError, match="at most 1000 are accepted"):
+        read_checkpoint(big)
+
+
 def test_wrong_shapes_and_missing_keys_name_the_key(tmp_path):
     net = perturb(ScoreSdeNet(SMALL))
     ckpt = tmp_path / "c.pth"
@@ -233,7 +279,7 @@ def test_export_convert_and_onnx_parity(tmp_path, capsys):
     from vpsde.export.eager import EagerSide
     from vpsde.runtime.parity import BackendSide, compare
 
-    report = compare(m, EagerSide(bundle), BackendSide(bundle), num=3, seed=1, progress=False)  # traced at batch 2
+    report = compare(m, EagerSide(bundle, spec), BackendSide(bundle), num=3, seed=1, progress=False)  # traced at batch 2
     scale = max(1.0, float(np.abs(report.reference_sample).max()))
     assert report.passed and report.required_call_atol <= 1e-5 * scale, report.required_call_atol
 
