@@ -78,7 +78,7 @@ def read_regular(path: Path, limit: int, what: str) -> bytes:
 
 def owned_dir(root: Path, name: str, what: str) -> Path:
     """The directory ``root/name`` (created if missing), refused if it is a symlink or not a directory: vpsde
-    writes engine caches and locks there, and must never be redirected outside the bundle."""
+    writes engine caches, locks and sample shards there, and must never be redirected outside ``root``."""
     path = root / name
     try:
         path.mkdir(exist_ok=True)
@@ -87,7 +87,7 @@ def owned_dir(root: Path, name: str, what: str) -> Path:
     st = os.lstat(path)
     if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
         raise BundleError(f"{path}: {what} is {'a symlink' if stat.S_ISLNK(st.st_mode) else 'not a directory'}; "
-                          "vpsde writes only to a real directory inside the bundle: remove it and run again")
+                          f"vpsde writes only to a real directory inside {root}: remove it and run again")
     inside(root, name, what)
     return path
 

@@ -6,13 +6,21 @@ The index is rewritten atomically after every finished shard, so a run killed at
 files still match their recorded sha256 are kept, the rest are computed again. A run is identified by its
 bundle digest, seed, sample range, shard size and generator; a rerun with any of them changed is refused.
 
+The run directory gets the bundle's rules (docs/DESIGN.md, trust boundary): ``shards/`` must be a real directory,
+the index and every shard are opened without following a symlink and must be regular files, a shard is read from
+the descriptor whose bytes were hashed, and an index may name at most :data:`MAX_SHARDS` shards.
+
 No Ray here: this module is the on-disk format, shared by the Ray driver and the reader.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
+import mmap
 import os
+import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -21,12 +29,16 @@ import numpy as np
 
 from vpsde.runtime.atomic import atomic_path
 from vpsde.runtime.bundle import sha256_file
-from vpsde.runtime.errors import InputError, VpsdeError
+from vpsde.runtime.confine import owned_dir, read_regular
+from vpsde.runtime.errors import BundleError, InputError, VpsdeError
 
 INDEX_NAME = "index.json"
 SHARD_DIR = "shards"
 FORMAT = "vpsde-samples"
 VERSION = 1
+MAX_SHARDS = 1_000_000
+"""Most shards one run may have (a run of more is refused before any list of them is built)."""
+MAX_INDEX_BYTES = 256 << 20
 
 
 class RunMismatch(VpsdeError):
@@ -90,26 +102,116 @@ class Index:
     @classmethod
     def read(cls, run_dir: Path) -> "Index":
         path = run_dir / INDEX_NAME
+        if not os.path.lexists(path):
+            raise VpsdeError(f"{path}: no index here; {run_dir} is not a sample run directory")
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(read_regular(path, MAX_INDEX_BYTES, "the sample index").decode("utf-8"))
             if data.get("format") != FORMAT or data.get("version") != VERSION:
                 raise ValueError(f"format {data.get('format')!r} version {data.get('version')!r}")
-            key = RunKey(data["bundle_digest"], int(data["seed"]), int(data["first_sample"]), int(data["num"]),
-                         int(data["shard_size"]), data["generator"], tuple(int(d) for d in data["sample_shape"]))
+            key = RunKey(data["bundle_digest"], _integer(data, "seed"), _integer(data, "first_sample"),
+                         _integer(data, "num"), _integer(data, "shard_size"), data["generator"],
+                         tuple(int(d) for d in data["sample_shape"]))
+            check_run_size(key.num, key.shard_size)
             done = {int(s["first"]): str(s["sha256"]) for s in data["shards"]}
-        except FileNotFoundError:
-            raise VpsdeError(f"{path}: no index here; {run_dir} is not a sample run directory") from None
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
+        except BundleError as e:
+            raise VpsdeError(str(e)) from None
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
             raise VpsdeError(f"{path}: not a vpsde sample index ({type(e).__name__}: {e})") from None
         return cls(key, done)
+
+
+def _integer(data: dict, field: str) -> int:
+    value = data[field]
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"field {field!r}: expected an integer >= 0, got {value!r}")
+    return value
+
+
+def check_run_size(num: int, shard_size: int) -> None:
+    """A run of ``num`` samples in shards of ``shard_size``: both positive, at most :data:`MAX_SHARDS` shards."""
+    if shard_size < 1 or num < 1:
+        raise ValueError(f"num {num} and shard_size {shard_size}: expected both >= 1")
+    if -(-num // shard_size) > MAX_SHARDS:
+        raise ValueError(f"num {num} in shards of {shard_size} is more than {MAX_SHARDS} shards")
+
+
+def _open_shard(path: Path, digest: bool = True) -> tuple[int, str | None]:
+    """An open descriptor of shard file ``path`` (not followed if a symlink; a regular file) and the sha256 of its
+    bytes (None unless ``digest``); :class:`VpsdeError` naming the path otherwise."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        what = "is a symlink; vpsde reads only the files it wrote" if e.errno == errno.ELOOP else \
+            f"cannot be opened ({e.strerror})"
+        raise VpsdeError(f"{path}: shard {what}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise VpsdeError(f"{path}: shard is not a regular file")
+        if not digest:
+            return fd, None
+        sha = hashlib.sha256()
+        while chunk := os.read(fd, 1 << 20):
+            sha.update(chunk)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, sha.hexdigest()
+
+
+def shard_matches(path: Path, sha256: str) -> bool:
+    """Whether ``path`` is a regular file (not a symlink) whose sha256 is ``sha256``."""
+    try:
+        fd, sha = _open_shard(path)
+    except VpsdeError:
+        return False
+    os.close(fd)
+    return sha == sha256
+
+
+def _map_shard(path: Path, sha256: str | None, shape: tuple[int, ...]) -> np.ndarray:
+    """Shard ``path`` memory-mapped read-only from the descriptor whose bytes matched ``sha256`` (None: not
+    checked): a float32 .npy of ``shape`` (no pickled objects: the header is parsed, nothing else)."""
+    fd, sha = _open_shard(path, digest=sha256 is not None)
+    try:
+        if sha != sha256:
+            raise VpsdeError(f"{path}: sha256 does not match {INDEX_NAME}; rerun the same command to redo it")
+        os.lseek(fd, 0, os.SEEK_SET)
+        with os.fdopen(os.dup(fd), "rb") as f:
+            try:
+                version = np.lib.format.read_magic(f)
+                read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                               (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+                if read_header is None:
+                    raise ValueError(f".npy format version {version}")
+                shape_read, fortran, dtype = read_header(f)
+            except (ValueError, OSError, SyntaxError) as e:
+                raise VpsdeError(f"{path}: not a .npy array ({e})") from None
+            offset = f.tell()
+        if dtype != np.float32 or fortran or tuple(shape_read) != shape:
+            raise VpsdeError(f"{path}: holds {dtype} {tuple(shape_read)}{' (Fortran order)' if fortran else ''}, "
+                             f"expected float32 {shape}")
+        size = os.fstat(fd).st_size
+        if size != offset + 4 * int(np.prod(shape)):
+            raise VpsdeError(f"{path}: {size} bytes, expected {offset + 4 * int(np.prod(shape))}")
+        mapped = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
+    finally:
+        os.close(fd)
+    return np.frombuffer(mapped, np.float32, int(np.prod(shape)), offset).reshape(shape)
 
 
 def open_run(run_dir: Path, key: RunKey) -> tuple[Index, list[Shard]]:
     """The index of the run in ``run_dir`` (created if there is none) and the shards still to compute: every
     shard without a file that matches its recorded sha256. Refuses a directory that holds another run."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / SHARD_DIR).mkdir(exist_ok=True)
-    if not (run_dir / INDEX_NAME).exists():
+    try:
+        check_run_size(key.num, key.shard_size)
+        owned_dir(run_dir, SHARD_DIR, "the shard directory")
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    except BundleError as e:
+        raise VpsdeError(str(e)) from None
+    if not os.path.lexists(run_dir / INDEX_NAME):
         index = Index(key)
         index.write(run_dir)
         return index, key.shards()
@@ -122,7 +224,7 @@ def open_run(run_dir: Path, key: RunKey) -> tuple[Index, list[Shard]]:
     kept = {}
     for shard in key.shards():
         sha = index.done.get(shard.first)
-        if sha is not None and (run_dir / shard.file).is_file() and sha256_file(run_dir / shard.file) == sha:
+        if sha is not None and shard_matches(run_dir / shard.file, sha):
             kept[shard.first] = sha
     index.done = kept
     index.write(run_dir)
@@ -154,14 +256,9 @@ class ShardedSamples:
                              "command to finish it")
         self._shards = []
         for shard in self.index.key.shards():
-            path = self.run_dir / shard.file
-            if verify and sha256_file(path) != self.index.done[shard.first]:
-                raise VpsdeError(f"{path}: sha256 does not match {INDEX_NAME}; rerun the same command to redo it")
-            arr = np.load(path, mmap_mode="r", allow_pickle=False)
-            if arr.shape != (shard.num, *self.index.key.sample_shape) or arr.dtype != np.float32:
-                raise VpsdeError(f"{path}: holds {arr.dtype} {arr.shape}, expected float32 "
-                                 f"{(shard.num, *self.index.key.sample_shape)}")
-            self._shards.append(arr)
+            shape = (shard.num, *self.index.key.sample_shape)
+            sha = self.index.done[shard.first] if verify else None
+            self._shards.append(_map_shard(self.run_dir / shard.file, sha, shape))
         self._starts = np.cumsum([0] + [len(a) for a in self._shards])
 
     @property
