@@ -9,6 +9,11 @@ The file is a pickle, so this is the one place vpsde unpickles: ``torch.load(wei
 restricted unpickler: tensors, plain containers and numbers only), plus exactly the globals these files need
 besides: numpy's scalar constructor (their optimizer's ``lr`` is a numpy float64), under numpy 2's module name
 and numpy 1's, and ``numpy.dtype`` with its float64 class. Anything else is refused, naming the global.
+
+What one load may allocate is bounded as well as what it may call: the scalar constructor and ``numpy.dtype`` are
+checked stand-ins that take only real numeric dtypes of at most 8 bytes (a void dtype of 2 GB would otherwise be
+allocated by a 1 kB file), and the file must be torch's zip format with at most :data:`MAX_CHECKPOINT_BYTES` of
+content (the tensors' storages are the zip's records, so nothing larger can be asked for).
 """
 
 from __future__ import annotations
@@ -29,10 +34,38 @@ try:
 except AttributeError:  # pragma: no cover - numpy 1.x
     _NP_SCALAR = np.core.multiarray.scalar
 
-SAFE_GLOBALS = [_NP_SCALAR, (_NP_SCALAR, "numpy.core.multiarray.scalar"), np.dtype, type(np.dtype(np.float64))]
-"""What a score_sde checkpoint needs beyond torch's weights-only set: numpy's scalar constructor under numpy 2's
-and numpy 1's module names, ``numpy.dtype`` and the float64 dtype's class (numpy rebuilds the scalar's dtype
-with them)."""
+MAX_CHECKPOINT_BYTES = 16 << 30
+"""Most bytes of content (uncompressed) a checkpoint may hold: a CIFAR-10 DDPM++ checkpoint (weights, EMA and
+Adam's two moments) is about 1 GB."""
+
+NUMPY_KINDS = "biuf"
+"""numpy dtype kinds a checkpoint's numpy scalars may have (bool, int, unsigned, float: no void, object, string)."""
+
+
+def _checked_dtype(*args, **kwargs) -> np.dtype:
+    """``numpy.dtype`` for the unpickler: only real numeric dtypes of at most 8 bytes."""
+    dtype = np.dtype(*args[:1])  # pickles pass (name, align, copy); only the name selects the dtype
+    if dtype.kind not in NUMPY_KINDS or dtype.itemsize > 8:
+        raise pickle.UnpicklingError(f"numpy dtype {str(dtype)[:40]!r}: only bool, integer and float dtypes of at "
+                                     "most 8 bytes are accepted")
+    return dtype
+
+
+def _checked_scalar(dtype, data=None):
+    """numpy's scalar constructor for the unpickler: a numeric dtype and exactly its bytes."""
+    if not isinstance(dtype, np.dtype) or dtype.kind not in NUMPY_KINDS or dtype.itemsize > 8:
+        raise pickle.UnpicklingError(f"numpy scalar of dtype {str(dtype)[:40]!r}: only bool, integer and float "
+                                     "scalars of at most 8 bytes are accepted")
+    if not isinstance(data, bytes) or len(data) != dtype.itemsize:
+        raise pickle.UnpicklingError(f"numpy scalar of dtype {dtype}: expected {dtype.itemsize} bytes of data")
+    return _NP_SCALAR(dtype, data)
+
+
+SAFE_GLOBALS = [(_checked_scalar, "numpy._core.multiarray.scalar"), (_checked_scalar, "numpy.core.multiarray.scalar"),
+                (_checked_dtype, "numpy.dtype"), type(np.dtype(np.float64))]
+"""What a score_sde checkpoint needs beyond torch's weights-only set, each under the name its pickle uses: numpy's
+scalar constructor (numpy 2's and numpy 1's module names) and ``numpy.dtype``, both as checked stand-ins, and the
+float64 dtype's class (its state is set when numpy rebuilds the scalar's dtype)."""
 
 
 class CheckpointError(ValueError):
@@ -42,12 +75,16 @@ class CheckpointError(ValueError):
 def read_checkpoint(path: str | os.PathLike) -> dict:
     """The checkpoint dict, unpickled with ``weights_only=True`` and :data:`SAFE_GLOBALS` only."""
     path = Path(path)
+    _check_container(path)
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: checkpoint not found") from None
     except pickle.UnpicklingError as e:
+        bounded = re.search(r"numpy (dtype|scalar) [^\n]*", str(e))  # refused by a checked stand-in below
+        if bounded:
+            raise CheckpointError(f"{path}: refused: {bounded.group(0)}") from None
         found = _unsafe_globals(path) or re.findall(r"GLOBAL ([\w.]+)", str(e))
         what = f"it needs the global(s) {', '.join(repr(g) for g in found[:4])}, which are" if found else \
             "it holds an object that is"
@@ -60,6 +97,23 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"{path}: expected score_sde's checkpoint dict (optimizer, model, ema, step), got "
                               f"{type(obj).__name__}")
     return obj
+
+
+def _check_container(path: Path) -> None:
+    """``path`` is a regular file in torch's zip format holding at most :data:`MAX_CHECKPOINT_BYTES` (the sum of its
+    records' uncompressed sizes): nothing a load allocates for tensors can be larger."""
+    if not path.exists():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not a regular file; expected a torch checkpoint (.pth)")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            total = sum(info.file_size for info in archive.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError):
+        raise CheckpointError(f"{path}: not a torch checkpoint in the zip format that torch.save writes (an empty, "
+                              "truncated or legacy file?)") from None
+    if total > MAX_CHECKPOINT_BYTES:
+        raise CheckpointError(f"{path}: holds {total} bytes of content; at most {MAX_CHECKPOINT_BYTES} are accepted")
 
 
 def _unsafe_globals(path: Path) -> list[str]:
