@@ -56,7 +56,7 @@ def calibration_feeds(manifest: Manifest, root: Path, samples: int = DEFAULT_CAL
     import onnxruntime as ort
 
     from vpsde.runtime.noise import PHILOX_ID, make_noise
-    from vpsde.runtime.parity import Trajectory, program_calls
+    from vpsde.runtime.program import HostTrajectory, Program, host_calls
 
     if manifest.sampler.conditioning:
         raise ValueError(f"int8 calibration runs the sampler unconditioned; {manifest.sampler.name!r} takes "
@@ -71,16 +71,17 @@ def calibration_feeds(manifest: Manifest, root: Path, samples: int = DEFAULT_CAL
     keep = set(np.linspace(0, steps - 1, min(CALIBRATION_STEPS, steps)).round().astype(int).tolist())
     keep |= set(range(max(0, steps - FINAL_STEPS), steps))
     noise = make_noise(PHILOX_ID, CALIBRATION_SEED)
-    traj = Trajectory(manifest, noise(0, 0, samples, tuple(manifest.model.sample_shape)))
+    program, shape = Program.compile(manifest), tuple(manifest.model.sample_shape)
+    traj = HostTrajectory(program, noise(0, 0, samples, shape))
     feeds: dict[str, list[dict]] = {key: [] for key in manifest.graphs}
-    calls = program_calls(manifest, noise, samples)
-    for i, step_calls in (progress(calls, total=steps) if progress else calls):
-        for key, drawn in step_calls:
-            feed = traj.feed(key, i, drawn, {})
-            if i in keep:
-                feeds[key].append({k: v.copy() for k, v in feed.items()})
-            names = [o.name for o in sessions[key].get_outputs()]
-            traj.advance(dict(zip(names, sessions[key].run(names, feed))))
+    calls = host_calls(program, noise, shape, samples)
+    total = steps * len(program.calls)
+    for i, call, drawn in (progress(calls, total=total) if progress else calls):
+        feed = traj.feed(i, call, drawn)
+        if i in keep:
+            feeds[call.graph].append({k: v.copy() for k, v in feed.items()})
+        names = [o.name for o in sessions[call.graph].get_outputs()]
+        traj.advance(dict(zip(names, sessions[call.graph].run(names, feed))))
     return feeds
 
 

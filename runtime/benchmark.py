@@ -48,20 +48,18 @@ class BenchRow:
 
 
 def bare_step_seconds(sampler, batch: int, steps: int) -> float:
-    """Seconds for ``steps`` rounds of the program's graph calls (each graph ``repeat`` times, in program
-    order) at ``batch`` on buffers bound once, then one read-back, which waits for a GPU to finish."""
-    ws = sampler.loop.workspace(batch)
+    """Seconds for ``steps`` rounds of one step's graph calls (in program order) at ``batch`` on the loop's
+    buffers at parity 0, bound once, then one read-back, which waits for a GPU to finish."""
+    loop = sampler.loop
+    ws = loop.workspace(batch)
     parity = {name: 0 for name in ws.rolling}
-    m = sampler.manifest
-    launches = [(sampler.runners[pc.graph].bind(ws.buffers_for(m.graphs[pc.graph], parity)), pc.repeat)
-                for pc in m.sampler.program]
-    for launch, _ in launches:
+    launches = [loop.launch_for(ws, call.graph, parity) for call in loop.program.calls]
+    for launch in launches:
         launch()
     t0 = time.perf_counter()
     for _ in range(steps):
-        for launch, repeat in launches:
-            for _ in range(repeat):
-                launch()
+        for launch in launches:
+            launch()
     sampler.device.peek(ws.rolling["x"][1])
     return time.perf_counter() - t0
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Mapping
 
 from vpsde.runtime.confine import inside, read_regular
 from vpsde.runtime.digest import SUMS_LIMIT, SUMS_NAME, check_digest_text, format_sums, parse_sums, sha256_hex
@@ -49,6 +50,8 @@ class Bundle:
     root: Path
     manifest: Manifest
     digest: str
+    checked: Mapping[str, bytes] = field(default_factory=dict, repr=False, compare=False)
+    """The manifest's and SHA256SUMS's bytes as they were checked (by file name)."""
 
     @classmethod
     def load(cls, path: str | os.PathLike, expect_digest: str | None = None) -> "Bundle":
@@ -81,7 +84,7 @@ class Bundle:
             extra, missing = sorted(set(sums) - files), sorted(files - set(sums))
             raise BundleError(f"{sums_path}: lists {extra or 'no other files'} beyond the manifest's files and misses "
                               f"{missing or 'none'}; it must list exactly manifest.json and the graph files")
-        bundle = cls(root, manifest, digest)
+        bundle = cls(root, manifest, digest, {MANIFEST_NAME: manifest_bytes, SUMS_NAME: sums_bytes})
         for key, graph in manifest.graphs.items():
             if sums[graph.file] != graph.sha256:
                 raise BundleError(f"{sums_path}: the sha256 of {graph.file} differs from 'graphs.{key}.sha256' in "
@@ -108,6 +111,11 @@ class Bundle:
             raise BundleError(f"{self.graph_path(key)}: sha256 does not match 'graphs.{key}.sha256' in "
                               f"{self.manifest_path}; the file was modified or the manifest edited: re-export the bundle")
         return data
+
+    def files(self) -> dict[str, bytes]:
+        """Every file a host reads, by its name in the bundle, as checked bytes: what a copy of the bundle holds
+        (a Ray worker's payload, a Triton repository's copy). Nothing is re-read by path unchecked."""
+        return {**self.checked, **{g.file: self.graph_bytes(key) for key, g in self.manifest.graphs.items()}}
 
     def _check_graph_shapes(self, key: str, graph: GraphSpec) -> None:
         source = self.manifest_path

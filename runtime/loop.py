@@ -9,7 +9,7 @@ once per batch; the sample comes back once, at the end.
 
 A backend provides a :class:`Device` (buffers, uploads, downloads) and, per graph, a runner with
 ``bind(buffers) -> launch``, where ``buffers`` maps every graph input and output name to a device buffer and
-``launch()`` enqueues one call.
+``launch()`` enqueues one call. What runs when is the :class:`~vpsde.runtime.program.Program`'s: the loop walks it.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import numpy as np
 
 from vpsde.runtime.errors import InputError, NonFiniteError
 from vpsde.runtime.manifest import GraphSpec, Manifest
+from vpsde.runtime.program import Program
 
 NAN_GUARDS = ("step", "final", "off")
 
@@ -55,18 +56,13 @@ class OpenBackend:
     runners: Mapping[str, Any]
 
 
-def rolling_of_output(manifest: Manifest) -> dict[str, str]:
-    """Graph output name -> the rolling value it replaces: x_next -> x, each state's output -> its input."""
-    return {"x_next": "x", **{s.output: s.input for s in manifest.sampler.state}}
-
-
 class _Workspace:
     """The buffers of one batch size: two per rolling value (x, states), one per other name."""
 
-    def __init__(self, manifest: Manifest, device: Device, batch: int) -> None:
+    def __init__(self, manifest: Manifest, program: Program, device: Device, batch: int) -> None:
         self.batch = batch
-        self.rolling_of_output = rolling_of_output(manifest)
-        self.rolling = {name: [None, None] for name in ("x", *(s.input for s in manifest.sampler.state))}
+        self.rolling_of_output = program.rolling_of_output
+        self.rolling = {name: [None, None] for name in program.rolling}
         self.fixed: dict[str, Any] = {}
         for graph in manifest.graphs.values():
             for spec in (*graph.inputs, *graph.outputs):
@@ -92,6 +88,11 @@ class _Workspace:
                 else self.fixed[spec.name]
         return out
 
+    def output(self, name: str, parity: Mapping[str, int]) -> Any:
+        """The buffer holding the latest value of output ``name``."""
+        rolling = self.rolling_of_output.get(name)
+        return self.rolling[rolling][parity[rolling]] if rolling is not None else self.fixed[name]
+
 
 class DeviceLoop:
     """Runs the program of ``manifest`` on ``runners`` (one per graph key) and ``device``; one instance per
@@ -100,19 +101,24 @@ class DeviceLoop:
     def __init__(self, manifest: Manifest, runners: Mapping[str, GraphRunner], device: Device,
                  describe_graph: Callable[[str], str] = str) -> None:
         self.manifest, self.runners, self.device = manifest, runners, device
+        self.program = Program.compile(manifest)
         self.describe_graph = describe_graph
-        self.schedule = {name: np.asarray(v, dtype=np.float64) for name, v in manifest.schedule.items()}
-        self._input_names = {key: frozenset(s.name for s in g.inputs) for key, g in manifest.graphs.items()}
-        writes = rolling_of_output(manifest)
-        self._flips = {key: [writes[s.name] for s in g.outputs if s.name in writes]
-                       for key, g in manifest.graphs.items()}  # the rolling values each graph writes
+        self._schedule_inputs = {key: self.program.inputs_of(key, "schedule") for key in manifest.graphs}
         self._ws: _Workspace | None = None
 
     def workspace(self, batch: int) -> _Workspace:
         if self._ws is None or self._ws.batch != batch:
             self._ws = None  # release the old buffers first
-            self._ws = _Workspace(self.manifest, self.device, batch)
+            self._ws = _Workspace(self.manifest, self.program, self.device, batch)
         return self._ws
+
+    def launch_for(self, ws: _Workspace, graph: str, parity: Mapping[str, int]) -> Callable[[], None]:
+        """The launch of ``graph`` on ``ws``'s buffers at ``parity`` (bound once per (graph, parities))."""
+        key = (graph, *(parity[n] for n in ws.rolling))
+        launch = ws.launches.get(key)
+        if launch is None:
+            launch = ws.launches[key] = self.runners[graph].bind(ws.buffers_for(self.manifest.graphs[graph], parity))
+        return launch
 
     def run(self, x_T: np.ndarray, draw: Callable[[int], np.ndarray], cond: Mapping[str, np.ndarray],
             first_sample: int, nan_guard: str = "step", callback: Callable[[int, np.ndarray], None] | None = None,
@@ -122,65 +128,59 @@ class DeviceLoop:
         output, float32 [batch, *sample_shape]. ``nan_guard``: "step" checks every call's outputs (naming the
         step), "final" only the result, "off" nothing. ``steps`` stops after that many steps (benchmarks: the
         output is then the trajectory's value there, not a sample)."""
-        m, dev = self.manifest, self.device
+        program, dev = self.program, self.device
         batch = int(x_T.shape[0])
         ws = self.workspace(batch)
         parity = {name: 0 for name in ws.rolling}
         dev.upload(ws.rolling["x"][0], x_T)
-        for s in m.sampler.state:
-            dev.upload(ws.rolling[s.input][0], np.zeros(x_T.shape, dtype=np.float32))
+        for name in program.rolling[1:]:
+            dev.upload(ws.rolling[name][0], np.zeros(x_T.shape, dtype=np.float32))
         for name, value in cond.items():
             dev.upload(ws.fixed[name], np.ascontiguousarray(value, dtype=np.float32))
         scalar = np.empty(batch, dtype=np.float32)
-        uploaded_step = {name: -1 for name in self.schedule}
-        call, last_key = 1, ""
-        for i in range(m.sampler.steps if steps is None else min(steps, m.sampler.steps)):
-            for pc in m.sampler.program:
-                graph, names = m.graphs[pc.graph], self._input_names[pc.graph]
-                for _ in range(pc.repeat):
-                    for name, values in self.schedule.items():
-                        if name in names and uploaded_step[name] != i:
-                            scalar.fill(values[i])
-                            dev.upload(ws.fixed[name], scalar)
-                            uploaded_step[name] = i
-                    for name in m.noise.inputs:
-                        if name in names:
-                            dev.upload(ws.fixed[name], draw(call))
-                            call += 1
-                    key = (pc.graph, *(parity[n] for n in ws.rolling))
-                    launch = ws.launches.get(key)
-                    if launch is None:
-                        launch = ws.launches[key] = self.runners[pc.graph].bind(ws.buffers_for(graph, parity))
-                    launch()
-                    for rolling in self._flips[pc.graph]:
-                        parity[rolling] ^= 1
-                    if nan_guard == "step":
-                        self._check_finite(ws, graph, pc.graph, parity, i, first_sample)
-                    last_key = pc.graph
-            if callback is not None:
-                callback(i, dev.peek(ws.rolling["x"][parity["x"]]).copy())
-            on_step()
-        final = self._output(ws, m.sampler.final, parity)
-        result = dev.peek(final).copy()
+        uploaded_step = {name: -1 for name in program.schedule}
+        last_key, last_step = "", -1
+        for i, call, noise_calls in program.walk(steps):
+            if i != last_step:
+                if last_step >= 0:
+                    self._end_step(last_step, ws, parity, callback, on_step)
+                last_step = i
+            for name in self._schedule_inputs[call.graph]:
+                if uploaded_step[name] != i:
+                    scalar.fill(program.schedule[name][i])
+                    dev.upload(ws.fixed[name], scalar)
+                    uploaded_step[name] = i
+            for name, index in noise_calls.items():
+                dev.upload(ws.fixed[name], draw(index))
+            self.launch_for(ws, call.graph, parity)()
+            for rolling in call.writes:
+                parity[rolling] ^= 1
+            if nan_guard == "step":
+                self._check_finite(ws, call.graph, parity, i, first_sample)
+            last_key = call.graph
+        if last_step >= 0:
+            self._end_step(last_step, ws, parity, callback, on_step)
+        result = dev.peek(ws.output(program.final, parity)).copy()
         if nan_guard != "off" and not np.isfinite(result).all():
-            raise NonFiniteError(f"the final sample (output {m.sampler.final!r} of graph {last_key!r}, "
+            raise NonFiniteError(f"the final sample (output {program.final!r} of graph {last_key!r}, "
                                  f"{self.describe_graph(last_key)}) has NaN/Inf in samples {_bad_samples(result, first_sample)}; sample with "
                                  "--nan-guard step to find the step where it first appears")
         return result
 
-    def _output(self, ws: _Workspace, name: str, parity: Mapping[str, int]) -> Any:
-        """The buffer holding the latest value of output ``name``."""
-        rolling = ws.rolling_of_output.get(name)
-        return ws.rolling[rolling][parity[rolling]] if rolling is not None else ws.fixed[name]
+    def _end_step(self, step: int, ws: _Workspace, parity: Mapping[str, int],
+                  callback: Callable[[int, np.ndarray], None] | None, on_step: Callable[[], None]) -> None:
+        if callback is not None:
+            callback(step, self.device.peek(ws.rolling["x"][parity["x"]]).copy())
+        on_step()
 
-    def _check_finite(self, ws: _Workspace, graph, key: str, parity: Mapping[str, int], step: int,
+    def _check_finite(self, ws: _Workspace, key: str, parity: Mapping[str, int], step: int,
                       first_sample: int) -> None:
-        for spec in graph.outputs:
-            arr = self.device.peek(self._output(ws, spec.name, parity))
+        for spec in self.manifest.graphs[key].outputs:
+            arr = self.device.peek(ws.output(spec.name, parity))
             if not np.isfinite(arr).all():
                 raise NonFiniteError(
                     f"graph {key!r} ({self.describe_graph(key)}) produced NaN/Inf in output {spec.name!r} at step "
-                    f"{step} (of 0..{self.manifest.sampler.steps - 1}, t = {self.schedule['t'][step]:.6g}), in "
+                    f"{step} (of 0..{self.program.steps - 1}, t = {self.program.schedule['t'][step]:.6g}), in "
                     f"samples {_bad_samples(arr, first_sample)}")
 
 

@@ -11,23 +11,23 @@ A *side* is anything that runs one graph call on host arrays: ``side(key, feed) 
 - **trajectory** (what polygraphy cannot see): each side runs freely from the same prior and noise, carrying its
   own x and state, and after every step the two x's are compared (max abs, relative L2), then the final samples.
 
-Both follow the manifest's program exactly as :class:`~vpsde.runtime.loop.DeviceLoop` does (noise call 0 is
-the prior; each noise input of each call takes the next call index; state starts at zeros).
+Both are :class:`~vpsde.runtime.program.HostTrajectory` drivers of the bundle's compiled program, the one the
+device loop walks.
 """
 
 from __future__ import annotations
 
-import sys
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator, Mapping, Protocol
+from typing import Callable, Mapping, Protocol
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from vpsde.runtime.errors import InputError
-from vpsde.runtime.loop import infer_once, rolling_of_output
+from vpsde.runtime.loop import infer_once
 from vpsde.runtime.manifest import Manifest
 from vpsde.runtime.noise import PHILOX_ID, make_noise
+from vpsde.runtime.program import HostTrajectory, Program, host_calls
+from vpsde.runtime.progress import progress as progress_bar
 
 @dataclass(frozen=True)
 class Tolerance:
@@ -200,59 +200,6 @@ def _max_abs(ref: np.ndarray, test: np.ndarray) -> float:
     return float("inf") if not np.isfinite(d).all() else float(d.max(initial=0.0))
 
 
-class Trajectory:
-    """One side's rolling values (x and states) and the feed of its next call, on host arrays: the manifest
-    program as :class:`~vpsde.runtime.loop.DeviceLoop` runs it (state starts at zeros; each output that the
-    manifest rolls over becomes the next call's input)."""
-
-    def __init__(self, manifest: Manifest, x_T: np.ndarray) -> None:
-        self.m = manifest
-        self.values = {"x": x_T.copy(), **{s.input: np.zeros_like(x_T) for s in manifest.sampler.state}}
-        self.writes = rolling_of_output(manifest)
-        self.last: dict[str, np.ndarray] = {}
-
-    def feed(self, key: str, step: int, noise: Mapping[str, np.ndarray], cond: Mapping[str, np.ndarray]) -> dict:
-        batch = self.values["x"].shape[0]
-        out = {}
-        for spec in self.m.graphs[key].inputs:
-            n = spec.name
-            if n in self.values:
-                out[n] = self.values[n]
-            elif n in self.m.schedule:
-                out[n] = np.full(batch, self.m.schedule[n][step], dtype=np.float32)
-            elif n in noise:
-                out[n] = noise[n]
-            else:
-                out[n] = cond[n]
-        return out
-
-    def advance(self, outputs: Mapping[str, np.ndarray]) -> None:
-        self.last = dict(outputs)
-        for name, value in outputs.items():
-            if name in self.writes:
-                self.values[self.writes[name]] = value
-
-
-def program_calls(manifest: Manifest, noise, num: int) -> Iterator[tuple[int, list[tuple[str, dict]]]]:
-    """Per step ``i``: the graph calls of the manifest's program in order, each ``(graph key, {noise input:
-    [num, *sample_shape] float32})``, with the noise numbered as the runtime numbers it (call 0 is the prior; each
-    noise input of each call takes the next call index; sample indices 0..num-1)."""
-    shape = tuple(manifest.model.sample_shape)
-    call = 1
-    for i in range(manifest.sampler.steps):
-        calls = []
-        for pc in manifest.sampler.program:
-            inputs = {s.name for s in manifest.graphs[pc.graph].inputs}
-            for _ in range(pc.repeat):
-                drawn = {}
-                for name in manifest.noise.inputs:
-                    if name in inputs:
-                        drawn[name] = noise(call, 0, num, shape)
-                        call += 1
-                calls.append((pc.graph, drawn))
-        yield i, calls
-
-
 def lower_precision(*precisions: str) -> str:
     """The least precise of ``precisions`` (in the order of :data:`PRECISIONS`)."""
     return max(precisions, key=PRECISIONS.index)
@@ -287,14 +234,17 @@ def compare(manifest: Manifest, reference: Side, test: Side, num: int = 4, seed:
                           resolve_bars(bars.call_rtol, call_rtol))
     check = SimpleCompareFunc(atol=report.call_atol, rtol=report.call_rtol, check_error_stat="elemwise")
     noise = make_noise(PHILOX_ID, seed)  # portable, and the same for both sides whatever the manifest names
+    program = Program.compile(manifest)
     x_T = noise(0, 0, num, shape)
-    ref, tst = Trajectory(manifest, x_T), Trajectory(manifest, x_T)
-    quiet = not progress or not sys.stderr.isatty()
-    steps = tqdm(program_calls(manifest, noise, num), total=manifest.sampler.steps, desc="parity", unit="step",
-                 disable=quiet, leave=False)
-    for i, calls in steps:
-        for graph, drawn in calls:
-            feed = ref.feed(graph, i, drawn, cond)
+    ref, tst = HostTrajectory(program, x_T, cond), HostTrajectory(program, x_T, cond)
+    last_step = -1
+    with progress_bar(manifest.sampler.steps, "parity", "step", enabled=progress) as bar:
+        for i, call, drawn in host_calls(program, noise, shape, num):
+            if i != last_step and last_step >= 0:
+                _step_done(report, program, last_step, ref, tst, on_step, bar)
+            last_step = i
+            graph = call.graph
+            feed = ref.feed(i, call, drawn)
             out_ref = reference(graph, feed)
             out_forced = test(graph, feed)
             result = check(IterationResult(out_forced, runner_name=test.name),
@@ -306,18 +256,24 @@ def compare(manifest: Manifest, reference: Side, test: Side, num: int = 4, seed:
             report.calls.append(record)
             if report.captured is None or (not record.passed and report.first_failing_call is record):
                 report.captured = (i, graph, {k: v.copy() for k, v in feed.items()})
-            tst.advance(test(graph, tst.feed(graph, i, drawn, cond)))
+            tst.advance(test(graph, tst.feed(i, call, drawn)))
             ref.advance(out_ref)
-        record = StepRecord(i, float(manifest.schedule["t"][i]), _max_abs(ref.values["x"], tst.values["x"]),
-                            _rel_l2(ref.values["x"], tst.values["x"]))
-        report.steps.append(record)
-        if on_step is not None:
-            on_step(record)
-    final = manifest.sampler.final
-    report.reference_sample, report.test_sample = ref.last[final], tst.last[final]
+        _step_done(report, program, last_step, ref, tst, on_step, bar)
+    report.reference_sample, report.test_sample = ref.result, tst.result
     report.final_max_abs = _max_abs(report.reference_sample, report.test_sample)
     report.final_rel_l2 = _rel_l2(report.reference_sample, report.test_sample)
     return report
+
+
+def _step_done(report: ParityReport, program: Program, step: int, ref: HostTrajectory, tst: HostTrajectory,
+               on_step: Callable[[StepRecord], None] | None, bar) -> None:
+    """After step ``step``: the two free-running x's compared and recorded."""
+    record = StepRecord(step, float(program.schedule["t"][step]), _max_abs(ref.values["x"], tst.values["x"]),
+                        _rel_l2(ref.values["x"], tst.values["x"]))
+    report.steps.append(record)
+    if on_step is not None:
+        on_step(record)
+    bar.update(1)
 
 
 def _nan_as_inf(v: float | None) -> float:

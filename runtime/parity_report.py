@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 
 from vpsde.runtime.atomic import atomic_path
 from vpsde.runtime.errors import InputError

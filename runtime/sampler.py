@@ -1,31 +1,16 @@
-"""Drives a bundle's timestep loop: host-side noise in, the step graphs' outputs fed back, the final sample out.
-
-The loop is the manifest's program, verbatim:
-
-    x = noise(call 0)                                   # prior x_T ~ N(0, I)
-    state = zeros                                       # sampler.state, if any (e.g. DPM-Solver++ history)
-    for i in range(steps):
-        for graph call in program:                      # e.g. [em], or [langevin x n, reverse_diffusion]
-            feed: x; schedule[name][i] for every schedule input; noise(next call) for every noise input;
-                  state buffers; the user's conditioning (inpainting: known, mask)
-            outputs = graph(feed); x = outputs.x_next; state = outputs[state.output]
-    return outputs[final]                               # of the last call: x_mean, or x_next (ODE samplers)
-
-:class:`~vpsde.runtime.loop.DeviceLoop` runs it on the backend's device buffers (no per-call allocation or
-copies of x; on a GPU only the noise and schedule values go up and the sample comes back once).
+"""Samples from a bundle: requests checked, the batches cut, host-side noise drawn (portable and seeded), and each
+batch run by :class:`~vpsde.runtime.loop.DeviceLoop` over the bundle's compiled program (``runtime/program.py``
+states what runs when), on the backend's device buffers.
 """
 
 from __future__ import annotations
 
 import math
-import operator
 import os
-import sys
 from pathlib import Path
 from typing import Callable, Mapping
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from vpsde.runtime.backends import MAX_THREADS, open_backend
 from vpsde.runtime.bundle import Bundle
@@ -35,6 +20,8 @@ from vpsde.runtime.loop import NAN_GUARDS, DeviceLoop
 from vpsde.runtime.manifest import Manifest
 from vpsde.runtime.noise import GENERATORS, TORCH_ID, make_noise
 from vpsde.runtime.prefetch import ChunkedNoise, PrefetchedNoise
+from vpsde.runtime.progress import progress
+from vpsde.runtime.request import check_request, count
 
 
 DEFAULT_CPU_BATCH = 64
@@ -82,9 +69,9 @@ class Sampler:
             raise BundleError(f"{self.bundle.root}: bundle digest is {self.bundle.digest}, but {expect_digest} was "
                               "expected: this is not the bundle you pinned")
         self.manifest = self.bundle.manifest
-        threads = _count(threads, "threads", 1, MAX_THREADS, optional=True)
-        noise_threads = _count(noise_threads, "noise_threads", 1, 64, optional=True)
-        self.noise_chunk = _count(noise_chunk, "noise_chunk", 1, 1 << 16, optional=True)
+        threads = count(threads, "threads", 1, MAX_THREADS, optional=True)
+        noise_threads = count(noise_threads, "noise_threads", 1, 64, optional=True)
+        self.noise_chunk = count(noise_chunk, "noise_chunk", 1, 1 << 16, optional=True)
         opened = open_backend(backend, self.bundle, device, threads, cuda_graph)
         self.device, self.runners = opened.device, opened.runners
         guard = ("auto" if nan_guard else "off") if isinstance(nan_guard, bool) else nan_guard
@@ -113,27 +100,25 @@ class Sampler:
         (shared by all samples). ``stop_after_steps``: for timing, run only the first K steps and return the
         trajectory there (not samples).
         """
-        seed, first_sample, num = _request(seed, first_sample, num)
+        request = check_request(self.manifest, seed, first_sample, num, conditioning)
+        seed, first_sample, num = request.seed, request.first_sample, request.num
         generator = generator or self.manifest.noise.generator
         batch_size = self.batch_size_for(num, batch_size, generator)
         if generator not in GENERATORS:
             raise InputError(f"generator: expected one of {', '.join(GENERATORS)}, got {generator!r}")
-        stop = _count(stop_after_steps, "stop_after_steps", 1, None, optional=True)
+        stop = count(stop_after_steps, "stop_after_steps", 1, None, optional=True)
         check_memory(self.manifest, num, batch_size)
         if generator == TORCH_ID and batch_size < num:
             raise InputError("the 'torch' noise generator reproduces diffusers for a single batch only; "
                              "use batch_size >= num or the portable philox generator")
         steps = min(self.manifest.sampler.steps, stop or self.manifest.sampler.steps)
         batches = [(s, min(batch_size, first_sample + num - s)) for s in range(first_sample, first_sample + num, batch_size)]
-        cond = self._check_conditioning(conditioning, num)
         out = np.empty((num, *self.sample_shape), dtype=np.float32)
-        quiet = not self.progress or not sys.stderr.isatty()  # no bar updates in logs and pipes
-        with tqdm(total=steps * len(batches), desc="sampling", unit="step", disable=quiet, leave=False) as bar:
+        with progress(steps * len(batches), "sampling", "step", enabled=self.progress) as bar:
             for start, size in batches:
                 noise = make_noise(generator, seed)
                 lo = start - first_sample
-                batch_cond = {k: v[lo:lo + size] if v.shape[0] == num else np.broadcast_to(v, (size, *self.sample_shape))
-                              for k, v in cond.items()}
+                batch_cond = request.conditioning_for(start, size, self.sample_shape)
                 out[lo:lo + size] = self._sample_batch(noise, start, size, bar, callback, batch_cond, steps)
         return out
 
@@ -142,30 +127,11 @@ class Sampler:
         :data:`DEFAULT_CPU_BATCH` on the CPU, or ``num`` on a GPU and for the ``torch`` generator."""
         generator = generator or self.manifest.noise.generator
         default = num if generator == TORCH_ID or not self.device.on_host else DEFAULT_CPU_BATCH
-        return min(_count(batch_size, "batch_size", 1, None, optional=True) or default, num)
-
-    def _check_conditioning(self, conditioning: Mapping[str, np.ndarray] | None, num: int) -> dict[str, np.ndarray]:
-        wanted = list(self.manifest.sampler.conditioning)
-        given = dict(conditioning or {})
-        if sorted(given) != sorted(wanted):
-            raise InputError(f"bundle {self.bundle.root} ({self.manifest.sampler.name}) takes conditioning inputs "
-                             f"{wanted or 'none'}, got {sorted(given) or 'none'}")
-        out = {}
-        for name, arr in given.items():
-            arr = np.asarray(arr, dtype=np.float32)
-            if arr.shape not in (self.sample_shape, (num, *self.sample_shape)):
-                raise InputError(f"conditioning input {name!r}: expected shape {list(self.sample_shape)} or "
-                                 f"{[num, *self.sample_shape]}, got {list(arr.shape)}")
-            if not np.isfinite(arr).all():
-                raise InputError(f"conditioning input {name!r} contains NaN/Inf")
-            out[name] = arr if arr.shape[0] == num and arr.ndim == len(self.sample_shape) + 1 else arr[None]
-        return out
+        return min(count(batch_size, "batch_size", 1, None, optional=True) or default, num)
 
     def noise_calls_per_step(self) -> int:
         """Noise calls one step of the program makes (the prior, call 0, comes before the first step)."""
-        m = self.manifest
-        return sum(pc.repeat * sum(1 for spec in m.graphs[pc.graph].inputs if spec.name in m.noise.inputs)
-                   for pc in m.sampler.program)
+        return self.loop.program.noise_calls_per_step
 
     def _sample_batch(self, noise, start: int, size: int, bar, callback, cond: dict[str, np.ndarray],
                       steps: int) -> np.ndarray:
@@ -192,36 +158,6 @@ class Sampler:
             except NonFiniteError as located:
                 raise located from None
             raise final
-
-
-def _request(seed, first_sample, num, where: str = "") -> tuple[int, int, int]:
-    """A checked (seed, first_sample, num): integers, seed < 2^64, and sample indices first_sample .. first_sample +
-    num - 1 inside [0, 2^64). ``where`` prefixes the messages (e.g. "request 3: ")."""
-    num = _count(num, f"{where}num", 1, None)
-    seed = _count(seed, f"{where}seed", 0, 2**64 - 1)
-    first_sample = _count(first_sample, f"{where}first_sample", 0, 2**64 - 1)
-    if first_sample > 2**64 - num:
-        raise InputError(f"{where}sample indices first_sample .. first_sample + num - 1 must lie in [0, 2^64), "
-                         f"got first_sample = {first_sample} and num = {num}")
-    return seed, first_sample, num
-
-
-def _count(value, name: str, lo: int, hi: int | None, optional: bool = False) -> int | None:
-    """An integer argument in [lo, hi]: Python or numpy integers only (1.5, "3" and True are refused, not
-    truncated or coerced)."""
-    if value is None and optional:
-        return None
-    if isinstance(value, bool):
-        raise InputError(f"{name} must be an integer, got {value!r}")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise InputError(f"{name} must be an integer, got {value!r:.40}") from None
-    if hi is None and value < lo:
-        raise InputError(f"{name} must be >= {lo}, got {value}")
-    if hi is not None and not lo <= value <= hi:
-        raise InputError(f"{name} must be in [{lo}, {hi}], got {value}")
-    return value
 
 
 def check_memory(manifest: Manifest, num: int, batch_size: int) -> None:

@@ -24,23 +24,18 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from vpsde.runtime.bundle import Bundle
-from vpsde.runtime.digest import SUMS_NAME
 from vpsde.runtime.errors import BackendUnavailable, InputError, VpsdeError
-from vpsde.runtime.manifest import MANIFEST_NAME
 from vpsde.runtime.noise import TORCH_ID
+from vpsde.runtime.progress import progress as progress_bar
+from vpsde.runtime.request import check_request, count
 from vpsde.scale.shards import RunKey, Shard, ShardedSamples, open_run, write_shard
 
 
 def bundle_payload(bundle: Bundle) -> dict[str, bytes]:
     """Every file a host reads from ``bundle``, by name, as checked bytes (what the workers receive)."""
-    payload = {MANIFEST_NAME: (bundle.root / MANIFEST_NAME).read_bytes(),
-               SUMS_NAME: (bundle.root / SUMS_NAME).read_bytes()}
-    for key, graph in bundle.manifest.graphs.items():
-        payload[graph.file] = bundle.graph_bytes(key)
-    return payload
+    return bundle.files()
 
 
 class ShardWorker:
@@ -110,7 +105,10 @@ def sample_on_ray(bundle: Bundle | str | os.PathLike, num: int, seed: int, out: 
     so the samples equal ``Sampler.sample(num, seed, first_sample=..., batch_size=shard_size)`` bit for bit (portable
     noise; not for a ``coupling = batch`` corrector).
     """
-    import ray
+    try:
+        import ray
+    except ImportError:
+        raise BackendUnavailable("--ray needs Ray: pip install 'vpsde[ray]' (make install has it)") from None
 
     bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(Path(bundle), expect_digest=expect_digest)
     m = bundle.manifest
@@ -121,16 +119,11 @@ def sample_on_ray(bundle: Bundle | str | os.PathLike, num: int, seed: int, out: 
     if m.sampler.params.get("coupling") == "batch":
         raise InputError(f"{bundle.root}: its corrector couples the samples of a batch (coupling = batch), so shards "
                          "would not equal one process; export with --coupling per-sample to shard it")
-    for name, value, lo in (("num", num, 1), ("shard_size", shard_size, 1), ("workers", workers, 1)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
-            raise InputError(f"{name} must be an integer >= {lo}, got {value!r}")
-    if not 0 <= first_sample <= 2**64 - num:
-        raise InputError(f"sample indices first_sample .. first_sample + num - 1 must lie in [0, 2^64), got "
-                         f"first_sample = {first_sample} and num = {num}")
-    cond = _shard_conditioning(bundle, conditioning, num)
+    request = check_request(m, seed, first_sample, num, conditioning)
+    shard_size, workers = count(shard_size, "shard_size", 1, None), count(workers, "workers", 1, None)
+    seed, first_sample, num = request.seed, request.first_sample, request.num
     run_dir = Path(out)
-    key = RunKey(bundle.digest, int(seed), int(first_sample), int(num), int(shard_size), generator,
-                 tuple(m.model.sample_shape))
+    key = RunKey(bundle.digest, seed, first_sample, num, shard_size, generator, tuple(m.model.sample_shape))
     index, todo = open_run(run_dir, key)
     reused = len(key.shards()) - len(todo)
     per_worker: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
@@ -155,14 +148,14 @@ def sample_on_ray(bundle: Bundle | str | os.PathLike, num: int, seed: int, out: 
                 shard = queue.pop(0)
                 lo = shard.first - first_sample
                 sliced = {k: v if v.ndim == len(m.model.sample_shape) else v[lo:lo + shard.num]
-                          for k, v in cond.items()}  # [*S] is shared; [num, *S] goes by shard
+                          for k, v in request.conditioning.items()}  # [*S] is shared; [num, *S] goes by shard
                 running[pool[w].sample.remote(shard.first, shard.num, int(seed), generator, sliced or None)] = (shard, w)
 
             for w in range(len(pool)):
                 for _ in range(2):  # two in flight per worker: the next shard is queued while one runs
                     if queue:
                         submit(w)
-            with tqdm(total=len(key.shards()), initial=reused, desc="shards", unit="shard", disable=not progress) as bar:
+            with progress_bar(len(key.shards()), "shards", "shard", enabled=progress, initial=reused) as bar:
                 while running:
                     (ref,), _ = ray.wait(list(running), num_returns=1)
                     shard, w = running.pop(ref)
@@ -193,24 +186,6 @@ def sample_on_ray(bundle: Bundle | str | os.PathLike, num: int, seed: int, out: 
     if not index.complete:
         raise VpsdeError(f"{run_dir}: shards are missing after the run; rerun the same command to finish it")
     return RayRunReport(run_dir, len(todo), reused, {k: (int(v[0]), v[1]) for k, v in per_worker.items()}, torch_seen)
-
-
-def _shard_conditioning(bundle: Bundle, conditioning: Mapping[str, np.ndarray] | None, num: int) -> dict[str, np.ndarray]:
-    """The bundle's conditioning arrays, each [*S] (shared) or [num, *S] (sliced per shard), checked here so a
-    bad one fails before any worker starts."""
-    m = bundle.manifest
-    wanted, given = sorted(m.sampler.conditioning), sorted(conditioning or {})
-    if wanted != given:
-        raise InputError(f"bundle {bundle.root} takes conditioning inputs {wanted or 'none'}, got {given or 'none'}")
-    shape = tuple(m.model.sample_shape)
-    out = {}
-    for name, arr in (conditioning or {}).items():
-        arr = np.ascontiguousarray(arr, dtype=np.float32)
-        if arr.shape not in (shape, (num, *shape)):
-            raise InputError(f"conditioning input {name!r}: expected shape {list(shape)} or {[num, *shape]}, got "
-                             f"{list(arr.shape)}")
-        out[name] = arr
-    return out
 
 
 def first_samples(run_dir: str | os.PathLike, count: int) -> np.ndarray:

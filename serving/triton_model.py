@@ -18,17 +18,19 @@ from typing import Any
 
 import numpy as np
 
-from vpsde.runtime.errors import VpsdeError
+from vpsde.runtime.errors import InputError, VpsdeError
+from vpsde.runtime.request import Request, check_request
 
 
 class RequestError(VpsdeError):
     """A request that does not fit the contract (one line, sent back as Triton's error)."""
 
 
-def parse_request(get, conditioning: list[str], sample_shape: tuple[int, ...], max_num: int
-                  ) -> tuple[int, int, int, dict[str, np.ndarray]]:
-    """(seed, first_sample, num, conditioning arrays) from one request; ``get(name)`` returns an input as numpy
-    or None. Triton has already checked names, dtypes and ranks against config.pbtxt."""
+def parse_request(get, manifest, max_num: int) -> Request:
+    """One request's transport layout checked here (``get(name)`` returns an input as numpy or None; Triton has
+    already checked names, dtypes and ranks against config.pbtxt): seed, first_sample and num as [1, 1], each
+    conditioning input as [1, 1 or num, *sample_shape]. What they mean is checked by the request gate
+    (``runtime/request.py``), as for every other surface."""
     values = {}
     for name, dtype in (("seed", np.uint64), ("first_sample", np.uint64), ("num", np.int32)):
         arr = get(name)
@@ -38,25 +40,21 @@ def parse_request(get, conditioning: list[str], sample_shape: tuple[int, ...], m
             raise RequestError(f"input {name!r}: expected {np.dtype(dtype).name} of shape [1, 1] (one request per "
                                f"call), got {arr.dtype} {list(arr.shape)}")
         values[name] = int(arr[0, 0])
-    seed, first, num = values["seed"], values["first_sample"], values["num"]
-    if not 1 <= num <= max_num:
-        raise RequestError(f"num must be in [1, {max_num}] (the server's max_num), got {num}")
-    if first > 2**64 - num:
-        raise RequestError(f"sample indices first_sample .. first_sample + num - 1 must lie in [0, 2^64), got "
-                           f"first_sample = {first} and num = {num}")
+    conditioning = list(manifest.sampler.conditioning)
+    sample_shape = tuple(manifest.model.sample_shape)
     cond = {}
     for name in conditioning:
         arr = get(name)
         if arr is None:
             raise RequestError(f"input {name!r} is missing: this bundle takes conditioning inputs {conditioning}")
-        if arr.ndim != len(sample_shape) + 2 or arr.shape[0] != 1 or arr.shape[1] not in (1, num) \
-                or tuple(arr.shape[2:]) != sample_shape:
+        if arr.ndim != len(sample_shape) + 2 or arr.shape[0] != 1 or tuple(arr.shape[2:]) != sample_shape:
             raise RequestError(f"input {name!r}: expected shape [1, 1 or num, {', '.join(map(str, sample_shape))}], "
                                f"got {list(arr.shape)}")
-        if not np.isfinite(arr).all():
-            raise RequestError(f"input {name!r} contains NaN/Inf")
         cond[name] = arr[0, 0] if arr.shape[1] == 1 else arr[0]
-    return seed, first, num, cond
+    try:
+        return check_request(manifest, values["seed"], values["first_sample"], values["num"], cond, max_num=max_num)
+    except InputError as e:
+        raise RequestError(str(e)) from None
 
 
 class TritonPythonModel:
@@ -76,8 +74,6 @@ class TritonPythonModel:
         except VpsdeError as e:
             raise RuntimeError(f"vpsde: {e}") from None  # fails the model load with vpsde's message
         self.max_num = int(params.get("max_num", "1024"))
-        self.conditioning = list(self.bundle.manifest.sampler.conditioning)
-        self.sample_shape = tuple(self.bundle.manifest.model.sample_shape)
 
     def execute(self, requests: list) -> list:
         import triton_python_backend_utils as pb_utils
@@ -96,12 +92,13 @@ class TritonPythonModel:
                 tensor = pb_utils.get_input_tensor_by_name(request, name)
                 return None if tensor is None else tensor.as_numpy()
             try:
-                seed, first, num, cond = parse_request(get, self.conditioning, self.sample_shape, self.max_num)
+                req = parse_request(get, self.bundle.manifest, self.max_num)
             except VpsdeError as e:
                 responses.append(error(str(e), bad_request=True))
                 continue
             try:
-                samples = self.sampler.sample(num, seed, first_sample=first, conditioning=cond or None)
+                samples = self.sampler.sample(req.num, req.seed, first_sample=req.first_sample,
+                                              conditioning=dict(req.conditioning) or None)
             except VpsdeError as e:
                 responses.append(error(str(e)))
                 continue

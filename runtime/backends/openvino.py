@@ -81,17 +81,19 @@ def float32_twin(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def probe_feed(bundle: Bundle, graph: GraphSpec, batch: int = CHECK_BATCH) -> dict[str, np.ndarray]:
-    """Fixed inputs for one call of ``graph``: schedule values at the middle step, masks in {0, 1}, every other
-    sample-shaped input N(0, 1) (seed 0); samples differ, so a graph that mixes them shows it."""
+    """Fixed inputs for one call of ``graph``: schedule values at the middle step, conditioning in {0, 1} (valid
+    as a mask and as known data), every other sample-shaped input N(0, 1) (seed 0); samples differ, so a graph
+    that mixes them shows it. Roles are the manifest's (:meth:`Manifest.input_role`)."""
     m = bundle.manifest
     rng = np.random.default_rng(0)
     feed = {}
     for spec in graph.inputs:
         shape = spec.shape_for(batch)
-        if spec.name in m.schedule:
+        role = m.input_role(spec.name)
+        if role == "schedule":
             values = m.schedule[spec.name]
             feed[spec.name] = np.full(shape, values[len(values) // 2], spec.dtype)
-        elif spec.name == "mask":
+        elif role == "conditioning":
             feed[spec.name] = (rng.random(shape) < 0.5).astype(spec.dtype)
         else:
             feed[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
