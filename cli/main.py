@@ -5,8 +5,10 @@ tracebacks unless --verbose."""
 from __future__ import annotations
 
 import argparse
+import difflib
 import errno
 import os
+import re
 import signal
 import sys
 import threading
@@ -42,13 +44,36 @@ COMMANDS = {"export": export_cmd.run, "sample": sample_cmd.run, "inspect": inspe
             "parity": parity_cmd.run, "bench": bench_cmd.run, "convert": convert_cmd.run, "doctor": doctor_cmd.run}
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with a nearest-match hint on a mistyped flag or choice ("did you mean --num?")."""
+
+    def error(self, message: str):
+        super().error(message + _did_you_mean(self, message))
+
+
+def _did_you_mean(parser: argparse.ArgumentParser, message: str) -> str:
+    choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+    if choice:
+        options = re.findall(r"'([^']*)'", choice.group(2)) or [c.strip() for c in choice.group(2).split(",")]
+        close = difflib.get_close_matches(choice.group(1), options, n=1, cutoff=0.5)
+        return f"; did you mean {close[0]!r}?" if close else ""
+    unknown = re.search(r"unrecognized arguments: (.*)", message)
+    if unknown:
+        flags = [f for f in parser._option_string_actions if f.startswith("--")]
+        hints = [f"{close[0]} (not {arg})" for arg in unknown.group(1).split() if arg.startswith("-")
+                 for close in [difflib.get_close_matches(arg.split("=")[0], flags, n=1, cutoff=0.6)] if close]
+        return f"; did you mean {', '.join(hints)}?" if hints else ""
+    return ""
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = HelpFormatter
-    parser = argparse.ArgumentParser(prog="vpsde", description="Deploy VP-SDE score-model samplers as ONNX bundles.",
-                                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="vpsde", description="Deploy VP-SDE score-model samplers as ONNX bundles.",
+                    epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--verbose", action="store_true", help="show tracebacks on errors")
     parser.add_argument("--version", action="version", version=f"vpsde {_version()}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}",
+                                parser_class=Parser)
     for register in (export_cmd.register, sample_cmd.register, build_cmd.register, serve_cmd.register_triton,
                      serve_cmd.register_serve, serve_cmd.register_request, parity_cmd.register, bench_cmd.register, convert_cmd.register,
                      doctor_cmd.register,
@@ -57,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     for command in sub.choices.values():  # --verbose after the subcommand too (SUPPRESS: no False default)
         command.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
                              help="show tracebacks on errors")
+    parser.commands = sub.choices  # type: ignore[attr-defined]  # main() reports unknown flags on the subcommand
     return parser
 
 
@@ -95,7 +121,9 @@ def _os_error_message(e: OSError) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    if extras:  # the subcommand's usage and a hint, not the top-level usage
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(extras)}")
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if threading.current_thread() is threading.main_thread() \
         else None
     try:

@@ -42,8 +42,10 @@ def register_request(sub, fmt) -> None:
     p = sub.add_parser("request", help="ask a served vpsde model for samples (tritonclient, HTTP or gRPC)",
                        formatter_class=fmt, description="Write samples.npz (+ grid.png) like `vpsde sample`, from a "
                        "server started by `vpsde serve` or any Triton serving a `vpsde triton` repository.")
-    p.add_argument("url", help="HOST:PORT of the server's HTTP or gRPC endpoint")
-    p.add_argument("--protocol", default="http", choices=["http", "grpc"])
+    p.add_argument("url", help="HOST:PORT of the server's HTTP or gRPC endpoint (or http://HOST:PORT, "
+                   "grpc://HOST:PORT: the scheme sets --protocol)")
+    p.add_argument("--protocol", default="http", choices=["http", "grpc"],
+                   help="the endpoint's protocol (tritonserver's HTTP port and gRPC port differ)")
     p.add_argument("--name", default="vpsde", help="model name")
     p.add_argument("--num", type=positive, default=16, help="number of samples")
     p.add_argument("--seed", type=u64("seed"), default=0, help="noise seed")

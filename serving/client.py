@@ -16,9 +16,11 @@ class ServerError(VpsdeError):
 def request_samples(url: str, seed: int, num: int, first_sample: int = 0, *, model: str = "vpsde",
                     protocol: str = "http", conditioning: Mapping[str, np.ndarray] | None = None,
                     timeout: float = 600.0) -> np.ndarray:
-    """Ask the vpsde model ``model`` at ``url`` ("HOST:PORT") for samples ``first_sample .. first_sample + num -
-    1`` of ``seed`` -> float32 [num, *sample_shape]. ``conditioning``: the bundle's conditioning arrays, each
-    [num, *S] (broadcast a shared one yourself; the server also takes [1, 1, *S] from raw clients)."""
+    """Ask the vpsde model ``model`` at ``url`` ("HOST:PORT", or "http://HOST:PORT" / "grpc://HOST:PORT", whose
+    scheme then sets the protocol) for samples ``first_sample .. first_sample + num - 1`` of ``seed`` -> float32
+    [num, *sample_shape]. ``conditioning``: the bundle's conditioning arrays, each [num, *S] (broadcast a shared
+    one yourself; the server also takes [1, 1, *S] from raw clients)."""
+    url, protocol = split_url(url, protocol)
     if protocol == "http":
         import tritonclient.http as tc
     elif protocol == "grpc":
@@ -40,6 +42,7 @@ def request_samples(url: str, seed: int, num: int, first_sample: int = 0, *, mod
         if arr.ndim < 1 or arr.shape[0] != num:
             raise VpsdeError(f"conditioning {name!r}: expected [num, *sample_shape] with num = {num}, got {list(arr.shape)}")
         inputs.append(tensor(name, arr[None], "FP32"))
+    client = None
     try:
         client = tc.InferenceServerClient(url=url, network_timeout=timeout) if protocol == "http" else \
             tc.InferenceServerClient(url=url)
@@ -49,5 +52,21 @@ def request_samples(url: str, seed: int, num: int, first_sample: int = 0, *, mod
         raise ServerError(f"{url} ({protocol}): {e.message() or e}") from None
     except OSError as e:
         raise ServerError(f"{url} ({protocol}): {e}") from None
+    except Exception as e:  # noqa: BLE001 - e.g. geventhttpclient's HTTPParseError: not an HTTP server
+        raise ServerError(f"{url} ({protocol}): {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}; "
+                          f"is this the server's {protocol} port? (--protocol http|grpc)") from None
+    finally:
+        if client is not None:
+            client.close()
     out = result.as_numpy("samples")
     return out[0]
+
+
+def split_url(url: str, protocol: str) -> tuple[str, str]:
+    """("HOST:PORT", protocol) from ``url``; a scheme (http://, grpc://) sets the protocol, a trailing / is dropped."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url.rstrip("/"), protocol
+    if scheme not in ("http", "grpc"):
+        raise BackendUnavailable(f"url {url!r}: expected HOST:PORT, http://HOST:PORT or grpc://HOST:PORT")
+    return rest.rstrip("/"), scheme

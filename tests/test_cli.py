@@ -108,3 +108,66 @@ def test_doctor_reports_what_this_machine_can_run(capsys):
     out = capsys.readouterr().out
     assert f"onnxruntime {onnxruntime.__version__}" in out and "CPUExecutionProvider" in out
     assert all(f"\n{k}" in out for k in ("tensorrt ", "gpu ", "export "))
+
+
+def test_typos_get_the_subcommands_usage_and_the_nearest_name(capsys):
+    import pytest
+
+    for argv, usage, hint in ((["sample", "b", "--nmu", "4"], "usage: vpsde sample", "did you mean --num (not --nmu)?"),
+                              (["export", "--sampler", "dpmpp2m"], "usage: vpsde export", "did you mean 'dpmpp-2m'?"),
+                              (["sampel", "b"], "usage: vpsde ", "did you mean 'sample'?")):
+        with pytest.raises(SystemExit) as stop:
+            main(argv)
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and usage in err and hint in err, err
+
+
+def test_ray_missing_is_one_line(gmm_bundle, tmp_path):
+    """`vpsde sample --ray` where Ray is not installed: one line naming the extra, not ModuleNotFoundError."""
+    code = ("import sys; sys.modules['ray'] = None\n"  # import ray raises ImportError, as where it is not installed
+            "from vpsde.cli.main import main\n"
+            f"sys.exit(main(['sample', {str(gmm_bundle.root)!r}, '--num', '2', '--ray', 'local', '--out', "
+            f"{str(tmp_path / 'o')!r}]))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and run.stderr.strip().splitlines() == [
+        "vpsde sample: error: --ray needs Ray: pip install 'vpsde[ray]' (make install has it)"], run.stderr
+
+
+def test_request_urls_take_a_scheme():
+    from vpsde.runtime.errors import BackendUnavailable
+    from vpsde.serving.client import split_url
+
+    assert split_url("127.0.0.1:8000", "http") == ("127.0.0.1:8000", "http")
+    assert split_url("http://127.0.0.1:8000/", "grpc") == ("127.0.0.1:8000", "http")
+    assert split_url("grpc://host:8001", "http") == ("host:8001", "grpc")
+    with pytest.raises(BackendUnavailable, match="expected HOST:PORT"):
+        split_url("ftp://host:1", "http")
+
+
+def test_long_runs_report_progress_off_a_terminal():
+    """Off a TTY (CI logs, pipes) a long run prints a plain line every ~10 s, a short one nothing."""
+    import io
+
+    from vpsde.runtime.progress import LineProgress
+
+    clock = [0.0]
+    import vpsde.runtime.progress as progress_module
+
+    real = progress_module.time.monotonic
+    progress_module.time.monotonic = lambda: clock[0]
+    try:
+        quiet, loud = io.StringIO(), io.StringIO()
+        with LineProgress(100, "sampling", "step", quiet) as bar:
+            for _ in range(100):
+                clock[0] += 0.01  # 1 s in all
+                bar.update()
+        assert quiet.getvalue() == ""
+        with LineProgress(100, "sampling", "step", loud) as bar:
+            for _ in range(100):
+                clock[0] += 0.5  # 50 s in all
+                bar.update()
+    finally:
+        progress_module.time.monotonic = real
+    lines = loud.getvalue().splitlines()
+    assert len(lines) == 6 and lines[0] == "sampling: 20/100 steps (20%), 10 s elapsed, about 40 s left", lines
+    assert lines[-1].startswith("sampling: 100/100 steps (100%), 50 s elapsed")
