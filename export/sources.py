@@ -2,7 +2,9 @@
 
     digits                                    the shipped model: DDPM++-style UNet trained on 16x16 digits
     weights:PATH.json                         a SmallUNet trained by vpsde.models.train_digits (its JSON config)
-    diffusers:DIR                             a diffusers UNet2DModel save_pretrained directory (label 999 t)
+    diffusers:DIR                             a diffusers UNet2DModel save_pretrained directory or a pipeline root
+                                              (its unet/; scheduler/ decides eps, v or x0 and is checked
+                                              against the VP-SDE; label 999 t)
     gmm[:dim=2,components=3,seed=0,full=0]    analytic Gaussian-mixture score (exact, known ground truth);
                                               full=1: rotated full covariances, stds 0.1-2, |mu| <= 9
     unet-random[:seed=0,channels=16,...]      small DDPM++-style UNet with random weights, sample [1, 16, 16]
@@ -139,7 +141,7 @@ def load_model(spec: str, sde: VPSDE, sample_shape: tuple[int, ...] | None = Non
         from vpsde.models.diffusers_unet import load_diffusers_unet
 
         try:
-            model = load_diffusers_unet(rest, label_scale)
+            model = load_diffusers_unet(rest, label_scale, sde)
         except (OSError, ValueError) as e:
             raise ModelSpecError(f"--model {spec!r}: {e}") from None
     elif kind == "gmm":

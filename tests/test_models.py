@@ -121,8 +121,62 @@ def test_diffusers_unet_adapter_parity(diffusers_unet_dir, tmp_path, rng):
 
 
 def test_diffusers_spec_without_a_directory_is_a_clear_error(tmp_path):
-    with pytest.raises(ModelSpecError, match="not a diffusers save_pretrained directory"):
+    with pytest.raises(ModelSpecError, match="neither a diffusers UNet directory"):
         load_model(f"diffusers:{tmp_path}", VPSDE())
+
+
+def _pipeline(root, unet_dir, **scheduler):
+    """A pipeline root: unet/ (a copy of the tiny UNet) and scheduler/scheduler_config.json."""
+    import json
+    import shutil
+
+    shutil.copytree(unet_dir, root / "unet")
+    (root / "scheduler").mkdir()
+    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler))
+    return root
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
+def test_diffusers_pipeline_root_and_its_prediction_type(diffusers_unet_dir, tmp_path, prediction):
+    """A pipeline root is accepted (its unet/), and a v- or x0-predicting UNet samples eps: checked against the
+    conversion done here in float64 from the raw UNet's output (alpha, sigma of the VP-SDE written out)."""
+    from diffusers import UNet2DModel
+
+    root = _pipeline(tmp_path / "pipe", diffusers_unet_dir, _class_name="DDPMScheduler", beta_schedule="linear",
+                     beta_start=0.0001, beta_end=0.02, num_train_timesteps=1000, prediction_type=prediction)
+    model = load_model(f"diffusers:{root}", VPSDE())
+    raw = UNet2DModel.from_pretrained(diffusers_unet_dir, local_files_only=True).eval()
+    g = torch.Generator().manual_seed(int(np.random.default_rng().integers(2**31)))
+    x, t = torch.randn(3, 1, 16, 16, generator=g), torch.rand(3, generator=g) * 0.9 + 0.05
+    with torch.no_grad():
+        got = model(x, t).double()
+        out = raw(x, 999.0 * t, return_dict=False)[0].double()
+    tt = t.double()[:, None, None, None]
+    log_alpha = -0.25 * tt**2 * (20.0 - 0.1) - 0.5 * tt * 0.1
+    alpha, sigma = torch.exp(log_alpha), torch.sqrt(1 - torch.exp(2 * log_alpha))
+    want = {"epsilon": out, "v_prediction": sigma * x.double() + alpha * out,
+            "sample": (x.double() - alpha * out) / sigma}[prediction]
+    assert torch.isfinite(got).all()
+    assert (got - want).abs().max() <= 1e-5 * max(1.0, float(want.abs().max()))
+    if prediction != "epsilon":  # and the conversion is not a no-op
+        assert (got - out).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("scheduler, message", [
+    ({"beta_schedule": "squaredcos_cap_v2"}, "beta_schedule 'squaredcos_cap_v2' is not the VP-SDE"),
+    ({"beta_schedule": "scaled_linear"}, "beta_schedule 'scaled_linear'"),
+    ({"beta_schedule": "linear", "trained_betas": [0.1, 0.2]}, "with trained_betas"),
+    ({"beta_schedule": "linear", "beta_end": 0.012}, "pass --beta-max 12"),
+    ({"prediction_type": "flow"}, "prediction_type 'flow'"),
+    ({"_class_name": "ScoreSdeVpScheduler", "beta_max": 10.0}, "pass --beta-max 10"),
+])
+def test_diffusers_schedules_that_are_not_this_vp_sde_are_refused(diffusers_unet_dir, tmp_path, scheduler, message):
+    root = _pipeline(tmp_path / "pipe", diffusers_unet_dir, **scheduler)
+    with pytest.raises(ModelSpecError, match=message) as e:
+        load_model(f"diffusers:{root}", VPSDE())
+    assert "scheduler_config.json" in str(e.value) and "\n" not in str(e.value)
+    if scheduler.get("beta_max") == 10.0:  # under the SDE it was trained with it loads (from unet/ too)
+        assert load_model(f"diffusers:{root}/unet", VPSDE(beta_max=10.0)).sample_shape == (1, 16, 16)
 
 
 # -- shipped weights -------------------------------------------------------------------------------------------
