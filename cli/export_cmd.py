@@ -31,7 +31,8 @@ def register(sub, fmt) -> None:
     p.add_argument("--model", required=True,
                    help="model spec: digits (shipped) | weights:PATH.json | diffusers:DIR | "
                         "gmm[:dim=2,components=3,seed=0,full=0] | unet-random[:seed=0,channels=16] | "
-                        "score_sde:CHECKPOINT.pth[,config=NAME|JSON][,ema=true] | py:package.module:factory")
+                        "score_sde:CHECKPOINT.pth[,config=NAME|JSON][,ema=true] | py:package.module:factory | "
+                        "py:path/to/file.py:factory")
     p.add_argument("--out", required=True, type=Path, help="bundle directory to write")
     p.add_argument("--sampler", default="em", choices=list(SAMPLER_IDS), help=SAMPLER_HELP)
     p.add_argument("--steps", type=positive, default=None,
@@ -62,6 +63,10 @@ def register(sub, fmt) -> None:
     p.add_argument("--beta-max", type=float, default=20.0, help="VP-SDE beta(t) at t = 1")
     p.add_argument("--sampling-eps", type=float, default=1e-3, help="the last time of the reverse grid (t = eps)")
     p.add_argument("--sample-shape", type=shape_arg, default=None, help="C,H,W for a py: model that is a plain nn.Module")
+    p.add_argument("--time-label-scale", type=float, default=999.0, metavar="S",
+                   help="a network net(x, label) (py: plain nn.Module, diffusers:, unet-random) is fed label = S * t "
+                        "for SDE time t in (0, 1] (score_sde's continuous VP models: 999; 1 for a network "
+                        "that takes t itself)")
     p.add_argument("--value-range", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                    help="data range of image samples, for PNG output (default: the model's, else none)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16", "int8"],
@@ -93,7 +98,9 @@ def run(args: argparse.Namespace) -> None:
     try:
         sde = VPSDE(args.beta_min, args.beta_max, args.sampling_eps,
                     std_formula=default_std_formula(args.sampler, args.grid))
-        model = load_model(args.model, sde, sample_shape=args.sample_shape)
+        if not (args.time_label_scale > 0 and args.time_label_scale < float("inf")):
+            raise ValueError(f"--time-label-scale: expected a positive number, got {args.time_label_scale}")
+        model = load_model(args.model, sde, sample_shape=args.sample_shape, label_scale=args.time_label_scale)
     except (ModelSpecError, ValueError) as e:
         raise UsageError(str(e)) from e
     value_range = args.value_range or getattr(model, "value_range", None)

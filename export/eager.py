@@ -38,8 +38,13 @@ class EagerSide:
             spec = m.model.source
         sde = VPSDE(beta_min=m.sde.beta_min, beta_max=m.sde.beta_max, sampling_eps=m.sde.sampling_eps,
                     num_train_timesteps=m.sde.num_train_timesteps, std_formula=m.sde.std_formula)
+        label = m.model.time_label  # "<S>t" for a network fed label S t (TimeLabelAdapter); "t" otherwise
         try:
-            model = load_model(spec, sde, sample_shape=tuple(m.model.sample_shape))
+            label_scale = float(label[:-1]) if label.endswith("t") and label != "t" else 999.0
+        except ValueError:
+            label_scale = 999.0
+        try:
+            model = load_model(spec, sde, sample_shape=tuple(m.model.sample_shape), label_scale=label_scale)
         except ModelSpecError as e:
             raise InputError(f"{bundle.root / 'manifest.json'}: model.source {spec!r} cannot be rebuilt for the eager "
                              f"reference ({e}); name the model with --model") from None

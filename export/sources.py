@@ -13,13 +13,15 @@
                                               ema=false: the raw weights); opened with torch.load(weights_only)
     score_sde-random[:config=NAME,seed=0]     that network with random weights (benchmarks)
     py:package.module:factory                 any callable returning a ScoreModel, or an nn.Module
-                                              net(x, label) (then --sample-shape is required; label = 999 t)
+    py:path/to/file.py:factory                net(x, label) (then --sample-shape is required; label = S t with S
+                                              from --time-label-scale, default 999); docs/python-api.md
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.util
 from typing import Any
 
 import torch
@@ -126,6 +128,34 @@ def _score_sde_model(spec: str, rest: str) -> ScoreModel:
     return _wrap_score_sde(net, spec)
 
 
+def _py_factory(spec: str, module_name: str, attr: str):
+    """The factory a py: spec names: from a file (``path/to/file.py``), or a module importable from sys.path or
+    the working directory (as ``python -m`` would find it). The user's code: --model is never read from a bundle."""
+    import os
+    import sys
+    from pathlib import Path
+
+    try:
+        if module_name.endswith(".py") or os.sep in module_name:
+            path = Path(module_name)
+            if not path.is_file():
+                raise ModelSpecError(f"--model {spec!r}: {path} is not a file")
+            loader = importlib.util.spec_from_file_location(f"vpsde_user_model_{path.stem}", path)
+            module = importlib.util.module_from_spec(loader)
+            loader.loader.exec_module(module)
+        else:
+            try:
+                module = importlib.import_module(module_name)
+            except ModuleNotFoundError as e:
+                if e.name != module_name.split(".")[0] or os.getcwd() in sys.path:
+                    raise
+                sys.path.insert(0, os.getcwd())
+                module = importlib.import_module(module_name)
+        return getattr(module, attr)
+    except (ImportError, AttributeError, OSError) as e:
+        raise ModelSpecError(f"--model {spec!r}: cannot import {module_name}:{attr} ({e})") from None
+
+
 def load_model(spec: str, sde: VPSDE, sample_shape: tuple[int, ...] | None = None,
                label_scale: float = 999.0) -> ScoreModel:
     """Build the model a spec names, in eval mode."""
@@ -167,13 +197,10 @@ def load_model(spec: str, sde: VPSDE, sample_shape: tuple[int, ...] | None = Non
         model = TimeLabelAdapter(SmallUNet(cfg), (cfg.in_channels, cfg.resolution, cfg.resolution),
                                  scale=label_scale, name=spec)
     elif kind == "py":
-        module_name, _, attr = rest.partition(":")
+        module_name, _, attr = rest.rpartition(":")
         if not module_name or not attr:
-            raise ModelSpecError(f"--model {spec!r}: expected py:package.module:factory")
-        try:
-            factory = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as e:
-            raise ModelSpecError(f"--model {spec!r}: cannot import {module_name}:{attr} ({e})") from None
+            raise ModelSpecError(f"--model {spec!r}: expected py:package.module:factory or py:path/to/file.py:factory")
+        factory = _py_factory(spec, module_name, attr)
         net = factory()
         if isinstance(net, ScoreModel):
             model = net

@@ -171,3 +171,27 @@ def test_long_runs_report_progress_off_a_terminal():
     lines = loud.getvalue().splitlines()
     assert len(lines) == 6 and lines[0] == "sampling: 20/100 steps (20%), 10 s elapsed, about 40 s left", lines
     assert lines[-1].startswith("sampling: 100/100 steps (100%), 50 s elapsed")
+
+
+def test_py_models_from_the_working_directory_or_a_file_with_their_time_label(tmp_path):
+    """`--model py:mymodel:make_net` run from the module's directory failed with "No module named 'mymodel'"
+    (a console script's sys.path has no working directory); a file path works too, and --time-label-scale is
+    recorded and used by the eager parity side."""
+    import json
+    import re
+    from pathlib import Path
+
+    page = (Path(__file__).parent.parent / "docs" / "python-api.md").read_text()
+    (tmp_path / "mymodel.py").write_text(re.findall(r"```python\n(.*?)```", page, re.S)[-1])  # the docs' example
+    vpsde = str(Path(sys.executable).parent / "vpsde")
+    for spec, scale in (("py:mymodel:make_net", "999"), (f"py:{tmp_path / 'mymodel.py'}:make_net", "1")):
+        out = tmp_path / f"b{scale}"
+        run = subprocess.run([vpsde, "export", "--model", spec, "--sample-shape", "1,8,8", "--sampler", "dpmpp-2m",
+                              "--steps", "4", "--time-label-scale", scale, "--out", str(out)], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr[-1500:]
+        model = json.loads((out / "manifest.json").read_text())["model"]
+        assert model["time_label"] == f"{scale}t" and len(model["weights_sha256"]) == 64
+        run = subprocess.run([vpsde, "parity", str(out), "--against", "eager", "--model", spec, "--num", "2"],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0 and "  ok" in run.stdout, run.stdout + run.stderr[-1500:]
