@@ -60,7 +60,12 @@ def run(args: argparse.Namespace) -> None:
     batches = _batches(args.batch)
     bundle = Bundle.load(args.bundle, expect_digest=args.expect_digest)
     rows, load_s = [], {}
-    for backend in filter(None, args.backend.split(",")):
+    backends = [b.strip() for b in args.backend.split(",") if b.strip()]
+    if not backends:
+        raise UsageError(f"--backend {args.backend!r}: expected one or more backend names, comma-separated")
+    if args.json is not None and args.json.is_dir():
+        raise UsageError(f"--json {args.json}: is a directory; give the path of a .json file to write")
+    for backend in backends:
         graph_modes = (False, True) if (args.device or "").startswith("cuda") or backend == "tensorrt" else (False,)
         for cuda_graph in graph_modes:
             t0 = time.perf_counter()

@@ -48,6 +48,14 @@ def positive(text: str) -> int:
     return value
 
 
+def port_arg(text: str) -> int:
+    """A TCP port, 1..65535."""
+    value = positive(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port in 1..65535, got {value}")
+    return value
+
+
 def threads_arg(text: str) -> int:
     from vpsde.runtime.backends import MAX_THREADS
 

@@ -131,6 +131,9 @@ def run(args: argparse.Namespace) -> int:
     from vpsde.runtime import Bundle
     from vpsde.runtime.parity import BackendSide, compare, lower_precision
 
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    if not backends:
+        raise UsageError(f"--backends {args.backends!r}: expected one or more backend names, comma-separated")
     if args.polygraphy_cmd and args.report is None:
         raise UsageError("--polygraphy-cmd saves the call's inputs under --report DIR: give --report")
     bundle = Bundle.load(args.bundle, expect_digest=args.expect_digest)
@@ -141,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
     reference, ref_manifest = _reference(args, bundle)
     precision = lower_precision(m.model.precision, ref_manifest.model.precision)
     reports = []
-    for backend in filter(None, args.backends.split(",")):
+    for backend in backends:
         test = BackendSide(bundle, backend, args.device, args.threads)
         report = compare(m, reference, test, args.num, args.seed, atol=args.atol, rtol=args.rtol,
                          call_atol=_bars(args.call_atol), call_rtol=_bars(args.call_rtol), precision=precision)

@@ -53,8 +53,8 @@ def register(sub, fmt) -> None:
                         "(auto, HOST:PORT, ray://HOST:10001)")
     g.add_argument("--shard-size", type=positive, default=1024, help="samples per shard file")
     g.add_argument("--workers", type=positive, default=2, help="Ray actors, each with its own Sampler")
-    g.add_argument("--worker-cpus", type=float, default=1.0, help="CPUs Ray reserves per worker")
-    g.add_argument("--worker-gpus", type=float, default=0.0, help="GPUs Ray reserves per worker")
+    g.add_argument("--worker-cpus", type=resources_arg, default=1.0, help="CPUs Ray reserves per worker (>= 0)")
+    g.add_argument("--worker-gpus", type=resources_arg, default=0.0, help="GPUs Ray reserves per worker (>= 0)")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -117,6 +117,17 @@ def _sample_on_ray(args: argparse.Namespace, bundle, conditioning) -> None:
         png = args.out / "grid.png"
         save_png(png, image_grid(first_samples(args.out, 64), tuple(m.model.value_range)))
         print(f"wrote {png}")
+
+
+def resources_arg(text: str) -> float:
+    """A Ray resource amount: a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
 
 
 def _conditioning(args: argparse.Namespace, bundle) -> dict | None:

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from vpsde.cli.common import DIGEST_HELP, UsageError, positive, prepare_out_dir, threads_arg, u64
+from vpsde.cli.common import DIGEST_HELP, UsageError, port_arg, positive, prepare_out_dir, threads_arg, u64
 from vpsde.runtime.errors import VpsdeError
 
 
@@ -30,8 +30,8 @@ def register_serve(sub, fmt) -> None:
                        "(loopback unless --host), print the endpoints, and stop cleanly on Ctrl-C or SIGTERM.")
     p.add_argument("bundle", type=Path, nargs="?", help="the bundle to serve (or --repository)")
     p.add_argument("--repository", type=Path, default=None, help="serve this repository (from `vpsde triton`) as is")
-    p.add_argument("--http-port", type=int, default=8000, help="HTTP/REST port")
-    p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port")
+    p.add_argument("--http-port", type=port_arg, default=8000, help="HTTP/REST port (1..65535)")
+    p.add_argument("--grpc-port", type=port_arg, default=8001, help="gRPC port (1..65535, not the HTTP port)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--tritonserver", default=None, help="the tritonserver binary (default: nvidia-pytriton's, or PATH)")
     _triton_options(p)
@@ -88,15 +88,21 @@ def cmd_triton(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    import tempfile
+    import os
+    import shutil
 
-    from vpsde.serving.server import TritonServer, find_tritonserver
+    from vpsde.serving.server import TritonServer, find_tritonserver, owned_temp_dir
 
     if (args.bundle is None) == (args.repository is None):
         raise UsageError("give a BUNDLE or --repository REPO (one of them)")
+    if args.http_port == args.grpc_port:
+        raise UsageError(f"--http-port and --grpc-port are both {args.http_port}: give them different ports")
     install = find_tritonserver(args.tritonserver)
-    with tempfile.TemporaryDirectory(prefix="vpsde-serve-") as work:
-        repo = args.repository or _repository(args, Path(work) / "repository", False)
+    work, lock = owned_temp_dir("vpsde-serve")  # swept by the next `vpsde serve` if this one is killed
+    try:
+        # one level down: write_repository locks the repository's parent, and this process holds `work`'s lock
+        (work / "repo").mkdir()
+        repo = args.repository or _repository(args, work / "repo" / "repository", False)
         server = TritonServer(repo, install, args.http_port, args.grpc_port, host=args.host)
         try:
             server.wait_ready()
@@ -108,6 +114,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
         finally:
             code = server.stop()
             print(f"tritonserver stopped (exit {code})", file=sys.stderr)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        os.close(lock)
 
 
 def cmd_request(args: argparse.Namespace) -> None:

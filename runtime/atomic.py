@@ -74,6 +74,16 @@ def locked_temp(directory: Path, name: str, suffix: str, make_dir: bool) -> tupl
         os.close(fd)
 
 
+def _name_the_target(e: OSError, tmp: Path, path: Path) -> None:
+    """Make ``e`` name what the user asked for (``path``, or the file inside it), not the temporary: a full disk's
+    error often names no file at all."""
+    name = os.fsdecode(e.filename) if e.filename else ""
+    if not name:
+        e.filename = str(path)
+    elif name.startswith(str(tmp)):
+        e.filename = str(path) + name[len(str(tmp)):]
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
     """Yield a temporary path in ``path``'s directory; on success rename it to ``path`` (mode 0644), on any
@@ -86,6 +96,9 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
         yield tmp
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
+    except OSError as e:
+        _name_the_target(e, tmp, path)
+        raise
     finally:
         tmp.unlink(missing_ok=True)
         os.close(fd)
@@ -100,6 +113,9 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     try:
         tmp.chmod(0o755)
         yield tmp
+    except OSError as e:
+        _name_the_target(e, tmp, path)
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # after a replace this is the old directory, or gone
         os.close(fd)

@@ -16,7 +16,10 @@ finished shard in the index, so a killed driver resumes where it stopped.
 from __future__ import annotations
 
 import os
+import signal
+import socket
 import sys
+import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -129,11 +132,21 @@ def sample_on_ray(bundle: Bundle | str | os.PathLike, num: int, seed: int, out: 
     per_worker: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
     torch_seen = False
     started = False
+    for name, value in (("worker_cpus", worker_cpus), ("worker_gpus", worker_gpus)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+            raise InputError(f"{name} must be a finite number >= 0, got {value!r}")
+    if worker_cpus == 0 and worker_gpus == 0:
+        raise InputError("worker_cpus and worker_gpus are both 0: a worker needs a CPU or a GPU")
     if todo:
         if not ray.is_initialized():
+            if address and "://" not in address and address != "auto":
+                check_reachable(address)
+            sigterm = signal.getsignal(signal.SIGTERM)
             ray.init(address=address, num_cpus=None if address else max(1, int(workers * worker_cpus)),
                      num_gpus=None if address or not worker_gpus else int(np.ceil(workers * worker_gpus)),
                      include_dashboard=False, log_to_driver=False, configure_logging=False)
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGTERM, sigterm)  # ray.init installs its own (exit 15): the caller's again
             started = True
         try:
             actor = ray.remote(num_cpus=worker_cpus, num_gpus=worker_gpus, max_restarts=-1,
@@ -186,6 +199,20 @@ def sample_on_ray(bundle: Bundle | str | os.PathLike, num: int, seed: int, out: 
     if not index.complete:
         raise VpsdeError(f"{run_dir}: shards are missing after the run; rerun the same command to finish it")
     return RayRunReport(run_dir, len(todo), reused, {k: (int(v[0]), v[1]) for k, v in per_worker.items()}, torch_seen)
+
+
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """A Ray GCS address "HOST:PORT" must accept a TCP connection within ``timeout`` seconds: ray.init retries an
+    unreachable address for minutes."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout):
+            pass
+    except ValueError:
+        raise InputError(f"--ray {address}: expected HOST:PORT, ray://HOST:PORT or local") from None
+    except OSError as e:
+        raise BackendUnavailable(f"--ray {address}: no Ray cluster answers there ({e.strerror or e}); start one with "
+                                 "`ray start --head` or use --ray local") from None
 
 
 def first_samples(run_dir: str | os.PathLike, count: int) -> np.ndarray:

@@ -69,6 +69,32 @@ def find_tritonserver(explicit: str | None = None, python_env: str | None = None
                              "run inside NVIDIA's Triton container, or pass --tritonserver PATH")
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int) -> None:
+    """In the child before exec (Linux): get SIGTERM when the parent dies, even by SIGKILL, so no server outlives
+    the `vpsde serve` that started it; exit now if the parent is already gone."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass  # not Linux: the server is stopped by stop() only
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def owned_temp_dir(name: str) -> tuple[Path, int]:
+    """A new directory in the temporary directory, locked while this process lives, after sweeping the ones of
+    the same ``name`` whose owner died (even by SIGKILL): (path, lock descriptor; close it after removing)."""
+    from vpsde.runtime.atomic import locked_temp, sweep_stale
+
+    parent = Path(tempfile.gettempdir())
+    sweep_stale(parent, name)
+    return locked_temp(parent, name, "", make_dir=True)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -77,13 +103,14 @@ def free_port() -> int:
 
 class TritonServer:
     """A running tritonserver (a context manager): HTTP and gRPC on ``host``, metrics off. ``stop()`` sends
-    SIGTERM (Triton drains in-flight requests and unloads models), then SIGKILL after ``grace`` seconds."""
+    SIGTERM (Triton drains in-flight requests and unloads models), then SIGKILL after ``grace`` seconds, and
+    removes the server's private directory (its backends, log and TMPDIR)."""
 
     def __init__(self, repository: Path, install: TritonInstall, http_port: int | None = None,
                  grpc_port: int | None = None, host: str = "127.0.0.1", log: Path | None = None) -> None:
         self.repository, self.install, self.host = Path(repository), install, host
         self.http_port, self.grpc_port = http_port or free_port(), grpc_port or free_port()
-        self._work = Path(tempfile.mkdtemp(prefix="vpsde-triton-"))
+        self._work, self._work_lock = owned_temp_dir("vpsde-triton")
         self.log_path = log or self._work / "tritonserver.log"
         args = [str(install.binary), f"--model-repository={self.repository}", f"--http-address={host}",
                 f"--grpc-address={host}", f"--http-port={self.http_port}", f"--grpc-port={self.grpc_port}",
@@ -99,8 +126,11 @@ class TritonServer:
                         backends / "python" / "triton_python_backend_stub")
             args.append(f"--backend-directory={backends}")
         self._log = open(self.log_path, "wb")
+        parent = os.getpid()
         self.process = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT,
-                                        env={**os.environ, **install.env}, start_new_session=True)
+                                        env={**os.environ, **install.env, "TMPDIR": str(self._work)},
+                                        start_new_session=True,
+                                        preexec_fn=lambda: _die_with_parent(parent))
 
     @property
     def http_url(self) -> str:
@@ -124,8 +154,9 @@ class TritonServer:
             except OSError:
                 pass
             time.sleep(0.2)
+        errors = self.errors()  # before stop(), which removes the log
         self.stop()
-        raise VpsdeError(f"tritonserver was not ready after {timeout:.0f} s: {self.errors()}")
+        raise VpsdeError(f"tritonserver was not ready after {timeout:.0f} s: {errors}")
 
     def errors(self) -> str:
         """The server log's error lines (model load failures carry vpsde's message), one line."""
@@ -147,7 +178,10 @@ class TritonServer:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
         self._log.close()
-        shutil.rmtree(self._work / "backends", ignore_errors=True)
+        shutil.rmtree(self._work, ignore_errors=True)  # backends and the log: errors() was read before stopping
+        if self._work_lock is not None:
+            os.close(self._work_lock)
+            self._work_lock = None
         return self.process.returncode
 
     def __enter__(self) -> "TritonServer":

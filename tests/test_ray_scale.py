@@ -137,6 +137,49 @@ def test_a_killed_driver_resumes_and_a_changed_run_is_refused(bundles, tmp_path)
     assert r.returncode == 2 and "holds samples of another run: seed 5 (now 6)" in r.stderr, r.stderr
 
 
+def test_sigterm_to_a_ray_driver_exits_143(bundles, tmp_path):
+    """ray.init replaces the SIGTERM handler (the driver exited 15, not 143, and skipped vpsde's clean-up)."""
+    out = tmp_path / "run"
+    cli = [sys.executable, "-m", "vpsde.cli.main", "sample", str(bundles["digits"].root), "--num", "40", "--seed",
+           "5", "--ray", "--shard-size", "4", "--workers", "1", "--no-progress", "--out", str(out)]
+    p = subprocess.Popen(_netns_command(cli), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(),
+                         start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            try:
+                if json.loads((out / INDEX_NAME).read_text())["shards"]:
+                    break
+            except (FileNotFoundError, ValueError):
+                pass
+            time.sleep(0.1)
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 143 and b"terminated" in err, (p.returncode, err[-2000:])
+    finally:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)  # the local Ray instance the driver started
+        except ProcessLookupError:
+            pass
+
+
+def test_an_address_with_nothing_listening_is_one_line_at_once(bundles, tmp_path):
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "vpsde.cli.main", "sample", str(bundles["em"].root), "--num", "4",
+                        "--ray", "127.0.0.1:1", "--out", str(tmp_path / "o")], capture_output=True, text=True,
+                       timeout=120, env=_env())
+    assert r.returncode == 2 and "no Ray cluster answers there" in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
+    assert time.monotonic() - t0 < 60  # ray.init alone did not answer in 300 s
+
+
+@pytest.mark.parametrize("flag, value", [("--worker-cpus", "-1"), ("--worker-cpus", "nan"), ("--worker-cpus", "inf"),
+                                         ("--worker-gpus", "-1")])
+def test_worker_resources_are_checked(bundles, tmp_path, flag, value):
+    r = subprocess.run([sys.executable, "-m", "vpsde.cli.main", "sample", str(bundles["em"].root), "--num", "4",
+                        "--ray", flag, value, "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "expected a finite number >= 0" in r.stderr, r.stderr
+
+
 # -- without Ray: the on-disk format and the worker class --------------------------------------------------
 def test_resume_redoes_bad_shards_only(bundles, tmp_path):
     b = bundles["em"]

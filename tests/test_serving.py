@@ -40,13 +40,14 @@ def _free_port() -> int:
 class Served:
     """`vpsde serve` from the serving environment, as a user runs it; stopped with SIGTERM."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, tmpdir: Path | None = None) -> None:
         if not (SERVE_ENV / "bin" / "vpsde").is_file():
             pytest.skip(f"no serving environment at {SERVE_ENV} (make install creates it; VPSDE_SERVE_ENV=DIR)")
         self.http, self.grpc = _free_port(), _free_port()
+        env = {**os.environ, **({"TMPDIR": str(tmpdir)} if tmpdir else {})}
         self.process = subprocess.Popen([str(SERVE_ENV / "bin" / "vpsde"), "serve", *args, "--http-port",
                                          str(self.http), "--grpc-port", str(self.grpc)],
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         line = self.process.stdout.readline()  # "serving ... (Ctrl-C to stop)" once ready, or EOF on failure
         if "serving" not in line:
             self.process.wait(timeout=60)
@@ -181,8 +182,8 @@ def test_a_bad_bundle_fails_the_model_load_with_vpsdes_message(bundles, tmp_path
     assert r.returncode == 2 and "edited after export" in r.stderr, r.stderr[-2000:]
 
 
-def test_sigterm_stops_the_server_and_leaves_no_process(bundles):
-    served = Served(str(bundles["em"].root))
+def test_sigterm_stops_the_server_and_leaves_no_process(bundles, tmp_path):
+    served = Served(str(bundles["em"].root), tmpdir=tmp_path)
     children = served.children()
     assert children, "vpsde serve has no tritonserver child"
     t0 = time.monotonic()
@@ -190,3 +191,42 @@ def test_sigterm_stops_the_server_and_leaves_no_process(bundles):
     assert time.monotonic() - t0 < 60
     for pid in children:
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+    assert list(tmp_path.iterdir()) == []  # no repository, backend copy or tritonserver.log left behind
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return "zombie" not in Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+
+
+def test_sigkill_takes_the_server_down_and_the_next_serve_sweeps_its_files(bundles, tmp_path):
+    """tritonserver runs in its own session; before 0.4.2 a SIGKILLed `vpsde serve` left it serving, and its
+    temporary repository behind. Now it gets SIGTERM when its parent dies, and the next serve sweeps the files."""
+    served = Served(str(bundles["em"].root), tmpdir=tmp_path)
+    children = served.children()
+    assert children and list(tmp_path.iterdir())
+    served.process.kill()
+    served.process.wait(timeout=30)
+    deadline = time.monotonic() + 90  # Triton drains and unloads on SIGTERM (--exit-timeout-secs=30)
+    while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not any(_alive(pid) for pid in children), "tritonserver outlived a SIGKILLed vpsde serve"
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left  # what the killed process could not remove ...
+    again = Served(str(bundles["em"].root), tmpdir=tmp_path)
+    try:
+        assert not any((tmp_path / name).exists() for name in left)  # ... the next serve removed
+    finally:
+        assert again.stop() == 143
+
+
+@pytest.mark.parametrize("ports, message", [(["--http-port", "70000"], "expected a port in 1..65535"),
+                                             (["--http-port", "9100", "--grpc-port", "9100"], "both 9100")])
+def test_ports_are_checked(bundles, ports, message):
+    if not (SERVE_ENV / "bin" / "vpsde").is_file():
+        pytest.skip(f"no serving environment at {SERVE_ENV}")
+    r = subprocess.run([str(SERVE_ENV / "bin" / "vpsde"), "serve", str(bundles["em"].root), *ports],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and message in r.stderr, r.stderr[-1000:]

@@ -7,6 +7,7 @@ small tmpfs mounted in a private mount namespace; skipped with the reason where 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -217,6 +218,7 @@ def test_disk_full_during_export_is_one_line_and_leaves_nothing():
     r = _in_tmpfs('set +e; $PY -m vpsde.cli.main export --model digits --steps 10 --out $T/b; echo "rc=$?"; ls -A $T')
     assert "rc=2" in r.stdout, r.stdout + r.stderr
     assert "No space left on device" in r.stderr and "Traceback" not in r.stderr
+    assert re.search(r"error: /\S+/b(/\S*)?: No space left on device", r.stderr), r.stderr  # names --out, not "a file"
     assert r.stdout.strip().splitlines()[-1] == "rc=2"  # ls printed nothing: no debris
 
 
@@ -225,6 +227,7 @@ def test_disk_full_during_sample_is_one_line_and_leaves_nothing(gmm_bundle):
                   f'$PY -m vpsde.cli.main sample {gmm_bundle.root} --num 20000 --no-progress --out $T/o; echo "rc=$?"; '
                   f'ls -A $T/o')
     assert "rc=2" in r.stdout and "No space left on device" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert re.search(r"error: /\S+/o/\S+: No space left on device", r.stderr), r.stderr  # the file in --out
     assert r.stdout.strip().splitlines()[-1] == "rc=2"
 
 

@@ -140,3 +140,36 @@ def test_weights_config_fields_of_the_wrong_type(tmp_path, edit, expect):
     r = subprocess.run([*CLI, "export", "--model", f"weights:{tmp_path / 'digits16.json'}", "--out",
                         str(tmp_path / "b")], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and expect in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("argv, expect", [
+    (["parity", "{b}", "--against", "backend:onnxruntime", "--backends", ","], "--backends ','"),
+    (["bench", "{b}", "--backend", ","], "--backend ','"),
+    (["bench", "{b}", "--json", "{tmp}"], "is a directory"),
+])
+def test_empty_backend_lists_and_a_json_directory_are_one_line(gmm_bundle, tmp_path, capsys, argv, expect):
+    """`parity --backends ,` raised IndexError, `bench --backend ,` printed an empty table and exited 0, and
+    `bench --json DIR` named a temporary file instead of DIR."""
+    argv = [a.format(b=gmm_bundle.root, tmp=tmp_path) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert expect in err and len(err.strip().splitlines()) == 1, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_inspect_survives_an_engine_record_of_the_wrong_types(bundle, capsys):
+    """An engine record whose targets are numbers made `vpsde inspect` raise TypeError; it is skipped, and
+    check_engine calls it unreadable."""
+    from vpsde.runtime.tensorrt.cache import EngineKey, check_engine
+
+    engines = bundle / "engines"
+    engines.mkdir()
+    key = {"graph": "em", "graph_sha256": "0" * 64, "flavor": "tensorrt", "version": "10", "targets": [86, 89],
+           "precision": "fp32", "profile": "1:1:1"}
+    (engines / "em-0123456789abcdef.json").write_text(json.dumps({"key": key, "plan_sha256": "0" * 64}))
+    (engines / "em-0123456789abcdef.plan").write_bytes(b"plan")
+    assert main(["inspect", str(bundle)]) == 0
+    assert "Traceback" not in capsys.readouterr().err
+    good = EngineKey("em", "0" * 64, "tensorrt", "10", ("86",), "fp32", "1:1:1")
+    with pytest.raises(BundleError, match="unreadable engine record"):
+        check_engine(engines / "em-0123456789abcdef.plan", good)

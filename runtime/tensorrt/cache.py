@@ -56,6 +56,17 @@ class EngineKey:
         return cls(graph, spec.sha256, flavor.name, flavor.version, tuple(targets), bundle.manifest.model.precision,
                    str(profile))
 
+    @classmethod
+    def from_record(cls, key: object) -> "EngineKey":
+        """The key of an engine record's "key" object; TypeError unless every field is a string (targets: a list
+        of strings)."""
+        if not isinstance(key, dict) or not isinstance(key.get("targets"), list):
+            raise TypeError("key: expected an object with a list of targets")
+        fields = {k: v for k, v in key.items() if k != "targets"}
+        if not all(isinstance(v, str) for v in fields.values()) or not all(isinstance(t, str) for t in key["targets"]):
+            raise TypeError("key: every field must be a string")
+        return cls(**fields, targets=tuple(key["targets"]))
+
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
 
@@ -96,7 +107,7 @@ def check_engine(plan: Path, key: EngineKey) -> bytes:
         raise BundleError(f"{plan}: no engine for graph {key.graph!r} with this key; run `vpsde build`")
     try:
         meta = json.loads(read_regular(meta_path, RECORD_LIMIT, "the engine record"))
-        recorded = EngineKey(**{**meta["key"], "targets": tuple(meta["key"]["targets"])})
+        recorded = EngineKey.from_record(meta["key"])
     except (ValueError, KeyError, TypeError, RecursionError) as e:
         raise BundleError(f"{meta_path}: unreadable engine record ({type(e).__name__}); run `vpsde build --force`") from None
     if recorded != key:
@@ -120,7 +131,7 @@ def cached_keys(bundle: Bundle, graph: str) -> list[tuple[EngineKey, Path]]:
     for meta in sorted(directory.glob(f"{graph}-*.json")):
         try:
             k = json.loads(read_regular(meta, RECORD_LIMIT, "the engine record"))["key"]
-            out.append((EngineKey(**{**k, "targets": tuple(k["targets"])}), meta.with_suffix(".plan")))
+            out.append((EngineKey.from_record(k), meta.with_suffix(".plan")))
         except (VpsdeError, ValueError, KeyError, TypeError, RecursionError):
             continue  # unreadable records are reported by check_engine if they are ever chosen
     return out
