@@ -230,6 +230,9 @@ class Manifest:
                     if spec.dtype not in DTYPES:
                         raise BundleError(f"{source}: field 'graphs.{key}.{kind}[{j}].dtype': expected one of "
                                           f"{DTYPES}, got {spec.dtype!r}")
+                    if any(not isinstance(d, str) and d < 1 for d in spec.shape):  # same rule in hosts/cpp
+                        raise BundleError(f"{source}: field 'graphs.{key}.{kind}[{j}].shape': expected positive sizes "
+                                          f"or symbolic names, got {spec.shape}")
             for j, spec in enumerate(g.inputs):
                 if self.input_role(spec.name) is None:
                     raise BundleError(

@@ -182,3 +182,13 @@ def test_cpp_teardown_is_clean_over_many_runs(host, tmp_path):
     codes = [run(host / "vpsde-sample", bundle.root, "--num", 4, "--seed", i, "--threads", 1,
                  "--out", tmp_path / "x.npy").returncode for i in range(40)]
     assert codes == [0] * 40, codes
+
+
+def test_seed_defaults_to_0_as_in_python(host, gmm_bundle, tmp_path):
+    """--seed was required in C++ and defaulted to 0 in Python: one default."""
+    from vpsde.runtime import Sampler
+
+    r = run(host / "vpsde-sample", gmm_bundle.root, "--num", 3, "--threads", 1, "--out", tmp_path / "x.npy")
+    assert r.returncode == 0, r.stderr
+    np.testing.assert_array_equal(np.load(tmp_path / "x.npy"),
+                                  Sampler(gmm_bundle, progress=False, threads=1).sample(3))

@@ -39,8 +39,32 @@ def test_installed_package_builds_a_consumer_that_matches_python(host, gmm_bundl
     assert f"digest {gmm_bundle.digest}" in r.stdout
     want = Sampler(gmm_bundle, progress=False, threads=1).sample(6, seed=11)
     np.testing.assert_array_equal(np.load(tmp_path / "x.npy"), want)
+    import tomllib
+
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
     r = _run(prefix / "bin" / "vpsde-sample", "--version")
-    assert r.stdout.startswith("vpsde-sample 0.2.0")
+    assert r.stdout.startswith(f"vpsde-sample {version} "), r.stdout  # one version, one source
+
+
+def test_the_install_is_relocatable(host, gmm_bundle, tmp_path):
+    """The installed vpsde-sample loaded libonnxruntime from the build tree (its RUNPATH named build/deps): moved
+    anywhere, the install runs on its own libraries, and nothing of the build tree is named."""
+    import shutil
+
+    prefix = tmp_path / "prefix"
+    _run("cmake", "--install", host, "--prefix", prefix)
+    moved = tmp_path / "elsewhere" / "vpsde"
+    moved.parent.mkdir()
+    shutil.move(prefix, moved)
+    exe = moved / "bin" / "vpsde-sample"
+    runpath = _run("readelf", "-d", exe).stdout
+    assert "build" not in runpath and "$ORIGIN/../lib" in runpath, runpath
+    ldd = _run("ldd", exe).stdout
+    line = next(ln for ln in ldd.splitlines() if "libonnxruntime.so" in ln)
+    assert f"{moved}/bin/../lib/libonnxruntime.so" in line and "build" not in line, ldd
+    _run(exe, gmm_bundle.root, "--num", 3, "--seed", 2, "--out", tmp_path / "x.npy")
+    np.testing.assert_array_equal(np.load(tmp_path / "x.npy"),
+                                  Sampler(gmm_bundle, progress=False, threads=1).sample(3, seed=2))
 
 
 def test_no_onnx_runtime_log_line_before_the_error(host, gmm_bundle, tmp_path):

@@ -173,3 +173,14 @@ def test_inspect_survives_an_engine_record_of_the_wrong_types(bundle, capsys):
     good = EngineKey("em", "0" * 64, "tensorrt", "10", ("86",), "fp32", "1:1:1")
     with pytest.raises(BundleError, match="unreadable engine record"):
         check_engine(engines / "em-0123456789abcdef.plan", good)
+
+
+@pytest.mark.parametrize("shape", [[-1], [0], ["batch", -3]])
+def test_both_hosts_refuse_a_non_positive_graph_dimension(bundle, host, tmp_path, shape):
+    """The C++ host accepted a schedule input declared [-1] (its own batch marker) that Python refused only when a
+    session opened: the same rule, at manifest load, in both."""
+    def edit(d):
+        spec = next(s for s in d["graphs"]["em"]["inputs"] if s["name"] == "t")
+        spec["shape"] = shape
+    edit_manifest(bundle, edit)
+    _both(bundle, host, tmp_path, "expected positive sizes or symbolic names")

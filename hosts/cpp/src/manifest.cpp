@@ -57,8 +57,8 @@ struct Reader {
       if (!shape.is_array()) fail(w + ".shape", "expected a list");
       for (const auto& d : shape) {
         if (d.is_string()) spec.shape.push_back(-1);
-        else if (d.is_number_integer()) spec.shape.push_back(d.get<std::int64_t>());
-        else fail(w + ".shape", "expected sizes or symbolic names, got " + d.dump());
+        else if (d.is_number_integer() && d.get<std::int64_t>() >= 1) spec.shape.push_back(d.get<std::int64_t>());
+        else fail(w + ".shape", "expected positive sizes or symbolic names, got " + shape.dump());  // as Python
       }
       out.push_back(std::move(spec));
     }

@@ -1,4 +1,4 @@
-// vpsde-sample BUNDLE --num N --seed S [--batch B] [--first-sample K] [--provider cpu|cuda|tensorrt]
+// vpsde-sample BUNDLE --num N [--seed S] [--batch B] [--first-sample K] [--provider cpu|cuda|tensorrt]
 //              [--threads T] [--no-nan-guard] [--expect-digest SHA256] --out samples.npy
 #include <unistd.h>
 
@@ -19,12 +19,12 @@
 namespace {
 
 const char* kUsage =
-    "usage: vpsde-sample BUNDLE --num N --seed S [--batch B] [--first-sample K]\n"
+    "usage: vpsde-sample BUNDLE --num N [--seed S] [--batch B] [--first-sample K]\n"
     "                    [--provider cpu|cuda|tensorrt] [--threads T] [--no-nan-guard] [--cond NAME=FILE.npy ...]\n"
     "                    [--expect-digest SHA256] [--device-id N] [--verbose] [--version] --out samples.npy\n"
     "Runs the bundle's timestep loop on ONNX Runtime with the portable Philox noise and writes the final\n"
-    "samples (float32 [N, *sample_shape]) as .npy. Defaults: --batch 64 on the CPU (N on a GPU), --first-sample 0,\n"
-    "--provider cpu.\n"
+    "samples (float32 [N, *sample_shape]) as .npy. Defaults: --seed 0, --batch 64 on the CPU (N on a GPU),\n"
+    "--first-sample 0, --provider cpu.\n"
     "--cond gives a conditioning input the bundle names (inpainting: --cond known=k.npy --cond mask=m.npy),\n"
     "float32 [*sample_shape] (shared) or [N, *sample_shape].\n"
     "--expect-digest refuses a bundle whose digest (sha256 of its SHA256SUMS; `vpsde inspect` prints it) differs.\n";
@@ -79,7 +79,7 @@ int main(int argc, char** argv) {
     std::int64_t num = 0, batch = 0;
     std::uint64_t seed = 0, first = 0;
     int threads = 0, device_id = 0;
-    bool nan_guard = true, have_seed = false, verbose = false;
+    bool nan_guard = true, verbose = false;
     std::map<std::string, vpsde::NpyArray> cond;
     for (int i = 1; i < argc; ++i) {
       const std::string a = argv[i];
@@ -94,7 +94,7 @@ int main(int argc, char** argv) {
         std::cout << "vpsde-sample " << vpsde::version() << " (ONNX Runtime " << Ort::GetVersionString() << ")\n";
         return 0;
       } else if (a == "--num") num = static_cast<std::int64_t>(parse_u64(a, value(), 1, kMaxNum));
-      else if (a == "--seed") seed = parse_u64(a, value()), have_seed = true;
+      else if (a == "--seed") seed = parse_u64(a, value());  // default 0, as `vpsde sample`
       else if (a == "--batch") batch = static_cast<std::int64_t>(parse_u64(a, value(), 1, kMaxNum));
       else if (a == "--first-sample") first = parse_u64(a, value());
       else if (a == "--provider") provider = value();
@@ -119,8 +119,8 @@ int main(int argc, char** argv) {
       else if (bundle.empty()) bundle = a;
       else throw vpsde::Error("unexpected argument " + a);
     }
-    if (bundle.empty() || out.empty() || num < 1 || !have_seed)
-      throw vpsde::Error(std::string("BUNDLE, --num (>= 1), --seed and --out are required\n") + kUsage);
+    if (bundle.empty() || out.empty() || num < 1)
+      throw vpsde::Error(std::string("BUNDLE, --num (>= 1) and --out are required\n") + kUsage);
     if (first > UINT64_MAX - static_cast<std::uint64_t>(num - 1))
       throw vpsde::Error("--first-sample " + std::to_string(first) + " + --num " + std::to_string(num) +
                          " passes the last sample index 2^64 - 1");
