@@ -71,8 +71,8 @@ def register(sub, fmt) -> None:
                    help="data range of image samples, for PNG output (default: the model's, else none)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16", "int8"],
                    help="compute precision of the network inside the graphs; graph IO and the VP-SDE arithmetic "
-                        "stay float32 (explicit casts: strongly typed for TensorRT). bf16 bundles run on TensorRT "
-                        "only (ONNX Runtime's CPU provider has no bfloat16 kernels). int8: the network's convs "
+                        "stay float32 (explicit casts: strongly typed for TensorRT). bf16 bundles run on TensorRT and, "
+                        "on CPUs, on --backend openvino (ONNX Runtime's CPU provider has no bfloat16 kernels). int8: the network's convs "
                         "(but the first and last) in int8, calibrated on the model's own fp32 trajectories; for "
                         "CPUs with VNNI/AMX (see docs/cpu.md for speed and quality)")
     p.add_argument("--calibration-samples", type=int, default=None,

@@ -58,7 +58,8 @@ def register_request(sub, fmt) -> None:
 def _triton_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--expect-digest", default=None, metavar="SHA256", help=DIGEST_HELP)
     p.add_argument("--name", default="vpsde", help="model name in the repository")
-    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "onnxruntime-trt", "tensorrt"])
+    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "onnxruntime-trt", "tensorrt"],
+                   help="what each model instance samples on (tensorrt: engines from `vpsde build` in the bundle)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where each model instance runs")
     p.add_argument("--max-batch", type=positive, default=16,
                    help="requests Triton's dynamic batcher may hand the model in one call (each sampled on its own)")
