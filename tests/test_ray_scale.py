@@ -47,6 +47,27 @@ def _drive(script: str, timeout: float = 600) -> subprocess.CompletedProcess:
     return r
 
 
+def _start_digits_driver(bundles, out):
+    """`vpsde sample --ray` of 40 digits in shards of 4 on one worker, in its own namespace and session: (argv,
+    the driver's process)."""
+    cli = [sys.executable, "-m", "vpsde.cli.main", "sample", str(bundles["digits"].root), "--num", "40", "--seed",
+           "5", "--ray", "--shard-size", "4", "--workers", "1", "--no-progress", "--out", str(out)]
+    return cli, subprocess.Popen(_netns_command(cli), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(),
+                                 start_new_session=True)
+
+
+def _wait_for_a_shard(out, timeout: float = 300) -> None:
+    """Until the run in ``out`` has recorded its first finished shard (or ``timeout`` seconds)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if json.loads((out / INDEX_NAME).read_text())["shards"]:
+                return
+        except (FileNotFoundError, ValueError):
+            pass
+        time.sleep(0.1)
+
+
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory):
     root = tmp_path_factory.mktemp("ray")
@@ -107,18 +128,8 @@ def test_a_killed_worker_is_restarted_by_ray_and_nothing_is_lost(bundles, tmp_pa
 
 def test_a_killed_driver_resumes_and_a_changed_run_is_refused(bundles, tmp_path):
     out = tmp_path / "run"
-    cli = [sys.executable, "-m", "vpsde.cli.main", "sample", str(bundles["digits"].root), "--num", "40", "--seed",
-           "5", "--ray", "--shard-size", "4", "--workers", "1", "--no-progress", "--out", str(out)]
-    p = subprocess.Popen(_netns_command(cli), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(),
-                         start_new_session=True)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        try:
-            if json.loads((out / INDEX_NAME).read_text())["shards"]:
-                break
-        except (FileNotFoundError, ValueError):
-            pass
-        time.sleep(0.1)
+    cli, p = _start_digits_driver(bundles, out)
+    _wait_for_a_shard(out)
     os.killpg(p.pid, signal.SIGKILL)  # the driver and the local Ray instance it started
     p.wait(timeout=60)
     index = json.loads((out / INDEX_NAME).read_text())
@@ -140,19 +151,9 @@ def test_a_killed_driver_resumes_and_a_changed_run_is_refused(bundles, tmp_path)
 def test_sigterm_to_a_ray_driver_exits_143(bundles, tmp_path):
     """ray.init replaces the SIGTERM handler (the driver exited 15, not 143, and skipped vpsde's clean-up)."""
     out = tmp_path / "run"
-    cli = [sys.executable, "-m", "vpsde.cli.main", "sample", str(bundles["digits"].root), "--num", "40", "--seed",
-           "5", "--ray", "--shard-size", "4", "--workers", "1", "--no-progress", "--out", str(out)]
-    p = subprocess.Popen(_netns_command(cli), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(),
-                         start_new_session=True)
+    cli, p = _start_digits_driver(bundles, out)
     try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            try:
-                if json.loads((out / INDEX_NAME).read_text())["shards"]:
-                    break
-            except (FileNotFoundError, ValueError):
-                pass
-            time.sleep(0.1)
+        _wait_for_a_shard(out)
         p.send_signal(signal.SIGTERM)
         _, err = p.communicate(timeout=120)
         assert p.returncode == 143 and b"terminated" in err, (p.returncode, err[-2000:])
