@@ -122,6 +122,7 @@ def _os_error_message(e: OSError) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extras = parser.parse_known_args(argv)
+    args.argv_from_command_line = argv is None  # `vpsde serve` may re-run this command line in .venv-serve
     if extras:  # the subcommand's usage and a hint, not the top-level usage
         parser.commands[args.command].error(f"unrecognized arguments: {' '.join(extras)}")
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if threading.current_thread() is threading.main_thread() \

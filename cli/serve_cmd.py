@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from vpsde.cli.common import DIGEST_HELP, UsageError, port_arg, positive, prepare_out_dir, threads_arg, u64
-from vpsde.runtime.errors import VpsdeError
+from vpsde.runtime.errors import BackendUnavailable, VpsdeError
 
 
 def register_triton(sub, fmt) -> None:
@@ -88,6 +88,23 @@ def cmd_triton(args: argparse.Namespace) -> None:
     print(f"serve it: tritonserver --model-repository={repo.resolve()}  (the model's Python needs vpsde installed)")
 
 
+SERVE_ENV_NAME = ".venv-serve"
+
+
+def _hand_off_to_the_serving_env() -> None:
+    """This Python cannot run tritonserver's Python backend (no nvidia-pytriton, or numpy 2, which the backend stub
+    does not take): run the same command in the serving environment `make install` creates beside this one
+    (.venv-serve), replacing this process. Returns if there is none."""
+    import os
+
+    exe = Path(sys.prefix).parent / SERVE_ENV_NAME / "bin" / "vpsde"
+    if not exe.is_file() or Path(sys.prefix).name == SERVE_ENV_NAME:
+        return
+    print(f"vpsde serve: this environment cannot run Triton's Python backend; running {exe} instead",
+          file=sys.stderr, flush=True)
+    os.execv(str(exe), [str(exe), *sys.argv[1:]])
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     import os
     import shutil
@@ -98,7 +115,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise UsageError("give a BUNDLE or --repository REPO (one of them)")
     if args.http_port == args.grpc_port:
         raise UsageError(f"--http-port and --grpc-port are both {args.http_port}: give them different ports")
-    install = find_tritonserver(args.tritonserver)
+    try:
+        install = find_tritonserver(args.tritonserver)
+    except BackendUnavailable:
+        if getattr(args, "argv_from_command_line", False):
+            _hand_off_to_the_serving_env()  # returns only if there is none
+        raise
     work, lock = owned_temp_dir("vpsde-serve")  # swept by the next `vpsde serve` if this one is killed
     try:
         # one level down: write_repository locks the repository's parent, and this process holds `work`'s lock

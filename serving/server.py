@@ -65,8 +65,10 @@ def find_tritonserver(explicit: str | None = None, python_env: str | None = None
     found = shutil.which("tritonserver")
     if found:
         return TritonInstall(Path(found), None, env)
-    raise BackendUnavailable("no tritonserver here: pip install 'vpsde[serve]' (the nvidia-pytriton wheel ships one), "
-                             "run inside NVIDIA's Triton container, or pass --tritonserver PATH")
+    raise BackendUnavailable("no tritonserver here: run vpsde serve from the serving environment (`make install` "
+                             "creates .venv-serve: .venv-serve/bin/vpsde serve ...; elsewhere a virtual environment of "
+                             "its own with pip install 'vpsde[serve]', which pins numpy<2), inside NVIDIA's Triton "
+                             "container, or pass --tritonserver PATH")
 
 
 PR_SET_PDEATHSIG = 1

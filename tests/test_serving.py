@@ -40,12 +40,12 @@ def _free_port() -> int:
 class Served:
     """`vpsde serve` from the serving environment, as a user runs it; stopped with SIGTERM."""
 
-    def __init__(self, *args: str, tmpdir: Path | None = None) -> None:
+    def __init__(self, *args: str, tmpdir: Path | None = None, exe: Path = SERVE_ENV / "bin" / "vpsde") -> None:
         if not (SERVE_ENV / "bin" / "vpsde").is_file():
             pytest.skip(f"no serving environment at {SERVE_ENV} (make install creates it; VPSDE_SERVE_ENV=DIR)")
         self.http, self.grpc = _free_port(), _free_port()
         env = {**os.environ, **({"TMPDIR": str(tmpdir)} if tmpdir else {})}
-        self.process = subprocess.Popen([str(SERVE_ENV / "bin" / "vpsde"), "serve", *args, "--http-port",
+        self.process = subprocess.Popen([str(exe), "serve", *args, "--http-port",
                                          str(self.http), "--grpc-port", str(self.grpc)],
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         line = self.process.stdout.readline()  # "serving ... (Ctrl-C to stop)" once ready, or EOF on failure
@@ -230,3 +230,20 @@ def test_ports_are_checked(bundles, ports, message):
     r = subprocess.run([str(SERVE_ENV / "bin" / "vpsde"), "serve", str(bundles["em"].root), *ports],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and message in r.stderr, r.stderr[-1000:]
+
+
+def test_serve_from_the_export_environment_runs_in_the_serving_one(bundles):
+    """`vpsde serve` from .venv (numpy 2, no nvidia-pytriton) told the user to pip install vpsde[serve] there, which
+    would pull numpy<2 into it; it now re-runs the same command in .venv-serve beside it, and says so."""
+    import sys
+
+    here = Path(sys.executable).parent / "vpsde"
+    if Path(sys.prefix).parent / ".venv-serve" != SERVE_ENV or not here.is_file():
+        pytest.skip("this Python is not the .venv beside .venv-serve")
+    served = Served(str(bundles["em"].root), exe=here)
+    try:
+        got = request_samples(served.http_url, 4, 3, 0)
+        np.testing.assert_array_equal(got, Sampler(bundles["em"], progress=False).sample(3, 4))
+    finally:
+        assert served.stop() == 143
+    assert ".venv-serve/bin/vpsde instead" in served.process.stderr.read()
