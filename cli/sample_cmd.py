@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from vpsde.cli.common import DIGEST_HELP, UsageError, noise_id, positive, prepare_out_dir, threads_arg, u64
+from vpsde.runtime.loop import NAN_GUARD_CHOICES
 
 
 def register(sub, fmt) -> None:
@@ -35,7 +36,7 @@ def register(sub, fmt) -> None:
                    help="GPU only: capture each graph binding once as a CUDA graph and replay it")
     p.add_argument("--threads", type=threads_arg, default=None, help="intra-op CPU threads, 1..1024 (default: all cores)")
     p.add_argument("--noise", default=None, choices=["philox", "torch"], help="override the manifest's generator")
-    p.add_argument("--nan-guard", default="auto", choices=["auto", "locate", "step", "final", "off"],
+    p.add_argument("--nan-guard", default="auto", choices=list(NAN_GUARD_CHOICES),
                    help="NaN/Inf check: locate = the result, and if it is not finite the batch again checking every "
                         "output, so the error names the step (the CPU default: no cost per step); step = every "
                         "graph output as it is made; final = the result only (the GPU default); off")

@@ -24,6 +24,10 @@ from vpsde.runtime.manifest import GraphSpec, Manifest
 from vpsde.runtime.program import Program
 
 NAN_GUARDS = ("step", "final", "off")
+"""What the loop checks: every call's outputs (naming the step), the result only, or nothing."""
+NAN_GUARD_CHOICES = ("auto", "locate", *NAN_GUARDS)
+"""What a Sampler (and `vpsde sample --nan-guard`) takes: "locate" checks the result and re-runs a non-finite batch
+with "step"; "auto" is "locate" on the CPU and "final" on a GPU."""
 
 
 class Device(Protocol):

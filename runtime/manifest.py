@@ -22,13 +22,13 @@ from typing import Any, Callable, Union
 from vpsde.runtime.atomic import atomic_path
 from vpsde.runtime.confine import is_plain_name, read_regular
 from vpsde.runtime.errors import BundleError
+from vpsde.runtime.noise import GENERATORS
 
 FORMAT = "vpsde-bundle"
 SCHEMA_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # v1 = the Euler-Maruyama-only subset of v2 (no state, no conditioning)
 MANIFEST_NAME = "manifest.json"
 DTYPES = ("float32", "float16", "bfloat16", "int64", "int32")
-GENERATORS = ("philox4x32-10/box-muller/v1", "torch")  # == noise.GENERATORS (kept here: the manifest is the schema)
 RESERVED_FILES = (MANIFEST_NAME, "SHA256SUMS")
 # Bounds on what a manifest may ask for (a bundle is untrusted input): far above any real sampler, far below
 # what would run for days or exhaust memory before the first graph call.

@@ -16,7 +16,7 @@ from vpsde.runtime.backends import MAX_THREADS, open_backend
 from vpsde.runtime.bundle import Bundle
 from vpsde.runtime.digest import check_digest_text
 from vpsde.runtime.errors import BundleError, InputError, NonFiniteError
-from vpsde.runtime.loop import NAN_GUARDS, DeviceLoop
+from vpsde.runtime.loop import NAN_GUARD_CHOICES, DeviceLoop
 from vpsde.runtime.manifest import Manifest
 from vpsde.runtime.noise import GENERATORS, TORCH_ID, make_noise
 from vpsde.runtime.prefetch import ChunkedNoise, PrefetchedNoise
@@ -75,8 +75,8 @@ class Sampler:
         opened = open_backend(backend, self.bundle, device, threads, cuda_graph)
         self.device, self.runners = opened.device, opened.runners
         guard = ("auto" if nan_guard else "off") if isinstance(nan_guard, bool) else nan_guard
-        if guard not in (*NAN_GUARDS, "locate", "auto"):
-            raise InputError(f"nan_guard: expected one of auto, locate, {', '.join(NAN_GUARDS)}, got {nan_guard!r}")
+        if guard not in NAN_GUARD_CHOICES:
+            raise InputError(f"nan_guard: expected one of {', '.join(NAN_GUARD_CHOICES)}, got {nan_guard!r}")
         self.nan_guard = ("locate" if self.device.on_host else "final") if guard == "auto" else guard
         self.loop = DeviceLoop(self.manifest, self.runners, self.device,
                                describe_graph=lambda key: str(self.bundle.graph_path(key)))

@@ -77,7 +77,7 @@ const char* version() { return VPSDE_VERSION; }
 
 Sampler::Sampler(std::string bundle_dir, SamplerOptions options)
     : bundle_dir_(std::move(bundle_dir)), options_(std::move(options)),
-      manifest_(load_bundle(bundle_dir_, options_.expect_digest)) {
+      manifest_(load_bundle(bundle_dir_, options_.expect_digest)), program_(Program::compile(manifest_)) {
   if (options_.env == nullptr)
     own_env_ = std::make_unique<Ort::Env>(options_.verbose ? ORT_LOGGING_LEVEL_WARNING : ORT_LOGGING_LEVEL_FATAL, "vpsde");
   Ort::Env& env = options_.env ? *options_.env : *own_env_;
@@ -226,15 +226,11 @@ Sampler::Workspace& Sampler::workspace(std::int64_t size) {
     buf.assign(static_cast<std::size_t>(n), 0.0f);
     ws->host_values.emplace(name, Ort::Value::CreateTensor<float>(cpu, buf.data(), buf.size(), shape.data(), shape.size()));
   };
-  std::map<std::string, std::string> rolling_of_output{{"x_next", "x"}};
-  for (const StateSpec& st : manifest_.state) rolling_of_output[st.output] = st.input;
   for (const auto& [key, g] : graphs_) {
     for (const TensorSpec& t : g->spec.inputs) {
       const auto shape = concrete(t.shape, size);
-      const bool rolling = t.name == "x" || std::any_of(manifest_.state.begin(), manifest_.state.end(),
-                                                        [&](const StateSpec& st) { return st.input == t.name; });
       if (!ws->host.count(t.name)) host_value(t.name, shape);  // noise, schedule, conditioning; x and state: first call
-      if (rolling && !ws->rolling.count(t.name))
+      if (program_.is_rolling(t.name) && !ws->rolling.count(t.name))
         ws->rolling.emplace(t.name, std::array<Ort::Value, 2>{
             Ort::Value::CreateTensor<float>(*allocator_, shape.data(), shape.size()),
             Ort::Value::CreateTensor<float>(*allocator_, shape.data(), shape.size())});
@@ -242,13 +238,18 @@ Sampler::Workspace& Sampler::workspace(std::int64_t size) {
     for (const TensorSpec& t : g->spec.outputs) {
       const auto shape = concrete(t.shape, size);
       if (t.name == manifest_.final_output && !ws->host.count("final:" + t.name)) host_value("final:" + t.name, shape);
-      if (!rolling_of_output.count(t.name) && !ws->fixed.count(t.name))
+      if (!program_.rolling_of_output.count(t.name) && !ws->fixed.count(t.name))
         ws->fixed.emplace(t.name, Ort::Value::CreateTensor<float>(*allocator_, shape.data(), shape.size()));
     }
   }
   ws_ = std::move(ws);
   return *ws_;
 }
+
+struct Sampler::Rolling {
+  std::map<std::string, int> parity;      // rolling value -> which of its two buffers is current
+  std::map<std::string, bool> on_device;  // false until a graph has written it: read the host copy
+};
 
 void Sampler::sample_batch(std::uint64_t seed, std::uint64_t first, std::int64_t size, float* out,
                            const std::map<std::string, CondView>& cond, const ProgressFn& progress) {
@@ -266,79 +267,84 @@ void Sampler::sample_batch(std::uint64_t seed, std::uint64_t first, std::int64_t
     }
   draw(0, ws.host.at("x").data());  // the prior x_T is noise call 0, bound from the host on the first call
   for (const StateSpec& st : manifest_.state) std::fill(ws.host.at(st.input).begin(), ws.host.at(st.input).end(), 0.0f);
-  std::map<std::string, int> parity;      // rolling value -> which of its two buffers is current
-  std::map<std::string, bool> on_device;  // false until a graph has written it: read the host copy
-  for (const auto& [name, _] : ws.rolling) parity[name] = 0, on_device[name] = false;
-  std::map<std::string, std::string> rolling_of_output{{"x_next", "x"}};
-  for (const StateSpec& st : manifest_.state) rolling_of_output[st.output] = st.input;
-  const bool host_memory = options_.provider == "cpu";
-  std::uint32_t call = 1;
-  const int calls_per_step = [&] {
-    int n = 0;
-    for (const ProgramCall& pc : manifest_.program) n += pc.repeat;
-    return n;
-  }();
-  int call_in_step = 0;
+  Rolling roll;
+  for (const auto& [name, _] : ws.rolling) roll.parity[name] = 0, roll.on_device[name] = false;
+  const std::size_t calls = program_.calls.size();
   for (int i = 0; i < manifest_.steps; ++i) {
-    call_in_step = 0;
-    for (const ProgramCall& pc : manifest_.program) {
-      Graph& g = *graphs_.at(pc.graph);
-      for (int r = 0; r < pc.repeat; ++r) {
-        const bool last_call = i == manifest_.steps - 1 && ++call_in_step == calls_per_step;
-        Ort::IoBinding& binding = *g.binding;
-        for (const TensorSpec& t : g.spec.inputs) {
-          if (manifest_.schedule.count(t.name)) {
-            auto& buf = ws.host.at(t.name);
-            std::fill(buf.begin(), buf.end(), static_cast<float>(manifest_.schedule.at(t.name)[i]));
-          }
-          auto roll = ws.rolling.find(t.name);
-          if (roll != ws.rolling.end() && on_device[t.name]) binding.BindInput(t.name.c_str(), roll->second[parity[t.name]]);
-          else binding.BindInput(t.name.c_str(), ws.host_values.at(t.name));
-        }
-        for (const std::string& name : manifest_.noise_inputs)
-          if (ws.host.count(name) && std::any_of(g.spec.inputs.begin(), g.spec.inputs.end(),
-                                                 [&](const TensorSpec& t) { return t.name == name; }))
-            draw(call++, ws.host.at(name).data());
-        for (const TensorSpec& t : g.spec.outputs) {
-          auto roll = rolling_of_output.find(t.name);
-          if (last_call && t.name == manifest_.final_output)
-            binding.BindOutput(t.name.c_str(), ws.host_values.at("final:" + t.name));  // the sample comes back once
-          else if (roll != rolling_of_output.end())
-            binding.BindOutput(t.name.c_str(), ws.rolling.at(roll->second)[1 - parity[roll->second]]);
-          else
-            binding.BindOutput(t.name.c_str(), ws.fixed.at(t.name));
-        }
-        try {
-          g.session.Run(Ort::RunOptions{nullptr}, binding);
-        } catch (const Ort::Exception& e) {
-          throw Error(g.path + ": ONNX Runtime failed running graph '" + g.key + "' at step " + std::to_string(i) + ": " +
-                      first_line(e.what()));
-        }
-        for (const TensorSpec& t : g.spec.outputs) {
-          auto roll = rolling_of_output.find(t.name);
-          const bool final_here = last_call && t.name == manifest_.final_output;
-          if (options_.nan_guard && (host_memory || final_here)) {  // on a GPU: the final sample only
-            const Ort::Value& value = final_here ? ws.host_values.at("final:" + t.name)
-                                      : roll != rolling_of_output.end() ? ws.rolling.at(roll->second)[1 - parity[roll->second]]
-                                                                        : ws.fixed.at(t.name);
-            const float* data = value.GetTensorData<float>();
-            const std::size_t n = value.GetTensorTypeAndShapeInfo().GetElementCount();
-            if (!std::all_of(data, data + n, [](float v) { return std::isfinite(v); }))
-              throw Error(g.path + ": graph '" + g.key + "' produced NaN/Inf in output '" + t.name + "' at step " +
-                          std::to_string(i) + " (of 0.." + std::to_string(manifest_.steps - 1) + ")");
-          }
-          if (roll != rolling_of_output.end() && !final_here) {
-            parity[roll->second] ^= 1;
-            on_device[roll->second] = true;
-          }
-        }
-      }
+    for (std::size_t k = 0; k < calls; ++k) {
+      const StepCall& call = program_.calls[k];
+      const bool last_call = i == manifest_.steps - 1 && k + 1 == calls;
+      Graph& g = *graphs_.at(call.graph);
+      bind_call(g, ws, roll, i, last_call);
+      for (const auto& [name, offset] : call.noise) draw(program_.noise_call(i, offset), ws.host.at(name).data());
+      run_call(g, i);
+      finish_call(g, ws, roll, i, last_call);
     }
     if (progress && !progress(i, manifest_.steps))
       throw Cancelled("sampling cancelled at step " + std::to_string(i) + " of " + std::to_string(manifest_.steps));
   }
   const auto& result = ws.host.at("final:" + manifest_.final_output);
   std::copy(result.begin(), result.end(), out);
+}
+
+// Inputs: the step's schedule values (host), rolling values on the device once a graph has written them (the
+// host's prior and zero state before), everything else from the host. Outputs: rolling ones into the other
+// buffer, the final sample of the last call to the host, every other into its device buffer.
+void Sampler::bind_call(Graph& g, Workspace& ws, const Rolling& roll, int step, bool last_call) {
+  Ort::IoBinding& binding = *g.binding;
+  for (const TensorSpec& t : g.spec.inputs) {
+    if (manifest_.schedule.count(t.name)) {
+      auto& buf = ws.host.at(t.name);
+      std::fill(buf.begin(), buf.end(), static_cast<float>(manifest_.schedule.at(t.name)[step]));
+    }
+    auto rolling = ws.rolling.find(t.name);
+    if (rolling != ws.rolling.end() && roll.on_device.at(t.name))
+      binding.BindInput(t.name.c_str(), rolling->second[roll.parity.at(t.name)]);
+    else
+      binding.BindInput(t.name.c_str(), ws.host_values.at(t.name));
+  }
+  for (const TensorSpec& t : g.spec.outputs) {
+    auto into = program_.rolling_of_output.find(t.name);
+    if (last_call && t.name == manifest_.final_output)
+      binding.BindOutput(t.name.c_str(), ws.host_values.at("final:" + t.name));  // the sample comes back once
+    else if (into != program_.rolling_of_output.end())
+      binding.BindOutput(t.name.c_str(), ws.rolling.at(into->second)[1 - roll.parity.at(into->second)]);
+    else
+      binding.BindOutput(t.name.c_str(), ws.fixed.at(t.name));
+  }
+}
+
+void Sampler::run_call(Graph& g, int step) {
+  try {
+    g.session.Run(Ort::RunOptions{nullptr}, *g.binding);
+  } catch (const Ort::Exception& e) {
+    throw Error(g.path + ": ONNX Runtime failed running graph '" + g.key + "' at step " + std::to_string(step) + ": " +
+                first_line(e.what()));
+  }
+}
+
+// The NaN guard (every output on the CPU; on a GPU the final sample only), then the rolling outputs become current.
+void Sampler::finish_call(Graph& g, Workspace& ws, Rolling& roll, int step, bool last_call) {
+  const bool host_memory = options_.provider == "cpu";
+  for (const TensorSpec& t : g.spec.outputs) {
+    auto into = program_.rolling_of_output.find(t.name);
+    const bool final_here = last_call && t.name == manifest_.final_output;
+    if (options_.nan_guard && (host_memory || final_here)) {
+      const Ort::Value& value = final_here ? ws.host_values.at("final:" + t.name)
+                                : into != program_.rolling_of_output.end()
+                                    ? ws.rolling.at(into->second)[1 - roll.parity.at(into->second)]
+                                    : ws.fixed.at(t.name);
+      const float* data = value.GetTensorData<float>();
+      const std::size_t n = value.GetTensorTypeAndShapeInfo().GetElementCount();
+      if (!std::all_of(data, data + n, [](float v) { return std::isfinite(v); }))
+        throw Error(g.path + ": graph '" + g.key + "' produced NaN/Inf in output '" + t.name + "' at step " +
+                    std::to_string(step) + " (of 0.." + std::to_string(manifest_.steps - 1) + ")");
+    }
+    if (into != program_.rolling_of_output.end() && !final_here) {
+      roll.parity[into->second] ^= 1;
+      roll.on_device[into->second] = true;
+    }
+  }
 }
 
 }  // namespace vpsde

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "vpsde/manifest.hpp"
+#include "vpsde/program.hpp"
 #include "vpsde/npy.hpp"
 
 namespace vpsde {
@@ -89,14 +90,19 @@ class Sampler {
  private:
   struct Graph;      // a session and its IO binding
   struct Workspace;  // the buffers of one batch size, on the provider's device
+  struct Rolling;    // per rolling value: which of its two buffers is current, and whether a graph wrote it
   void check_memory(std::int64_t num, std::int64_t batch) const;
   Workspace& workspace(std::int64_t size);
   void sample_batch(std::uint64_t seed, std::uint64_t first, std::int64_t size, float* out,
                     const std::map<std::string, CondView>& cond, const ProgressFn& progress);
+  void bind_call(Graph& g, Workspace& ws, const Rolling& roll, int step, bool last_call);
+  void run_call(Graph& g, int step);
+  void finish_call(Graph& g, Workspace& ws, Rolling& roll, int step, bool last_call);
 
   std::string bundle_dir_;
   SamplerOptions options_;
   Manifest manifest_;
+  Program program_;
   std::unique_ptr<Ort::Env> own_env_;
   std::map<std::string, std::unique_ptr<Graph>> graphs_;
   std::unique_ptr<Ort::Allocator> allocator_;  // device memory for x, state and outputs
