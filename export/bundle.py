@@ -17,7 +17,7 @@ import torch
 from vpsde.export.onnx_export import DEFAULT_OPSET, export_step_graph
 from vpsde.export.precision import MIN_OPSET, with_precision
 from vpsde.export.quantize import DEFAULT_CALIBRATION_SAMPLES
-from vpsde.export.samplers import DEFAULT_GRID, SAMPLERS, SamplerRecipe, build_sampler
+from vpsde.export.samplers import SAMPLERS, SamplerRecipe, build_sampler, default_grid
 from vpsde.models.base import ScoreModel
 from vpsde.models.sde import VPSDE
 from vpsde.runtime.atomic import TMP_TAG, atomic_dir, directory_lock, replace_dir
@@ -42,7 +42,7 @@ def export_bundle(model: ScoreModel, out: str | Path, *, sampler: str = "em", st
                   calibration_samples: int = DEFAULT_CALIBRATION_SAMPLES, **sampler_options) -> Bundle:
     """Export ``model`` with the ``sampler``'s step graphs into the bundle directory ``out``.
 
-    ``grid`` defaults to the sampler's (``samplers.DEFAULT_GRID``). ``sde`` defaults to the paper's VP-SDE
+    ``grid`` defaults to the sampler's (``samplers.DEFINITIONS``). ``sde`` defaults to the paper's VP-SDE
     with :func:`default_std_formula`. ``precision`` "fp16" / "bf16" runs the network in float16 / bfloat16 inside
     the graphs (SDE arithmetic and graph IO stay float32; see ``export/precision.py``); "int8" quantizes the
     network's convolutions, calibrated on ``calibration_samples`` fp32 trajectories (``export/quantize.py``).
@@ -52,7 +52,7 @@ def export_bundle(model: ScoreModel, out: str | Path, *, sampler: str = "em", st
     log = log or (lambda msg: print(msg, file=sys.stderr))
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}")
-    grid = grid or DEFAULT_GRID[sampler]
+    grid = grid or default_grid(sampler)
     if noise not in GENERATORS:
         raise ValueError(f"unknown noise generator {noise!r}; expected one of {GENERATORS}")
     sde = sde or VPSDE(std_formula=default_std_formula(sampler, grid))
@@ -159,7 +159,7 @@ def default_std_formula(sampler: str, grid: str | None) -> str:
     """diffusers' sqrt(1 - exp(2 lmc)) for EM on the diffusers grid (bit parity with ``ScoreSdeVpScheduler``);
     the stable expm1 form everywhere else (diffusers' loses ~1e-3 of std^2 to cancellation at t = 1e-3 in
     float32, which the score amplifies by 1/std)."""
-    return "diffusers" if sampler == "em" and (grid or DEFAULT_GRID[sampler]) == "diffusers" else "expm1"
+    return "diffusers" if sampler == "em" and (grid or default_grid(sampler)) == "diffusers" else "expm1"
 
 
 def _sampler_spec(recipe: SamplerRecipe) -> SamplerSpec:

@@ -21,6 +21,7 @@ host-carried state and the conditioning inputs. The runtime executes it without 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
@@ -32,37 +33,10 @@ from vpsde.models.base import ScoreModel
 from vpsde.models.sde import VPSDE
 from vpsde.runtime.manifest import ProgramCall, StateSpec
 
-SAMPLERS: dict[str, str] = {
-    "em": "euler-maruyama",
-    "pc": "predictor-corrector",
-    "ancestral": "ancestral",
-    "ode-euler": "probability-flow-euler",
-    "ode-heun": "probability-flow-heun",
-    "dpmpp-2m": "dpm-solver++(2m)",
-    "dpmpp-3m": "dpm-solver++(3m)",
-    "dpmpp-2m-sde": "sde-dpm-solver++(2m)",
-    "edm-heun": "edm-heun",
-    "inpaint": "inpaint-euler-maruyama",
-    "colorize": "colorize-euler-maruyama",
-}
-"""Sampler id (CLI ``--sampler``) -> the name written to ``sampler.name``."""
-
-SAMPLER_GRIDS: dict[str, tuple[str, ...]] = {
-    "em": GRIDS, "inpaint": GRIDS, "colorize": GRIDS,
-    "pc": GRIDS, "ancestral": GRIDS,  # "diffusers": score_sde's linspace betas; edge grids: respaced DDPM betas
-    "ode-euler": EDGE_GRIDS, "ode-heun": EDGE_GRIDS, "dpmpp-2m": EDGE_GRIDS, "dpmpp-3m": EDGE_GRIDS,
-    "dpmpp-2m-sde": EDGE_GRIDS, "edm-heun": EDGE_GRIDS,
-}
-DEFAULT_GRID: dict[str, str] = {"em": "diffusers", "inpaint": "diffusers", "colorize": "diffusers", "pc": "diffusers",
-                                "ancestral": "diffusers", "ode-euler": "logsnr", "ode-heun": "logsnr",
-                                "dpmpp-2m": "logsnr", "dpmpp-3m": "logsnr", "dpmpp-2m-sde": "logsnr",
-                                "edm-heun": "edm"}
 DEFAULT_SNR: dict[str, float] = {"expected": 0.10, "batch": 0.16, "per-sample": 0.16}
 """The Langevin corrector's default snr by coupling: score_sde's 0.16 for its own (batch) coupling; 0.10 for the
 expected-norm one, at the exact-truth floor in 2-D and 4-D where 0.16 was 10-60% above it in 2-D (Langevin
 discretisation bias), and the same on the digits model (docs/samplers.md)."""
-DPMPP: dict[str, tuple[int, bool]] = {"dpmpp-2m": (2, False), "dpmpp-3m": (3, False), "dpmpp-2m-sde": (2, True)}
-"""DPM-Solver++ sampler id -> (order, stochastic)."""
 LOWER_ORDER_FINAL_BELOW = 15
 """DPM-Solver++(2M) takes a first-order last step when N < 15 (as DPM-Solver and diffusers do): stabler at
 very few steps."""
@@ -92,16 +66,166 @@ class SamplerRecipe:
         return int(self.params["nfe"])
 
 
+@dataclass(frozen=True)
+class Options:
+    """The samplers' options: the Langevin corrector's (pc) and ``denoise_final`` (DPM-Solver++)."""
+
+    snr: float | None = None
+    corrector_steps: int = 1
+    coupling: str = "expected"
+    denoise_final: bool = False
+
+
+Build = Callable[[dict, ScoreModel, VPSDE, str, int, Options], SamplerRecipe]
+
+
+@dataclass(frozen=True)
+class SamplerDefinition:
+    """One sampler: the name written to ``sampler.name``, the grids it runs on and its default, model calls per
+    step (a function of ``corrector_steps``), and ``build(common, model, sde, grid, steps, options)``."""
+
+    name: str
+    grids: tuple[str, ...]
+    default_grid: str
+    build: Build
+    calls_per_step: Callable[[int], int] = lambda corrector_steps: 1
+    denoise_final: bool = False  # takes Options.denoise_final
+
+
+def one_graph(common: dict, step: nn.Module, schedule: dict, nfe: int, **fields) -> SamplerRecipe:
+    """A recipe whose program is one call of one step graph per step."""
+    return SamplerRecipe(**common, graphs={step.kind: step}, program=[ProgramCall(step.kind)], schedule=schedule,
+                         params={"nfe": nfe, **fields.pop("params", {})}, **fields)
+
+
+def em_schedule(grid: str, steps: int, sde: VPSDE) -> dict[str, torch.Tensor]:
+    t, dt, sqrt_neg_dt = time_grid(grid, steps, sde)
+    return {"t": t.double(), "dt": dt.double(), "sqrt_neg_dt": sqrt_neg_dt.double()}
+
+
+def em(common, model, sde, grid, steps, o):
+    return one_graph(common, EulerMaruyamaStep(model, sde), em_schedule(grid, steps, sde), steps)
+
+
+def replacement(mode: str) -> Build:
+    """EM with the known part of each sample replaced after every step: inpaint (known, mask) or colorize (known)."""
+    def build(common, model, sde, grid, steps, o):
+        if mode == "colorize" and model.sample_shape[0] != 3:
+            raise ValueError(f"colorize needs 3 channels on the first sample axis, got sample shape "
+                             f"{list(model.sample_shape)}")
+        return one_graph(common, ReplacementStep(EulerMaruyamaStep(model, sde), mode), em_schedule(grid, steps, sde), steps,
+                         conditioning=["known", "mask"] if mode == "inpaint" else ["known"],
+                         noise_inputs=["noise", "known_noise"])
+    return build
+
+
+def discrete_schedule(sampler: str, grid: str, steps: int, sde: VPSDE) -> dict[str, torch.Tensor]:
+    """t and the DDPM betas of the grid: score_sde's linspace betas on "diffusers", respaced betas otherwise."""
+    if grid != "diffusers":
+        t, beta = respaced_betas(grid_edges(grid, steps, sde).float().double(), sde)
+        return {"t": t, "beta": beta}
+    t, beta = (a.double() for a in discrete_betas(steps, sde))
+    if beta.max() > 1 or (sampler == "ancestral" and beta.max() >= 1):  # ancestral divides by sqrt(1 - beta)
+        raise ValueError(f"{sampler} on the 'diffusers' grid uses score_sde's betas "
+                         f"linspace(beta_min/N, beta_max/N, N), which reach {beta.max():.3g} at N = {steps}; "
+                         f"use more than {int(sde.beta_max)} steps, or --grid uniform|logsnr (respaced betas)")
+    return {"t": t, "beta": beta}
+
+
+def ancestral(common, model, sde, grid, steps, o):
+    return one_graph(common, DiscretePredictorStep(model, sde, "ancestral"),
+                     discrete_schedule("ancestral", grid, steps, sde), steps)
+
+
+def pc(common, model, sde, grid, steps, o):
+    schedule = discrete_schedule("pc", grid, steps, sde)
+    if o.corrector_steps < 1:
+        raise ValueError(f"corrector_steps must be >= 1, got {o.corrector_steps}")
+    if o.coupling not in COUPLINGS:
+        raise ValueError(f"coupling must be one of {COUPLINGS}, got {o.coupling!r}")
+    snr = DEFAULT_SNR[o.coupling] if o.snr is None else o.snr
+    corrector = LangevinCorrectorStep(model, sde, snr, o.coupling)
+    predictor = DiscretePredictorStep(model, sde, "reverse-diffusion")
+    return SamplerRecipe(**common, graphs={corrector.kind: corrector, predictor.kind: predictor},
+                         program=[ProgramCall(corrector.kind, o.corrector_steps), ProgramCall(predictor.kind)],
+                         schedule=schedule,
+                         params={"nfe": steps * (o.corrector_steps + 1), "snr": float(snr),
+                                 "corrector_steps": o.corrector_steps, "coupling": o.coupling,
+                                 "predictor": "reverse-diffusion", "corrector": "langevin"})
+
+
+def edges_of(grid: str, steps: int, sde: VPSDE, denoise_final: bool = False) -> torch.Tensor:
+    """The N + 1 edges of a deterministic sampler, float64: the model sees the float32-rounded times, and every
+    coefficient is computed in float64 from those rounded times; ``denoise_final`` adds a last jump to t = 0."""
+    if denoise_final and steps < 2:
+        raise ValueError("denoise_final needs steps >= 2 (the last step is the jump to t = 0)")
+    edges = grid_edges(grid, steps - int(denoise_final), sde).float().double()
+    return torch.cat([edges, torch.zeros(1, dtype=torch.float64)]) if denoise_final else edges
+
+
+def ode(order: int) -> Build:
+    """The probability-flow ODE by Euler (order 1) or Heun (order 2)."""
+    def build(common, model, sde, grid, steps, o):
+        edges = edges_of(grid, steps, sde)
+        schedule = {"t": edges[:-1], "dt": edges[1:] - edges[:-1], **({"t_next": edges[1:]} if order == 2 else {})}
+        return one_graph(common, ProbabilityFlowStep(model, sde, order), schedule, steps * order, final="x_next",
+                         noise_inputs=[])
+    return build
+
+
+def edm_heun(common, model, sde, grid, steps, o):
+    return one_graph(common, EDMHeunStep(model, sde), edm_heun_schedule(sde, edges_of(grid, steps, sde)), 2 * steps,
+                     final="x_next", noise_inputs=[])
+
+
+def dpmpp(order: int, stochastic: bool) -> Build:
+    """DPM-Solver++(2M) / (3M), or SDE-DPM-Solver++(2M): the previous data predictions carried as state."""
+    def build(common, model, sde, grid, steps, o):
+        edges = edges_of(grid, steps, sde, o.denoise_final)
+        state = [StateSpec(input="x0_prev", output="x0")]
+        if order == 3:
+            state.append(StateSpec(input="x0_prev2", output="x0_prev_out"))
+        return one_graph(common, DPMSolverPPStep(model, sde, order, stochastic),
+                         dpmpp_schedule(sde, edges, order, stochastic), steps, final="x_next",
+                         noise_inputs=["noise"] if stochastic else [], state=state,
+                         params={"lower_order_final": int(steps < LOWER_ORDER_FINAL_BELOW),
+                                 "denoise_final": int(o.denoise_final)})
+    return build
+
+
+DEFINITIONS: dict[str, SamplerDefinition] = {
+    "em": SamplerDefinition("euler-maruyama", GRIDS, "diffusers", em),
+    # "diffusers": score_sde's linspace betas; edge grids: respaced DDPM betas
+    "pc": SamplerDefinition("predictor-corrector", GRIDS, "diffusers", pc, lambda corrector_steps: corrector_steps + 1),
+    "ancestral": SamplerDefinition("ancestral", GRIDS, "diffusers", ancestral),
+    "ode-euler": SamplerDefinition("probability-flow-euler", EDGE_GRIDS, "logsnr", ode(1)),
+    "ode-heun": SamplerDefinition("probability-flow-heun", EDGE_GRIDS, "logsnr", ode(2), lambda _: 2),
+    "dpmpp-2m": SamplerDefinition("dpm-solver++(2m)", EDGE_GRIDS, "logsnr", dpmpp(2, False), denoise_final=True),
+    "dpmpp-3m": SamplerDefinition("dpm-solver++(3m)", EDGE_GRIDS, "logsnr", dpmpp(3, False), denoise_final=True),
+    "dpmpp-2m-sde": SamplerDefinition("sde-dpm-solver++(2m)", EDGE_GRIDS, "logsnr", dpmpp(2, True), denoise_final=True),
+    "edm-heun": SamplerDefinition("edm-heun", EDGE_GRIDS, "edm", edm_heun, lambda _: 2),
+    "inpaint": SamplerDefinition("inpaint-euler-maruyama", GRIDS, "diffusers", replacement("inpaint")),
+    "colorize": SamplerDefinition("colorize-euler-maruyama", GRIDS, "diffusers", replacement("colorize")),
+}
+"""Sampler id (CLI ``--sampler``) -> its definition."""
+
+SAMPLERS: dict[str, str] = {sampler: d.name for sampler, d in DEFINITIONS.items()}
+"""Sampler id -> the name written to ``sampler.name`` (a view of :data:`DEFINITIONS`)."""
+
+
 def steps_for_nfe(sampler: str, nfe: int, corrector_steps: int = 1) -> int:
     """The step count N that spends ``nfe`` model evaluations (rounded down, at least 1)."""
-    per_step = {"pc": corrector_steps + 1, "ode-heun": 2, "edm-heun": 2}.get(sampler, 1)
-    return max(1, nfe // per_step)
+    return max(1, nfe // DEFINITIONS[sampler].calls_per_step(corrector_steps))
+
+
+def default_grid(sampler: str) -> str:
+    return DEFINITIONS[sampler].default_grid
 
 
 def build_sampler(sampler: str, model: ScoreModel, sde: VPSDE, steps: int, grid: str | None = None, *,
                   snr: float | None = None, corrector_steps: int = 1, coupling: str = "expected",
                   denoise_final: bool = False) -> SamplerRecipe:
-    """The recipe of ``sampler`` with ``steps`` steps on ``grid`` (default: the sampler's, see DEFAULT_GRID).
+    """The recipe of ``sampler`` with ``steps`` steps on ``grid`` (default: the sampler's).
 
     ``snr``, ``corrector_steps`` and ``coupling`` configure the Langevin corrector of "pc" (score_sde defaults:
     snr 0.16, one corrector step, batch-averaged norms; here the norms' expectations by default, see
@@ -111,92 +235,18 @@ def build_sampler(sampler: str, model: ScoreModel, sde: VPSDE, steps: int, grid:
     model's data prediction at eps (diffusers' ``final_sigmas_type="zero"``); the first N - 1 steps span the
     grid from 1 to eps.
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}")
-    grid = grid or DEFAULT_GRID[sampler]
-    if grid not in SAMPLER_GRIDS[sampler]:
-        raise ValueError(f"sampler {sampler!r} runs on the grids {', '.join(SAMPLER_GRIDS[sampler])}, not {grid!r}")
+    if sampler not in DEFINITIONS:
+        raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(DEFINITIONS)}")
+    definition = DEFINITIONS[sampler]
+    grid = grid or definition.default_grid
+    if grid not in definition.grids:
+        raise ValueError(f"sampler {sampler!r} runs on the grids {', '.join(definition.grids)}, not {grid!r}")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    if denoise_final and sampler not in DPMPP:
-        raise ValueError(f"denoise_final is an option of {', '.join(DPMPP)}")
-    common = dict(sampler=sampler, name=SAMPLERS[sampler], grid=grid, steps=steps)
-
-    if sampler in ("em", "inpaint", "colorize"):
-        t, dt, sqrt_neg_dt = time_grid(grid, steps, sde)
-        step = EulerMaruyamaStep(model, sde)
-        schedule = {"t": t.double(), "dt": dt.double(), "sqrt_neg_dt": sqrt_neg_dt.double()}
-        if sampler == "em":
-            return SamplerRecipe(**common, graphs={step.kind: step}, program=[ProgramCall(step.kind)],
-                                 schedule=schedule, params={"nfe": steps})
-        if sampler == "colorize" and model.sample_shape[0] != 3:
-            raise ValueError(f"colorize needs 3 channels on the first sample axis, got sample shape "
-                             f"{list(model.sample_shape)}")
-        wrapped = ReplacementStep(step, sampler)
-        return SamplerRecipe(**common, graphs={wrapped.kind: wrapped}, program=[ProgramCall(wrapped.kind)],
-                             schedule=schedule, conditioning=["known", "mask"] if sampler == "inpaint" else ["known"],
-                             noise_inputs=["noise", "known_noise"], params={"nfe": steps})
-
-    if sampler in ("pc", "ancestral"):
-        if grid == "diffusers":
-            t, beta = (a.double() for a in discrete_betas(steps, sde))
-            if beta.max() > 1 or (sampler == "ancestral" and beta.max() >= 1):  # ancestral divides by sqrt(1 - beta)
-                raise ValueError(f"{sampler} on the 'diffusers' grid uses score_sde's betas "
-                                 f"linspace(beta_min/N, beta_max/N, N), which reach {beta.max():.3g} at N = {steps}; "
-                                 f"use more than {int(sde.beta_max)} steps, or --grid uniform|logsnr (respaced betas)")
-        else:
-            t, beta = respaced_betas(grid_edges(grid, steps, sde).float().double(), sde)
-        schedule = {"t": t, "beta": beta}
-        if sampler == "ancestral":
-            step = DiscretePredictorStep(model, sde, "ancestral")
-            return SamplerRecipe(**common, graphs={step.kind: step}, program=[ProgramCall(step.kind)],
-                                 schedule=schedule, params={"nfe": steps})
-        if corrector_steps < 1:
-            raise ValueError(f"corrector_steps must be >= 1, got {corrector_steps}")
-        if coupling not in COUPLINGS:
-            raise ValueError(f"coupling must be one of {COUPLINGS}, got {coupling!r}")
-        snr = DEFAULT_SNR[coupling] if snr is None else snr
-        corrector = LangevinCorrectorStep(model, sde, snr, coupling)
-        predictor = DiscretePredictorStep(model, sde, "reverse-diffusion")
-        return SamplerRecipe(**common, graphs={corrector.kind: corrector, predictor.kind: predictor},
-                             program=[ProgramCall(corrector.kind, corrector_steps), ProgramCall(predictor.kind)],
-                             schedule=schedule,
-                             params={"nfe": steps * (corrector_steps + 1), "snr": float(snr),
-                                     "corrector_steps": corrector_steps, "coupling": coupling,
-                                     "predictor": "reverse-diffusion", "corrector": "langevin"})
-
-    # deterministic samplers on N + 1 edges: the model sees the float32-rounded times, and every coefficient
-    # is computed in float64 from those rounded times
-    if denoise_final and steps < 2:
-        raise ValueError("denoise_final needs steps >= 2 (the last step is the jump to t = 0)")
-    edges = grid_edges(grid, steps - int(denoise_final), sde).float().double()
-    if denoise_final:
-        edges = torch.cat([edges, torch.zeros(1, dtype=torch.float64)])
-    t, t_next = edges[:-1], edges[1:]
-    if sampler in ("ode-euler", "ode-heun"):
-        order = 1 if sampler == "ode-euler" else 2
-        step = ProbabilityFlowStep(model, sde, order)
-        schedule = {"t": t, "dt": t_next - t}
-        if order == 2:
-            schedule["t_next"] = t_next
-        return SamplerRecipe(**common, graphs={step.kind: step}, program=[ProgramCall(step.kind)], schedule=schedule,
-                             final="x_next", noise_inputs=[], params={"nfe": steps * order})
-
-    if sampler == "edm-heun":
-        step = EDMHeunStep(model, sde)
-        return SamplerRecipe(**common, graphs={step.kind: step}, program=[ProgramCall(step.kind)],
-                             schedule=edm_heun_schedule(sde, edges), final="x_next", noise_inputs=[],
-                             params={"nfe": 2 * steps})
-    order, stochastic = DPMPP[sampler]
-    step = DPMSolverPPStep(model, sde, order, stochastic)
-    state = [StateSpec(input="x0_prev", output="x0")]
-    if order == 3:
-        state.append(StateSpec(input="x0_prev2", output="x0_prev_out"))
-    return SamplerRecipe(**common, graphs={step.kind: step}, program=[ProgramCall(step.kind)],
-                         schedule=dpmpp_schedule(sde, edges, order, stochastic), final="x_next",
-                         noise_inputs=["noise"] if stochastic else [], state=state,
-                         params={"nfe": steps, "lower_order_final": int(steps < LOWER_ORDER_FINAL_BELOW),
-                                 "denoise_final": int(denoise_final)})
+    if denoise_final and not definition.denoise_final:
+        raise ValueError(f"denoise_final is an option of {', '.join(k for k, d in DEFINITIONS.items() if d.denoise_final)}")
+    common = dict(sampler=sampler, name=definition.name, grid=grid, steps=steps)
+    return definition.build(common, model, sde, grid, steps, Options(snr, corrector_steps, coupling, denoise_final))
 
 
 def edm_heun_schedule(sde: VPSDE, edges: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -181,7 +181,7 @@ def load_model(spec: str, sde: VPSDE, sample_shape: tuple[int, ...] | None = Non
     elif kind == "score_sde":
         model = _score_sde_model(spec, rest)
     elif kind == "score_sde-random":
-        from vpsde.models.score_sde import ScoreSdeNet, config_from_spec
+        from vpsde.models.score_sde import config_from_spec, new_net
 
         o = _options(rest, {"config": str, "seed": int})
         torch.manual_seed(o.get("seed", 0))
@@ -189,7 +189,7 @@ def load_model(spec: str, sde: VPSDE, sample_shape: tuple[int, ...] | None = Non
             config = config_from_spec(o.get("config", "cifar10_ddpmpp_continuous"))
         except ValueError as e:
             raise ModelSpecError(f"--model {spec!r}: {e}") from None
-        model = _wrap_score_sde(ScoreSdeNet(config), spec)
+        model = _wrap_score_sde(new_net(config), spec)
     elif kind == "unet-random":
         o = _options(rest, {"seed": int, "channels": int, "num_res_blocks": int})
         torch.manual_seed(o.pop("seed", 0))

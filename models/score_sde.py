@@ -30,6 +30,15 @@ from torch import nn
 FAMILIES = ("ddpmpp", "ddpm")
 
 
+CONFIG_LIMITS = {"nf": 2048, "num_res_blocks": 64, "image_size": 4096, "num_channels": 64, "num_scales": 100_000}
+"""Largest value of each integer field: far above any published config, small enough that a network is built (or
+refused for memory) rather than ending in the allocator."""
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class ScoreSdeConfig:
     """Hyperparameters of one score_sde network (names as in their ``config.model`` / ``config.data``)."""
@@ -51,12 +60,28 @@ class ScoreSdeConfig:
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
             raise ValueError(f"family: expected one of {FAMILIES}, got {self.family!r}")
-        for name in ("nf", "num_res_blocks", "image_size", "num_channels", "num_scales"):
+        for name, most in CONFIG_LIMITS.items():
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
-        if not self.ch_mult or any(not isinstance(m, int) or m < 1 for m in self.ch_mult):
-            raise ValueError(f"ch_mult: expected positive integers, got {self.ch_mult!r}")
+            if not _is_int(value) or not 1 <= value <= most:
+                raise ValueError(f"{name}: expected an integer in 1..{most}, got {value!r:.40}")
+        for name in ("ch_mult", "attn_resolutions"):
+            value = getattr(self, name)
+            if isinstance(value, list):  # to_dict()'s form
+                object.__setattr__(self, name, value := tuple(value))
+            if not isinstance(value, tuple) or len(value) > 8 or not all(_is_int(m) and 1 <= m <= 64 * 1024 for m in value):
+                raise ValueError(f"{name}: expected a list of at most 8 positive integers, got {value!r:.40}")
+        if not self.ch_mult or max(self.ch_mult) > 64:
+            raise ValueError(f"ch_mult: expected 1 to 8 multipliers of at most 64, got {self.ch_mult!r}")
+        for name in ("centered", "resamp_with_conv"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: expected true or false, got {getattr(self, name)!r:.40}")
+        for name in ("dropout", "sigma_min", "sigma_max"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name}: expected a number, got {value!r:.40}")
+        if not 0 < self.sigma_min < self.sigma_max:
+            raise ValueError(f"sigma_min, sigma_max: expected 0 < sigma_min < sigma_max, got {self.sigma_min}, "
+                             f"{self.sigma_max}")
         if self.image_size % 2 ** (len(self.ch_mult) - 1):
             raise ValueError(f"image_size {self.image_size} is not divisible by 2^{len(self.ch_mult) - 1}")
         if self.nf * min(self.ch_mult) < 32 and self.family == "ddpm":
@@ -70,6 +95,8 @@ class ScoreSdeConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown config field(s) {unknown}; expected some of {sorted(known)}")
+        if not isinstance(d, dict):
+            raise ValueError(f"config: expected a JSON object, got {type(d).__name__}")
         d = {k: tuple(v) if k in ("ch_mult", "attn_resolutions") and isinstance(v, list) else v for k, v in d.items()}
         return cls(**d)
 
@@ -85,6 +112,16 @@ PRESETS: dict[str, ScoreSdeConfig] = {
     # configs/vp/ddpm/cifar10_continuous.py (35.2 M parameters)
     "cifar10_ddpm_continuous": ScoreSdeConfig(family="ddpm", num_res_blocks=2),
 }
+
+
+def new_net(config: ScoreSdeConfig) -> "ScoreSdeNet":
+    """``ScoreSdeNet(config)``; torch's allocator failing becomes MemoryError (the CLI's out-of-memory line)."""
+    try:
+        return ScoreSdeNet(config)
+    except RuntimeError as e:
+        if "alloc" in str(e).lower() or "memory" in str(e).lower():
+            raise MemoryError(f"the {config.family} network of this config does not fit in memory") from None
+        raise
 
 
 def config_from_spec(text: str) -> ScoreSdeConfig:

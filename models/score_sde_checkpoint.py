@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vpsde.models.score_sde import ScoreSdeConfig, ScoreSdeNet
+from vpsde.models.score_sde import ScoreSdeConfig, ScoreSdeNet, new_net
 
 try:
     _NP_SCALAR = np._core.multiarray.scalar  # numpy >= 2
@@ -131,8 +131,8 @@ def network_state(ckpt: dict, net: ScoreSdeNet, path: str | os.PathLike, ema: bo
     every parameter replaced by the EMA shadow when ``ema``. Every key must be used and none missing; shapes
     must match; values must be finite."""
     model = ckpt.get("model")
-    if not isinstance(model, dict) or not all(isinstance(v, torch.Tensor) for v in model.values()):
-        raise CheckpointError(f"{path}: key 'model': expected the network's state dict (name -> tensor)")
+    if not isinstance(model, dict) or not all(isinstance(k, str) and _dense_real(v) for k, v in model.items()):
+        raise CheckpointError(f"{path}: key 'model': expected the network's state dict (name -> dense real tensor)")
     state = {k.removeprefix("module."): v for k, v in model.items()}
     expected = net.state_dict()
     missing = [k for k in expected if k not in state]
@@ -163,19 +163,25 @@ def network_state(ckpt: dict, net: ScoreSdeNet, path: str | os.PathLike, ema: bo
     return {k: state[k].to(expected[k].dtype) for k in expected}
 
 
+def _dense_real(value: object) -> bool:
+    """A strided (not sparse) tensor of a real dtype: what a score_sde state holds (complex values would pass the
+    finite check unchecked, sparse ones any shape check)."""
+    return isinstance(value, torch.Tensor) and value.layout == torch.strided and not value.is_complex()
+
+
 def _shadow_params(ckpt: dict, path) -> list[torch.Tensor]:
     ema = ckpt.get("ema")
     if not isinstance(ema, dict) or "shadow_params" not in ema:
         raise CheckpointError(f"{path}: key 'ema': expected score_sde's EMA state (decay, num_updates, shadow_params);"
                               " use ema=false to load the raw weights")
     shadow = ema["shadow_params"]
-    if not isinstance(shadow, (list, tuple)) or not all(isinstance(v, torch.Tensor) for v in shadow):
-        raise CheckpointError(f"{path}: 'ema.shadow_params': expected a list of tensors")
+    if not isinstance(shadow, (list, tuple)) or not all(_dense_real(v) for v in shadow):
+        raise CheckpointError(f"{path}: 'ema.shadow_params': expected a list of dense real tensors")
     return list(shadow)
 
 
 def load_score_sde(path: str | os.PathLike, config: ScoreSdeConfig, ema: bool = True) -> ScoreSdeNet:
     """A :class:`ScoreSdeNet` of ``config`` with the checkpoint's EMA weights (``ema``) or raw weights, in eval mode."""
-    net = ScoreSdeNet(config)
+    net = new_net(config)
     net.load_state_dict(network_state(read_checkpoint(path), net, path, ema))
     return net.eval()

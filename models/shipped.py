@@ -122,9 +122,9 @@ def load_shipped(config_path: str | os.PathLike | None = None) -> TimeLabelAdapt
     if arch == "SmallUNet":
         net = SmallUNet(config)
     else:
-        from vpsde.models.score_sde import ScoreSdeNet
+        from vpsde.models.score_sde import new_net
 
-        net = ScoreSdeNet(config)
+        net = new_net(config)
     expected = net.state_dict()
     problems = [f"missing {k}" for k in expected if k not in state]
     problems += [f"unexpected {k}" for k in state if k not in expected]

@@ -27,6 +27,21 @@ class UNetConfig:
     attn_resolutions: tuple[int, ...] = (4,)
     dropout: float = 0.0
 
+    def __post_init__(self) -> None:
+        for name, most in (("in_channels", 64), ("resolution", 4096), ("channels", 4096), ("num_res_blocks", 64)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= most:
+                raise ValueError(f"{name}: expected an integer in 1..{most}, got {value!r:.40}")
+        for name in ("channel_mult", "attn_resolutions"):
+            value = getattr(self, name)
+            if isinstance(value, list):  # to_dict()'s form
+                object.__setattr__(self, name, value := tuple(value))
+            if not isinstance(value, tuple) or len(value) > 8 or \
+                    not all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in value):
+                raise ValueError(f"{name}: expected a list of at most 8 positive integers, got {value!r:.40}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout: expected a number in [0, 1), got {self.dropout!r:.40}")
+
     @classmethod
     def from_dict(cls, d: dict) -> "UNetConfig":
         known = set(cls.__dataclass_fields__)
@@ -35,7 +50,7 @@ class UNetConfig:
             raise KeyError(f"unknown UNet config keys {sorted(unknown)}; expected a subset of {sorted(known)}")
         d = dict(d)
         for key in ("channel_mult", "attn_resolutions"):
-            if key in d:
+            if isinstance(d.get(key), list):
                 d[key] = tuple(d[key])
         return cls(**d)
 

@@ -184,3 +184,57 @@ def test_both_hosts_refuse_a_non_positive_graph_dimension(bundle, host, tmp_path
         spec["shape"] = shape
     edit_manifest(bundle, edit)
     _both(bundle, host, tmp_path, "expected positive sizes or symbolic names")
+
+
+@pytest.mark.parametrize("config, expect", [
+    ({"ch_mult": 5}, "ch_mult: expected a list"), ({"attn_resolutions": 5}, "attn_resolutions: expected a list"),
+    ({"dropout": "x"}, "dropout: expected a number"), ({"sigma_max": "x"}, "sigma_max: expected a number"),
+    ({"centered": "no"}, "centered: expected true or false"),
+    ({"resamp_with_conv": "false"}, "resamp_with_conv: expected true or false"),
+    ({"nf": 10**6}, "nf: expected an integer in 1..2048"), ({"num_scales": 10**12}, "num_scales: expected an integer"),
+    ({"nf": True}, "nf: expected an integer"),
+])
+def test_score_sde_config_fields_of_the_wrong_type_or_size(config, expect):
+    """These ended in a TypeError, were accepted ("no" as true), or reached torch's allocator."""
+    from vpsde.models.score_sde import config_from_spec
+
+    with pytest.raises(ValueError, match=expect) as e:
+        config_from_spec(json.dumps({"nf": 32, "ch_mult": [1, 2], "num_res_blocks": 1, "image_size": 8, **config}))
+    assert "\n" not in str(e.value)
+    with pytest.raises(ModelSpecError, match=expect):  # one field: the spec's options are comma-separated
+        load_model(f"score_sde-random:config={json.dumps(config).replace(' ', '')}", VPSDE())
+
+
+@pytest.mark.parametrize("unet, expect", [({"channels": "x"}, "channels: expected an integer"),
+                                          ({"channels": 0}, "channels: expected an integer in 1..4096"),
+                                          ({"channel_mult": 2}, "channel_mult: expected a list")])
+def test_weights_config_unet_fields(tmp_path, unet, expect):
+    from vpsde.models.shipped import WEIGHTS_DIR
+
+    meta = json.loads((WEIGHTS_DIR / "digits16.json").read_text())
+    meta["unet"].update(unet)
+    (tmp_path / "m.json").write_text(json.dumps(meta))
+    (tmp_path / meta["weights"]).write_bytes((WEIGHTS_DIR / meta["weights"]).read_bytes())
+    with pytest.raises(ModelSpecError, match=expect):
+        load_model(f"weights:{tmp_path / 'm.json'}", VPSDE())
+
+
+@pytest.mark.parametrize("tensor, expect", [("sparse", "dense real tensor"), ("complex-nan", "dense real tensor"),
+                                            ("int-key", "dense real tensor")])
+def test_checkpoint_tensors_must_be_dense_real_and_named(tmp_path, tensor, expect):
+    import torch
+
+    from vpsde.models.score_sde_checkpoint import CheckpointError, network_state
+    from vpsde.models.score_sde import ScoreSdeConfig, ScoreSdeNet
+
+    net = ScoreSdeNet(ScoreSdeConfig(nf=32, ch_mult=(1, 2), num_res_blocks=1, image_size=8))
+    model = {f"module.{k}": v for k, v in net.state_dict().items()}
+    first = next(iter(model))
+    if tensor == "sparse":
+        model[first] = model[first].to_sparse()
+    elif tensor == "complex-nan":
+        model[first] = torch.full(model[first].shape, complex(float("nan"), 0))
+    else:
+        model[7] = model.pop(first)
+    with pytest.raises(CheckpointError, match=expect):
+        network_state({"model": model}, net, tmp_path / "c.pth", ema=False)
