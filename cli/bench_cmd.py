@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -37,6 +38,9 @@ def register(sub, fmt) -> None:
     p.add_argument("--iters", type=positive, default=5, help="timed loops per batch size (default: 5)")
     p.add_argument("--threads", type=threads_arg, default=None, help="intra-op CPU threads (default: all cores)")
     p.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
+    p.add_argument("--plot", type=Path, default=None, metavar="FILE.png",
+                   help="also draw ms/step and samples/s against the batch size, one line per backend (and CUDA "
+                        "graphs on/off), with the bare graph calls dashed (needs matplotlib: vpsde[parity])")
     p.add_argument("--expect-digest", default=None, metavar="SHA256", help=DIGEST_HELP)
 
 
@@ -63,8 +67,9 @@ def run(args: argparse.Namespace) -> None:
     backends = [b.strip() for b in args.backend.split(",") if b.strip()]
     if not backends:
         raise UsageError(f"--backend {args.backend!r}: expected one or more backend names, comma-separated")
-    if args.json is not None and args.json.is_dir():
-        raise UsageError(f"--json {args.json}: is a directory; give the path of a .json file to write")
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path is not None and path.is_dir():
+            raise UsageError(f"{flag} {path}: is a directory; give the path of a file to write")
     for backend in backends:
         graph_modes = (False, True) if (args.device or "").startswith("cuda") or backend == "tensorrt" else (False,)
         for cuda_graph in graph_modes:
@@ -83,3 +88,9 @@ def run(args: argparse.Namespace) -> None:
         with atomic_path(args.json, suffix=".json") as tmp:
             tmp.write_text(json.dumps({"bundle": str(bundle.root), "digest": bundle.digest, "iters": args.iters,
                                        "load_s": load_s, "rows": [r.to_json() for r in rows]}, indent=1) + "\n")
+        print(f"wrote {args.json}", file=sys.stderr)
+    if args.plot is not None:
+        from vpsde.runtime.benchmark import plot_rows
+
+        plot_rows(rows, args.plot, f"{bundle.root.name}: {m.sampler.name}, {m.model.precision}")
+        print(f"wrote {args.plot}", file=sys.stderr)

@@ -175,3 +175,36 @@ def format_table(rows: list[BenchRow], load_s: dict[str, float]) -> str:
     for backend, seconds in load_s.items():
         lines.append(f"{backend}: bundle load + session/engine open {seconds:.3f} s")
     return "\n".join(lines)
+
+
+def plot_rows(rows: list[BenchRow], path: Path, title: str) -> None:
+    """ms/step (loop solid, bare calls dashed) and samples/s against the batch size, one line per backend and
+    CUDA-graph mode, log-log; written atomically to ``path`` (PNG)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        from vpsde.runtime.errors import InputError
+
+        raise InputError("--plot needs matplotlib: pip install 'vpsde[parity]'") from None
+    from vpsde.runtime.atomic import atomic_path
+
+    fig, (ax_ms, ax_rate) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    series: dict[str, list[BenchRow]] = {}
+    for r in rows:
+        series.setdefault(f"{r.backend} ({r.device}{', CUDA graphs' if r.cuda_graph else ''})", []).append(r)
+    for k, (label, points) in enumerate(series.items()):
+        batch = [r.batch for r in points]
+        ax_ms.loglog(batch, [r.ms_per_step for r in points], "o-", color=f"C{k}", label=f"{label}: loop")
+        ax_ms.loglog(batch, [r.bare_ms_per_step for r in points], "x--", color=f"C{k}", label=f"{label}: bare calls")
+        ax_rate.loglog(batch, [r.samples_per_s for r in points], "o-", color=f"C{k}", label=label)
+    ax_ms.set(xlabel="batch", ylabel="ms per step (median)", title=title)
+    ax_rate.set(xlabel="batch", ylabel="samples/s (whole sampler)", title="throughput")
+    for ax in (ax_ms, ax_rate):
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)

@@ -13,7 +13,10 @@ from vpsde.cli.main import main as cli
 def test_bench_writes_rows_for_each_batch(gmm_bundle, tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert cli(["bench", str(gmm_bundle.root), "--batch", "1,8", "--steps", "5", "--iters", "2", "--threads", "1",
-                "--json", str(out)]) == 0
+                "--json", str(out), "--plot", str(tmp_path / "bench.png")]) == 0
+    from PIL import Image
+
+    assert Image.open(tmp_path / "bench.png").size[0] > 500  # the ms/step-vs-batch plot was drawn
     text = capsys.readouterr().out
     assert "ms/step" in text and "bundle load" in text
     data = json.loads(out.read_text())
