@@ -56,7 +56,7 @@ def calibration_feeds(manifest: Manifest, root: Path, samples: int = DEFAULT_CAL
     import onnxruntime as ort
 
     from vpsde.runtime.noise import PHILOX_ID, make_noise
-    from vpsde.runtime.program import HostTrajectory, Program, host_calls
+    from vpsde.runtime.program import HostTrajectory, Program
 
     if manifest.sampler.conditioning:
         raise ValueError(f"int8 calibration runs the sampler unconditioned; {manifest.sampler.name!r} takes "
@@ -74,14 +74,14 @@ def calibration_feeds(manifest: Manifest, root: Path, samples: int = DEFAULT_CAL
     program, shape = Program.compile(manifest), tuple(manifest.model.sample_shape)
     traj = HostTrajectory(program, noise(0, 0, samples, shape))
     feeds: dict[str, list[dict]] = {key: [] for key in manifest.graphs}
-    calls = host_calls(program, noise, shape, samples)
-    total = steps * len(program.calls)
-    for i, call, drawn in (progress(calls, total=total) if progress else calls):
-        feed = traj.feed(i, call, drawn)
-        if i in keep:
-            feeds[call.graph].append({k: v.copy() for k, v in feed.items()})
-        names = [o.name for o in sessions[call.graph].get_outputs()]
-        traj.advance(dict(zip(names, sessions[call.graph].run(names, feed))))
+    steps_done = progress(program.steps_to_run(), total=steps) if progress else program.steps_to_run()
+    for i in steps_done:
+        for call in program.calls:
+            feed = traj.feed(i, call, {name: noise(index, 0, samples, shape) for name, index in program.draws(call, i)})
+            if i in keep:
+                feeds[call.graph].append({k: v.copy() for k, v in feed.items()})
+            names = [o.name for o in sessions[call.graph].get_outputs()]
+            traj.advance(dict(zip(names, sessions[call.graph].run(names, feed))))
     return feeds
 
 

@@ -142,40 +142,32 @@ class DeviceLoop:
         for name, value in cond.items():
             dev.upload(ws.fixed[name], np.ascontiguousarray(value, dtype=np.float32))
         scalar = np.empty(batch, dtype=np.float32)
-        uploaded_step = {name: -1 for name in program.schedule}
-        last_key, last_step = "", -1
-        for i, call, noise_calls in program.walk(steps):
-            if i != last_step:
-                if last_step >= 0:
-                    self._end_step(last_step, ws, parity, callback, on_step)
-                last_step = i
-            for name in self._schedule_inputs[call.graph]:
-                if uploaded_step[name] != i:
-                    scalar.fill(program.schedule[name][i])
-                    dev.upload(ws.fixed[name], scalar)
-                    uploaded_step[name] = i
-            for name, index in noise_calls.items():
-                dev.upload(ws.fixed[name], draw(index))
-            self.launch_for(ws, call.graph, parity)()
-            for rolling in call.writes:
-                parity[rolling] ^= 1
-            if nan_guard == "step":
-                self._check_finite(ws, call.graph, parity, i, first_sample)
-            last_key = call.graph
-        if last_step >= 0:
-            self._end_step(last_step, ws, parity, callback, on_step)
+        last_key = ""
+        for i in program.steps_to_run(steps):
+            uploaded = set()  # schedule values go up once per step
+            for call in program.calls:
+                for name in self._schedule_inputs[call.graph]:
+                    if name not in uploaded:
+                        scalar.fill(program.schedule[name][i])
+                        dev.upload(ws.fixed[name], scalar)
+                        uploaded.add(name)
+                for name, index in program.draws(call, i):
+                    dev.upload(ws.fixed[name], draw(index))
+                self.launch_for(ws, call.graph, parity)()
+                for rolling in call.writes:
+                    parity[rolling] ^= 1
+                if nan_guard == "step":
+                    self._check_finite(ws, call.graph, parity, i, first_sample)
+                last_key = call.graph
+            if callback is not None:
+                callback(i, dev.peek(ws.rolling["x"][parity["x"]]).copy())
+            on_step()
         result = dev.peek(ws.output(program.final, parity)).copy()
         if nan_guard != "off" and not np.isfinite(result).all():
             raise NonFiniteError(f"the final sample (output {program.final!r} of graph {last_key!r}, "
                                  f"{self.describe_graph(last_key)}) has NaN/Inf in samples {_bad_samples(result, first_sample)}; sample with "
                                  "--nan-guard step to find the step where it first appears")
         return result
-
-    def _end_step(self, step: int, ws: _Workspace, parity: Mapping[str, int],
-                  callback: Callable[[int, np.ndarray], None] | None, on_step: Callable[[], None]) -> None:
-        if callback is not None:
-            callback(step, self.device.peek(ws.rolling["x"][parity["x"]]).copy())
-        on_step()
 
     def _check_finite(self, ws: _Workspace, key: str, parity: Mapping[str, int], step: int,
                       first_sample: int) -> None:

@@ -26,7 +26,7 @@ from vpsde.runtime.errors import InputError
 from vpsde.runtime.loop import infer_once
 from vpsde.runtime.manifest import Manifest
 from vpsde.runtime.noise import PHILOX_ID, make_noise
-from vpsde.runtime.program import HostTrajectory, Program, host_calls
+from vpsde.runtime.program import HostTrajectory, Program
 from vpsde.runtime.progress import progress as progress_bar
 
 @dataclass(frozen=True)
@@ -237,43 +237,34 @@ def compare(manifest: Manifest, reference: Side, test: Side, num: int = 4, seed:
     program = Program.compile(manifest)
     x_T = noise(0, 0, num, shape)
     ref, tst = HostTrajectory(program, x_T, cond), HostTrajectory(program, x_T, cond)
-    last_step = -1
     with progress_bar(manifest.sampler.steps, "parity", "step", enabled=progress) as bar:
-        for i, call, drawn in host_calls(program, noise, shape, num):
-            if i != last_step and last_step >= 0:
-                _step_done(report, program, last_step, ref, tst, on_step, bar)
-            last_step = i
-            graph = call.graph
-            feed = ref.feed(i, call, drawn)
-            out_ref = reference(graph, feed)
-            out_forced = test(graph, feed)
-            result = check(IterationResult(out_forced, runner_name=test.name),
-                           IterationResult(out_ref, runner_name=reference.name))
-            max_abs = {k: _max_abs(out_ref[k], out_forced[k]) for k in out_ref}
-            failed = [k for k in out_ref if not (bool(result[k]) and np.isfinite(max_abs[k]))]
-            record = CallRecord(i, graph, max_abs, {k: _nan_as_inf(v.max_reldiff) for k, v in result.items()},
-                                {k: _rel_l2(out_ref[k], out_forced[k]) for k in out_ref}, not failed, failed)
-            report.calls.append(record)
-            if report.captured is None or (not record.passed and report.first_failing_call is record):
-                report.captured = (i, graph, {k: v.copy() for k, v in feed.items()})
-            tst.advance(test(graph, tst.feed(i, call, drawn)))
-            ref.advance(out_ref)
-        _step_done(report, program, last_step, ref, tst, on_step, bar)
+        for i in program.steps_to_run():
+            for call in program.calls:
+                drawn = {name: noise(index, 0, num, shape) for name, index in program.draws(call, i)}
+                feed = ref.feed(i, call, drawn)
+                out_ref = reference(call.graph, feed)
+                out_forced = test(call.graph, feed)
+                result = check(IterationResult(out_forced, runner_name=test.name),
+                               IterationResult(out_ref, runner_name=reference.name))
+                max_abs = {k: _max_abs(out_ref[k], out_forced[k]) for k in out_ref}
+                failed = [k for k in out_ref if not (bool(result[k]) and np.isfinite(max_abs[k]))]
+                record = CallRecord(i, call.graph, max_abs, {k: _nan_as_inf(v.max_reldiff) for k, v in result.items()},
+                                    {k: _rel_l2(out_ref[k], out_forced[k]) for k in out_ref}, not failed, failed)
+                report.calls.append(record)
+                if report.captured is None or (not record.passed and report.first_failing_call is record):
+                    report.captured = (i, call.graph, {k: v.copy() for k, v in feed.items()})
+                tst.advance(test(call.graph, tst.feed(i, call, drawn)))
+                ref.advance(out_ref)
+            step = StepRecord(i, float(program.schedule["t"][i]), _max_abs(ref.values["x"], tst.values["x"]),
+                              _rel_l2(ref.values["x"], tst.values["x"]))
+            report.steps.append(step)
+            if on_step is not None:
+                on_step(step)
+            bar.update(1)
     report.reference_sample, report.test_sample = ref.result, tst.result
     report.final_max_abs = _max_abs(report.reference_sample, report.test_sample)
     report.final_rel_l2 = _rel_l2(report.reference_sample, report.test_sample)
     return report
-
-
-def _step_done(report: ParityReport, program: Program, step: int, ref: HostTrajectory, tst: HostTrajectory,
-               on_step: Callable[[StepRecord], None] | None, bar) -> None:
-    """After step ``step``: the two free-running x's compared and recorded."""
-    record = StepRecord(step, float(program.schedule["t"][step]), _max_abs(ref.values["x"], tst.values["x"]),
-                        _rel_l2(ref.values["x"], tst.values["x"]))
-    report.steps.append(record)
-    if on_step is not None:
-        on_step(record)
-    bar.update(1)
 
 
 def _nan_as_inf(v: float | None) -> float:

@@ -14,7 +14,7 @@ The drivers — the device loop (``runtime/loop.py``), parity's trajectories and
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping
+from typing import Mapping
 
 import numpy as np
 
@@ -78,12 +78,13 @@ class Program:
         """The noise call index of offset ``offset`` within step ``step``'s calls."""
         return 1 + step * self.noise_calls_per_step + offset
 
-    def walk(self, steps: int | None = None) -> Iterator[tuple[int, StepCall, dict[str, int]]]:
-        """``(step, call, {noise input: noise call index})`` for every call of the first ``steps`` steps (default:
-        all), in order."""
-        for i in range(self.steps if steps is None else min(steps, self.steps)):
-            for call in self.calls:
-                yield i, call, {name: self.noise_call(i, k) for name, k in call.noise}
+    def steps_to_run(self, steps: int | None = None) -> range:
+        """Step indices 0 .. min(steps, the program's) - 1 (default: all)."""
+        return range(self.steps if steps is None else min(steps, self.steps))
+
+    def draws(self, call: StepCall, step: int) -> list[tuple[str, int]]:
+        """``call``'s noise inputs at ``step`` with the noise call index each takes."""
+        return [(name, self.noise_call(step, offset)) for name, offset in call.noise]
 
     def inputs_of(self, graph: str, role: str) -> list[str]:
         """Graph ``graph``'s inputs of ``role``, in graph order."""
@@ -127,12 +128,3 @@ class HostTrajectory:
     def result(self) -> np.ndarray:
         """Output ``sampler.final`` of the last call."""
         return self.last[self.program.final]
-
-
-def host_calls(program: Program, noise: Callable[..., np.ndarray], shape: tuple[int, ...], num: int,
-               first_sample: int = 0, steps: int | None = None) -> Iterator[tuple[int, StepCall, dict[str, np.ndarray]]]:
-    """:meth:`Program.walk` with each call's noise drawn: ``(step, call, {noise input: float32 [num, *shape]})``
-    for samples ``first_sample .. first_sample + num - 1``; ``noise(call, first_sample, num, shape)`` is a
-    generator from ``runtime/noise.py``."""
-    for i, call, indices in program.walk(steps):
-        yield i, call, {name: noise(index, first_sample, num, shape) for name, index in indices.items()}
