@@ -11,7 +11,7 @@ SERVE_VENV := .venv-serve
 BUNDLE := build/digits-em1000
 OUT := out/digits
 
-.PHONY: install demo test test-quick bench bench-cifar bench-ray bench-serve clean
+.PHONY: install demo test test-quick bench bench-cifar bench-ray bench-serve gpu-pack clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -36,7 +36,7 @@ demo: $(VENV)/.installed
 	$(BIN)/vpsde sample $(BUNDLE) --num 64 --seed 0 --out $(OUT)
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=10
 
 # Everything but the whole-trajectory tests marked slow (parity per call, noise, bad input, trust boundary, C++).
 test-quick: install
@@ -62,6 +62,11 @@ bench-ray: install
 # Load test of a local tritonserver (loopback, bounded) against the in-process Sampler.
 bench-serve: install
 	$(BIN)/python bench/serve_load.py --serve-env $(SERVE_VENV)
+
+# The GPU check's parts for a device that reaches no package index (docs/gpu.md, "The GPU check in one lease"):
+# onnxruntime-gpu for the device's Python and the check's packages, xz, cut into .gpucheck/partNN of 56 MiB.
+gpu-pack: install
+	rm -rf .gpucheck && $(BIN)/python bench/gpu_pack.py
 
 clean:
 	rm -rf build out

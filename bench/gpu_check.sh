@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The GPU check, on the device, in one call (docs/gpu.md, "The GPU check in one lease"): unpack what earlier calls
+# copied to PARTS (bench/gpu_pack.py's parts and manifest.json), make torch's CUDA libraries visible, then run
+# vpsde doctor, the GPU-marked tests, vpsde parity on the CUDA provider against eager torch (digits EM and
+# DPM-Solver++, the CIFAR-scale DDPM++ with random weights) and the benchmarks, with figures under $OUT.
+#   bash bench/gpu_check.sh [PARTS]              # on the device (default PARTS: /tmp/gpucheck)
+#   bash bench/gpu_check.sh --dry-run PARTS      # anywhere: unpack and import check only (CI runs it on the CPU)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+dry=0
+if [ "${1:-}" = "--dry-run" ]; then dry=1; shift; fi
+parts=${1:-/tmp/gpucheck}
+out=${OUT:-$parts/out}
+py=${PYTHON:-python3}
+mkdir -p "$out"
+log="$out/gpu_check.log"
+step() { echo "== $* ($(date +%T))" | tee -a "$log"; }
+
+step unpack
+"$py" bench/gpu_unpack.py --parts "$parts" --manifest "$parts/manifest.json" --site "$parts/site" 2>&1 | tee -a "$log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || exit 2
+mkdir -p "$parts/ns/vpsde"  # the repository as the vpsde namespace, as the editable install maps it
+for d in export runtime models cli scale serving; do ln -sfn "$PWD/$d" "$parts/ns/vpsde/$d"; done
+export PYTHONPATH="$parts/site:$parts/ns" PYTHONUNBUFFERED=1
+nvidia_libs=$("$py" -c "import glob, os, nvidia; print(':'.join(sorted(glob.glob(os.path.join(list(nvidia.__path__)[0], '*', 'lib')))))" 2>/dev/null)
+export LD_LIBRARY_PATH="${nvidia_libs:+$nvidia_libs:}${LD_LIBRARY_PATH:-}"
+step onnxruntime
+"$py" -c "import onnxruntime as o; print(o.__file__, o.__version__, o.get_available_providers())" 2>&1 | tee -a "$log"
+vpsde() { "$py" -m vpsde.cli.main "$@"; }
+step doctor
+vpsde doctor 2>&1 | tee -a "$log"
+if [ "$dry" = 1 ]; then echo "dry run: unpacked, imported, doctor ran" | tee -a "$log"; exit 0; fi
+
+work=$(mktemp -d)
+step tests
+"$py" -m pytest -q -rs -m gpu tests/test_gpu.py -p no:cacheprovider 2>&1 | tee -a "$log"
+step export
+vpsde export --model digits --steps 200 --grid uniform --out "$work/em" 2>&1 | tee -a "$log"
+vpsde export --model digits --sampler dpmpp-2m --steps 20 --out "$work/dpm" 2>&1 | tee -a "$log"
+vpsde export --model score_sde-random --sampler dpmpp-2m --steps 10 --out "$work/cifar" 2>&1 | tee -a "$log"
+step parity
+vpsde parity "$work/em" --against eager --device cuda --num 8 2>&1 | tee -a "$log"
+vpsde parity "$work/dpm" --against eager --device cuda --num 8 2>&1 | tee -a "$log"
+vpsde parity "$work/cifar" --against eager --model score_sde-random --device cuda --num 2 2>&1 | tee -a "$log"
+step bench
+vpsde bench "$work/em" --device cuda --batch 1,16,64 --steps 50 --iters 5 --json "$out/bench-em.json" 2>&1 | tee -a "$log"
+vpsde bench "$work/dpm" --device cuda --batch 1,16,64 --steps 20 --iters 5 --json "$out/bench-dpm.json" 2>&1 | tee -a "$log"
+step gpu_loop
+"$py" bench/gpu_loop.py --steps 200 --batch 64 2>&1 | tee "$out/gpu_loop.txt" | tee -a "$log"
+step done
