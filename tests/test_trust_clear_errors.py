@@ -238,3 +238,15 @@ def test_checkpoint_tensors_must_be_dense_real_and_named(tmp_path, tensor, expec
         model[7] = model.pop(first)
     with pytest.raises(CheckpointError, match=expect):
         network_state({"model": model}, net, tmp_path / "c.pth", ema=False)
+
+
+def test_an_output_dtype_the_graph_does_not_have_is_refused_by_both_hosts(bundle, host, tmp_path, capsys):
+    """A re-signed manifest declaring x_next float16 over a float32 graph: the C++ host ran it (it checked input
+    dtypes only); both refuse it now, Python when the session opens, C++ at manifest load."""
+    def edit(d):
+        next(o for o in d["graphs"]["em"]["outputs"] if o["name"] == "x_next")["dtype"] = "float16"
+    edit_manifest(bundle, edit)
+    assert main(["sample", str(bundle), "--num", "2", "--out", str(tmp_path / "o")]) == 2
+    assert "do not match 'graphs.em.outputs'" in capsys.readouterr().err
+    r = run_host(host / "vpsde-sample", bundle, "--num", 2, "--out", tmp_path / "x.npy", timeout=60)
+    assert r.returncode == 2 and "graphs.em.outputs[0].dtype" in r.stderr and "float32 graph IO" in r.stderr, r.stderr

@@ -284,6 +284,9 @@ Manifest load_bundle(const std::string& bundle_dir, const std::string& expect_di
       throw Error(sums_path.string() + ": the sha256 of " + spec.file + " differs from '" + w + ".sha256' in " +
                   path.string() + " (or is not listed); re-export the bundle");
     check_self_contained(read_graph(bundle_dir, key, spec), (root / spec.file).string(), key);
+    for (std::size_t i = 0; i < spec.outputs.size(); ++i)
+      if (spec.outputs[i].dtype != "float32")
+        r.fail(w + ".outputs[" + std::to_string(i) + "].dtype", "this host runs float32 graph IO, got " + spec.outputs[i].dtype);
     for (std::size_t i = 0; i < spec.inputs.size(); ++i) {
       const TensorSpec& t = spec.inputs[i];
       if (t.dtype != "float32") r.fail(w + ".inputs[" + std::to_string(i) + "].dtype", "this host runs float32 graph IO, got " + t.dtype);
