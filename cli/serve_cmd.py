@@ -51,7 +51,7 @@ def register_request(sub, fmt) -> None:
     p.add_argument("--seed", type=u64("seed"), default=0, help="noise seed")
     p.add_argument("--first-sample", type=u64("index"), default=0, help="global index of the first sample")
     p.add_argument("--value-range", type=float, nargs=2, default=None, metavar=("LO", "HI"),
-                   help="write grid.png of image samples in this data range")
+                   help="data range for grid.png of image samples (default: the served bundle's)")
     p.add_argument("--out", type=Path, default=Path("out"), help="output directory")
 
 
@@ -146,7 +146,7 @@ def cmd_request(args: argparse.Namespace) -> None:
     import numpy as np
 
     from vpsde.runtime.images import image_grid, save_npz, save_png
-    from vpsde.serving.client import request_samples
+    from vpsde.serving.client import request_samples, served_value_range
 
     prepare_out_dir(args.out)
     t0 = time.perf_counter()
@@ -158,7 +158,9 @@ def cmd_request(args: argparse.Namespace) -> None:
              server=np.str_(f"{args.protocol}://{args.url}/{args.name}"))
     print(f"received {args.num} x {list(samples.shape[1:])} from {args.url} in {elapsed:.2f} s")
     print(f"wrote {npz}")
-    if args.value_range and samples.ndim == 4:
+    value_range = args.value_range or (served_value_range(args.url, args.name, args.protocol) if samples.ndim == 4
+                                       else None)
+    if value_range and samples.ndim == 4:
         png = args.out / "grid.png"
-        save_png(png, image_grid(samples, tuple(args.value_range)))
+        save_png(png, image_grid(samples, tuple(value_range)))
         print(f"wrote {png}")

@@ -70,3 +70,29 @@ def split_url(url: str, protocol: str) -> tuple[str, str]:
     if scheme not in ("http", "grpc"):
         raise BackendUnavailable(f"url {url!r}: expected HOST:PORT, http://HOST:PORT or grpc://HOST:PORT")
     return rest.rstrip("/"), scheme
+
+
+def served_value_range(url: str, model: str = "vpsde", protocol: str = "http") -> tuple[float, float] | None:
+    """The data range the served bundle records (config.pbtxt parameter ``value_range``), or None (no image model,
+    or a repository written before vpsde 0.4.2)."""
+    import json
+
+    url, protocol = split_url(url, protocol)
+    if protocol == "http":
+        import tritonclient.http as tc
+    else:
+        import tritonclient.grpc as tc
+    client = tc.InferenceServerClient(url=url)
+    try:
+        config = client.get_model_config(model) if protocol == "http" else \
+            client.get_model_config(model, as_json=True)["config"]
+    except Exception:  # noqa: BLE001 - the samples arrived; the picture is optional
+        return None
+    finally:
+        client.close()
+    text = config.get("parameters", {}).get("value_range", {}).get("string_value")
+    try:
+        lo, hi = json.loads(text) if text else (None, None)
+    except (ValueError, TypeError):
+        return None
+    return (float(lo), float(hi)) if lo is not None else None

@@ -42,6 +42,8 @@ def config_pbtxt(bundle: Bundle, name: str, backend: str, device: str, max_batch
     inputs += [f'  {{ name: "{c}" data_type: TYPE_FP32 dims: [ -1, {_dims(shape)} ] }}' for c in m.sampler.conditioning]
     params = {"bundle_digest": bundle.digest, "backend": backend, "device": device, "max_num": str(max_num),
               "threads": str(threads or 0)}
+    if m.model.value_range:  # what `vpsde request` draws grid.png with
+        params["value_range"] = json.dumps(list(m.model.value_range))
     kind = "KIND_GPU" if device == "cuda" else "KIND_CPU"
     return "\n".join([
         f'name: "{name}"',

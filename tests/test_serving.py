@@ -247,3 +247,24 @@ def test_serve_from_the_export_environment_runs_in_the_serving_one(bundles):
     finally:
         assert served.stop() == 143
     assert ".venv-serve/bin/vpsde instead" in served.process.stderr.read()
+
+
+def test_request_draws_the_grid_in_the_served_range_and_a_wrong_port_is_one_line(tmp_path):
+    """`vpsde request` wrote grid.png only with --value-range (the served bundle knows its range); asking the gRPC
+    port over HTTP ended in geventhttpclient's HTTPParseError traceback."""
+    import sys
+
+    unet = load_model("unet-random:seed=3,channels=8", VPSDE())
+    bundle = export_bundle(unet, tmp_path / "img", steps=6, grid="uniform", value_range=(-1, 1), log=lambda _: None)
+    served = Served(str(bundle.root))
+    try:
+        cli = [sys.executable, "-m", "vpsde.cli.main", "request"]
+        r = subprocess.run([*cli, f"http://{served.http_url}", "--num", "4", "--out", str(tmp_path / "o")],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0 and (tmp_path / "o" / "grid.png").is_file(), r.stderr
+        r = subprocess.run([*cli, served.grpc_url, "--protocol", "http", "--num", "1", "--out", str(tmp_path / "p")],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert "port" in r.stderr
+    finally:
+        assert served.stop() == 143
