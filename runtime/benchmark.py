@@ -180,17 +180,9 @@ def format_table(rows: list[BenchRow], load_s: dict[str, float]) -> str:
 def plot_rows(rows: list[BenchRow], path: Path, title: str) -> None:
     """ms/step (loop solid, bare calls dashed) and samples/s against the batch size, one line per backend and
     CUDA-graph mode, log-log; written atomically to ``path`` (PNG)."""
-    try:
-        import matplotlib
+    from vpsde.runtime.plots import pyplot, save
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        from vpsde.runtime.errors import InputError
-
-        raise InputError("--plot needs matplotlib: pip install 'vpsde[parity]'") from None
-    from vpsde.runtime.atomic import atomic_path
-
+    plt = pyplot("--plot")
     fig, (ax_ms, ax_rate) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
     series: dict[str, list[BenchRow]] = {}
     for r in rows:
@@ -202,9 +194,4 @@ def plot_rows(rows: list[BenchRow], path: Path, title: str) -> None:
         ax_rate.loglog(batch, [r.samples_per_s for r in points], "o-", color=f"C{k}", label=label)
     ax_ms.set(xlabel="batch", ylabel="ms per step (median)", title=title)
     ax_rate.set(xlabel="batch", ylabel="samples/s (whole sampler)", title="throughput")
-    for ax in (ax_ms, ax_rate):
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
+    save(fig, (ax_ms, ax_rate), path)

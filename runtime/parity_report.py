@@ -11,9 +11,9 @@ from typing import Sequence
 
 
 from vpsde.runtime.atomic import atomic_path
-from vpsde.runtime.errors import InputError
 from vpsde.runtime.images import image_grid
 from vpsde.runtime.parity import ParityReport, bar_for
+from vpsde.runtime.plots import pyplot, save
 
 
 def write_report(reports: Sequence[ParityReport], out: Path, value_range: Sequence[float] | None,
@@ -35,7 +35,7 @@ def write_report(reports: Sequence[ParityReport], out: Path, value_range: Sequen
 
 def plot_samples(reports: Sequence[ParityReport], value_range: tuple[float, float], path: Path) -> None:
     """The reference's first samples (up to 8) in one labelled row, each test side's in a row below."""
-    plt = _pyplot()
+    plt = pyplot("--report")
     rows = [(f"reference: {reports[0].reference}", reports[0].reference_sample)] + \
            [(f"test: {r.test}", r.test_sample) for r in reports]
     cols = min(8, len(rows[0][1]))
@@ -53,19 +53,8 @@ def plot_samples(reports: Sequence[ParityReport], value_range: tuple[float, floa
     plt.close(fig)
 
 
-def _pyplot():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise InputError("--report plots need matplotlib: pip install 'vpsde[parity]'") from None
-    return plt
-
-
 def plot_errors(reports: Sequence[ParityReport], path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot("--report")
     fig, (ax_traj, ax_call) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
     floor = 1e-12  # log scale: exact agreement is drawn at the floor
     outputs = sorted({name for r in reports for c in r.calls for name in c.max_abs})
@@ -91,9 +80,4 @@ def plot_errors(reports: Sequence[ParityReport], path: Path) -> None:
     ax_traj.set(xlabel="step", ylabel="relative L2 of x (free-running)", title=f"trajectory vs {reports[0].reference}"
                 if reports else "trajectory")
     ax_call.set(xlabel="step", ylabel="max |a - b| of one call (same inputs)", title="per graph call")
-    for ax in (ax_traj, ax_call):
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
+    save(fig, (ax_traj, ax_call), path)
