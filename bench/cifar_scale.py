@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     from vpsde.models.score_sde import parameter_count
     from vpsde.runtime import Sampler
     from vpsde.runtime.benchmark import peak_rss_mb
-    from vpsde.runtime.parity import BackendSide
+    from vpsde.verify.parity import BackendSide
 
     torch.set_num_threads(args.threads)
     model = load_model(SPEC, VPSDE())

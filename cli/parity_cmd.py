@@ -1,5 +1,5 @@
 """``vpsde parity``: a bundle's whole trajectory on one or more backends against a reference, per step and per
-graph call (see ``runtime/parity.py``)."""
+graph call (see ``verify/parity.py``)."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def finite_tolerance(text: str) -> float:
 
 
 def register(sub, fmt) -> None:
-    from vpsde.runtime.parity import tolerance_help
+    from vpsde.verify.tolerances import tolerance_help
 
     p = sub.add_parser("parity", help="compare a bundle's trajectory across backends, precisions or eager torch",
                        description="Run a bundle's sampler on each --backends side and on a reference with the same "
@@ -94,7 +94,7 @@ def register(sub, fmt) -> None:
 
 def _reference(args, bundle):
     from vpsde.runtime import Bundle
-    from vpsde.runtime.parity import BackendSide
+    from vpsde.verify.parity import BackendSide
 
     ref = args.against
     if ref in ("eager", "eager64"):
@@ -129,7 +129,8 @@ def _check_same_program(bundle, other) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from vpsde.runtime import Bundle
-    from vpsde.runtime.parity import BackendSide, compare, lower_precision
+    from vpsde.verify.parity import BackendSide, compare
+    from vpsde.verify.tolerances import lower_precision
 
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     if not backends:
@@ -140,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
     m = bundle.manifest
     if m.sampler.conditioning:
         raise UsageError(f"{bundle.root}: this bundle takes conditioning ({', '.join(m.sampler.conditioning)}); parity "
-                         "of conditioned samplers runs from Python (vpsde.runtime.parity.compare(conditioning=...))")
+                         "of conditioned samplers runs from Python (vpsde.verify.parity.compare(conditioning=...))")
     reference, ref_manifest = _reference(args, bundle)
     precision = lower_precision(m.model.precision, ref_manifest.model.precision)
     reports = []
@@ -152,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
     _print_table(m, reports)
     quality = _quality(m, reports, args.num) if args.quality else None
     if args.report is not None:
-        from vpsde.runtime.parity_report import write_report
+        from vpsde.verify.report import write_report
 
         extra = {"bundle": str(bundle.root), "digest": bundle.digest, "against": args.against, "precision": precision,
                  "quality": quality}
@@ -172,7 +173,7 @@ def _bars(items: list[tuple[str, float]] | None) -> float | dict[str, float] | N
 
 
 def _bar_text(bars: dict[str, float], outputs: list[str]) -> str:
-    from vpsde.runtime.parity import bar_for
+    from vpsde.verify.tolerances import bar_for
 
     return "/".join(f"{bar_for(bars, o):g}" for o in outputs)
 

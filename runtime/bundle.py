@@ -15,7 +15,7 @@ from typing import Mapping
 
 from vpsde.runtime.confine import inside, read_regular
 from vpsde.runtime.digest import SUMS_LIMIT, SUMS_NAME, check_digest_text, format_sums, parse_sums, sha256_hex
-from vpsde.runtime.errors import BundleError
+from vpsde.runtime.errors import BundleError, first_line
 from vpsde.runtime.manifest import MANIFEST_LIMIT, MANIFEST_NAME, GraphSpec, Manifest
 
 GRAPH_LIMIT = 2 << 30  # bytes: protobuf's limit for one ONNX file without external data
@@ -138,7 +138,7 @@ def check_self_contained(data: bytes, path: Path, key: str) -> None:
         model = onnx.load_model_from_string(data)
     except Exception as e:  # protobuf's DecodeError and friends
         raise BundleError(f"{path}: graph {key!r} is not an ONNX model ({type(e).__name__}: "
-                          f"{str(e).strip().splitlines()[0] if str(e).strip() else 'unparsable'})") from None
+                          f"{first_line(e, 'unparsable')})") from None
     for name, tensor in _tensors(model):
         if tensor.data_location == onnx.TensorProto.EXTERNAL or len(tensor.external_data):
             location = {e.key: e.value for e in tensor.external_data}.get("location", "?")

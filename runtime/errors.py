@@ -19,3 +19,10 @@ class NonFiniteError(VpsdeError):
 
 class BackendUnavailable(VpsdeError):
     """The requested backend or device is not installed or not present on this machine."""
+
+
+def first_line(e: BaseException, default: str | None = None) -> str:
+    """The first line of ``e``'s message (libraries raise long multi-line texts), else ``default`` or its type's
+    name: what a one-line error quotes of a cause."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else (type(e).__name__ if default is None else default)

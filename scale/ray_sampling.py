@@ -29,7 +29,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from vpsde.runtime.bundle import Bundle
-from vpsde.runtime.errors import BackendUnavailable, InputError, VpsdeError
+from vpsde.runtime.errors import BackendUnavailable, InputError, VpsdeError, first_line
 from vpsde.runtime.noise import TORCH_ID
 from vpsde.runtime.progress import progress as progress_bar
 from vpsde.runtime.request import check_request, count
@@ -192,7 +192,7 @@ def sample_on_ray(bundle: Bundle | str | os.PathLike, num: int, seed: int, out: 
                     if queue:
                         submit(w)
         except ray.exceptions.RayError as e:
-            raise BackendUnavailable(f"Ray: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
+            raise BackendUnavailable(f"Ray: {type(e).__name__}: {first_line(e, '')}") from None
         finally:
             if started:
                 ray.shutdown()

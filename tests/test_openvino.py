@@ -21,8 +21,8 @@ from vpsde.cli.main import main as cli  # noqa: E402
 from vpsde.export import VPSDE, export_bundle, load_model  # noqa: E402
 from vpsde.runtime import Sampler  # noqa: E402
 from vpsde.runtime.backends.onnxruntime import OnnxRuntimeRunner, session_from_bundle  # noqa: E402
-from vpsde.runtime.backends.openvino import (OpenVinoRunner, check_against_onnxruntime, compile_graph,  # noqa: E402
-                                             float32_twin)
+from vpsde.runtime.backends.openvino import OpenVinoRunner, compile_graph  # noqa: E402
+from vpsde.verify.open_check import check_against_onnxruntime, float32_twin  # noqa: E402
 from vpsde.runtime.errors import BackendUnavailable, BundleError  # noqa: E402
 
 QUIET = dict(log=lambda _: None)

@@ -18,7 +18,7 @@ from vpsde.models.base import ScoreModel
 from vpsde.models.sde import VPSDE
 from vpsde.runtime import Bundle
 from vpsde.export.samplers import SAMPLERS
-from vpsde.runtime.parity import BackendSide, compare
+from vpsde.verify.parity import BackendSide, compare
 
 pytest.importorskip("polygraphy", reason="vpsde[parity] (polygraphy) not installed")
 

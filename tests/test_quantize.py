@@ -5,7 +5,7 @@ Bounds, measured on the shipped digits model (EM, fresh noisy held-out digits, r
 against the fp32 graph on the same input): 0.57-0.61% for t >= 0.25, 3.9% at t = 0.011 and 16% at t = 1e-3 (the
 network's output is divided by a vanishing std there). The test's bar: <= 2% for t >= 0.25, > 1e-4 (the int8
 kernels are really in use), finite everywhere. Against the fp32 bundle over a trajectory, `vpsde parity`'s int8
-defaults (runtime/parity.py) must pass, and must fail for a graph with every conv in int8.
+defaults (verify/tolerances.py) must pass, and must fail for a graph with every conv in int8.
 """
 
 from __future__ import annotations

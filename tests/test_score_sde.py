@@ -277,7 +277,7 @@ def test_export_convert_and_onnx_parity(tmp_path, capsys):
     m = bundle.manifest
     assert m.model.source == spec and m.model.weights_sha256 == model.weights_sha256
     from vpsde.export.eager import EagerSide
-    from vpsde.runtime.parity import BackendSide, compare
+    from vpsde.verify.parity import BackendSide, compare
 
     report = compare(m, EagerSide(bundle, spec), BackendSide(bundle), num=3, seed=1, progress=False)  # traced at batch 2
     scale = max(1.0, float(np.abs(report.reference_sample).max()))
@@ -312,7 +312,7 @@ def test_cifar_scale_ddpmpp_exports_and_matches_eager(tmp_path):
     model = load_model(spec, VPSDE())
     bundle = export_bundle(model, tmp_path / "cifar", sampler="em", steps=3, grid="uniform", log=lambda _: None)
     from vpsde.export.eager import EagerSide
-    from vpsde.runtime.parity import BackendSide, compare
+    from vpsde.verify.parity import BackendSide, compare
 
     report = compare(bundle.manifest, EagerSide(bundle, spec),
                      BackendSide(bundle), num=3, seed=2, progress=False, call_atol=1e-5, call_rtol=1e-5)
@@ -335,7 +335,7 @@ def test_cifar_scale_ddpmpp_exports_and_matches_eager(tmp_path):
 
 def test_fp16_export_runs_the_network_in_half_and_stays_close(tmp_path):
     from vpsde.export.sources import _wrap_score_sde
-    from vpsde.runtime.parity import BackendSide, compare
+    from vpsde.verify.parity import BackendSide, compare
 
     model = _wrap_score_sde(perturb(ScoreSdeNet(SMALL), seed=6).eval(), "small")
     b32 = export_bundle(model, tmp_path / "fp32", steps=6, grid="uniform", log=lambda _: None)

@@ -11,7 +11,7 @@ import onnxruntime as ort
 
 from vpsde.runtime.backends import MAX_THREADS
 from vpsde.runtime.bundle import Bundle
-from vpsde.runtime.errors import BackendUnavailable, BundleError, InputError
+from vpsde.runtime.errors import BackendUnavailable, BundleError, InputError, first_line
 from vpsde.runtime.loop import infer_once
 
 ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16",
@@ -69,8 +69,7 @@ def session_from_bundle(bundle: Bundle, graph_key: str, device: str = "cpu", thr
     except BackendUnavailable:
         raise
     except Exception as e:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BundleError(f"{path}: ONNX Runtime could not load graph {graph_key!r}: {first}") from e
+        raise BundleError(f"{path}: ONNX Runtime could not load graph {graph_key!r}: {first_line(e)}") from e
 
 
 class OrtDevice:

@@ -12,7 +12,8 @@ from typing import Sequence
 
 from vpsde.runtime.atomic import atomic_path
 from vpsde.runtime.images import image_grid
-from vpsde.runtime.parity import ParityReport, bar_for
+from vpsde.verify.parity import ParityReport
+from vpsde.verify.tolerances import bar_for
 from vpsde.runtime.plots import pyplot, save
 
 

@@ -1,0 +1,219 @@
+"""Trajectory-aware parity: one bundle's program run on two sides (backends, precisions, or the eager torch
+steps), with the same host noise, compared per graph call and along the whole trajectory.
+
+A *side* is anything that runs one graph call on host arrays: ``side(key, feed) -> outputs`` (graph key,
+``{input name: float32 array}`` -> ``{output name: float32 array}``). Two comparisons run in one pass:
+
+- **per call** (polygraphy's question: does one call agree?): the test side is fed the *reference's* inputs
+  (x, state, schedule row, noise, conditioning) and its outputs are compared with the reference's by
+  polygraphy's ``SimpleCompareFunc`` (max statistic): max |a - b|, max |a - b| / |b|, and the smallest atol and
+  rtol that would have passed;
+- **trajectory** (what polygraphy cannot see): each side runs freely from the same prior and noise, carrying its
+  own x and state, and after every step the two x's are compared (max abs, relative L2), then the final samples.
+
+Both are :class:`~vpsde.runtime.program.HostTrajectory` drivers of the bundle's compiled program, the one the
+device loop walks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Mapping, Protocol
+
+import numpy as np
+
+from vpsde.runtime.errors import InputError
+from vpsde.runtime.loop import infer_once
+from vpsde.runtime.manifest import Manifest
+from vpsde.runtime.noise import PHILOX_ID, make_noise
+from vpsde.runtime.program import HostTrajectory, Program
+from vpsde.runtime.progress import progress as progress_bar
+from vpsde.verify.tolerances import TOLERANCES, resolve_bars
+
+
+class Side(Protocol):
+    name: str
+
+    def __call__(self, key: str, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One call of graph ``key`` on host arrays -> host copies of its outputs."""
+
+
+class BackendSide:
+    """A bundle opened on one backend (the runtime's own runners), one checked call at a time."""
+
+    def __init__(self, bundle, backend: str = "onnxruntime", device: str | None = None,
+                 threads: int | None = None, name: str | None = None) -> None:
+        from vpsde.runtime.backends import open_backend
+
+        self.manifest: Manifest = bundle.manifest
+        opened = open_backend(backend, bundle, device, threads)
+        self.device, self.runners = opened.device, opened.runners
+        self.name = name or f"{backend}[{self.manifest.model.precision}]"
+
+    def __call__(self, key: str, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return infer_once(self.runners[key], self.device, self.manifest.graphs[key], key, feed)
+
+
+@dataclass
+class CallRecord:
+    """One graph call compared with the test side fed the reference's inputs; figures per output name."""
+
+    step: int
+    graph: str
+    max_abs: dict[str, float]
+    max_rel: dict[str, float]
+    rel_l2: dict[str, float]
+    passed: bool
+    failed_outputs: list[str] = field(default_factory=list)
+
+
+@dataclass
+class StepRecord:
+    """x of the two free-running trajectories after one step."""
+
+    step: int
+    t: float
+    max_abs: float
+    rel_l2: float
+
+
+@dataclass
+class ParityReport:
+    reference: str
+    test: str
+    num: int
+    seed: int
+    atol: float
+    rtol: float
+    call_atol: dict[str, float]
+    """Per-call bars by output name ("" for every output not named)."""
+    call_rtol: dict[str, float]
+    calls: list[CallRecord] = field(default_factory=list)
+    steps: list[StepRecord] = field(default_factory=list)
+    final_max_abs: float = float("nan")
+    final_rel_l2: float = float("nan")
+    reference_sample: np.ndarray | None = None
+    test_sample: np.ndarray | None = None
+    captured: tuple[int, str, dict[str, np.ndarray]] | None = None
+    """(step, graph key, feed) of the first failing call, else of the first call: what ``--polygraphy-cmd``
+    saves for ``polygraphy run --load-inputs``."""
+
+    @property
+    def first_failing_call(self) -> CallRecord | None:
+        return next((c for c in self.calls if not c.passed), None)
+
+    @property
+    def required_call_atol(self) -> float:
+        """The smallest per-call atol under which every call passes on max |a - b| alone."""
+        return max((max(c.max_abs.values()) for c in self.calls), default=0.0)
+
+    @property
+    def required_call_rtol(self) -> float:
+        return max((max(c.max_rel.values()) for c in self.calls), default=0.0)
+
+    def required_call_atol_by_output(self) -> dict[str, float]:
+        """Per output name: the largest max |a - b| of any call (the smallest atol under which it passes)."""
+        worst: dict[str, float] = {}
+        for c in self.calls:
+            for k, v in c.max_abs.items():
+                worst[k] = max(worst.get(k, 0.0), v)
+        return worst
+
+    @property
+    def final_passed(self) -> bool:
+        return bool(self.final_max_abs <= self.atol or self.final_rel_l2 <= self.rtol)
+
+    @property
+    def passed(self) -> bool:
+        return self.final_passed and self.first_failing_call is None
+
+    def to_json(self) -> dict:
+        first = self.first_failing_call
+        return {"reference": self.reference, "test": self.test, "num": self.num, "seed": self.seed,
+                "passed": self.passed,
+                "final": {"max_abs": self.final_max_abs, "rel_l2": self.final_rel_l2, "atol": self.atol,
+                          "rtol": self.rtol, "passed": self.final_passed},
+                "per_call": {"atol": self.call_atol, "rtol": self.call_rtol, "rule": "polygraphy elemwise, per output "
+                             "(\"\": every output not named)",
+                             "required_atol": self.required_call_atol, "required_rtol": self.required_call_rtol,
+                             "required_atol_by_output": self.required_call_atol_by_output(),
+                             "first_failing": None if first is None else asdict(first)},
+                "steps": [asdict(s) for s in self.steps], "calls": [asdict(c) for c in self.calls]}
+
+
+def _rel_l2(ref: np.ndarray, test: np.ndarray) -> float:
+    ref, test = ref.astype(np.float64), test.astype(np.float64)
+    norm = float(np.linalg.norm(ref))
+    diff = float(np.linalg.norm(test - ref))
+    return diff / norm if norm > 0 else (0.0 if diff == 0 else float("inf"))
+
+
+def _max_abs(ref: np.ndarray, test: np.ndarray) -> float:
+    d = np.abs(test.astype(np.float64) - ref.astype(np.float64))
+    return float("inf") if not np.isfinite(d).all() else float(d.max(initial=0.0))
+
+
+def compare(manifest: Manifest, reference: Side, test: Side, num: int = 4, seed: int = 0, *,
+            atol: float | None = None, rtol: float | None = None,
+            call_atol: float | Mapping[str, float] | None = None,
+            call_rtol: float | Mapping[str, float] | None = None, precision: str | None = None,
+            conditioning: Mapping[str, np.ndarray] | None = None, progress: bool = True,
+            on_step: Callable[[StepRecord], None] | None = None) -> ParityReport:
+    """Run ``manifest``'s program for ``num`` samples (sample indices 0..num-1, portable noise of ``seed``) on
+    both sides; see the module docstring. Tolerances default by ``precision`` (the lower of the two sides';
+    default: the manifest's), from :data:`TOLERANCES`; ``call_atol``/``call_rtol`` take a number (every output)
+    or a mapping of output name to bar applied over the defaults (see :func:`resolve_bars`)."""
+    try:
+        from polygraphy.comparator.compare import SimpleCompareFunc
+        from polygraphy.comparator.struct import IterationResult
+        from polygraphy.logger import G_LOGGER
+    except ImportError:
+        raise InputError("parity compares graph calls with polygraphy: pip install 'vpsde[parity]'") from None
+
+    G_LOGGER.module_severity = G_LOGGER.CRITICAL  # its per-call failure lines: the report has them
+    shape = tuple(manifest.model.sample_shape)
+    cond = {k: np.broadcast_to(np.asarray(v, np.float32), (num, *shape)).copy() for k, v in (conditioning or {}).items()}
+    if sorted(cond) != sorted(manifest.sampler.conditioning):
+        raise InputError(f"this bundle takes conditioning {list(manifest.sampler.conditioning) or 'none'}, got "
+                         f"{sorted(cond) or 'none'}")
+    bars = TOLERANCES[precision or manifest.model.precision]
+    report = ParityReport(reference.name, test.name, num, seed, bars.final_atol if atol is None else atol,
+                          bars.final_rtol if rtol is None else rtol, resolve_bars(bars.call_atol, call_atol),
+                          resolve_bars(bars.call_rtol, call_rtol))
+    check = SimpleCompareFunc(atol=report.call_atol, rtol=report.call_rtol, check_error_stat="elemwise")
+    noise = make_noise(PHILOX_ID, seed)  # portable, and the same for both sides whatever the manifest names
+    program = Program.compile(manifest)
+    x_T = noise(0, 0, num, shape)
+    ref, tst = HostTrajectory(program, x_T, cond), HostTrajectory(program, x_T, cond)
+    with progress_bar(manifest.sampler.steps, "parity", "step", enabled=progress) as bar:
+        for i in program.steps_to_run():
+            for call in program.calls:
+                drawn = {name: noise(index, 0, num, shape) for name, index in program.draws(call, i)}
+                feed = ref.feed(i, call, drawn)
+                out_ref = reference(call.graph, feed)
+                out_forced = test(call.graph, feed)
+                result = check(IterationResult(out_forced, runner_name=test.name),
+                               IterationResult(out_ref, runner_name=reference.name))
+                max_abs = {k: _max_abs(out_ref[k], out_forced[k]) for k in out_ref}
+                failed = [k for k in out_ref if not (bool(result[k]) and np.isfinite(max_abs[k]))]
+                record = CallRecord(i, call.graph, max_abs, {k: _nan_as_inf(v.max_reldiff) for k, v in result.items()},
+                                    {k: _rel_l2(out_ref[k], out_forced[k]) for k in out_ref}, not failed, failed)
+                report.calls.append(record)
+                if report.captured is None or (not record.passed and report.first_failing_call is record):
+                    report.captured = (i, call.graph, {k: v.copy() for k, v in feed.items()})
+                tst.advance(test(call.graph, tst.feed(i, call, drawn)))
+                ref.advance(out_ref)
+            step = StepRecord(i, float(program.schedule["t"][i]), _max_abs(ref.values["x"], tst.values["x"]),
+                              _rel_l2(ref.values["x"], tst.values["x"]))
+            report.steps.append(step)
+            if on_step is not None:
+                on_step(step)
+            bar.update(1)
+    report.reference_sample, report.test_sample = ref.result, tst.result
+    report.final_max_abs = _max_abs(report.reference_sample, report.test_sample)
+    report.final_rel_l2 = _rel_l2(report.reference_sample, report.test_sample)
+    return report
+
+
+def _nan_as_inf(v: float | None) -> float:
+    return float("inf") if v is None or not np.isfinite(v) else float(v)
