@@ -69,10 +69,12 @@ def export_bundle(model: ScoreModel, out: str | Path, *, sampler: str = "em", st
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_dir(out) as tmp:
         graphs = {}
+        middle_row = {name: float(values[len(values) // 2]) for name, values in recipe.schedule.items()}
         for key, step in recipe.graphs.items():
             graph_file = f"{key}.onnx"
             log(f"exporting {recipe.name} graph {key!r} of {model.name} to ONNX (opset {opset})...")
-            inputs, outputs = export_step_graph(step.eval(), tuple(model.sample_shape), tmp / graph_file, opset)
+            inputs, outputs = export_step_graph(step.eval(), tuple(model.sample_shape), tmp / graph_file, middle_row,
+                                                recipe.conditioning, opset)
             graphs[key] = GraphSpec(file=graph_file, sha256=sha256_file(tmp / graph_file), opset=opset,
                                     inputs=inputs, outputs=outputs)
         manifest = Manifest(
@@ -111,10 +113,12 @@ def _quantize(manifest: Manifest, root: Path, samples: int, log) -> Manifest:
 
     for spec in manifest.graphs.values():
         int8_convs(root / spec.file, manifest.model.sample_shape[0])  # refuse before calibrating
+    manifest.write(root / "manifest.json")  # the fp32 graphs, read back as a bundle: calibration opens it as any host does
+    write_sums(root)
     log(f"calibrating int8 on {samples} fp32 trajectories of {manifest.sampler.steps} steps...")
     bar = lambda it, total: tqdm(it, total=total, desc="calibration", unit="step", leave=False,  # noqa: E731
                                  disable=not sys.stderr.isatty())
-    feeds = calibration_feeds(manifest, root, samples, progress=bar)
+    feeds = calibration_feeds(Bundle.load(root), samples, progress=bar)
     graphs = {}
     for key, spec in manifest.graphs.items():
         path = root / spec.file

@@ -6,13 +6,13 @@ import inspect
 import logging
 import warnings
 from pathlib import Path
+from typing import Collection, Mapping
 
 import onnx
 import torch
 from torch import nn
 
 from vpsde.export.lean import lean_graph
-from vpsde.export.steps import SAMPLE_INPUTS
 from vpsde.runtime.manifest import TensorSpec
 
 BATCH = "batch"
@@ -21,22 +21,21 @@ ONNX_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "flo
                onnx.TensorProto.BFLOAT16: "bfloat16", onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32"}
 
 
-def example_inputs(input_names: tuple[str, ...], sample_shape: tuple[int, ...], batch: int = 2,
-                   seed: int = 0) -> tuple[torch.Tensor, ...]:
-    """Random tracing inputs: sample-shaped ones ~ N(0, 1) (the mask uniform in [0, 1]), per-sample scalars in
-    (0.01, 0.1) (negated for dt) and t in (0.01, 1). Only shapes matter for tracing; values keep it finite."""
+def example_inputs(input_names: tuple[str, ...], sample_shape: tuple[int, ...], scalars: Mapping[str, float],
+                   conditioning: Collection[str] = (), batch: int = 2, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Tracing inputs by role, as the manifest will declare them: a schedule input ([batch]) holds its value in
+    ``scalars``; conditioning ([batch, *sample_shape]) is uniform in [0, 1) (valid as a mask and as data); every
+    other input (x, noise, state) is N(0, 1) [batch, *sample_shape]. Only shapes matter for tracing; values keep it
+    finite."""
     g = torch.Generator().manual_seed(seed)
     args = []
     for name in input_names:
-        if name == "mask":
+        if name in scalars:
+            args.append(torch.full((batch,), float(scalars[name])))
+        elif name in conditioning:
             args.append(torch.rand((batch, *sample_shape), generator=g))
-        elif name in SAMPLE_INPUTS:
-            args.append(torch.randn((batch, *sample_shape), generator=g))
-        elif name in ("t", "t_next"):
-            args.append(0.01 + 0.99 * torch.rand(batch, generator=g))
         else:
-            v = 0.01 + 0.09 * torch.rand(batch, generator=g)
-            args.append(-v if name == "dt" else v)
+            args.append(torch.randn((batch, *sample_shape), generator=g))
     return tuple(args)
 
 
@@ -50,10 +49,12 @@ def _dynamic_batch(step: nn.Module, n_args: int) -> dict[str, object]:
     return {p.name: {0: batch} for p in params[:n_args]}
 
 
-def trace_step_graph(step: nn.Module, sample_shape: tuple[int, ...], opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
+def trace_step_graph(step: nn.Module, sample_shape: tuple[int, ...], scalars: Mapping[str, float],
+                     conditioning: Collection[str] = (), opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
     """``step`` (``forward(*step.input_names) -> step.output_names``) as torch.onnx's dynamo exporter writes it
-    (with its optimizer), traced at batch 2 with the batch dimension symbolic ("batch"); full onnx.checker."""
-    args = example_inputs(tuple(step.input_names), sample_shape)
+    (with its optimizer), traced at batch 2 on :func:`example_inputs` with the batch dimension symbolic ("batch");
+    full onnx.checker."""
+    args = example_inputs(tuple(step.input_names), sample_shape, scalars, conditioning)
     registry_log = logging.getLogger("torch.onnx._internal.exporter._registration")
     level = registry_log.level
     registry_log.setLevel(logging.ERROR)  # "torchvision is not installed" notices: irrelevant here
@@ -75,12 +76,13 @@ def trace_step_graph(step: nn.Module, sample_shape: tuple[int, ...], opset: int 
     return model
 
 
-def export_step_graph(step: nn.Module, sample_shape: tuple[int, ...], path: Path,
+def export_step_graph(step: nn.Module, sample_shape: tuple[int, ...], path: Path, scalars: Mapping[str, float],
+                      conditioning: Collection[str] = (),
                       opset: int = DEFAULT_OPSET) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    """Export ``step`` to ``path`` (:func:`trace_step_graph`), made lean for CPU hosts
+    """Export ``step`` to ``path`` (:func:`trace_step_graph` on ``scalars`` and ``conditioning``), made lean for CPU hosts
     (:func:`~vpsde.export.lean.lean_graph`: constant reshape targets, one Gemm for sibling projections, residual
     scales folded, no dead nodes; onnx.checker and strict shape inference pass); returns the IO specs."""
-    model, _ = lean_graph(trace_step_graph(step, sample_shape, opset))
+    model, _ = lean_graph(trace_step_graph(step, sample_shape, scalars, conditioning, opset))
     onnx.save_model(model, str(path))
     return _io_specs(model.graph.input), _io_specs(model.graph.output)
 

@@ -6,10 +6,7 @@ or output channels equal to the sample's channels: the first and the last conv),
 ``DequantizeLinear``, standard ONNX that ONNX Runtime fuses into int8 kernels and TensorRT reads as explicit
 quantization): weights int8, symmetric, per output channel; activations uint8, per tensor, MinMax-calibrated.
 Everything else stays float32: GroupNorm, attention, the time embedding, the VP-SDE arithmetic and the graph IO.
-On the shipped digits model (200-step EM, batch 32, relative L2 error of a step's drift against fp32, median / max
-over a trajectory): every conv in int8 27% / 37%; all but the image-space ones 1.8% / 9.7%; also the 1 x 1 convs
-(attention's qkv and output projections, the residual skips) in fp32 0.62% / 4.1%, at the same speed (0.82 vs
-0.83 ms per call at batch 1, 37.1 vs 36.8 ms at batch 64; fp32 1.19 / 59.8 ms): they are a few percent of the FLOPs.
+docs/cpu.md gives the measurements behind the choice of convs.
 
 Calibration: the fp32 graphs run the manifest's program from the prior for ``samples`` samples (portable Philox
 noise of ``CALIBRATION_SEED``, on ONNX Runtime's CPU provider), and the inputs of every graph call at
@@ -26,7 +23,7 @@ from typing import Callable
 import numpy as np
 import onnx
 
-from vpsde.runtime.manifest import Manifest
+from vpsde.runtime.bundle import Bundle
 
 CALIBRATION_SEED = 20261125
 CALIBRATION_STEPS = 32
@@ -49,24 +46,19 @@ def fp32_convs(model: onnx.ModelProto, channels: int) -> list[str]:
     return names
 
 
-def calibration_feeds(manifest: Manifest, root: Path, samples: int = DEFAULT_CALIBRATION_SAMPLES,
-                      threads: int | None = None, progress: Callable | None = None) -> dict[str, list[dict]]:
+def calibration_feeds(bundle: Bundle, samples: int = DEFAULT_CALIBRATION_SAMPLES, threads: int | None = None,
+                      progress: Callable | None = None) -> dict[str, list[dict]]:
     """Per graph key, the feeds (``{input name: float32 array}``, batch ``samples``) of its calls at the
-    calibration steps of an fp32 trajectory of ``manifest``'s program, its graphs read from ``root``."""
-    import onnxruntime as ort
-
+    calibration steps of a trajectory of ``bundle``'s program (its fp32 graphs, on ONNX Runtime's CPU provider)."""
+    from vpsde.runtime.backends import open_backend
     from vpsde.runtime.noise import PHILOX_ID, make_noise
     from vpsde.runtime.program import HostTrajectory, Program
 
+    manifest = bundle.manifest
     if manifest.sampler.conditioning:
         raise ValueError(f"int8 calibration runs the sampler unconditioned; {manifest.sampler.name!r} takes "
                          f"conditioning {list(manifest.sampler.conditioning)}")
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
-    sessions = {key: ort.InferenceSession(str(root / g.file), options, providers=["CPUExecutionProvider"])
-                for key, g in manifest.graphs.items()}
+    runners = open_backend("onnxruntime", bundle, "cpu", threads).runners
     steps = manifest.sampler.steps
     keep = set(np.linspace(0, steps - 1, min(CALIBRATION_STEPS, steps)).round().astype(int).tolist())
     keep |= set(range(max(0, steps - FINAL_STEPS), steps))
@@ -80,8 +72,7 @@ def calibration_feeds(manifest: Manifest, root: Path, samples: int = DEFAULT_CAL
             feed = traj.feed(i, call, {name: noise(index, 0, samples, shape) for name, index in program.draws(call, i)})
             if i in keep:
                 feeds[call.graph].append({k: v.copy() for k, v in feed.items()})
-            names = [o.name for o in sessions[call.graph].get_outputs()]
-            traj.advance(dict(zip(names, sessions[call.graph].run(names, feed))))
+            traj.advance(runners[call.graph].infer(feed))
     return feeds
 
 

@@ -20,10 +20,6 @@ from torch import nn
 from vpsde.models.base import ScoreModel
 from vpsde.models.sde import VPSDE
 
-SAMPLE_INPUTS = frozenset({"x", "noise", "known", "mask", "known_noise", "x0_prev", "x0_prev2"})
-"""Inputs shaped like the sample [B, *sample_shape]; every other input is a per-sample scalar [B]."""
-
-
 COUPLINGS = ("expected", "batch", "per-sample")
 """Langevin corrector step-size rules (see :class:`LangevinCorrectorStep`); the first is the default."""
 

@@ -27,8 +27,9 @@ def _run(model: onnx.ModelProto, feed: dict) -> list[np.ndarray]:
 @pytest.fixture(scope="module")
 def digits_em_raw():
     model = load_model("digits", VPSDE(std_formula="diffusers"))
-    step = build_sampler("em", model, VPSDE(std_formula="diffusers"), 10, "diffusers").graphs["em"]
-    return trace_step_graph(step.eval(), tuple(model.sample_shape))
+    recipe = build_sampler("em", model, VPSDE(std_formula="diffusers"), 10, "diffusers")
+    return trace_step_graph(recipe.graphs["em"].eval(), tuple(model.sample_shape),
+                            {name: float(v[5]) for name, v in recipe.schedule.items()})
 
 
 def _em_feed(batch: int, rng: np.random.Generator) -> dict[str, np.ndarray]:

@@ -3,11 +3,8 @@ the bundle's cache; the runner binds device buffers and enqueues ``execute_async
 (optionally captured once per binding as a CUDA graph and replayed); the device uploads host noise through
 pinned staging buffers, asynchronously, so the host can draw the next call's noise while the GPU works.
 
-UNVERIFIED ON A GPU: written without one (none was lent to the sessions that wrote it). On CPU,
-``tests/test_tensorrt_simulated.py`` runs all of this module's logic against a simulated CUDA runtime and
-TensorRT runtime (host memory, engines that run their graph with ONNX Runtime), on real cached engine files;
-``tests/test_gpu_tensorrt.py`` holds the checks a GPU session must run (engine step vs eager, 1000 steps vs CPU,
-CUDA graph == plain loop bit for bit).
+Tested on CPU against a simulated CUDA and TensorRT runtime (``tests/test_tensorrt_simulated.py``) and on a GPU by
+``tests/test_gpu_tensorrt.py``; docs/gpu.md records what has run on which machine.
 """
 
 from __future__ import annotations
