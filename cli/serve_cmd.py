@@ -25,6 +25,9 @@ def register_triton(sub, fmt) -> None:
 
 def register_serve(sub, fmt) -> None:
     """Add the subcommand serve to ``sub`` (argparse subparsers); ``fmt``: the help formatter."""
+    from vpsde.serving.gate import DEFAULT_MAX_DEPTH
+    from vpsde.serving.server import DEFAULT_MAX_REQUEST_MIB
+
     p = sub.add_parser("serve", help="serve a bundle on a local tritonserver (needs vpsde[serve])", formatter_class=fmt,
                        description="Write a model repository to a temporary directory, start tritonserver on it "
                        "(loopback unless --host), print the endpoints, and stop cleanly on Ctrl-C or SIGTERM.")
@@ -33,6 +36,9 @@ def register_serve(sub, fmt) -> None:
     p.add_argument("--http-port", type=port_arg, default=8000, help="HTTP/REST port (1..65535)")
     p.add_argument("--grpc-port", type=port_arg, default=8001, help="gRPC port (1..65535, not the HTTP port)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--max-request-mib", type=positive, default=DEFAULT_MAX_REQUEST_MIB,
+                   help="largest HTTP request body accepted, in MiB (larger bodies get 413, and JSON nested over "
+                   f"{DEFAULT_MAX_DEPTH} deep gets 400, before they reach tritonserver)")
     p.add_argument("--tritonserver", default=None, help="the tritonserver binary (default: nvidia-pytriton's, or PATH)")
     _triton_options(p)
 
@@ -126,7 +132,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         # one level down: write_repository locks the repository's parent, and this process holds `work`'s lock
         (work / "repo").mkdir()
         repo = args.repository or _repository(args, work / "repo" / "repository", False)
-        server = TritonServer(repo, install, args.http_port, args.grpc_port, host=args.host)
+        server = TritonServer(repo, install, args.http_port, args.grpc_port, host=args.host,
+                              max_request_bytes=args.max_request_mib << 20)
         try:
             server.wait_ready()
             print(f"serving {args.bundle or repo} as model {args.name!r}: HTTP {server.http_url}  gRPC {server.grpc_url}  "

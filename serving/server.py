@@ -103,19 +103,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+DEFAULT_MAX_REQUEST_MIB = 64
+
+
 class TritonServer:
-    """A running tritonserver (a context manager): HTTP and gRPC on ``host``, metrics off. ``stop()`` sends
-    SIGTERM (Triton drains in-flight requests and unloads models), then SIGKILL after ``grace`` seconds, and
-    removes the server's private directory (its backends, log and TMPDIR)."""
+    """A running tritonserver (a context manager): gRPC on ``host``, HTTP on ``host`` through the request gate
+    (``serving/gate.py``: at most ``max_request_bytes`` per body; tritonserver's own HTTP port is private, on
+    loopback), metrics off. ``stop()`` sends SIGTERM (Triton drains in-flight requests and unloads models), then
+    SIGKILL after ``grace`` seconds, and removes the server's private directory (its backends, log and TMPDIR)."""
 
     def __init__(self, repository: Path, install: TritonInstall, http_port: int | None = None,
-                 grpc_port: int | None = None, host: str = "127.0.0.1", log: Path | None = None) -> None:
+                 grpc_port: int | None = None, host: str = "127.0.0.1", log: Path | None = None,
+                 max_request_bytes: int = DEFAULT_MAX_REQUEST_MIB << 20) -> None:
+        from vpsde.serving.gate import RequestGate
+
         self.repository, self.install, self.host = Path(repository), install, host
         self.http_port, self.grpc_port = http_port or free_port(), grpc_port or free_port()
+        self.gate = RequestGate(host, self.http_port, free_port(), max_request_bytes)
+        try:
+            self.gate.start()
+        except OSError as e:
+            self.gate.stop()
+            raise BackendUnavailable(f"--http-port {self.http_port}: cannot listen on {host}:{self.http_port} "
+                                     f"({e.strerror or e})") from None
         self._work, self._work_lock = owned_temp_dir("vpsde-triton")
         self.log_path = log or self._work / "tritonserver.log"
-        args = [str(install.binary), f"--model-repository={self.repository}", f"--http-address={host}",
-                f"--grpc-address={host}", f"--http-port={self.http_port}", f"--grpc-port={self.grpc_port}",
+        args = [str(install.binary), f"--model-repository={self.repository}", "--http-address=127.0.0.1",
+                f"--grpc-address={host}", f"--http-port={self.gate.upstream_port}", f"--grpc-port={self.grpc_port}",
                 "--allow-metrics=false", "--exit-on-error=true", "--disable-auto-complete-config",
                 "--exit-timeout-secs=30"]
         if install.backend_dir is not None:
@@ -180,6 +194,7 @@ class TritonServer:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
         self._log.close()
+        self.gate.stop()
         shutil.rmtree(self._work, ignore_errors=True)  # backends and the log: errors() was read before stopping
         if self._work_lock is not None:
             os.close(self._work_lock)

@@ -182,6 +182,78 @@ def test_a_bad_bundle_fails_the_model_load_with_vpsdes_message(bundles, tmp_path
     assert r.returncode == 2 and "edited after export" in r.stderr, r.stderr[-2000:]
 
 
+def _raw_http(url: str, request: bytes) -> tuple[int, str]:
+    """One raw HTTP/1.1 exchange (no client library: some of these requests are malformed on purpose)."""
+    import socket
+
+    host, port = url.split(":")
+    with socket.create_connection((host, int(port)), timeout=120) as s:
+        def send() -> None:
+            try:
+                s.sendall(request)
+            except OSError:
+                pass  # the gate may answer and stop reading before a refused body is all sent
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        data = b""
+        while chunk := s.recv(1 << 16):
+            data += chunk
+        sender.join()
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body.decode(errors="replace")
+
+
+def _post(body: bytes, extra: bytes = b"") -> bytes:
+    return (b"POST /v2/models/vpsde/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" + extra +
+            b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
+
+
+@pytest.mark.parametrize("request_bytes, status, expect", [
+    # five million '[' made nvidia-pytriton's tritonserver segfault (0.4.2 and before)
+    (_post(b"[" * 5_000_000), 400, "nests 5000000 deep"),
+    (_post(b'{"inputs": ' + b"[" * 40 + b"]" * 40 + b"}"), 400, "nests 41 deep"),
+    (_post(b"0" * ((64 << 20) + 1)), 413, "at most 67108864"),
+    (b"POST /v2/models/vpsde/infer HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n[[[[[\r\n0\r\n\r\n",
+     411, "Content-Length"),
+    (b"GET / HTTP/1.1\r\n" + b"X: " + b"a" * 70000 + b"\r\n\r\n", 431, "request head over"),
+])
+def test_hostile_http_requests_are_refused_in_front_of_the_server_and_it_keeps_serving(server, bundles, request_bytes,
+                                                                                      status, expect):
+    code, body = _raw_http(server.http_url, request_bytes)
+    assert code == status and expect in json.loads(body)["error"], (code, body[:300])
+    assert server.process.poll() is None
+    got = request_samples(server.http_url, 3, 2, 0)
+    np.testing.assert_array_equal(got, Sampler(bundles["em"], progress=False, threads=1).sample(2, 3))
+
+
+def test_the_gate_relays_keep_alive_and_100_continue(server, bundles):
+    """Two requests on one connection (the second with Expect: 100-continue, as curl sends for large bodies) both
+    answered by tritonserver through the gate."""
+    import socket
+
+    body = json.dumps({"inputs": _triple(seed=3, num=2)}).encode()
+    host, port = server.http_url.split(":")
+    with socket.create_connection((host, int(port)), timeout=120) as s:
+        f = s.makefile("rb")
+        for extra in (b"", b"Expect: 100-continue\r\n"):
+            s.sendall(b"POST /v2/models/vpsde/infer HTTP/1.1\r\nHost: x\r\n" + extra +
+                      b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            status = f.readline()
+            if extra:
+                assert b"100" in status
+                f.readline()
+                status = f.readline()
+            assert b" 200 " in status, status
+            length = 0
+            while (line := f.readline()) != b"\r\n":
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            out = json.loads(f.read(length))["outputs"][0]
+            want = Sampler(bundles["em"], progress=False, threads=1).sample(2, 3)
+            np.testing.assert_array_equal(np.asarray(out["data"], np.float32).reshape(want.shape), want)
+
+
 def test_sigterm_stops_the_server_and_leaves_no_process(bundles, tmp_path):
     served = Served(str(bundles["em"].root), tmpdir=tmp_path)
     children = served.children()
@@ -268,3 +340,26 @@ def test_request_draws_the_grid_in_the_served_range_and_a_wrong_port_is_one_line
         assert "port" in r.stderr
     finally:
         assert served.stop() == 143
+
+
+def test_json_depth_matches_the_parsed_depth_of_random_documents():
+    from vpsde.serving.gate import json_depth
+
+    rng = np.random.default_rng()
+
+    def doc(depth: int):
+        if depth == 0:
+            return float(rng.standard_normal())
+        inner = [doc(depth - 1) for _ in range(int(rng.integers(1, 3)))]
+        return {"k": inner[0], "v": inner} if rng.random() < 0.5 else inner
+
+    def parsed_depth(v) -> int:
+        if isinstance(v, dict):
+            return 1 + max((parsed_depth(x) for x in v.values()), default=0)
+        if isinstance(v, list):
+            return 1 + max((parsed_depth(x) for x in v), default=0)
+        return 0
+
+    for _ in range(50):
+        text = json.dumps(doc(int(rng.integers(0, 12)))).encode()
+        assert json_depth(text, chunk=int(rng.integers(1, 64))) == parsed_depth(json.loads(text))
