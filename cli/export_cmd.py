@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from vpsde.cli.common import UsageError, noise_id, positive, shape_arg
+from vpsde.runtime.manifest import PRECISIONS
 
 
 SAMPLER_IDS = ("em", "pc", "ancestral", "ode-euler", "ode-heun", "dpmpp-2m", "dpmpp-3m", "dpmpp-2m-sde", "edm-heun",
@@ -69,7 +70,7 @@ def register(sub, fmt) -> None:
                         "that takes t itself)")
     p.add_argument("--value-range", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                    help="data range of image samples, for PNG output (default: the model's, else none)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16", "int8"],
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="compute precision of the network inside the graphs; graph IO and the VP-SDE arithmetic "
                         "stay float32 (explicit casts: strongly typed for TensorRT). bf16 bundles run on TensorRT and, "
                         "on CPUs, on --backend openvino (ONNX Runtime's CPU provider has no bfloat16 kernels). int8: the network's convs "

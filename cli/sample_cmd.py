@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from vpsde.cli.common import DIGEST_HELP, UsageError, noise_id, positive, prepare_out_dir, threads_arg, u64
+from vpsde.runtime.backends import BACKENDS, DEVICES
 from vpsde.runtime.loop import NAN_GUARD_CHOICES
 
 
@@ -24,13 +25,13 @@ def register(sub, fmt) -> None:
                    help="samples per graph call (default: 64 on the CPU, where larger batches cost more per sample; all on a GPU)")
     p.add_argument("--first-sample", type=u64("index"), default=0,
                    help="global index of the first sample (for sharding: same seed, disjoint index ranges)")
-    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "onnxruntime-trt", "tensorrt", "openvino"],
+    p.add_argument("--backend", default="onnxruntime", choices=BACKENDS,
                    help="onnxruntime (CPU, or its CUDA provider with --device cuda: needs onnxruntime-gpu); "
                         "onnxruntime-trt (ONNX Runtime's TensorRT execution provider, on the GPU); or tensorrt "
                         "(the engines `vpsde build` cached in the bundle; needs an NVIDIA GPU); or openvino (OpenVINO's "
                         "CPU plugin, vpsde[openvino]: runs bf16 bundles on the CPU; each graph is checked against "
                         "ONNX Runtime as it opens)")
-    p.add_argument("--device", default=None, choices=["cpu", "cuda"],
+    p.add_argument("--device", default=None, choices=DEVICES,
                    help="where tensors live (default: cpu for onnxruntime, cuda for the others)")
     p.add_argument("--cuda-graph", action="store_true",
                    help="GPU only: capture each graph binding once as a CUDA graph and replay it")

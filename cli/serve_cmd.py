@@ -62,11 +62,14 @@ def register_request(sub, fmt) -> None:
 
 
 def _triton_options(p: argparse.ArgumentParser) -> None:
+    from vpsde.runtime.backends import DEVICES
+    from vpsde.serving.repository import BACKENDS as SERVED_BACKENDS
+
     p.add_argument("--expect-digest", default=None, metavar="SHA256", help=DIGEST_HELP)
     p.add_argument("--name", default="vpsde", help="model name in the repository")
-    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "onnxruntime-trt", "tensorrt"],
+    p.add_argument("--backend", default="onnxruntime", choices=SERVED_BACKENDS,
                    help="what each model instance samples on (tensorrt: engines from `vpsde build` in the bundle)")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where each model instance runs")
+    p.add_argument("--device", default="cpu", choices=DEVICES, help="where each model instance runs")
     p.add_argument("--max-batch", type=positive, default=16,
                    help="requests Triton's dynamic batcher may hand the model in one call (each sampled on its own)")
     p.add_argument("--max-num", type=positive, default=1024, help="most samples one request may ask for")

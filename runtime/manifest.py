@@ -36,7 +36,7 @@ MANIFEST_LIMIT = 64 << 20  # bytes of manifest.json
 MAX_DEPTH = 32  # JSON nesting (the schema needs 5)
 MAX_STEPS = 100_000
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
-"""model.precision values: the network's compute precision inside the graphs."""
+"""model.precision values: the network's compute precision inside the graphs, from most to least precise."""
 MAX_REPEAT = 1_000
 MAX_CALLS = 1_000_000  # graph calls per sample: steps x sum of repeats (noise call indices must stay < 2^32)
 MAX_SAMPLE_NUMEL = 1 << 28  # elements of one sample (1 GiB of float32)

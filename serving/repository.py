@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from vpsde.runtime.atomic import atomic_dir, directory_lock, replace_dir
+from vpsde.runtime.backends import BACKENDS as ALL_BACKENDS
 from vpsde.runtime.bundle import Bundle
 from vpsde.runtime.confine import is_plain_name
 from vpsde.runtime.errors import InputError
@@ -23,7 +24,8 @@ vpsde.serving.triton_model, which needs vpsde installed in the Python that runs 
 
 from vpsde.serving.triton_model import TritonPythonModel  # noqa: F401
 '''
-BACKENDS = ("onnxruntime", "onnxruntime-trt", "tensorrt")
+BACKENDS = tuple(b for b in ALL_BACKENDS if b != "openvino")
+"""What a served model may sample on (OpenVINO is for CPU hosts outside Triton: its open check runs per instance)."""
 
 
 def _dims(shape) -> str:

@@ -244,3 +244,11 @@ def test_per_output_call_tolerances_from_the_command_line(gmm_em, tmp_path, caps
         with pytest.raises(SystemExit) as stop:  # argparse's own exit: usage and one error line
             cli(["parity", str(gmm_em.root), "--against", "eager", *bad])
         assert stop.value.code == 2 and bad[1] in capsys.readouterr().err
+
+
+def test_the_tolerance_table_covers_every_precision_in_order():
+    from vpsde.runtime.manifest import PRECISIONS
+    from vpsde.verify.tolerances import TOLERANCES, lower_precision
+
+    assert tuple(TOLERANCES) == PRECISIONS
+    assert lower_precision("fp32", "int8", "fp16") == "int8" and lower_precision("bf16", "fp16") == "bf16"

@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping
 
+from vpsde.runtime.manifest import PRECISIONS
+
 
 @dataclass(frozen=True)
 class Tolerance:
@@ -27,12 +29,10 @@ TOLERANCES: dict[str, Tolerance] = {
     "bf16": Tolerance({"": 5e-2, "x0": 7.5}, {"": 5e-2}, 5e-2, 5e-2, 5e-2),
     "int8": Tolerance({"": 5e-2, "x0": 7.5}, {"": 5e-2}, 0.15, 3e-2, 5e-2),
 }
-"""Bars by precision. ``x0`` (DPM-Solver++'s data prediction, carried as state) is (x - sigma eps) / alpha: it
-scales every rounding of x and eps by 1 / alpha(t), up to 150 at t = 1 on the default VP-SDE, so its per-call
-atol is the precision's times 150."""
+"""Bars by precision (every one of the manifest's ``PRECISIONS``, in its order). ``x0`` (DPM-Solver++'s data
+prediction, carried as state) is (x - sigma eps) / alpha: it scales every rounding of x and eps by 1 / alpha(t),
+up to 150 at t = 1 on the default VP-SDE, so its per-call atol is the precision's times 150."""
 
-PRECISIONS = tuple(TOLERANCES)
-"""From most to least precise (mantissa bits; int8 last)."""
 
 
 def tolerance_help() -> str:

@@ -11,6 +11,7 @@ from vpsde.runtime.loop import OpenBackend
 
 BACKENDS = ("onnxruntime", "onnxruntime-trt", "tensorrt", "openvino")
 MAX_THREADS = 1024  # intra-op CPU threads: far more make ONNX Runtime exhaust the process instead of failing
+DEVICES = ("cpu", "cuda")
 DEFAULT_DEVICE = {"onnxruntime": "cpu", "onnxruntime-trt": "cuda", "tensorrt": "cuda", "openvino": "cpu"}
 
 
