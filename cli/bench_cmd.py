@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from vpsde.cli.common import DIGEST_HELP, UsageError, positive, threads_arg
+from vpsde.cli.common import UsageError, add_expect_digest, positive, threads_arg
 
 EPILOG = """Each figure is the median of --iters loops of --steps steps (after --warmup untimed loops), each
 followed by the same number of bare graph calls, so that load on the machine hits both alike. On the CPU the
@@ -41,7 +41,7 @@ def register(sub, fmt) -> None:
     p.add_argument("--plot", type=Path, default=None, metavar="FILE.png",
                    help="also draw ms/step and samples/s against the batch size, one line per backend (and CUDA "
                         "graphs on/off), with the bare graph calls dashed (needs matplotlib: vpsde[parity])")
-    p.add_argument("--expect-digest", default=None, metavar="SHA256", help=DIGEST_HELP)
+    add_expect_digest(p)
 
 
 def _batches(text: str) -> list[int]:

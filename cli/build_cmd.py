@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from vpsde.cli.common import DIGEST_HELP
+from vpsde.cli.common import add_expect_digest
 
 
 def register(sub, fmt) -> None:
@@ -16,7 +16,7 @@ def register(sub, fmt) -> None:
                        "profile over the batch, into the bundle's engine cache (keyed by graph sha256, TensorRT "
                        "flavour and version, target, precision and profile; valid engines are reused).")
     p.add_argument("bundle", type=Path, help="bundle directory (its engines go to BUNDLE/engines)")
-    p.add_argument("--expect-digest", default=None, metavar="SHA256", help=DIGEST_HELP)
+    add_expect_digest(p)
     p.add_argument("--batch", default="1:16:64", help="optimization profile over the batch: MIN:OPT:MAX (or one size)")
     p.add_argument("--opt-level", type=int, default=3, help="builder optimization level 0..5")
     p.add_argument("--target-cc", default=None,

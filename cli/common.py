@@ -9,8 +9,11 @@ from pathlib import Path
 from vpsde.runtime.errors import VpsdeError
 
 
-DIGEST_HELP = ("refuse the bundle unless its digest (the sha256 of its SHA256SUMS, which covers the manifest and "
-               "every graph; `vpsde inspect` prints it) is this one: pin the bundle you reviewed")
+def add_expect_digest(p: argparse.ArgumentParser) -> None:
+    """``--expect-digest SHA256``: the same option, with the same meaning, on every command that reads a bundle."""
+    p.add_argument("--expect-digest", default=None, metavar="SHA256",
+                   help="refuse the bundle unless its digest (the sha256 of its SHA256SUMS, which covers the manifest "
+                        "and every graph; `vpsde inspect` prints it) is this one: pin the bundle you reviewed")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

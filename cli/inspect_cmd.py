@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from vpsde.cli.common import DIGEST_HELP, printable
+from vpsde.cli.common import add_expect_digest, printable
 from vpsde.runtime.errors import VpsdeError
 
 
@@ -17,7 +17,7 @@ def register(sub, fmt) -> None:
                        "schedule, graphs and the TensorRT engines cached in it with their state.",
                        formatter_class=fmt)
     p.add_argument("bundle", type=Path, help="bundle directory")
-    p.add_argument("--expect-digest", default=None, metavar="SHA256", help=DIGEST_HELP)
+    add_expect_digest(p)
     p.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
 
 

@@ -8,7 +8,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from vpsde.cli.common import DIGEST_HELP, UsageError, positive, threads_arg, u64
+from vpsde.cli.common import UsageError, add_expect_digest, positive, threads_arg, u64
 
 EPILOG = """references (--against):
   eager            the bundle's step modules in eager torch, float32 (needs vpsde[export]) around the model
@@ -89,7 +89,7 @@ def register(sub, fmt) -> None:
                    help="also score both sides' final samples with the model's yardstick (the shipped digits "
                         "model: classifier Fréchet distance and confidence; gmm: the exact-truth figures); use "
                         "--num 200 or more for figures that mean something (needs vpsde[export])")
-    p.add_argument("--expect-digest", default=None, metavar="SHA256", help=DIGEST_HELP)
+    add_expect_digest(p)
 
 
 def _reference(args, bundle):

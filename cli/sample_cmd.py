@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from vpsde.cli.common import DIGEST_HELP, UsageError, noise_id, positive, prepare_out_dir, threads_arg, u64
+from vpsde.cli.common import UsageError, add_expect_digest, noise_id, positive, prepare_out_dir, threads_arg, u64
 from vpsde.runtime.backends import BACKENDS, DEVICES
 from vpsde.runtime.loop import NAN_GUARD_CHOICES
 
@@ -17,7 +17,7 @@ def register(sub, fmt) -> None:
     p = sub.add_parser("sample", help="draw samples from a bundle (no torch needed)", formatter_class=fmt,
                        description="Run the bundle's timestep loop and write samples.npz (+ grid.png for images).")
     p.add_argument("bundle", type=Path, help="bundle directory (from vpsde export)")
-    p.add_argument("--expect-digest", default=None, metavar="SHA256", help=DIGEST_HELP)
+    add_expect_digest(p)
     p.add_argument("--out", type=Path, default=Path("out"), help="output directory")
     p.add_argument("--num", type=positive, default=64, help="number of samples")
     p.add_argument("--seed", type=u64("seed"), default=0, help="noise seed, 0 <= seed < 2^64")

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from vpsde.cli.common import DIGEST_HELP, UsageError, port_arg, positive, prepare_out_dir, threads_arg, u64
+from vpsde.cli.common import UsageError, add_expect_digest, port_arg, positive, prepare_out_dir, threads_arg, u64
 from vpsde.runtime.errors import BackendUnavailable, VpsdeError
 
 
@@ -65,7 +65,7 @@ def _triton_options(p: argparse.ArgumentParser) -> None:
     from vpsde.runtime.backends import DEVICES
     from vpsde.serving.repository import BACKENDS as SERVED_BACKENDS
 
-    p.add_argument("--expect-digest", default=None, metavar="SHA256", help=DIGEST_HELP)
+    add_expect_digest(p)
     p.add_argument("--name", default="vpsde", help="model name in the repository")
     p.add_argument("--backend", default="onnxruntime", choices=SERVED_BACKENDS,
                    help="what each model instance samples on (tensorrt: engines from `vpsde build` in the bundle)")
