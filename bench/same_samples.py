@@ -27,6 +27,8 @@ CASES = {  # name: (model, sampler, steps, grid, options)
     "digits-dpmpp-3m": ("digits", "dpmpp-3m", 8, None, {}),
     "digits-dpmpp-2m-sde": ("digits", "dpmpp-2m-sde", 8, None, {}),
     "digits-edm-heun": ("digits", "edm-heun", 6, None, {}),
+    "digits-ipndm": ("digits", "ipndm", 6, None, {}),
+    "digits-unipc": ("digits", "unipc", 6, None, {}),
     "digits-inpaint": ("digits", "inpaint", 12, None, {}),
     "digits-em-int8": ("digits", "em", 12, None, {"precision": "int8", "calibration_samples": 4}),
     "gmm-em": ("gmm:dim=4,components=5,full=1", "em", 30, "uniform", {}),

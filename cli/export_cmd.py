@@ -10,16 +10,19 @@ from vpsde.runtime.manifest import PRECISIONS
 
 
 SAMPLER_IDS = ("em", "pc", "ancestral", "ode-euler", "ode-heun", "dpmpp-2m", "dpmpp-3m", "dpmpp-2m-sde", "edm-heun",
-              "inpaint", "colorize")  # == export.samplers.SAMPLERS
+               "ipndm", "unipc", "inpaint", "colorize")  # == export.samplers.SAMPLERS
 
 
-DEFAULT_STEPS = {"ode-euler": 100, "ode-heun": 50, "dpmpp-2m": 20, "dpmpp-3m": 20, "dpmpp-2m-sde": 20, "edm-heun": 10}
+DEFAULT_STEPS = {"ode-euler": 100, "ode-heun": 50, "dpmpp-2m": 20, "dpmpp-3m": 20, "dpmpp-2m-sde": 20, "edm-heun": 10,
+                 "ipndm": 10, "unipc": 10}
 
 
 SAMPLER_HELP = ("em = Euler-Maruyama (diffusers' step_pred); pc = Langevin corrector + reverse-diffusion predictor "
                 "(score_sde PC); ancestral = DDPM ancestral; ode-euler / ode-heun = probability-flow ODE (Heun: "
                 "2 NFE per step); dpmpp-2m / dpmpp-3m = DPM-Solver++(2M) / (3M), the few-step samplers; dpmpp-2m-sde = "
                 "SDE-DPM-Solver++(2M) (host noise); edm-heun = Karras et al.'s Heun on the edm grid (2 NFE per step); "
+                "ipndm = iPNDM (4th-order Adams-Bashforth on eps; edm grid); unipc = UniPC (predictor-corrector "
+                "multistep, 1 NFE per step; --order, --variant); "
                 "inpaint = EM that re-imposes known pixels (sample with --known/--mask); colorize = EM that keeps a "
                 "gray level (3-channel models; sample with --known)")
 
@@ -37,7 +40,8 @@ def register(sub, fmt) -> None:
     p.add_argument("--out", required=True, type=Path, help="bundle directory to write")
     p.add_argument("--sampler", default="em", choices=list(SAMPLER_IDS), help=SAMPLER_HELP)
     p.add_argument("--steps", type=positive, default=None,
-                   help="number of sampler steps N (default: 1000; ode-euler 100, ode-heun 50, dpmpp-* 20, edm-heun 10)")
+                   help="number of sampler steps N (default: 1000; ode-euler 100, ode-heun 50, dpmpp-* 20, edm-heun, "
+                        "ipndm, unipc 10)")
     p.add_argument("--nfe", type=positive, default=None,
                    help="instead of --steps: the model-evaluation budget (pc: steps x (corrector steps + 1); "
                         "ode-heun: 2 per step)")
@@ -58,8 +62,11 @@ def register(sub, fmt) -> None:
     p.add_argument("--noise", default="philox", choices=["philox", "torch"],
                    help="default noise generator recorded in the manifest (philox = portable spec)")
     p.add_argument("--denoise-final", action="store_true",
-                   help="dpmpp-*: make the last step the jump from t = eps to t = 0, so the sample is the model's "
+                   help="dpmpp-*, unipc: make the last step the jump from t = eps to t = 0, so the sample is the model's "
                         "data prediction at eps (diffusers' final_sigmas_type='zero'); the other steps span 1..eps")
+    p.add_argument("--order", type=int, choices=[2, 3], default=None, help="unipc: solver order (default: 3)")
+    p.add_argument("--variant", choices=["bh1", "bh2"], default=None,
+                   help="unipc: B(h) = h (bh1) or e^h - 1 (bh2) (default: bh2)")
     p.add_argument("--beta-min", type=float, default=0.1, help="VP-SDE beta(t) at t = 0")
     p.add_argument("--beta-max", type=float, default=20.0, help="VP-SDE beta(t) at t = 1")
     p.add_argument("--sampling-eps", type=float, default=1e-3, help="the last time of the reverse grid (t = eps)")
@@ -111,6 +118,7 @@ def run(args: argparse.Namespace) -> None:
         if args.sampler == "pc" else {}
     if args.denoise_final:
         options["denoise_final"] = True
+    options.update({k: v for k, v in (("order", args.order), ("variant", args.variant)) if v is not None})
     if args.calibration_samples is not None:
         if args.precision != "int8":
             raise UsageError("--calibration-samples applies to --precision int8")

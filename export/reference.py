@@ -374,3 +374,106 @@ def sample_edm_heun(eps_fn: EpsFn, x: torch.Tensor, vp: VP = VP(), steps: int = 
         _emit(callback, "edm_heun", i, {"x": x}, {"x_next": x_next})
         x = x_next
     return x
+
+
+# -- iPNDM and UniPC -----------------------------------------------------------------------------------------------
+def sample_ipndm(eps_fn: EpsFn, x: torch.Tensor, vp: VP = VP(), steps: int = 10, grid: str = "edm",
+                 callback: Callback | None = None) -> torch.Tensor:
+    """iPNDM (Zhang & Chen 2023, DEIS): in x~ = x / alpha and s = sigma / alpha the probability-flow ODE is
+    dx~/ds = eps; each step is Adams-Bashforth on the noise predictions with the orders 1, 2, 3, 4 (then 4):
+
+        x~_next = x~ + (s_next - s) (55 e_0 - 59 e_1 + 37 e_2 - 9 e_3) / 24      (newest e_0)
+
+    and its lower-order forms (3 e_0 - e_1) / 2 and (23 e_0 - 16 e_1 + 5 e_2) / 12 while the history fills."""
+    e = times(vp, steps, grid)
+    hist: list[torch.Tensor] = []
+    zero = torch.zeros_like(x)
+    for i in range(steps):
+        t, tn = e[i], e[i + 1]
+        d = eps_fn(x, _vec(t, x))
+        prev = (hist[::-1] + [zero] * 3)[:3]
+        hist.append(d)
+        k = min(len(hist), 4)
+        if k == 1:
+            combo = d
+        elif k == 2:
+            combo = (3 * d - prev[0]) / 2
+        elif k == 3:
+            combo = (23 * d - 16 * prev[0] + 5 * prev[1]) / 12
+        else:
+            combo = (55 * d - 59 * prev[0] + 37 * prev[1] - 9 * prev[2]) / 24
+        s, sn = vp.sigma(t) / vp.alpha(t), vp.sigma(tn) / vp.alpha(tn)
+        x_next = vp.alpha(tn) * (x / vp.alpha(t) + (sn - s) * combo)
+        _emit(callback, "ipndm", i, {"x": x, "e_prev": prev[0], "e_prev2": prev[1], "e_prev3": prev[2]},
+              {"x_next": x_next, "e": d, "e_prev_out": prev[0], "e_prev2_out": prev[1]})
+        x = x_next
+    return x
+
+
+def _phi(z: float, k: int) -> float:
+    """phi_k(z): phi_0 = e^z, phi_{k+1}(z) = (phi_k(z) - 1/k!) / z (exponential-integrator functions)."""
+    value = math.exp(z)
+    for j in range(k):
+        value = (value - 1 / math.factorial(j)) / z
+    return value
+
+
+def _unipc_step(vp: VP, s: torch.Tensor, t: torch.Tensor, x: torch.Tensor, hist: list[tuple[float, torch.Tensor]],
+                order: int, variant: str, m_new: torch.Tensor | None = None) -> torch.Tensor:
+    """One UniP (``m_new`` None) or UniC (``m_new``: the model at the point the step reached) update of order
+    ``order`` from x at s to t, data prediction (Zhao et al. 2023, Algorithms 2 and 3 with B(h)). ``hist``:
+    (lambda, data prediction) of the points so far, the one at s last."""
+    lam_s, m_s = hist[-1]
+    if float(vp.sigma(t)) == 0.0:  # a step to the data: the limit h -> inf of the first-order update
+        return m_s
+    h = float(vp.lam(t)) - lam_s
+    hh = -h
+    b_h = hh if variant == "bh1" else math.expm1(hh)
+    r = [(hist[-1 - k][0] - lam_s) / h for k in range(1, order)]
+    d = [(hist[-1 - k][1] - m_s) / r[k - 1] for k in range(1, order)]
+    g = [hh * _phi(hh, k + 1) * math.factorial(k) / b_h for k in range(1, order + 1)]
+    if m_new is None:
+        rho = [0.5] if order == 2 else [] if order == 1 else \
+            torch.linalg.solve(torch.tensor([[rk ** j for rk in r] for j in range(order - 1)], dtype=torch.float64),
+                               torch.tensor(g[:-1], dtype=torch.float64)).tolist()
+        res = sum((rho[k] * d[k] for k in range(order - 1)), torch.zeros_like(x))
+    else:
+        nodes = r + [1.0]
+        rho = [0.5] if order == 1 else \
+            torch.linalg.solve(torch.tensor([[rk ** j for rk in nodes] for j in range(order)], dtype=torch.float64),
+                               torch.tensor(g, dtype=torch.float64)).tolist()
+        res = sum((rho[k] * d[k] for k in range(order - 1)), torch.zeros_like(x)) + rho[-1] * (m_new - m_s)
+    return vp.sigma(t) / vp.sigma(s) * x - vp.alpha(t) * math.expm1(hh) * m_s - vp.alpha(t) * b_h * res
+
+
+def sample_unipc(eps_fn: EpsFn, x: torch.Tensor, vp: VP = VP(), steps: int = 10, grid: str = "logsnr",
+                 order: int = 3, variant: str = "bh2", callback: Callback | None = None,
+                 denoise_final: bool = False) -> torch.Tensor:
+    """Multistep UniPC (Zhao et al. 2023, arXiv:2302.04867) with data prediction, as diffusers'
+    ``UniPCMultistepScheduler`` runs it: at each step the model at the new point first corrects it (UniC, at
+    the order of the step that reached it; not at the first step), then UniP predicts the next point at order
+    min(order, i + 1, N - i). ``denoise_final``: N - 1 steps from 1 to eps, then a step to t = 0."""
+    e = times(vp, steps - int(denoise_final), grid)
+    if denoise_final:
+        e = torch.cat([e, torch.zeros(1, dtype=torch.float64)])
+    zero = torch.zeros_like(x)
+    names = ["x0_prev", "x0_prev2"] + (["x0_prev3"] if order == 3 else [])
+    state = {"x_prev": zero, **{k: zero for k in names}}
+    hist: list[tuple[float, torch.Tensor]] = []
+    last_order = 0
+    for i in range(steps):
+        t = e[i]
+        m = (x - vp.sigma(t) * eps_fn(x, _vec(t, x))) / vp.alpha(t)
+        inputs = {"x": x, **state}
+        if i > 0:
+            x = _unipc_step(vp, e[i - 1], t, state["x_prev"], hist, last_order, variant, m_new=m)
+        hist.append((float(vp.lam(t)), m))
+        p = min(order, i + 1, steps - i)
+        x_next = _unipc_step(vp, t, e[i + 1], x, hist, p, variant)
+        outputs = {"x_next": x_next, "x_c": x, "x0": m, "x0_prev_out": state["x0_prev"]}
+        if order == 3:
+            outputs["x0_prev2_out"] = state["x0_prev2"]
+        _emit(callback, "unipc", i, inputs, outputs)
+        state = {"x_prev": x, "x0_prev": m, "x0_prev2": state["x0_prev"], **({"x0_prev3": state["x0_prev2"]} if order == 3 else {})}
+        last_order, x = p, x_next
+    return x

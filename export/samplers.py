@@ -14,6 +14,8 @@ host-carried state and the conditioning inputs. The runtime executes it without 
     dpmpp-3m   dpmpp_3m  (+ x0_prev2 <- x0_prev_out)  ... + w_prev2                   1
     dpmpp-2m-sde  dpmpp_2m_sde (noise)            ... + c_z                            1
     edm-heun   edm_heun                           t, t_next, c_x, c_e                  2
+    ipndm      ipndm  (state e_prev, e_prev2, e_prev3)  t, c_x, c_e, w_cur, w_prev*        1
+    unipc      unipc  (state x_prev, x0_prev, ...)    t, alpha, sigma, u, v, c_*, p_*      1
     inpaint    inpaint_em (conditioning known, mask)   t, dt, sqrt_neg_dt               1
     colorize   colorize_em (conditioning known)   t, dt, sqrt_neg_dt                   1
 """
@@ -28,7 +30,7 @@ from torch import nn
 
 from vpsde.export.grids import EDGE_GRIDS, GRIDS, discrete_betas, grid_edges, log_snr, respaced_betas, time_grid
 from vpsde.export.steps import (COUPLINGS, DiscretePredictorStep, DPMSolverPPStep, EDMHeunStep, EulerMaruyamaStep,
-                                LangevinCorrectorStep, ProbabilityFlowStep, ReplacementStep)
+                                IPNDMStep, LangevinCorrectorStep, ProbabilityFlowStep, ReplacementStep, UniPCStep)
 from vpsde.models.base import ScoreModel
 from vpsde.models.sde import VPSDE
 from vpsde.runtime.manifest import ProgramCall, StateSpec
@@ -66,14 +68,22 @@ class SamplerRecipe:
         return int(self.params["nfe"])
 
 
+UNIPC_VARIANTS = ("bh1", "bh2")
+"""UniPC's B(h): h (bh1) or e^h - 1 (bh2), Zhao et al. 2023, section 3.2."""
+UNIPC_ORDERS = (2, 3)
+
+
 @dataclass(frozen=True)
 class Options:
-    """The samplers' options: the Langevin corrector's (pc) and ``denoise_final`` (DPM-Solver++)."""
+    """The samplers' options: the Langevin corrector's (pc), ``denoise_final`` (DPM-Solver++, UniPC) and UniPC's
+    ``order`` and ``variant``."""
 
     snr: float | None = None
     corrector_steps: int = 1
     coupling: str = "expected"
     denoise_final: bool = False
+    order: int = 3
+    variant: str = "bh2"
 
 
 Build = Callable[[dict, ScoreModel, VPSDE, str, int, Options], SamplerRecipe]
@@ -193,6 +203,27 @@ def dpmpp(order: int, stochastic: bool) -> Build:
     return build
 
 
+def ipndm(common, model, sde, grid, steps, o):
+    state = [StateSpec(input="e_prev", output="e"), StateSpec(input="e_prev2", output="e_prev_out"),
+             StateSpec(input="e_prev3", output="e_prev2_out")]
+    return one_graph(common, IPNDMStep(model, sde), ipndm_schedule(sde, edges_of(grid, steps, sde)), steps,
+                     final="x_next", noise_inputs=[], state=state)
+
+
+def unipc(common, model, sde, grid, steps, o):
+    if o.order not in UNIPC_ORDERS or o.variant not in UNIPC_VARIANTS:
+        raise ValueError(f"unipc: order must be one of {UNIPC_ORDERS} and variant one of {UNIPC_VARIANTS}, got "
+                         f"{o.order}, {o.variant!r}")
+    edges = edges_of(grid, steps, sde, o.denoise_final)
+    state = [StateSpec(input="x_prev", output="x_c"), StateSpec(input="x0_prev", output="x0"),
+             StateSpec(input="x0_prev2", output="x0_prev_out")]
+    if o.order == 3:
+        state.append(StateSpec(input="x0_prev3", output="x0_prev2_out"))
+    return one_graph(common, UniPCStep(model, sde, o.order), unipc_schedule(sde, edges, o.order, o.variant), steps,
+                     final="x_next", noise_inputs=[], state=state,
+                     params={"order": o.order, "variant": o.variant, "denoise_final": int(o.denoise_final)})
+
+
 DEFINITIONS: dict[str, SamplerDefinition] = {
     "em": SamplerDefinition("euler-maruyama", GRIDS, "diffusers", em),
     # "diffusers": score_sde's linspace betas; edge grids: respaced DDPM betas
@@ -204,6 +235,8 @@ DEFINITIONS: dict[str, SamplerDefinition] = {
     "dpmpp-3m": SamplerDefinition("dpm-solver++(3m)", EDGE_GRIDS, "logsnr", dpmpp(3, False), denoise_final=True),
     "dpmpp-2m-sde": SamplerDefinition("sde-dpm-solver++(2m)", EDGE_GRIDS, "logsnr", dpmpp(2, True), denoise_final=True),
     "edm-heun": SamplerDefinition("edm-heun", EDGE_GRIDS, "edm", edm_heun, lambda _: 2),
+    "ipndm": SamplerDefinition("ipndm", EDGE_GRIDS, "edm", ipndm),
+    "unipc": SamplerDefinition("unipc", EDGE_GRIDS, "logsnr", unipc, denoise_final=True),
     "inpaint": SamplerDefinition("inpaint-euler-maruyama", GRIDS, "diffusers", replacement("inpaint")),
     "colorize": SamplerDefinition("colorize-euler-maruyama", GRIDS, "diffusers", replacement("colorize")),
 }
@@ -224,16 +257,17 @@ def default_grid(sampler: str) -> str:
 
 def build_sampler(sampler: str, model: ScoreModel, sde: VPSDE, steps: int, grid: str | None = None, *,
                   snr: float | None = None, corrector_steps: int = 1, coupling: str = "expected",
-                  denoise_final: bool = False) -> SamplerRecipe:
+                  denoise_final: bool = False, order: int | None = None, variant: str | None = None) -> SamplerRecipe:
     """The recipe of ``sampler`` with ``steps`` steps on ``grid`` (default: the sampler's).
 
     ``snr``, ``corrector_steps`` and ``coupling`` configure the Langevin corrector of "pc" (score_sde defaults:
     snr 0.16, one corrector step, batch-averaged norms; here the norms' expectations by default, see
     :class:`LangevinCorrectorStep`; ``snr`` defaults by coupling, :data:`DEFAULT_SNR`; docs/samplers.md has the
     measurements behind both).
-    ``denoise_final`` (the DPM-Solver++ samplers): the last of the N steps goes from t = eps to t = 0, so the sample is the
-    model's data prediction at eps (diffusers' ``final_sigmas_type="zero"``); the first N - 1 steps span the
-    grid from 1 to eps.
+    ``denoise_final`` (the DPM-Solver++ samplers and UniPC): the last of the N steps goes from t = eps to t = 0, so
+    the sample is the model's data prediction at eps (diffusers' ``final_sigmas_type="zero"``); the first N - 1
+    steps span the grid from 1 to eps. ``order`` (2 or 3, default 3) and ``variant`` ("bh1" or "bh2", default
+    "bh2") are UniPC's.
     """
     if sampler not in DEFINITIONS:
         raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(DEFINITIONS)}")
@@ -245,8 +279,13 @@ def build_sampler(sampler: str, model: ScoreModel, sde: VPSDE, steps: int, grid:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if denoise_final and not definition.denoise_final:
         raise ValueError(f"denoise_final is an option of {', '.join(k for k, d in DEFINITIONS.items() if d.denoise_final)}")
+    if (order is not None or variant is not None) and sampler != "unipc":
+        raise ValueError("order and variant are options of unipc")
+    defaults = Options()
     common = dict(sampler=sampler, name=definition.name, grid=grid, steps=steps)
-    return definition.build(common, model, sde, grid, steps, Options(snr, corrector_steps, coupling, denoise_final))
+    return definition.build(common, model, sde, grid, steps,
+                            Options(snr, corrector_steps, coupling, denoise_final, order or defaults.order,
+                                    variant or defaults.variant))
 
 
 def edm_heun_schedule(sde: VPSDE, edges: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -316,3 +355,95 @@ def dpmpp_schedule(sde: VPSDE, edges: torch.Tensor, order: int = 2, stochastic: 
     if stochastic:
         out["c_z"] = torch.where(finite, sigma[1:] * torch.sqrt(-torch.expm1(-2 * h)), torch.zeros_like(h))
     return out
+
+
+IPNDM_WEIGHTS = ((1.0,), (3 / 2, -1 / 2), (23 / 12, -16 / 12, 5 / 12), (55 / 24, -59 / 24, 37 / 24, -9 / 24))
+"""Adams-Bashforth weights of orders 1 to 4 (current noise prediction first)."""
+
+
+def ipndm_schedule(sde: VPSDE, edges: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Coefficients of :class:`IPNDMStep` on the edges t_0 = 1 > ... > t_N (float64 [N + 1]): t, c_x, c_e as for
+    EDM's Heun (:func:`edm_heun_schedule`) and the weights w_cur, w_prev, w_prev2, w_prev3 of order min(i + 1, 4),
+    float64 [N] each."""
+    n = edges.numel() - 1
+    w = torch.zeros(4, n, dtype=torch.float64)
+    for i in range(n):
+        weights = IPNDM_WEIGHTS[min(i, 3)]
+        w[: len(weights), i] = torch.tensor(weights, dtype=torch.float64)
+    heun = edm_heun_schedule(sde, edges)
+    return {"t": heun["t"], "c_x": heun["c_x"], "c_e": heun["c_e"], "w_cur": w[0], "w_prev": w[1], "w_prev2": w[2],
+            "w_prev3": w[3]}
+
+
+def unipc_rhos(r: torch.Tensor, hh: torch.Tensor, b_h: torch.Tensor, order: int, predictor: bool) -> torch.Tensor:
+    """UniPC's weights rho (Zhao et al. 2023, Algorithms 2 and 3 with B(h)): ``r`` the previous points' ratios
+    r_k = (lambda_k - lambda_s) / h (float64 [order - 1]), hh = -h. The predictor solves the (order - 1)-square
+    system (order 2: rho = 1/2), the corrector the order-square one with r = 1 appended (order 1: rho = 1/2)."""
+    rks = torch.cat([r, torch.ones(1, dtype=torch.float64)])
+    h_phi_k, factorial, rows, b = torch.expm1(hh) / hh - 1, 1.0, [], []
+    for i in range(1, order + 1):
+        rows.append(rks ** (i - 1))
+        b.append(h_phi_k * factorial / b_h)
+        factorial *= i + 1
+        h_phi_k = h_phi_k / hh - 1 / factorial
+    R, b = torch.stack(rows), torch.stack(b)
+    if predictor:
+        return torch.full((1,), 0.5, dtype=torch.float64) if order == 2 else torch.linalg.solve(R[:-1, :-1], b[:-1])
+    return torch.full((1,), 0.5, dtype=torch.float64) if order == 1 else torch.linalg.solve(R, b)
+
+
+def unipc_orders(n: int, order: int) -> list[int]:
+    """The predictor's order at each of the n steps: warm-up min(i + 1, order), and lower at the end as diffusers'
+    ``lower_order_final`` (min(order, n - i)): the last step is first order."""
+    return [min(order, i + 1, n - i) for i in range(n)]
+
+
+def unipc_schedule(sde: VPSDE, edges: torch.Tensor, order: int = 3, variant: str = "bh2") -> dict[str, torch.Tensor]:
+    """Coefficients of :class:`UniPCStep` on the edges t_0 = 1 > ... > t_N (float64 [N + 1]; t_N = eps, or 0 for a
+    final jump to the data), float64 [N] each. With h = lambda_{i+1} - lambda_i, hh = -h, B = hh (bh1) or
+    e^hh - 1 (bh2) and rho from :func:`unipc_rhos`, the predictor from x_c at t_i with p = its order is
+
+        x_next = sigma_{i+1}/sigma_i x_c - alpha_{i+1} (e^hh - 1) m_i - alpha_{i+1} B sum_k rho_k (m_{i-k} - m_i) / r_k
+
+    and the corrector at step i (i >= 1) repeats the step from x_prev = x_c of step i - 1 at that step's order q,
+    with m_i in the last place: x_c = (the same from t_{i-1}) - alpha_i B rho_q (m_i - m_{i-1}). A step to t = 0
+    is the data prediction itself: x_next = m_i."""
+    alpha, sigma, lam = sde.mean_coeff(edges), sde.std(edges), log_snr(sde, edges)
+    n = edges.numel() - 1
+    orders = unipc_orders(n, order)
+    names = ["u", "v", "c_cur", "c_prev", "c_prev2", "c_prev3", "p_x", "p_cur", "p_prev", "p_prev2"]
+    out = {k: torch.zeros(n, dtype=torch.float64) for k in names}
+
+    def update(s: int, p: int, predictor: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Step s -> s + 1 at order p: (weight of the start point, weights of m_s, m_{s-1}, ..., weight of m_{s+1})."""
+        t = s + 1
+        h = lam[t] - lam[s]
+        if not torch.isfinite(h):  # to t = 0 (alpha 1, sigma 0): the data prediction
+            return torch.zeros(()), torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64), torch.zeros(())
+        hh = -h
+        b_h = hh if variant == "bh1" else torch.expm1(hh)
+        r = torch.stack([(lam[s - k] - lam[s]) / h for k in range(1, p)]) if p > 1 else torch.zeros(0, dtype=torch.float64)
+        rho = unipc_rhos(r, hh, b_h, p, predictor) if p > 1 or not predictor else r
+        w = torch.zeros(3, dtype=torch.float64)  # m_s, m_{s-1}, m_{s-2}
+        w[0] = -alpha[t] * torch.expm1(hh)
+        for k in range(1, p):
+            w[k] -= alpha[t] * b_h * rho[k - 1] / r[k - 1]
+            w[0] += alpha[t] * b_h * rho[k - 1] / r[k - 1]
+        new = torch.zeros((), dtype=torch.float64)
+        if not predictor:
+            new = -alpha[t] * b_h * rho[-1]
+            w[0] += alpha[t] * b_h * rho[-1]
+        return sigma[t] / sigma[s], w, new
+
+    for i in range(n):
+        if i == 0:
+            out["u"][i] = 1.0
+        else:
+            out["v"][i], w, out["c_cur"][i] = update(i - 1, orders[i - 1], predictor=False)
+            out["c_prev"][i], out["c_prev2"][i], out["c_prev3"][i] = w
+        out["p_x"][i], w, _ = update(i, orders[i], predictor=True)
+        out["p_cur"][i], out["p_prev"][i], out["p_prev2"][i] = w
+    if order == 2:
+        del out["c_prev3"], out["p_prev2"]
+    return {"t": edges[:-1], "alpha": alpha[:-1], "sigma": sigma[:-1], **out}
+

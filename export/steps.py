@@ -222,6 +222,71 @@ class DPMSolverPPStep(Step):
         return (x_next, x0, v["x0_prev"] * 1.0) if self.order == 3 else (x_next, x0)
 
 
+class IPNDMStep(Step):
+    """One step of iPNDM (Zhang & Chen 2023, DEIS, arXiv:2204.13902): Adams-Bashforth on the noise prediction in the
+    variables x~ = x / alpha and s = sigma / alpha, where the probability-flow ODE is dx~/ds = eps:
+
+        e      = eps(x, t_i)
+        x_next = c_x x + c_e (w_cur e + w_prev e_prev + w_prev2 e_prev2 + w_prev3 e_prev3)
+
+    c_x = alpha_{i+1} / alpha_i and c_e = alpha_{i+1} (s_{i+1} - s_i) (the exact transfer, as DDIM), and the
+    fixed Adams-Bashforth weights of order min(i + 1, 4) (``samplers.ipndm_schedule``). State the host carries:
+    ``e_prev`` <- ``e``, ``e_prev2`` <- ``e_prev_out``, ``e_prev3`` <- ``e_prev2_out``.
+    """
+
+    kind = "ipndm"
+    input_names = ("x", "t", "c_x", "c_e", "w_cur", "w_prev", "w_prev2", "w_prev3", "e_prev", "e_prev2", "e_prev3")
+    output_names = ("x_next", "e", "e_prev_out", "e_prev2_out")
+
+    def forward(self, x, t, c_x, c_e, w_cur, w_prev, w_prev2, w_prev3, e_prev, e_prev2, e_prev3):
+        w = [per_sample(v, x) for v in (w_cur, w_prev, w_prev2, w_prev3)]
+        e = self.model(x, t)
+        d = w[0] * e + w[1] * e_prev + w[2] * e_prev2 + w[3] * e_prev3
+        return per_sample(c_x, x) * x + per_sample(c_e, x) * d, e, e_prev * 1.0, e_prev2 * 1.0
+
+
+class UniPCStep(Step):
+    """One step of multistep UniPC (Zhao et al. 2023, arXiv:2302.04867), data prediction: the corrector UniC of the
+    step that led to x_i needs the model at x_i, which is this step's call, so it runs here, before the predictor
+    UniP, and a step costs one model call:
+
+        x0     = (x - sigma_i eps(x, t_i)) / alpha_i                         (at the uncorrected x_i)
+        x_c    = u x + v x_prev + c_cur x0 + c_prev x0_prev + c_prev2 x0_prev2 [+ c_prev3 x0_prev3]     (UniC)
+        x_next = p_x x_c + p_cur x0 + p_prev x0_prev [+ p_prev2 x0_prev2]                              (UniP)
+
+    Every coefficient comes from the schedule (``samplers.unipc_schedule``, float64 on the host): the first step
+    has u = 1 and no correction. ``order`` 2 or 3. State the host carries: ``x_prev`` <- ``x_c``, ``x0_prev`` <- ``x0``,
+    ``x0_prev2`` <- ``x0_prev_out`` (and at order 3 ``x0_prev3`` <- ``x0_prev2_out``).
+    """
+
+    kind = "unipc"
+
+    def __init__(self, model: ScoreModel, sde: VPSDE, order: int = 3) -> None:
+        super().__init__(model, sde)
+        if order not in (2, 3):
+            raise ValueError(f"UniPC steps: order 2 or 3, got {order}")
+        self.order = order
+        history = ["x0_prev", "x0_prev2"] + (["x0_prev3"] if order == 3 else [])
+        self.corrector = ["u", "v", "c_cur", "c_prev", "c_prev2"] + (["c_prev3"] if order == 3 else [])
+        self.predictor = ["p_x", "p_cur", "p_prev"] + (["p_prev2"] if order == 3 else [])
+        self.input_names = ("x", "t", "alpha", "sigma", *self.corrector, *self.predictor, "x_prev", *history)
+        self.output_names = ("x_next", "x_c", "x0", "x0_prev_out") + (("x0_prev2_out",) if order == 3 else ())
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        v = dict(zip(self.input_names, inputs))
+        x = v["x"]
+        c = {k: per_sample(v[k], x) for k in ("alpha", "sigma", *self.corrector, *self.predictor)}
+        x0 = (x - c["sigma"] * self.model(x, v["t"])) / c["alpha"]
+        history = [x0, v["x0_prev"], v["x0_prev2"]] + ([v["x0_prev3"]] if self.order == 3 else [])
+        x_c = c["u"] * x + c["v"] * v["x_prev"]
+        for name, value in zip(self.corrector[2:], history):
+            x_c = x_c + c[name] * value
+        x_next = c["p_x"] * x_c
+        for name, value in zip(self.predictor[1:], history):
+            x_next = x_next + c[name] * value
+        return (x_next, x_c, x0, v["x0_prev"] * 1.0) + ((v["x0_prev2"] * 1.0,) if self.order == 3 else ())
+
+
 class EDMHeunStep(Step):
     """One step of Karras et al.'s (EDM, 2022) deterministic Heun sampler, Algorithm 1 with s(t) = 1, on the
     VP model: in the variables x~ = x / alpha and s = sigma / alpha the probability-flow ODE is dx~/ds = eps, so

@@ -62,6 +62,8 @@ def test_cpp_samples_equal_python_runtime(host, tmp_path, which, request):
     ("dpmpp-3m", 10, {}),                # two states, one of them passed through (x0_prev2 <- x0_prev_out)
     ("dpmpp-2m-sde", 6, {}),             # state and a noise input in one graph
     ("edm-heun", 4, {}),                 # the edm grid, two model calls per graph call
+    ("ipndm", 6, {}),                    # three states, two of them passed through
+    ("unipc", 6, {}),                    # four states, one of them the corrected x (x_prev <- x_c)
     ("em", 6, {"precision": "int8"}),    # QDQ int8 convolutions (ORT's int8 kernels in both hosts)
 ])
 def test_cpp_runs_every_sampler_like_python(host, tmp_path, sampler, steps, options):

@@ -54,6 +54,12 @@ CASES = {
     "dpmpp-2m-sde": ("dpmpp-2m-sde", 20, "logsnr", {}),
     "dpmpp-2m-sde-10": ("dpmpp-2m-sde", 10, "uniform", {}),
     "edm-heun": ("edm-heun", 8, "edm", {}),
+    "ipndm": ("ipndm", 10, "edm", {}),
+    "ipndm-logsnr": ("ipndm", 6, "logsnr", {}),
+    "unipc": ("unipc", 10, "logsnr", {}),
+    "unipc-2-bh1": ("unipc", 8, "logsnr", {"order": 2, "variant": "bh1"}),
+    "unipc-3-bh1-edm": ("unipc", 5, "edm", {"variant": "bh1"}),
+    "unipc-denoise": ("unipc", 7, "uniform", {"denoise_final": True}),
 }
 
 
@@ -77,6 +83,10 @@ def run_reference(sampler, steps, grid, options, eps_fn, x, noise, callback=None
         return ref.sample_edm_heun(eps_fn, x, vp, steps, grid, callback)
     if sampler == "dpmpp-3m":
         return ref.sample_dpmpp_3m(eps_fn, x, vp, steps, grid, callback=callback, **options)
+    if sampler == "ipndm":
+        return ref.sample_ipndm(eps_fn, x, vp, steps, grid, callback)
+    if sampler == "unipc":
+        return ref.sample_unipc(eps_fn, x, vp, steps, grid, callback=callback, **options)
     if sampler == "dpmpp-2m-sde":
         return ref.sample_dpmpp_2m_sde(eps_fn, x, noise, vp, steps, grid, callback=callback, **options)
     return ref.sample_dpmpp_2m(eps_fn, x, vp, steps, grid, callback=callback, **options)
@@ -140,7 +150,7 @@ def _check_calls(bundle, records, cond_np=None):
             # (150 at t = 1); its effect on x_next is scaled back by alpha_next and checked at 1e-5 there
             # and the bar applies to unit-scale values: scaled by max(1, max |want|) (the random UNet drifts to |x| ~ 10)
             atol = PER_CALL_ATOL * max(1.0, float(np.abs(want).max()))
-            if name in ("x0", "x0_prev_out"):
+            if name in ("x0", "x0_prev_out", "x0_prev2_out"):
                 atol /= m.schedule["alpha"][rec["step"]]
             assert err <= atol, f"{rec['kind']} step {rec['step']} output {name}: max abs {err:.2e} > {atol:.1e}"
         seen.add(rec["kind"])
@@ -185,7 +195,8 @@ def test_trajectory_gmm(case, bundles, gmm):
 @pytest.mark.parametrize("sampler, steps, grid", [("pc", 24, "diffusers"), ("ancestral", 6, "logsnr"),
                                                   ("ode-heun", 6, "logsnr"), ("dpmpp-2m", 6, "logsnr"),
                                                   ("dpmpp-3m", 6, "logsnr"), ("dpmpp-2m-sde", 6, "logsnr"),
-                                                  ("edm-heun", 4, "edm"), ("inpaint", 6, "uniform")])
+                                                  ("edm-heun", 4, "edm"), ("inpaint", 6, "uniform"),
+                                                  ("ipndm", 5, "edm"), ("unipc", 5, "logsnr")])
 # colorize needs 3 channels: on the mixture (3-D) above and in test_colorize.py
 def test_per_call_parity_unet(sampler, steps, grid, tmp_path):
     """The same on the random-weight UNet (image-shaped, float32 reference)."""
@@ -272,3 +283,42 @@ def test_prefetched_noise_with_several_noise_inputs(case, bundles):
     np.testing.assert_array_equal(deep.sample(4, seed=8, **kw), want)
     per_step = {"pc": 3, "inpaint": 2, "dpmpp-2m": 0}[case]
     assert on.noise_calls_per_step() == per_step
+
+
+@pytest.mark.parametrize("order, variant, steps, denoise_final", [(3, "bh2", 10, False), (2, "bh1", 8, False),
+                                                                 (3, "bh1", 5, False), (2, "bh2", 8, True)])
+def test_unipc_reference_equals_diffusers_unipc(gmm, order, variant, steps, denoise_final):
+    """The float64 UniPC reference (written from the paper) against diffusers' UniPCMultistepScheduler, an
+    independent implementation, on the same time points: diffusers' discrete timesteps are replaced by this grid's
+    sigma/alpha (its `sigmas`), everything in float64. They agree to rounding (measured: <= 3e-14)."""
+    from diffusers import UniPCMultistepScheduler
+
+    vp = ref.VP()
+    e = ref.times(vp, steps - int(denoise_final), "logsnr")
+    if denoise_final:
+        e = torch.cat([e, torch.zeros(1, dtype=torch.float64)])
+    sched = UniPCMultistepScheduler(solver_order=order, solver_type=variant, lower_order_final=True,
+                                    prediction_type="epsilon")
+    sched.set_timesteps(steps)
+    sched.sigmas = vp.sigma(e) / vp.alpha(e)
+    eps64 = copy.deepcopy(gmm).double()
+    x0 = torch.randn(6, *gmm.sample_shape, dtype=torch.float64, generator=torch.Generator().manual_seed(order + steps))
+    x = x0.clone()
+    with torch.no_grad():
+        for i, timestep in enumerate(sched.timesteps):
+            x = sched.step(eps64(x, torch.full((6,), float(e[i]), dtype=torch.float64)), timestep, x).prev_sample
+        want = ref.sample_unipc(eps64, x0, vp, steps, "logsnr", order, variant, denoise_final=denoise_final)
+    assert torch.isfinite(want).all()
+    assert float((x - want).abs().max()) <= 1e-12 * float(want.abs().max())
+
+
+def test_ipndm_and_unipc_options_are_checked(gmm, tmp_path):
+    from vpsde.export.samplers import build_sampler
+
+    for kwargs, msg in [({"sampler": "unipc", "order": 4}, "order must be one of"),
+                        ({"sampler": "unipc", "variant": "bh3"}, "variant one of"),
+                        ({"sampler": "ipndm", "order": 2}, "options of unipc"),
+                        ({"sampler": "ipndm", "grid": "diffusers"}, "runs on the grids")]:
+        sampler = kwargs.pop("sampler")
+        with pytest.raises(ValueError, match=msg):
+            build_sampler(sampler, gmm, VPSDE(), 10, **kwargs)
