@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--samplers", nargs="+", default=["em", "pc", "pc:coupling=batch", "ancestral", "ode-euler",
                                                       "ode-heun", "dpmpp-2m"],
-                   help="sampler ids, with options as SAMPLER:key=value,... (grid; pc: snr, coupling, corrector_steps; "
+                   help="sampler ids, with options as SAMPLER:key=value,... (grid; pc: snr, coupling, corrector_steps; unipc: order, variant; "
                         "dpmpp-*: denoise_final=1)")
     p.add_argument("--nfe", nargs="+", type=int, default=[10, 20, 50, 100, 1000])
     p.add_argument("--model", default="gmm:dim=2,components=3,seed=0", help="a gmm model spec")
@@ -52,13 +52,17 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for spec in args.samplers:
             sampler, _, opts = spec.partition(":")
-            spec_options = {k: (v if k in ("coupling", "grid") else float(v) if k == "snr" else int(v))
+            spec_options = {k: (v if k in ("coupling", "grid", "variant") else float(v) if k == "snr" else int(v))
                             for k, v in (o.split("=") for o in opts.split(",") if o)}
             for nfe in args.nfe:
                 options = dict(spec_options)
                 where = Path(tmp) / f"{spec.replace(':', '-').replace(',', '-').replace('=', '-')}-{nfe}"
                 steps = steps_for_nfe(sampler, nfe, options.get("corrector_steps", 1))
                 grid, mark = options.pop("grid", None), ""
+                if "tune_seed" in options:
+                    from vpsde.export.tuning import Tuning
+
+                    options["tuning"] = Tuning(seed=options.pop("tune_seed"))
                 sde = VPSDE(std_formula=default_std_formula(sampler, None))
                 model = load_model(args.model, sde)
                 try:

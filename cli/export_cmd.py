@@ -45,11 +45,16 @@ def register(sub, fmt) -> None:
     p.add_argument("--nfe", type=positive, default=None,
                    help="instead of --steps: the model-evaluation budget (pc: steps x (corrector steps + 1); "
                         "ode-heun: 2 per step)")
-    p.add_argument("--grid", default=None, choices=["diffusers", "uniform", "logsnr", "edm"],
+    p.add_argument("--grid", default=None, choices=["diffusers", "uniform", "logsnr", "edm", "tuned"],
                    help="time grid (default: diffusers for em/pc/ancestral/inpaint, logsnr for the ODE and "
                         "DPM-Solver++ samplers, edm for edm-heun): diffusers = linspace(1, eps, N) with dt = -1/N (bit parity with diffusers, "
                         "score_sde's discrete betas); uniform = N equal steps from 1 to eps; logsnr = equal steps in "
-                        "log(alpha/sigma); edm = Karras et al.'s rho = 7 steps in sigma/alpha")
+                        "log(alpha/sigma); edm = Karras et al.'s rho = 7 steps in sigma/alpha; tuned = searched for "
+                        "this model at export (the deterministic samplers; GITS: dynamic programming against teacher "
+                        "trajectories, --tune-samples, --tune-seed)")
+    p.add_argument("--tune-samples", type=positive, default=None,
+                   help="--grid tuned: teacher trajectories from the prior (default: 256)")
+    p.add_argument("--tune-seed", type=int, default=None, help="--grid tuned: seed of the teacher's prior draws (default: 0)")
     p.add_argument("--snr", type=float, default=None,
                    help="pc: Langevin corrector signal-to-noise ratio (default: 0.10 with --coupling expected, 0.16 "
                         "(score_sde's) with batch or per-sample)")
@@ -119,6 +124,14 @@ def run(args: argparse.Namespace) -> None:
     if args.denoise_final:
         options["denoise_final"] = True
     options.update({k: v for k, v in (("order", args.order), ("variant", args.variant)) if v is not None})
+    if args.tune_samples is not None or args.tune_seed is not None:
+        if args.grid != "tuned":
+            raise UsageError("--tune-samples and --tune-seed apply to --grid tuned")
+        from vpsde.export.tuning import Tuning
+
+        defaults = Tuning()
+        options["tuning"] = Tuning(samples=args.tune_samples or defaults.samples,
+                                   seed=defaults.seed if args.tune_seed is None else args.tune_seed)
     if args.calibration_samples is not None:
         if args.precision != "int8":
             raise UsageError("--calibration-samples applies to --precision int8")

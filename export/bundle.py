@@ -17,7 +17,8 @@ import torch
 from vpsde.export.onnx_export import DEFAULT_OPSET, export_step_graph
 from vpsde.export.precision import MIN_OPSET, with_precision
 from vpsde.export.quantize import DEFAULT_CALIBRATION_SAMPLES
-from vpsde.export.samplers import SAMPLERS, SamplerRecipe, build_sampler, default_grid
+from vpsde.export.samplers import SAMPLERS, SamplerRecipe, build_sampler, check_grid, default_grid
+from vpsde.export.tuning import TUNED, Tuning, tuned_edges
 from vpsde.models.base import ScoreModel
 from vpsde.models.sde import VPSDE
 from vpsde.runtime.atomic import TMP_TAG, atomic_dir, directory_lock, replace_dir
@@ -39,15 +40,18 @@ def export_bundle(model: ScoreModel, out: str | Path, *, sampler: str = "em", st
                   grid: str | None = None, sde: VPSDE | None = None, noise: str = PHILOX_ID,
                   opset: int | None = None, value_range: tuple[float, float] | None = None,
                   source: str = "", overwrite: bool = False, precision: str = "fp32", log=None,
-                  calibration_samples: int = DEFAULT_CALIBRATION_SAMPLES, **sampler_options) -> Bundle:
+                  calibration_samples: int = DEFAULT_CALIBRATION_SAMPLES, tuning: Tuning | None = None,
+                  **sampler_options) -> Bundle:
     """Export ``model`` with the ``sampler``'s step graphs into the bundle directory ``out``.
 
     ``grid`` defaults to the sampler's (``samplers.DEFINITIONS``). ``sde`` defaults to the paper's VP-SDE
     with :func:`default_std_formula`. ``precision`` "fp16" / "bf16" runs the network in float16 / bfloat16 inside
     the graphs (SDE arithmetic and graph IO stay float32; see ``export/precision.py``); "int8" quantizes the
     network's convolutions, calibrated on ``calibration_samples`` fp32 trajectories (``export/quantize.py``).
-    ``opset`` defaults to 18 (22 for bf16, the first with bfloat16 Conv). ``sampler_options`` go to
-    :func:`build_sampler` (snr, corrector_steps, coupling).
+    ``opset`` defaults to 18 (22 for bf16, the first with bfloat16 Conv). ``grid="tuned"`` tunes the grid to
+    ``model`` first (``export/tuning.py``; ``tuning`` sets teacher samples, seed and candidates, recorded in
+    ``sampler.params``). ``sampler_options`` go to :func:`build_sampler` (snr, corrector_steps, coupling,
+    denoise_final, order, variant).
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
     if sampler not in SAMPLERS:
@@ -63,7 +67,17 @@ def export_bundle(model: ScoreModel, out: str | Path, *, sampler: str = "em", st
                          f"{precision} before it), got {opset}")
     if precision == "int8" and not 1 <= calibration_samples <= 4096:
         raise ValueError(f"calibration_samples: expected 1..4096 trajectories, got {calibration_samples}")
+    if grid == TUNED:
+        check_grid(sampler, grid)  # before the tuning's cost
+        tuning = tuning or Tuning()
+        log(f"tuning a {steps}-step grid to {model.name} ({tuning.samples} teacher trajectories, seed {tuning.seed})...")
+        sampler_options["edges"] = tuned_edges(model, sde, steps - int(sampler_options.get("denoise_final", False)),
+                                               tuning)
+    elif tuning is not None:
+        raise ValueError("tuning applies to grid='tuned'")
     recipe = build_sampler(sampler, with_precision(model, precision), sde, steps, grid, **sampler_options)
+    if grid == TUNED:
+        recipe.params.update(tuning.params())
     out = Path(out)
     check_replaceable(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)

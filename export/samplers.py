@@ -31,6 +31,7 @@ from torch import nn
 from vpsde.export.grids import EDGE_GRIDS, GRIDS, discrete_betas, grid_edges, log_snr, respaced_betas, time_grid
 from vpsde.export.steps import (COUPLINGS, DiscretePredictorStep, DPMSolverPPStep, EDMHeunStep, EulerMaruyamaStep,
                                 IPNDMStep, LangevinCorrectorStep, ProbabilityFlowStep, ReplacementStep, UniPCStep)
+from vpsde.export.tuning import TUNED
 from vpsde.models.base import ScoreModel
 from vpsde.models.sde import VPSDE
 from vpsde.runtime.manifest import ProgramCall, StateSpec
@@ -68,6 +69,8 @@ class SamplerRecipe:
         return int(self.params["nfe"])
 
 
+ODE_GRIDS = (*EDGE_GRIDS, TUNED)
+"""Grids of the deterministic (probability-flow) samplers: the edge grids and the one tuned to the model."""
 UNIPC_VARIANTS = ("bh1", "bh2")
 """UniPC's B(h): h (bh1) or e^h - 1 (bh2), Zhao et al. 2023, section 3.2."""
 UNIPC_ORDERS = (2, 3)
@@ -84,6 +87,7 @@ class Options:
     denoise_final: bool = False
     order: int = 3
     variant: str = "bh2"
+    edges: torch.Tensor | None = None  # the "tuned" grid's edges (float64 [N + 1]), computed by export_bundle
 
 
 Build = Callable[[dict, ScoreModel, VPSDE, str, int, Options], SamplerRecipe]
@@ -164,19 +168,26 @@ def pc(common, model, sde, grid, steps, o):
                                  "predictor": "reverse-diffusion", "corrector": "langevin"})
 
 
-def edges_of(grid: str, steps: int, sde: VPSDE, denoise_final: bool = False) -> torch.Tensor:
+def edges_of(grid: str, steps: int, sde: VPSDE, denoise_final: bool = False,
+             tuned: torch.Tensor | None = None) -> torch.Tensor:
     """The N + 1 edges of a deterministic sampler, float64: the model sees the float32-rounded times, and every
-    coefficient is computed in float64 from those rounded times; ``denoise_final`` adds a last jump to t = 0."""
+    coefficient is computed in float64 from those rounded times; ``denoise_final`` adds a last jump to t = 0.
+    The "tuned" grid's edges are ``tuned`` (``export/tuning.py``: they depend on the model)."""
     if denoise_final and steps < 2:
         raise ValueError("denoise_final needs steps >= 2 (the last step is the jump to t = 0)")
-    edges = grid_edges(grid, steps - int(denoise_final), sde).float().double()
+    if grid == TUNED:
+        if tuned is None or tuned.numel() != steps - int(denoise_final) + 1:
+            raise ValueError("the tuned grid is computed from the model at export: export_bundle(..., grid='tuned')")
+        edges = tuned.double().float().double()
+    else:
+        edges = grid_edges(grid, steps - int(denoise_final), sde).float().double()
     return torch.cat([edges, torch.zeros(1, dtype=torch.float64)]) if denoise_final else edges
 
 
 def ode(order: int) -> Build:
     """The probability-flow ODE by Euler (order 1) or Heun (order 2)."""
     def build(common, model, sde, grid, steps, o):
-        edges = edges_of(grid, steps, sde)
+        edges = edges_of(grid, steps, sde, tuned=o.edges)
         schedule = {"t": edges[:-1], "dt": edges[1:] - edges[:-1], **({"t_next": edges[1:]} if order == 2 else {})}
         return one_graph(common, ProbabilityFlowStep(model, sde, order), schedule, steps * order, final="x_next",
                          noise_inputs=[])
@@ -184,14 +195,14 @@ def ode(order: int) -> Build:
 
 
 def edm_heun(common, model, sde, grid, steps, o):
-    return one_graph(common, EDMHeunStep(model, sde), edm_heun_schedule(sde, edges_of(grid, steps, sde)), 2 * steps,
+    return one_graph(common, EDMHeunStep(model, sde), edm_heun_schedule(sde, edges_of(grid, steps, sde, tuned=o.edges)), 2 * steps,
                      final="x_next", noise_inputs=[])
 
 
 def dpmpp(order: int, stochastic: bool) -> Build:
     """DPM-Solver++(2M) / (3M), or SDE-DPM-Solver++(2M): the previous data predictions carried as state."""
     def build(common, model, sde, grid, steps, o):
-        edges = edges_of(grid, steps, sde, o.denoise_final)
+        edges = edges_of(grid, steps, sde, o.denoise_final, o.edges)
         state = [StateSpec(input="x0_prev", output="x0")]
         if order == 3:
             state.append(StateSpec(input="x0_prev2", output="x0_prev_out"))
@@ -206,7 +217,7 @@ def dpmpp(order: int, stochastic: bool) -> Build:
 def ipndm(common, model, sde, grid, steps, o):
     state = [StateSpec(input="e_prev", output="e"), StateSpec(input="e_prev2", output="e_prev_out"),
              StateSpec(input="e_prev3", output="e_prev2_out")]
-    return one_graph(common, IPNDMStep(model, sde), ipndm_schedule(sde, edges_of(grid, steps, sde)), steps,
+    return one_graph(common, IPNDMStep(model, sde), ipndm_schedule(sde, edges_of(grid, steps, sde, tuned=o.edges)), steps,
                      final="x_next", noise_inputs=[], state=state)
 
 
@@ -214,7 +225,7 @@ def unipc(common, model, sde, grid, steps, o):
     if o.order not in UNIPC_ORDERS or o.variant not in UNIPC_VARIANTS:
         raise ValueError(f"unipc: order must be one of {UNIPC_ORDERS} and variant one of {UNIPC_VARIANTS}, got "
                          f"{o.order}, {o.variant!r}")
-    edges = edges_of(grid, steps, sde, o.denoise_final)
+    edges = edges_of(grid, steps, sde, o.denoise_final, o.edges)
     state = [StateSpec(input="x_prev", output="x_c"), StateSpec(input="x0_prev", output="x0"),
              StateSpec(input="x0_prev2", output="x0_prev_out")]
     if o.order == 3:
@@ -229,14 +240,14 @@ DEFINITIONS: dict[str, SamplerDefinition] = {
     # "diffusers": score_sde's linspace betas; edge grids: respaced DDPM betas
     "pc": SamplerDefinition("predictor-corrector", GRIDS, "diffusers", pc, lambda corrector_steps: corrector_steps + 1),
     "ancestral": SamplerDefinition("ancestral", GRIDS, "diffusers", ancestral),
-    "ode-euler": SamplerDefinition("probability-flow-euler", EDGE_GRIDS, "logsnr", ode(1)),
-    "ode-heun": SamplerDefinition("probability-flow-heun", EDGE_GRIDS, "logsnr", ode(2), lambda _: 2),
-    "dpmpp-2m": SamplerDefinition("dpm-solver++(2m)", EDGE_GRIDS, "logsnr", dpmpp(2, False), denoise_final=True),
-    "dpmpp-3m": SamplerDefinition("dpm-solver++(3m)", EDGE_GRIDS, "logsnr", dpmpp(3, False), denoise_final=True),
+    "ode-euler": SamplerDefinition("probability-flow-euler", ODE_GRIDS, "logsnr", ode(1)),
+    "ode-heun": SamplerDefinition("probability-flow-heun", ODE_GRIDS, "logsnr", ode(2), lambda _: 2),
+    "dpmpp-2m": SamplerDefinition("dpm-solver++(2m)", ODE_GRIDS, "logsnr", dpmpp(2, False), denoise_final=True),
+    "dpmpp-3m": SamplerDefinition("dpm-solver++(3m)", ODE_GRIDS, "logsnr", dpmpp(3, False), denoise_final=True),
     "dpmpp-2m-sde": SamplerDefinition("sde-dpm-solver++(2m)", EDGE_GRIDS, "logsnr", dpmpp(2, True), denoise_final=True),
-    "edm-heun": SamplerDefinition("edm-heun", EDGE_GRIDS, "edm", edm_heun, lambda _: 2),
-    "ipndm": SamplerDefinition("ipndm", EDGE_GRIDS, "edm", ipndm),
-    "unipc": SamplerDefinition("unipc", EDGE_GRIDS, "logsnr", unipc, denoise_final=True),
+    "edm-heun": SamplerDefinition("edm-heun", ODE_GRIDS, "edm", edm_heun, lambda _: 2),
+    "ipndm": SamplerDefinition("ipndm", ODE_GRIDS, "edm", ipndm),
+    "unipc": SamplerDefinition("unipc", ODE_GRIDS, "logsnr", unipc, denoise_final=True),
     "inpaint": SamplerDefinition("inpaint-euler-maruyama", GRIDS, "diffusers", replacement("inpaint")),
     "colorize": SamplerDefinition("colorize-euler-maruyama", GRIDS, "diffusers", replacement("colorize")),
 }
@@ -255,9 +266,20 @@ def default_grid(sampler: str) -> str:
     return DEFINITIONS[sampler].default_grid
 
 
+def check_grid(sampler: str, grid: str | None) -> str:
+    """``grid`` (default: the sampler's), or ValueError naming what the sampler takes."""
+    if sampler not in DEFINITIONS:
+        raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(DEFINITIONS)}")
+    grid = grid or DEFINITIONS[sampler].default_grid
+    if grid not in DEFINITIONS[sampler].grids:
+        raise ValueError(f"sampler {sampler!r} runs on the grids {', '.join(DEFINITIONS[sampler].grids)}, not {grid!r}")
+    return grid
+
+
 def build_sampler(sampler: str, model: ScoreModel, sde: VPSDE, steps: int, grid: str | None = None, *,
                   snr: float | None = None, corrector_steps: int = 1, coupling: str = "expected",
-                  denoise_final: bool = False, order: int | None = None, variant: str | None = None) -> SamplerRecipe:
+                  denoise_final: bool = False, order: int | None = None, variant: str | None = None,
+                  edges: torch.Tensor | None = None) -> SamplerRecipe:
     """The recipe of ``sampler`` with ``steps`` steps on ``grid`` (default: the sampler's).
 
     ``snr``, ``corrector_steps`` and ``coupling`` configure the Langevin corrector of "pc" (score_sde defaults:
@@ -267,14 +289,10 @@ def build_sampler(sampler: str, model: ScoreModel, sde: VPSDE, steps: int, grid:
     ``denoise_final`` (the DPM-Solver++ samplers and UniPC): the last of the N steps goes from t = eps to t = 0, so
     the sample is the model's data prediction at eps (diffusers' ``final_sigmas_type="zero"``); the first N - 1
     steps span the grid from 1 to eps. ``order`` (2 or 3, default 3) and ``variant`` ("bh1" or "bh2", default
-    "bh2") are UniPC's.
+    "bh2") are UniPC's. ``edges``: the "tuned" grid's N + 1 times (``export/tuning.py``; export_bundle computes
+    them).
     """
-    if sampler not in DEFINITIONS:
-        raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(DEFINITIONS)}")
-    definition = DEFINITIONS[sampler]
-    grid = grid or definition.default_grid
-    if grid not in definition.grids:
-        raise ValueError(f"sampler {sampler!r} runs on the grids {', '.join(definition.grids)}, not {grid!r}")
+    definition, grid = DEFINITIONS[sampler], check_grid(sampler, grid)
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if denoise_final and not definition.denoise_final:
@@ -285,7 +303,7 @@ def build_sampler(sampler: str, model: ScoreModel, sde: VPSDE, steps: int, grid:
     common = dict(sampler=sampler, name=definition.name, grid=grid, steps=steps)
     return definition.build(common, model, sde, grid, steps,
                             Options(snr, corrector_steps, coupling, denoise_final, order or defaults.order,
-                                    variant or defaults.variant))
+                                    variant or defaults.variant, edges))
 
 
 def edm_heun_schedule(sde: VPSDE, edges: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -322,3 +322,41 @@ def test_ipndm_and_unipc_options_are_checked(gmm, tmp_path):
         sampler = kwargs.pop("sampler")
         with pytest.raises(ValueError, match=msg):
             build_sampler(sampler, gmm, VPSDE(), 10, **kwargs)
+
+
+def test_the_tuned_grid_is_reproducible_recorded_and_beats_logsnr_for_unipc_at_10_nfe(tmp_path):
+    """UniPC-3 at 10 NFE on the rotated 4-D mixture, worst ratio to the largest exact draw (20 000 samples).
+    Measured (sample seeds 0, 1, 2): logsnr 19.0 / 16.9 / 17.9, tuned 3.90 / 3.96 / 4.02 (tuning seeds 0, 1, 2 within
+    0.16 of each other). The bar, half of logsnr's, sits far outside both spreads. The same tuning seed gives the
+    same schedule, byte for byte."""
+    from vpsde.export.tuning import Tuning
+    from vpsde.models.gmm_eval import exact_floor, mixture_errors
+
+    sde = VPSDE(std_formula="expm1")
+    model = load_model("gmm:dim=4,components=5,full=1", sde)
+    tuned = [export_bundle(model, tmp_path / f"tuned{k}", sampler="unipc", steps=10, grid="tuned", sde=sde,
+                           tuning=Tuning(seed=0), log=lambda _: None) for k in range(2)]
+    logsnr = export_bundle(model, tmp_path / "logsnr", sampler="unipc", steps=10, grid="logsnr", sde=sde,
+                           log=lambda _: None)
+    assert tuned[0].manifest.schedule == tuned[1].manifest.schedule
+    params = tuned[0].manifest.sampler.params
+    assert tuned[0].manifest.sampler.grid == "tuned" and params["tuning_seed"] == 0 and params["tuning_samples"] == 256
+    assert tuned[0].manifest.schedule["t"] != logsnr.manifest.schedule["t"]
+    floor = exact_floor(model.mixture, 20000, 10, np.random.default_rng(0))["max"]
+
+    def worst(bundle):
+        x = Sampler(bundle, progress=False, threads=1).sample(20000, seed=1)
+        assert np.isfinite(x).all()
+        errors = mixture_errors(model.mixture, x, np.random.default_rng(1))
+        return max(errors[k] / floor[k] for k in errors if k != "mmd2")
+
+    assert worst(tuned[0]) <= 0.5 * worst(logsnr)
+
+
+def test_a_grid_the_sampler_cannot_take_is_refused_before_tuning(gmm, tmp_path):
+    with pytest.raises(ValueError, match="runs on the grids"):
+        export_bundle(gmm, tmp_path / "b", sampler="em", steps=10, grid="tuned", log=lambda _: None)
+    from vpsde.export.samplers import build_sampler
+
+    with pytest.raises(ValueError, match="computed from the model at export"):
+        build_sampler("unipc", gmm, VPSDE(), 10, "tuned")
