@@ -21,7 +21,7 @@ SAMPLER_HELP = ("em = Euler-Maruyama (diffusers' step_pred); pc = Langevin corre
                 "(score_sde PC); ancestral = DDPM ancestral; ode-euler / ode-heun = probability-flow ODE (Heun: "
                 "2 NFE per step); dpmpp-2m / dpmpp-3m = DPM-Solver++(2M) / (3M), the few-step samplers; dpmpp-2m-sde = "
                 "SDE-DPM-Solver++(2M) (host noise); edm-heun = Karras et al.'s Heun on the edm grid (2 NFE per step); "
-                "ipndm = iPNDM (4th-order Adams-Bashforth on eps; edm grid); unipc = UniPC (predictor-corrector "
+                "ipndm = iPNDM (4th-order Adams-Bashforth on eps); unipc = UniPC (predictor-corrector "
                 "multistep, 1 NFE per step; --order, --variant); "
                 "inpaint = EM that re-imposes known pixels (sample with --known/--mask); colorize = EM that keeps a "
                 "gray level (3-channel models; sample with --known)")
@@ -47,7 +47,7 @@ def register(sub, fmt) -> None:
                         "ode-heun: 2 per step)")
     p.add_argument("--grid", default=None, choices=["diffusers", "uniform", "logsnr", "edm", "tuned"],
                    help="time grid (default: diffusers for em/pc/ancestral/inpaint, logsnr for the ODE and "
-                        "DPM-Solver++ samplers, edm for edm-heun): diffusers = linspace(1, eps, N) with dt = -1/N (bit parity with diffusers, "
+                        "DPM-Solver++, iPNDM and UniPC samplers, edm for edm-heun): diffusers = linspace(1, eps, N) with dt = -1/N (bit parity with diffusers, "
                         "score_sde's discrete betas); uniform = N equal steps from 1 to eps; logsnr = equal steps in "
                         "log(alpha/sigma); edm = Karras et al.'s rho = 7 steps in sigma/alpha; tuned = searched for "
                         "this model at export (the deterministic samplers; GITS: dynamic programming against teacher "

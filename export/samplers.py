@@ -246,7 +246,7 @@ DEFINITIONS: dict[str, SamplerDefinition] = {
     "dpmpp-3m": SamplerDefinition("dpm-solver++(3m)", ODE_GRIDS, "logsnr", dpmpp(3, False), denoise_final=True),
     "dpmpp-2m-sde": SamplerDefinition("sde-dpm-solver++(2m)", EDGE_GRIDS, "logsnr", dpmpp(2, True), denoise_final=True),
     "edm-heun": SamplerDefinition("edm-heun", ODE_GRIDS, "edm", edm_heun, lambda _: 2),
-    "ipndm": SamplerDefinition("ipndm", ODE_GRIDS, "edm", ipndm),
+    "ipndm": SamplerDefinition("ipndm", ODE_GRIDS, "logsnr", ipndm),  # logsnr beat edm on the mixtures (docs/samplers.md)
     "unipc": SamplerDefinition("unipc", ODE_GRIDS, "logsnr", unipc, denoise_final=True),
     "inpaint": SamplerDefinition("inpaint-euler-maruyama", GRIDS, "diffusers", replacement("inpaint")),
     "colorize": SamplerDefinition("colorize-euler-maruyama", GRIDS, "diffusers", replacement("colorize")),
