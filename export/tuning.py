@@ -16,6 +16,7 @@ The result is only the N + 1 edges: every host runs it like any other grid.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -67,8 +68,9 @@ def teacher_trajectories(model: ScoreModel, sde: VPSDE, times: torch.Tensor, tun
                 break
             x0 = (x.double() - sigma[k] * eps.double()) / alpha[k]
             h = float(fine[k + 1] - fine[k])
-            d = x0 if x0_prev is None else (1 + 1 / (2 * h_prev / h)) * x0 - 1 / (2 * h_prev / h) * x0_prev
-            x = (sigma[k + 1] / sigma[k] * x.double() - alpha[k + 1] * torch.expm1(torch.tensor(-h)) * d).float()
+            half_over_r = None if x0_prev is None else h / (2 * h_prev)  # 1 / (2 r), r = h_prev / h
+            d = x0 if x0_prev is None else (1 + half_over_r) * x0 - half_over_r * x0_prev
+            x = (sigma[k + 1] / sigma[k] * x.double() - alpha[k + 1] * math.expm1(-h) * d).float()
             x0_prev, h_prev = x0, h
             bar.update(1)
     return torch.stack(xs), torch.stack(eps_at)
