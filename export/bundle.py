@@ -24,8 +24,8 @@ from vpsde.models.sde import VPSDE
 from vpsde.runtime.atomic import TMP_TAG, atomic_dir, directory_lock, replace_dir
 from vpsde.runtime.bundle import Bundle, sha256_file, write_sums
 from vpsde.runtime.digest import SUMS_NAME
-from vpsde.runtime.manifest import (FORMAT, SCHEMA_VERSION, GraphSpec, Manifest, ModelSpec, NoiseSpec, SamplerSpec,
-                                    SDESpec)
+from vpsde.runtime.manifest import (FORMAT, SCHEMA_VERSION, TASKS, GraphSpec, Manifest, ModelSpec, NoiseSpec,
+                                    SamplerSpec, SDESpec)
 from vpsde.runtime.noise import GENERATORS, PHILOX_ID
 
 
@@ -65,6 +65,8 @@ def export_bundle(model: ScoreModel, out: str | Path, *, sampler: str = "em", st
     if opset < min_opset:
         raise ValueError(f"--precision {precision} needs --opset {min_opset} or later (ONNX Conv has no "
                          f"{precision} before it), got {opset}")
+    if sampler == "likelihood" and precision != "fp32":
+        raise ValueError(f"likelihood bundles are fp32 (the divergence's JVP is checked in fp32 only), not {precision}")
     if precision == "int8" and not 1 <= calibration_samples <= 4096:
         raise ValueError(f"calibration_samples: expected 1..4096 trajectories, got {calibration_samples}")
     if grid == TUNED:
@@ -93,7 +95,7 @@ def export_bundle(model: ScoreModel, out: str | Path, *, sampler: str = "em", st
                                     inputs=inputs, outputs=outputs)
         manifest = Manifest(
             format=FORMAT,
-            schema_version=SCHEMA_VERSION,
+            schema_version=max(SCHEMA_VERSION, TASKS[recipe.task]),
             sde=SDESpec(kind="vp", beta_min=sde.beta_min, beta_max=sde.beta_max, sampling_eps=sde.sampling_eps,
                         num_train_timesteps=sde.num_train_timesteps, std_formula=sde.std_formula),
             model=ModelSpec(name=model.name, sample_shape=list(model.sample_shape), time_label=model.time_label,
@@ -183,4 +185,4 @@ def default_std_formula(sampler: str, grid: str | None) -> str:
 def _sampler_spec(recipe: SamplerRecipe) -> SamplerSpec:
     return SamplerSpec(name=recipe.name, steps=recipe.steps, grid=recipe.grid, program=recipe.program,
                        final=recipe.final, state=recipe.state, conditioning=recipe.conditioning,
-                       params={"id": recipe.sampler, **recipe.params})
+                       params={"id": recipe.sampler, **recipe.params}, task=recipe.task)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from vpsde.export.lean import lean_graph
+from vpsde.export.polymorphic import PolymorphicStep
 from vpsde.runtime.manifest import TensorSpec
 
 BATCH = "batch"
@@ -53,8 +54,14 @@ def trace_step_graph(step: nn.Module, sample_shape: tuple[int, ...], scalars: Ma
                      conditioning: Collection[str] = (), opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
     """``step`` (``forward(*step.input_names) -> step.output_names``) as torch.onnx's dynamo exporter writes it
     (with its optimizer), traced at batch 2 on :func:`example_inputs` with the batch dimension symbolic ("batch");
-    full onnx.checker."""
-    args = example_inputs(tuple(step.input_names), sample_shape, scalars, conditioning)
+    full onnx.checker. A step with forward-mode derivatives (``forward_ad``) is traced through
+    :class:`~vpsde.export.polymorphic.PolymorphicStep` first."""
+    def inputs_at(batch: int) -> tuple[torch.Tensor, ...]:
+        return example_inputs(tuple(step.input_names), sample_shape, scalars, conditioning, batch)
+
+    if getattr(step, "forward_ad", False):
+        step = PolymorphicStep(step, inputs_at)
+    args = inputs_at(2)
     registry_log = logging.getLogger("torch.onnx._internal.exporter._registration")
     level = registry_log.level
     registry_log.setLevel(logging.ERROR)  # "torchvision is not installed" notices: irrelevant here

@@ -17,6 +17,7 @@ host-carried state and the conditioning inputs. The runtime executes it without 
     ipndm      ipndm  (state e_prev, e_prev2, e_prev3)  t, c_x, c_e, w_cur, w_prev*        1
     unipc      unipc  (state x_prev, x0_prev, ...)    t, alpha, sigma, u, v, c_*, p_*      1
     inpaint    inpaint_em (conditioning known, mask)   t, dt, sqrt_neg_dt               1
+    likelihood likelihood (state logdet <- logdet_next)  t, t_mid, t_next, h (forward in time)  4
     colorize   colorize_em (conditioning known)   t, dt, sqrt_neg_dt                   1
 """
 
@@ -29,6 +30,7 @@ import torch
 from torch import nn
 
 from vpsde.export.grids import EDGE_GRIDS, GRIDS, discrete_betas, grid_edges, log_snr, respaced_betas, time_grid
+from vpsde.export.likelihood import LikelihoodStep, likelihood_schedule
 from vpsde.export.steps import (COUPLINGS, DiscretePredictorStep, DPMSolverPPStep, EDMHeunStep, EulerMaruyamaStep,
                                 IPNDMStep, LangevinCorrectorStep, ProbabilityFlowStep, ReplacementStep, UniPCStep)
 from vpsde.export.tuning import TUNED
@@ -62,6 +64,7 @@ class SamplerRecipe:
     conditioning: list[str] = field(default_factory=list)
     noise_inputs: list[str] = field(default_factory=lambda: ["noise"])
     params: dict[str, int | float | str] = field(default_factory=dict)
+    task: str = "sample"  # or "likelihood": the program starts at the data (runtime.manifest.TASKS)
 
     @property
     def nfe(self) -> int:
@@ -78,8 +81,8 @@ UNIPC_ORDERS = (2, 3)
 
 @dataclass(frozen=True)
 class Options:
-    """The samplers' options: the Langevin corrector's (pc), ``denoise_final`` (DPM-Solver++, UniPC) and UniPC's
-    ``order`` and ``variant``."""
+    """The samplers' options: the Langevin corrector's (pc), ``denoise_final`` (DPM-Solver++, UniPC), UniPC's
+    ``order`` and ``variant``, and the likelihood's ``divergence``, ``probes`` and ``probe``."""
 
     snr: float | None = None
     corrector_steps: int = 1
@@ -88,6 +91,9 @@ class Options:
     order: int = 3
     variant: str = "bh2"
     edges: torch.Tensor | None = None  # the "tuned" grid's edges (float64 [N + 1]), computed by export_bundle
+    divergence: str = "hutchinson"  # likelihood: exact or hutchinson (export/likelihood.py)
+    probes: int = 1
+    probe: str = "rademacher"
 
 
 Build = Callable[[dict, ScoreModel, VPSDE, str, int, Options], SamplerRecipe]
@@ -104,6 +110,7 @@ class SamplerDefinition:
     build: Build
     calls_per_step: Callable[[int], int] = lambda corrector_steps: 1
     denoise_final: bool = False  # takes Options.denoise_final
+    task: str = "sample"
 
 
 def one_graph(common: dict, step: nn.Module, schedule: dict, nfe: int, **fields) -> SamplerRecipe:
@@ -235,6 +242,16 @@ def unipc(common, model, sde, grid, steps, o):
                      params={"order": o.order, "variant": o.variant, "denoise_final": int(o.denoise_final)})
 
 
+def likelihood(common, model, sde, grid, steps, o):
+    step = LikelihoodStep(model, sde, o.divergence, o.probes, o.probe)
+    params = {"divergence": o.divergence, "solver": "rk4"}
+    if o.divergence == "hutchinson":
+        params.update(probes=o.probes, probe=o.probe)
+    return one_graph(common, step, likelihood_schedule(edges_of(grid, steps, sde)), 4 * steps, final="logp",
+                     noise_inputs=step.probe_inputs, state=[StateSpec(input="logdet", output="logdet_next")],
+                     params=params, task="likelihood")
+
+
 DEFINITIONS: dict[str, SamplerDefinition] = {
     "em": SamplerDefinition("euler-maruyama", GRIDS, "diffusers", em),
     # "diffusers": score_sde's linspace betas; edge grids: respaced DDPM betas
@@ -250,6 +267,8 @@ DEFINITIONS: dict[str, SamplerDefinition] = {
     "unipc": SamplerDefinition("unipc", ODE_GRIDS, "logsnr", unipc, denoise_final=True),
     "inpaint": SamplerDefinition("inpaint-euler-maruyama", GRIDS, "diffusers", replacement("inpaint")),
     "colorize": SamplerDefinition("colorize-euler-maruyama", GRIDS, "diffusers", replacement("colorize")),
+    "likelihood": SamplerDefinition("probability-flow-likelihood", EDGE_GRIDS, "logsnr", likelihood, lambda _: 4,
+                                    task="likelihood"),
 }
 """Sampler id (CLI ``--sampler``) -> its definition."""
 
@@ -279,7 +298,8 @@ def check_grid(sampler: str, grid: str | None) -> str:
 def build_sampler(sampler: str, model: ScoreModel, sde: VPSDE, steps: int, grid: str | None = None, *,
                   snr: float | None = None, corrector_steps: int = 1, coupling: str = "expected",
                   denoise_final: bool = False, order: int | None = None, variant: str | None = None,
-                  edges: torch.Tensor | None = None) -> SamplerRecipe:
+                  edges: torch.Tensor | None = None, divergence: str | None = None, probes: int | None = None,
+                  probe: str | None = None) -> SamplerRecipe:
     """The recipe of ``sampler`` with ``steps`` steps on ``grid`` (default: the sampler's).
 
     ``snr``, ``corrector_steps`` and ``coupling`` configure the Langevin corrector of "pc" (score_sde defaults:
@@ -290,7 +310,8 @@ def build_sampler(sampler: str, model: ScoreModel, sde: VPSDE, steps: int, grid:
     the sample is the model's data prediction at eps (diffusers' ``final_sigmas_type="zero"``); the first N - 1
     steps span the grid from 1 to eps. ``order`` (2 or 3, default 3) and ``variant`` ("bh1" or "bh2", default
     "bh2") are UniPC's. ``edges``: the "tuned" grid's N + 1 times (``export/tuning.py``; export_bundle computes
-    them).
+    them). ``divergence`` ("exact" or "hutchinson", default), ``probes`` (default 1) and ``probe`` ("rademacher",
+    default, or "gaussian") are the likelihood's (``export/likelihood.py``).
     """
     definition, grid = DEFINITIONS[sampler], check_grid(sampler, grid)
     if steps < 1:
@@ -299,11 +320,14 @@ def build_sampler(sampler: str, model: ScoreModel, sde: VPSDE, steps: int, grid:
         raise ValueError(f"denoise_final is an option of {', '.join(k for k, d in DEFINITIONS.items() if d.denoise_final)}")
     if (order is not None or variant is not None) and sampler != "unipc":
         raise ValueError("order and variant are options of unipc")
+    if (divergence is not None or probes is not None or probe is not None) and sampler != "likelihood":
+        raise ValueError("divergence, probes and probe are options of likelihood")
     defaults = Options()
     common = dict(sampler=sampler, name=definition.name, grid=grid, steps=steps)
     return definition.build(common, model, sde, grid, steps,
                             Options(snr, corrector_steps, coupling, denoise_final, order or defaults.order,
-                                    variant or defaults.variant, edges))
+                                    variant or defaults.variant, edges, divergence or defaults.divergence,
+                                    probes or defaults.probes, probe or defaults.probe))
 
 
 def edm_heun_schedule(sde: VPSDE, edges: torch.Tensor) -> dict[str, torch.Tensor]:

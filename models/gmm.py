@@ -62,6 +62,11 @@ class GaussianMixture:
         """Sigma_k = R_k diag(stds_k^2) R_k^T, float64 [K, D, D]."""
         return np.einsum("kij,kj,klj->kil", self.rotations, self.stds**2, self.rotations)
 
+    def marginal(self, alpha: float, sigma: float) -> "GaussianMixture":
+        """The mixture of alpha x_0 + sigma z, z ~ N(0, I): the VP-SDE's marginal at the t of alpha, sigma."""
+        return GaussianMixture(self.weights, alpha * self.means, np.sqrt((alpha * self.stds) ** 2 + sigma**2),
+                               self.rotations)
+
     def log_density(self, x: np.ndarray) -> np.ndarray:
         """log p(x) of points x [n, D] -> float64 [n]."""
         return _logsumexp(self.component_log_density(x), axis=1)
