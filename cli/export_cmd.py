@@ -10,11 +10,11 @@ from vpsde.runtime.manifest import PRECISIONS
 
 
 SAMPLER_IDS = ("em", "pc", "ancestral", "ode-euler", "ode-heun", "dpmpp-2m", "dpmpp-3m", "dpmpp-2m-sde", "edm-heun",
-               "ipndm", "unipc", "inpaint", "colorize")  # == export.samplers.SAMPLERS
+               "ipndm", "unipc", "inpaint", "colorize", "likelihood")  # == export.samplers.SAMPLERS
 
 
 DEFAULT_STEPS = {"ode-euler": 100, "ode-heun": 50, "dpmpp-2m": 20, "dpmpp-3m": 20, "dpmpp-2m-sde": 20, "edm-heun": 10,
-                 "ipndm": 10, "unipc": 10}
+                 "ipndm": 10, "unipc": 10, "likelihood": 32}
 
 
 SAMPLER_HELP = ("em = Euler-Maruyama (diffusers' step_pred); pc = Langevin corrector + reverse-diffusion predictor "
@@ -24,7 +24,9 @@ SAMPLER_HELP = ("em = Euler-Maruyama (diffusers' step_pred); pc = Langevin corre
                 "ipndm = iPNDM (4th-order Adams-Bashforth on eps); unipc = UniPC (predictor-corrector "
                 "multistep, 1 NFE per step; --order, --variant); "
                 "inpaint = EM that re-imposes known pixels (sample with --known/--mask); colorize = EM that keeps a "
-                "gray level (3-channel models; sample with --known)")
+                "gray level (3-channel models; sample with --known); likelihood = not a sampler: the probability-flow "
+                "ODE from the data with its divergence, for `vpsde likelihood` (RK4, 4 NFE per step; --divergence, "
+                "--probes, --probe)")
 
 
 def register(sub, fmt) -> None:
@@ -70,6 +72,13 @@ def register(sub, fmt) -> None:
                    help="dpmpp-*, unipc: make the last step the jump from t = eps to t = 0, so the sample is the model's "
                         "data prediction at eps (diffusers' final_sigmas_type='zero'); the other steps span 1..eps")
     p.add_argument("--order", type=int, choices=[2, 3], default=None, help="unipc: solver order (default: 3)")
+    p.add_argument("--divergence", choices=["exact", "hutchinson"], default=None,
+                   help="likelihood: the drift's divergence exactly (one JVP per sample element and stage; at most "
+                        "64 elements) or by Hutchinson's estimator (one JVP per probe; default)")
+    p.add_argument("--probes", type=positive, default=None,
+                   help="likelihood, hutchinson: probes averaged per step, 1..16 (default: 1)")
+    p.add_argument("--probe", choices=["rademacher", "gaussian"], default=None,
+                   help="likelihood, hutchinson: the probes' distribution (default: rademacher, the sign of host noise)")
     p.add_argument("--variant", choices=["bh1", "bh2"], default=None,
                    help="unipc: B(h) = h (bh1) or e^h - 1 (bh2) (default: bh2)")
     p.add_argument("--beta-min", type=float, default=0.1, help="VP-SDE beta(t) at t = 0")
@@ -123,7 +132,8 @@ def run(args: argparse.Namespace) -> None:
         if args.sampler == "pc" else {}
     if args.denoise_final:
         options["denoise_final"] = True
-    options.update({k: v for k, v in (("order", args.order), ("variant", args.variant)) if v is not None})
+    options.update({k: v for k, v in (("order", args.order), ("variant", args.variant), ("divergence", args.divergence),
+                                      ("probes", args.probes), ("probe", args.probe)) if v is not None})
     if args.tune_samples is not None or args.tune_seed is not None:
         if args.grid != "tuned":
             raise UsageError("--tune-samples and --tune-seed apply to --grid tuned")

@@ -13,7 +13,8 @@ import signal
 import sys
 import threading
 
-from vpsde.cli import bench_cmd, build_cmd, convert_cmd, doctor_cmd, export_cmd, inspect_cmd, parity_cmd, sample_cmd, serve_cmd
+from vpsde.cli import (bench_cmd, build_cmd, convert_cmd, doctor_cmd, export_cmd, inspect_cmd, likelihood_cmd, parity_cmd,
+                       sample_cmd, serve_cmd)
 from vpsde.cli.common import HelpFormatter, printable
 from vpsde.cli.export_cmd import SAMPLER_IDS  # noqa: F401  (re-exported: the CLI's sampler ids)
 from vpsde.runtime.errors import VpsdeError
@@ -34,12 +35,14 @@ EXAMPLES = """examples:
   vpsde export --model digits --sampler inpaint --out build/digits-inpaint
   vpsde sample build/digits-inpaint --known docs/examples/digit.png --mask docs/examples/mask.png --num 16 --out out/inpaint
   vpsde sample build/digits-em1000 --num 100000 --ray ray://head:10001 --out out/digits-100k   # on a Ray cluster
+  vpsde export --model gmm --sampler likelihood --divergence exact --out build/gmm-likelihood
+  vpsde likelihood build/gmm-likelihood --data points.npy --out out/likelihood   # nll and bits/dim per point
   vpsde serve build/gmm-em --http-port 8000 --grpc-port 8001       # Triton (from an env with vpsde[serve])
   vpsde request 127.0.0.1:8000 --num 16 --seed 0 --out out/served
 """
 
 
-COMMANDS = {"export": export_cmd.run, "sample": sample_cmd.run, "inspect": inspect_cmd.run, "build": build_cmd.run,
+COMMANDS = {"export": export_cmd.run, "sample": sample_cmd.run, "likelihood": likelihood_cmd.run, "inspect": inspect_cmd.run, "build": build_cmd.run,
             "triton": serve_cmd.cmd_triton, "serve": serve_cmd.cmd_serve, "request": serve_cmd.cmd_request,
             "parity": parity_cmd.run, "bench": bench_cmd.run, "convert": convert_cmd.run, "doctor": doctor_cmd.run}
 
@@ -74,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"vpsde {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}",
                                 parser_class=Parser)
-    for register in (export_cmd.register, sample_cmd.register, build_cmd.register, serve_cmd.register_triton,
+    for register in (export_cmd.register, sample_cmd.register, likelihood_cmd.register, build_cmd.register, serve_cmd.register_triton,
                      serve_cmd.register_serve, serve_cmd.register_request, parity_cmd.register, bench_cmd.register, convert_cmd.register,
                      doctor_cmd.register,
                      inspect_cmd.register):

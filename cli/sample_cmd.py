@@ -68,6 +68,9 @@ def run(args: argparse.Namespace) -> None:
     if args.first_sample > 2**64 - args.num:
         raise UsageError(f"--first-sample {args.first_sample} + --num {args.num} passes the last sample index 2^64 - 1")
     bundle = Bundle.load(args.bundle, expect_digest=args.expect_digest)
+    if bundle.manifest.sampler.task != "sample":
+        raise UsageError(f"{args.bundle} computes likelihoods (sampler.task {bundle.manifest.sampler.task!r}), it does "
+                         "not sample: use vpsde likelihood")
     conditioning = _conditioning(args, bundle)
     prepare_out_dir(args.out)  # before any graph call: a bad --out must not cost a sampling run
     if args.ray is not None:

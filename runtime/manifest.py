@@ -26,7 +26,13 @@ from vpsde.runtime.noise import GENERATORS
 
 FORMAT = "vpsde-bundle"
 SCHEMA_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # v1 = the Euler-Maruyama-only subset of v2 (no state, no conditioning)
+"""The version a sampling bundle is written with; a task that needs a later one is written with that (TASKS)."""
+READABLE_VERSIONS = (1, 2, 3)  # v1 = the Euler-Maruyama-only subset of v2 (no state, no conditioning); v3 = v2 + task
+TASKS: dict[str, int] = {"sample": 1, "likelihood": 3}
+"""What a bundle's program computes -> the first schema version that has it. "sample": x starts at the prior (noise
+call 0) and the final output is the samples. "likelihood": x starts at the data the caller gives, and a row's sum of
+the final output is the data point's log-density in nats (export/likelihood.py); older runtimes refuse the version
+rather than sample from it."""
 MANIFEST_NAME = "manifest.json"
 DTYPES = ("float32", "float16", "bfloat16", "int64", "int32")
 RESERVED_FILES = (MANIFEST_NAME, "SHA256SUMS")
@@ -122,7 +128,7 @@ class SamplerSpec:
     ``state``: buffers carried between calls; ``conditioning``: graph inputs [batch, *sample_shape] the user
     supplies per sample (inpainting: ``known``, ``mask``); ``params``: what the sampler was exported with
     (e.g. ``snr``, ``corrector_steps``, ``coupling``: "batch" when a graph mixes samples of one batch, so
-    results depend on how samples are batched)."""
+    results depend on how samples are batched); ``task``: what the program computes (:data:`TASKS`)."""
 
     name: str
     steps: int
@@ -132,6 +138,7 @@ class SamplerSpec:
     state: list[StateSpec] = field(default_factory=list)
     conditioning: list[str] = field(default_factory=list)
     params: dict[str, Union[int, float, str]] = field(default_factory=dict)
+    task: str = "sample"
 
 
 @dataclass(frozen=True)
@@ -160,7 +167,12 @@ class Manifest:
 
     # -- (de)serialisation --------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The manifest as JSON data; ``sampler.task`` only where it is not "sample" (a sampling bundle reads as it
+        did before tasks existed)."""
+        data = dataclasses.asdict(self)
+        if data["sampler"]["task"] == "sample":
+            del data["sampler"]["task"]
+        return data
 
     @classmethod
     def from_dict(cls, data: Any, source: str = MANIFEST_NAME) -> "Manifest":
@@ -189,6 +201,11 @@ class Manifest:
         if not 1 <= n <= MAX_STEPS:
             raise fail("sampler.steps", f"expected 1..{MAX_STEPS}, got {n}")
         self._check_names(fail)
+        if self.sampler.task not in TASKS:
+            raise fail("sampler.task", f"expected one of {', '.join(map(repr, TASKS))}, got {self.sampler.task!r:.80}")
+        if self.schema_version < TASKS[self.sampler.task]:
+            raise fail("sampler.task", f"task {self.sampler.task!r} needs schema_version >= {TASKS[self.sampler.task]}, "
+                                       f"the bundle has {self.schema_version}")
         if self.noise.generator not in GENERATORS:
             raise fail("noise.generator", f"expected one of {', '.join(map(repr, GENERATORS))}, got {self.noise.generator!r:.80}")
         vr = self.model.value_range

@@ -1,6 +1,7 @@
 """A bundle's program, compiled once from its manifest: the one statement of what every driver runs.
 
-Noise call 0 is the prior x_T. Each step makes the manifest's graph calls in order (repeats expanded); each call
+A sampling program (``sampler.task`` "sample") starts at the prior x_T, noise call 0; a likelihood program starts at
+the caller's data, and noise call 0 is not drawn (see ``manifest.TASKS``). Each step makes the manifest's graph calls in order (repeats expanded); each call
 feeds x, its graph's schedule inputs (``schedule[name][step]``, one value per row), one fresh noise call per noise
 input (counted from 1 in program order and, within a call, in the order of ``noise.inputs``), the current state
 and the conditioning; then every output that rolls over replaces its value: ``x_next`` -> x, each state's output
@@ -52,6 +53,7 @@ class Program:
     """Schedule name -> float64 [steps]."""
     final: str
     noise_calls_per_step: int
+    task: str = "sample"
 
     @classmethod
     def compile(cls, manifest: Manifest) -> "Program":
@@ -72,7 +74,7 @@ class Program:
         return cls(steps=manifest.sampler.steps, calls=tuple(calls), roles=roles,
                    rolling=("x", *(s.input for s in manifest.sampler.state)), rolling_of_output=rolling_of_output,
                    schedule={k: np.asarray(v, dtype=np.float64) for k, v in manifest.schedule.items()},
-                   final=manifest.sampler.final, noise_calls_per_step=offset)
+                   final=manifest.sampler.final, noise_calls_per_step=offset, task=manifest.sampler.task)
 
     def noise_call(self, step: int, offset: int) -> int:
         """The noise call index of offset ``offset`` within step ``step``'s calls."""

@@ -100,6 +100,10 @@ class Sampler:
         (shared by all samples). ``stop_after_steps``: for timing, run only the first K steps and return the
         trajectory there (not samples).
         """
+        if self.loop.program.task != "sample":
+            raise InputError(f"{self.bundle.root}: this bundle computes likelihoods (sampler.task "
+                             f"{self.loop.program.task!r}), it does not sample: use Sampler.log_likelihood or "
+                             "`vpsde likelihood`")
         request = check_request(self.manifest, seed, first_sample, num, conditioning)
         seed, first_sample, num = request.seed, request.first_sample, request.num
         generator = generator or self.manifest.noise.generator
@@ -119,7 +123,37 @@ class Sampler:
                 noise = make_noise(generator, seed)
                 lo = start - first_sample
                 batch_cond = request.conditioning_for(start, size, self.sample_shape)
-                out[lo:lo + size] = self._sample_batch(noise, start, size, bar, callback, batch_cond, steps)
+                x_T = noise(0, start, size, self.sample_shape)
+                out[lo:lo + size] = self._run_batch(noise, x_T, start, bar, callback, batch_cond, steps)
+        return out
+
+    def log_likelihood(self, data: np.ndarray, seed: int = 0, *, batch_size: int | None = None,
+                       first_sample: int = 0) -> np.ndarray:
+        """log p(x) in nats, float64 [N], of each row x of ``data`` (float32 [N, *sample_shape], in the model's
+        space), by a likelihood bundle's program (``export/likelihood.py``). Row i's Hutchinson probes are noise of
+        sample ``first_sample + i`` under ``seed``: the same whatever the batch size or sharding."""
+        if self.loop.program.task != "likelihood":
+            raise InputError(f"{self.bundle.root}: this bundle samples (sampler.task {self.loop.program.task!r}); "
+                             "likelihoods need a bundle exported with --sampler likelihood")
+        want = self.sample_shape
+        if not isinstance(data, np.ndarray) or data.dtype != np.float32 or data.shape[1:] != want or not len(data):
+            got = f"{data.dtype} {list(data.shape)}" if isinstance(data, np.ndarray) else type(data).__name__
+            raise InputError(f"data: expected float32 [N >= 1, {', '.join(map(str, want))}], got {got}")
+        if not np.isfinite(data).all():
+            raise InputError(f"data: rows {np.unique(np.nonzero(~np.isfinite(data.reshape(len(data), -1)))[0])[:8].tolist()} "
+                             "hold NaN or Infinity")
+        request = check_request(self.manifest, seed, first_sample, len(data), None)
+        num, generator = request.num, self.manifest.noise.generator
+        batch_size = self.batch_size_for(num, batch_size, generator)
+        check_memory(self.manifest, num, batch_size)
+        steps = self.manifest.sampler.steps
+        out = np.empty(num, dtype=np.float64)
+        with progress(steps * -(-num // batch_size), "likelihood", "step", enabled=self.progress) as bar:
+            for lo in range(0, num, batch_size):
+                batch = np.ascontiguousarray(data[lo:lo + batch_size])
+                noise = make_noise(generator, request.seed)
+                logp = self._run_batch(noise, batch, request.first_sample + lo, bar, None, {}, steps)
+                out[lo:lo + len(batch)] = logp.reshape(len(batch), -1).sum(axis=1, dtype=np.float64)
         return out
 
     def batch_size_for(self, num: int, batch_size: int | None = None, generator: str | None = None) -> int:
@@ -133,9 +167,11 @@ class Sampler:
         """Noise calls one step of the program makes (the prior, call 0, comes before the first step)."""
         return self.loop.program.noise_calls_per_step
 
-    def _sample_batch(self, noise, start: int, size: int, bar, callback, cond: dict[str, np.ndarray],
-                      steps: int) -> np.ndarray:
-        x_T = noise(0, start, size, self.sample_shape)
+    def _run_batch(self, noise, x_T: np.ndarray, start: int, bar, callback, cond: dict[str, np.ndarray],
+                   steps: int) -> np.ndarray:
+        """The program on one batch from ``x_T`` (the prior draw, or the data of a likelihood program), samples
+        ``start`` .. ``start + len(x_T) - 1``: its final output."""
+        size = len(x_T)
         last_call = self.noise_calls_per_step() * steps
 
         def run(guard: str, on_step: Callable[[], None], callback=callback) -> np.ndarray:

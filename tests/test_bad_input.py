@@ -30,7 +30,7 @@ def _edit_manifest(root, edit):
 
 
 @pytest.mark.parametrize("edit, field", [
-    (lambda d: d.update(schema_version=3), "schema_version"),
+    (lambda d: d.update(schema_version=4), "schema_version"),
     (lambda d: d.update(format="something"), "format"),
     (lambda d: d["sampler"].update(steps="1000"), "sampler.steps"),
     (lambda d: d["sde"].pop("beta_max"), "sde.beta_max"),
