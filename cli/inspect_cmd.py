@@ -43,7 +43,8 @@ def _inspect_text(bundle) -> str:
                  "never run from the bundle)")
     lines.append(f"weights     sha256 {m.model.weights_sha256 or '(not recorded)'}")
     lines.append(f"sde         VP beta [{m.sde.beta_min}, {m.sde.beta_max}]  eps {m.sde.sampling_eps}  std {m.sde.std_formula}")
-    lines.append(f"sampler     {m.sampler.name}  {m.sampler.steps} steps  {m.sampler.grid} grid  final {m.sampler.final}")
+    task = "" if m.sampler.task == "sample" else f"  task {m.sampler.task} (starts at the data; row sum of {m.sampler.final} = log p, nats)"
+    lines.append(f"sampler     {m.sampler.name}  {m.sampler.steps} steps  {m.sampler.grid} grid  final {m.sampler.final}{task}")
     if m.sampler.params:
         lines.append(f"params      {', '.join(f'{k}={v}' for k, v in m.sampler.params.items())}")
     lines.append(f"program     {' -> '.join(f'{c.graph}x{c.repeat}' for c in m.sampler.program)}")
@@ -52,7 +53,8 @@ def _inspect_text(bundle) -> str:
         lines.append(f"state       {st.input} <- {st.output} (init {st.init})")
     if m.sampler.conditioning:
         lines.append(f"condition   {', '.join(m.sampler.conditioning)}")
-    lines.append(f"noise       {m.noise.generator}  inputs {m.noise.inputs or 'none (deterministic after the prior)'}")
+    start = "the prior" if m.sampler.task == "sample" else "the data"
+    lines.append(f"noise       {m.noise.generator}  inputs {m.noise.inputs or f'none (deterministic after {start})'}")
     for key, g in m.graphs.items():
         io = lambda specs: ", ".join(f"{s.name}:{s.dtype}{s.shape}" for s in specs)  # noqa: E731
         lines.append(f"graph {key:<5} {g.file} opset {g.opset}\n  in  {io(g.inputs)}\n  out {io(g.outputs)}")

@@ -18,7 +18,8 @@ from vpsde.export.sources import ModelSpecError, load_model, self_contained
 from vpsde.models.sde import VPSDE
 from vpsde.runtime.errors import InputError
 
-SAMPLER_OPTIONS = ("snr", "corrector_steps", "coupling", "denoise_final")
+SAMPLER_OPTIONS = ("snr", "corrector_steps", "coupling", "denoise_final", "order", "variant", "divergence", "probes",
+                   "probe")
 
 
 class EagerSide:
