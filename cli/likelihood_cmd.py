@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> None:
     import numpy as np
 
     from vpsde.runtime import Bundle, Sampler
-    from vpsde.runtime.likelihood import bits_per_dim, dequantize, load_data
+    from vpsde.runtime.likelihood import bits_offset, bits_per_dim, dequantize, load_data
     from vpsde.runtime.manifest import atomic_write_text
 
     bundle = Bundle.load(args.bundle, expect_digest=args.expect_digest)
@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> None:
     report = {
         "bundle": str(args.bundle), "bundle_digest": bundle.digest, "data": data.source, "inputs": n,
         "kind": "images (dequantized)" if data.is_image else "real-valued points",
-        "bits_per_dim_offset": bits_per_dim(np.zeros(1), numel, value_range, data.is_image)[0].item(),
+        "bits_per_dim_offset": bits_offset(value_range, data.is_image),
         "seed": args.seed, "first_sample": args.first_sample,
         "divergence": params.get("divergence"), "probes": params.get("probes"), "steps": m.sampler.steps,
         "mean_bpd": float(bpd.mean()), "stderr_bpd": stderr, "mean_nll": float(nll.mean()),

@@ -58,16 +58,25 @@ def load_data(path: str | os.PathLike, manifest: Manifest) -> Data:
         return Data(None, _check_pixels(arr, shape, manifest, path), str(path))
     if arr.dtype not in (np.float32, np.float64):
         raise InputError(f"{path}: expected float32 or float64 points, or uint8 images, got dtype {arr.dtype}")
-    if arr.ndim != len(shape) + 1 or arr.shape[1:] != shape or not len(arr):
-        raise InputError(f"{path}: expected points [N >= 1, {', '.join(map(str, shape))}], got {list(arr.shape)}")
-    if not np.isfinite(arr).all():
-        raise InputError(f"{path}: holds NaN or Infinity")
-    points = arr.astype(np.float32)
+    return Data(check_points(arr.astype(np.float32), manifest, str(path)), None, str(path))
+
+
+def check_points(points: np.ndarray, manifest: Manifest, what: str = "data") -> np.ndarray:
+    """``points`` as the likelihood program takes them (float32 [N >= 1, *sample_shape], finite, inside
+    model.value_range when the bundle has one) or a one-line :class:`InputError` naming ``what``."""
+    shape = tuple(manifest.model.sample_shape)
+    if not isinstance(points, np.ndarray) or points.dtype != np.float32 or points.shape[1:] != shape \
+            or points.ndim != len(shape) + 1 or not len(points):
+        got = f"{points.dtype} {list(points.shape)}" if isinstance(points, np.ndarray) else type(points).__name__
+        raise InputError(f"{what}: expected float32 points [N >= 1, {', '.join(map(str, shape))}], got {got}")
+    bad = ~np.isfinite(points.reshape(len(points), -1)).all(axis=1)
+    if bad.any():
+        raise InputError(f"{what}: rows {np.nonzero(bad)[0][:8].tolist()} hold NaN or Infinity")
     vr = manifest.model.value_range
     if vr is not None and (points.min() < vr[0] or points.max() > vr[1]):
-        raise InputError(f"{path}: values span [{points.min():.4g}, {points.max():.4g}], outside the model's value range "
-                         f"{list(vr)} (model.value_range); images go in as uint8")
-    return Data(points, None, str(path))
+        raise InputError(f"{what}: values span [{points.min():.4g}, {points.max():.4g}], outside the model's value "
+                         f"range {list(vr)} (model.value_range); images go in as uint8")
+    return points
 
 
 def _read_pngs(root: Path, shape: tuple[int, ...]) -> np.ndarray:
@@ -112,7 +121,11 @@ def dequantize(pixels: np.ndarray, value_range: tuple[float, float], seed: int, 
     return (lo + (hi - lo) * (pixels.astype(np.float64) + u) / 256.0).astype(np.float32)
 
 
+def bits_offset(value_range: tuple[float, float] | None, is_image: bool) -> float:
+    """What bits/dim adds to nll / (D ln 2): 8 - log2(hi - lo) for images, 0 for real-valued points."""
+    return 8.0 - math.log2(value_range[1] - value_range[0]) if is_image else 0.0
+
+
 def bits_per_dim(nll: np.ndarray, numel: int, value_range: tuple[float, float] | None, is_image: bool) -> np.ndarray:
-    """nats [N] -> bits/dim [N]: nll / (D ln 2), plus 8 - log2(hi - lo) for images (module docstring)."""
-    offset = 8.0 - math.log2(value_range[1] - value_range[0]) if is_image else 0.0
-    return nll / (numel * math.log(2.0)) + offset
+    """nats [N] -> bits/dim [N]: nll / (D ln 2) + :func:`bits_offset` (module docstring)."""
+    return nll / (numel * math.log(2.0)) + bits_offset(value_range, is_image)

@@ -16,6 +16,7 @@ from vpsde.runtime.backends import MAX_THREADS, open_backend
 from vpsde.runtime.bundle import Bundle
 from vpsde.runtime.digest import check_digest_text
 from vpsde.runtime.errors import BundleError, InputError, NonFiniteError
+from vpsde.runtime.likelihood import check_points
 from vpsde.runtime.loop import NAN_GUARD_CHOICES, DeviceLoop
 from vpsde.runtime.manifest import Manifest
 from vpsde.runtime.noise import GENERATORS, TORCH_ID, make_noise
@@ -135,13 +136,7 @@ class Sampler:
         if self.loop.program.task != "likelihood":
             raise InputError(f"{self.bundle.root}: this bundle samples (sampler.task {self.loop.program.task!r}); "
                              "likelihoods need a bundle exported with --sampler likelihood")
-        want = self.sample_shape
-        if not isinstance(data, np.ndarray) or data.dtype != np.float32 or data.shape[1:] != want or not len(data):
-            got = f"{data.dtype} {list(data.shape)}" if isinstance(data, np.ndarray) else type(data).__name__
-            raise InputError(f"data: expected float32 [N >= 1, {', '.join(map(str, want))}], got {got}")
-        if not np.isfinite(data).all():
-            raise InputError(f"data: rows {np.unique(np.nonzero(~np.isfinite(data.reshape(len(data), -1)))[0])[:8].tolist()} "
-                             "hold NaN or Infinity")
+        data = check_points(data, self.manifest)
         request = check_request(self.manifest, seed, first_sample, len(data), None)
         num, generator = request.num, self.manifest.noise.generator
         batch_size = self.batch_size_for(num, batch_size, generator)

@@ -191,7 +191,7 @@ def test_cli_writes_nll_and_bits_per_dim(exact_bundle, mixture_points, tmp_path,
 
 
 @pytest.mark.parametrize("data, message", [
-    (lambda x: x[:, :3], "expected points [N >= 1, 4], got [5, 3]"),
+    (lambda x: x[:, :3], "expected float32 points [N >= 1, 4], got float32 [5, 3]"),
     (lambda x: np.where(np.arange(4) == 2, np.nan, x), "NaN or Infinity"),
     (lambda x: x.astype(np.int32), "expected float32 or float64 points, or uint8 images, got dtype int32"),
     (lambda x: (x * 0).astype(np.uint8), "images need the model's value range"),
