@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> None:
     import numpy as np
 
     from vpsde.runtime import Bundle, Sampler
-    from vpsde.runtime.likelihood import bits_offset, bits_per_dim, dequantize, load_data
+    from vpsde.runtime.likelihood import bits_offset, bits_per_dim, dequantize, load_data, summarize
     from vpsde.runtime.manifest import atomic_write_text
 
     bundle = Bundle.load(args.bundle, expect_digest=args.expect_digest)
@@ -66,7 +66,6 @@ def run(args: argparse.Namespace) -> None:
     numel = int(np.prod(m.model.sample_shape))
     bpd = bits_per_dim(nll, numel, value_range, data.is_image)
     n = len(bpd)
-    stderr = float(bpd.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan")
     params = m.sampler.params
     report = {
         "bundle": str(args.bundle), "bundle_digest": bundle.digest, "data": data.source, "inputs": n,
@@ -74,13 +73,12 @@ def run(args: argparse.Namespace) -> None:
         "bits_per_dim_offset": bits_offset(value_range, data.is_image),
         "seed": args.seed, "first_sample": args.first_sample,
         "divergence": params.get("divergence"), "probes": params.get("probes"), "steps": m.sampler.steps,
-        "mean_bpd": float(bpd.mean()), "stderr_bpd": stderr, "mean_nll": float(nll.mean()),
-        "nll": nll.tolist(), "bpd": bpd.tolist(),
+        **summarize(nll, bpd),
     }
     atomic_write_text(args.out / "likelihood.json", json.dumps(report, indent=1) + "\n")
     print(f"{n} inputs in {elapsed:.2f} s ({1000 * elapsed / n:.2f} ms each, {m.sampler.steps} RK4 steps, "
-          f"{params.get('divergence')} divergence): {bpd.mean():.4f} +- {stderr:.4f} bits/dim, "
-          f"mean nll {nll.mean():.4f} nats")
+          f"{params.get('divergence')} divergence): {report['mean_bpd']:.4f} +- {report['stderr_bpd']:.4f} "
+          f"bits/dim, mean nll {report['mean_nll']:.4f} nats")
     print(f"wrote {args.out / 'likelihood.json'}")
     try:
         _histogram(bpd, args.out / "likelihood.png", data.source)

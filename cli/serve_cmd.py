@@ -54,8 +54,12 @@ def register_request(sub, fmt) -> None:
                    help="the endpoint's protocol (tritonserver's HTTP port and gRPC port differ)")
     p.add_argument("--name", default="vpsde", help="model name")
     p.add_argument("--num", type=positive, default=16, help="number of samples")
-    p.add_argument("--seed", type=u64("seed"), default=0, help="noise seed")
-    p.add_argument("--first-sample", type=u64("index"), default=0, help="global index of the first sample")
+    p.add_argument("--data", type=Path, default=None,
+                   help="a likelihood model: score the float32/float64 points of this .npy [N, *sample_shape] (in the "
+                        "model's space; dequantize images first) and write OUT/likelihood.json instead of samples")
+    p.add_argument("--seed", type=u64("seed"), default=0, help="noise seed (of the samples, or of the probes)")
+    p.add_argument("--first-sample", type=u64("index"), default=0,
+                   help="global index of the first sample (or of the first data point)")
     p.add_argument("--value-range", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                    help="data range for grid.png of image samples (default: the served bundle's)")
     p.add_argument("--out", type=Path, default=Path("out"), help="output directory")
@@ -72,7 +76,7 @@ def _triton_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", choices=DEVICES, help="where each model instance runs")
     p.add_argument("--max-batch", type=positive, default=16,
                    help="requests Triton's dynamic batcher may hand the model in one call (each sampled on its own)")
-    p.add_argument("--max-num", type=positive, default=1024, help="most samples one request may ask for")
+    p.add_argument("--max-num", type=positive, default=1024, help="most samples one request may ask for (a likelihood model: most points one request may score)")
     p.add_argument("--instances", type=positive, default=1, help="model instances, each with its own Sampler")
     p.add_argument("--threads", type=threads_arg, default=1,
                    help="intra-op CPU threads per instance (scale with --instances)")
@@ -158,6 +162,8 @@ def cmd_request(args: argparse.Namespace) -> None:
     from vpsde.runtime.images import image_grid, save_npz, save_png
     from vpsde.serving.client import request_samples, served_value_range
 
+    if args.data is not None:
+        return _request_log_likelihood(args)
     prepare_out_dir(args.out)
     t0 = time.perf_counter()
     samples = request_samples(args.url, args.seed, args.num, args.first_sample, model=args.name,
@@ -174,3 +180,38 @@ def cmd_request(args: argparse.Namespace) -> None:
         png = args.out / "grid.png"
         save_png(png, image_grid(samples, tuple(value_range)))
         print(f"wrote {png}")
+
+
+def _request_log_likelihood(args: argparse.Namespace) -> None:
+    import json
+
+    import numpy as np
+
+    from vpsde.runtime.likelihood import summarize
+    from vpsde.runtime.manifest import atomic_write_text
+    from vpsde.serving.client import request_log_likelihood
+
+    if args.data.suffix != ".npy" or not args.data.is_file():
+        raise UsageError(f"--data {args.data}: expected a .npy file of points")
+    try:
+        data = np.load(args.data, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--data {args.data}: not a readable .npy array ({e})") from None
+    if data.dtype not in (np.float32, np.float64) or data.ndim < 2:
+        raise UsageError(f"--data {args.data}: expected float32 or float64 points [N, *sample_shape], got "
+                         f"{data.dtype} {list(data.shape)} (dequantize images with "
+                         "vpsde.runtime.likelihood.dequantize, or score them with `vpsde likelihood`)")
+    prepare_out_dir(args.out)
+    t0 = time.perf_counter()
+    logp = request_log_likelihood(args.url, data.astype(np.float32), args.seed, args.first_sample, model=args.name,
+                                  protocol=args.protocol)
+    elapsed = time.perf_counter() - t0
+    nll = -logp
+    bpd = nll / (int(np.prod(data.shape[1:])) * np.log(2.0))  # real-valued points: no offset
+    report = {"server": f"{args.protocol}://{args.url}/{args.name}", "data": str(args.data), "inputs": len(nll),
+              "kind": "real-valued points", "bits_per_dim_offset": 0.0, "seed": args.seed,
+              "first_sample": args.first_sample, **summarize(nll, bpd)}
+    atomic_write_text(args.out / "likelihood.json", json.dumps(report, indent=1) + "\n")
+    print(f"scored {len(nll)} inputs on {args.url} in {elapsed:.2f} s: {report['mean_bpd']:.4f} +- "
+          f"{report['stderr_bpd']:.4f} bits/dim, mean nll {report['mean_nll']:.4f} nats")
+    print(f"wrote {args.out / 'likelihood.json'}")

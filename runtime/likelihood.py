@@ -129,3 +129,12 @@ def bits_offset(value_range: tuple[float, float] | None, is_image: bool) -> floa
 def bits_per_dim(nll: np.ndarray, numel: int, value_range: tuple[float, float] | None, is_image: bool) -> np.ndarray:
     """nats [N] -> bits/dim [N]: nll / (D ln 2) + :func:`bits_offset` (module docstring)."""
     return nll / (numel * math.log(2.0)) + bits_offset(value_range, is_image)
+
+
+def summarize(nll: np.ndarray, bpd: np.ndarray) -> dict:
+    """likelihood.json's figures: mean bits/dim and its standard error (NaN for one input), mean nll, and the
+    per-input nll (nats) and bpd lists."""
+    n = len(bpd)
+    stderr = float(bpd.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
+    return {"mean_bpd": float(bpd.mean()), "stderr_bpd": stderr, "mean_nll": float(nll.mean()),
+            "nll": nll.tolist(), "bpd": bpd.tolist()}

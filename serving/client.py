@@ -20,6 +20,33 @@ def request_samples(url: str, seed: int, num: int, first_sample: int = 0, *, mod
     scheme then sets the protocol) for samples ``first_sample .. first_sample + num - 1`` of ``seed`` -> float32
     [num, *sample_shape]. ``conditioning``: the bundle's conditioning arrays, each [num, *S] (broadcast a shared
     one yourself; the server also takes [1, 1, *S] from raw clients)."""
+    inputs = [("seed", np.array([[seed]], np.uint64)), ("first_sample", np.array([[first_sample]], np.uint64)),
+              ("num", np.array([[num]], np.int32))]
+    for name, arr in (conditioning or {}).items():
+        arr = np.ascontiguousarray(arr, dtype=np.float32)
+        if arr.ndim < 1 or arr.shape[0] != num:
+            raise VpsdeError(f"conditioning {name!r}: expected [num, *sample_shape] with num = {num}, got {list(arr.shape)}")
+        inputs.append((name, arr[None]))
+    return _infer(url, protocol, model, inputs, "samples", timeout)[0]
+
+
+def request_log_likelihood(url: str, data: np.ndarray, seed: int = 0, first_sample: int = 0, *, model: str = "vpsde",
+                           protocol: str = "http", timeout: float = 600.0) -> np.ndarray:
+    """Ask the vpsde likelihood model ``model`` at ``url`` (as for :func:`request_samples`) for log p of each row of
+    ``data`` (float32 [N, *sample_shape], points in the model's space; images dequantized by the caller with
+    ``vpsde.runtime.likelihood.dequantize``) -> float64 [N], nats; row i's probes are sample ``first_sample + i``'s."""
+    data = np.ascontiguousarray(data, dtype=np.float32)
+    inputs = [("seed", np.array([[seed]], np.uint64)), ("first_sample", np.array([[first_sample]], np.uint64)),
+              ("data", data[None])]
+    return _infer(url, protocol, model, inputs, "logp", timeout)[0]
+
+
+TRITON_DTYPES = {np.dtype(np.uint64): "UINT64", np.dtype(np.int32): "INT32", np.dtype(np.float32): "FP32"}
+
+
+def _infer(url: str, protocol: str, model: str, inputs: list[tuple[str, np.ndarray]], output: str,
+           timeout: float) -> np.ndarray:
+    """One inference call with ``inputs`` (name, array) -> the array of ``output``; errors as :class:`ServerError`."""
     url, protocol = split_url(url, protocol)
     if protocol == "http":
         import tritonclient.http as tc
@@ -29,24 +56,16 @@ def request_samples(url: str, seed: int, num: int, first_sample: int = 0, *, mod
         raise BackendUnavailable(f"protocol: expected http or grpc, got {protocol!r}")
     from tritonclient.utils import InferenceServerException
 
-    def tensor(name: str, value: np.ndarray, dtype: str):
-        t = tc.InferInput(name, list(value.shape), dtype)
+    tensors = []
+    for name, value in inputs:
+        t = tc.InferInput(name, list(value.shape), TRITON_DTYPES[value.dtype])
         t.set_data_from_numpy(value)
-        return t
-
-    inputs = [tensor("seed", np.array([[seed]], np.uint64), "UINT64"),
-              tensor("first_sample", np.array([[first_sample]], np.uint64), "UINT64"),
-              tensor("num", np.array([[num]], np.int32), "INT32")]
-    for name, arr in (conditioning or {}).items():
-        arr = np.ascontiguousarray(arr, dtype=np.float32)
-        if arr.ndim < 1 or arr.shape[0] != num:
-            raise VpsdeError(f"conditioning {name!r}: expected [num, *sample_shape] with num = {num}, got {list(arr.shape)}")
-        inputs.append(tensor(name, arr[None], "FP32"))
+        tensors.append(t)
     client = None
     try:
         client = tc.InferenceServerClient(url=url, network_timeout=timeout) if protocol == "http" else \
             tc.InferenceServerClient(url=url)
-        result = client.infer(model, inputs, outputs=[tc.InferRequestedOutput("samples")],
+        result = client.infer(model, tensors, outputs=[tc.InferRequestedOutput(output)],
                               **({"client_timeout": timeout} if protocol == "grpc" else {}))
     except InferenceServerException as e:
         raise ServerError(f"{url} ({protocol}): {e.message() or e}") from None
@@ -58,8 +77,7 @@ def request_samples(url: str, seed: int, num: int, first_sample: int = 0, *, mod
     finally:
         if client is not None:
             client.close()
-    out = result.as_numpy("samples")
-    return out[0]
+    return result.as_numpy(output)
 
 
 def split_url(url: str, protocol: str) -> tuple[str, str]:

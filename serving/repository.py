@@ -35,15 +35,22 @@ def _dims(shape) -> str:
 def config_pbtxt(bundle: Bundle, name: str, backend: str, device: str, max_batch: int, instances: int,
                  max_num: int, threads: int | None, queue_delay_us: int) -> str:
     """The model's config.pbtxt: inputs seed/first_sample (UINT64 [1]), num (INT32 [1]), each conditioning input
-    (FP32 [-1, *S]: one row shared by all samples, or one per sample); output samples (FP32 [-1, *S])."""
+    (FP32 [-1, *S]: one row shared by all samples, or one per sample); output samples (FP32 [-1, *S]). A
+    likelihood bundle: inputs seed, first_sample and data (FP32 [-1, *S]); output logp (FP64 [-1], nats)."""
     m = bundle.manifest
     shape = list(m.model.sample_shape)
     inputs = ['  { name: "seed" data_type: TYPE_UINT64 dims: [ 1 ] }',
-              '  { name: "first_sample" data_type: TYPE_UINT64 dims: [ 1 ] }',
-              '  { name: "num" data_type: TYPE_INT32 dims: [ 1 ] }']
-    inputs += [f'  {{ name: "{c}" data_type: TYPE_FP32 dims: [ -1, {_dims(shape)} ] }}' for c in m.sampler.conditioning]
-    params = {"bundle_digest": bundle.digest, "backend": backend, "device": device, "max_num": str(max_num),
-              "threads": str(threads or 0)}
+              '  { name: "first_sample" data_type: TYPE_UINT64 dims: [ 1 ] }']
+    if m.sampler.task == "likelihood":
+        inputs.append(f'  {{ name: "data" data_type: TYPE_FP32 dims: [ -1, {_dims(shape)} ] }}')
+        output = '  { name: "logp" data_type: TYPE_FP64 dims: [ -1 ] }'
+    else:
+        inputs.append('  { name: "num" data_type: TYPE_INT32 dims: [ 1 ] }')
+        inputs += [f'  {{ name: "{c}" data_type: TYPE_FP32 dims: [ -1, {_dims(shape)} ] }}'
+                   for c in m.sampler.conditioning]
+        output = f'  {{ name: "samples" data_type: TYPE_FP32 dims: [ -1, {_dims(shape)} ] }}'
+    params = {"bundle_digest": bundle.digest, "task": m.sampler.task, "backend": backend, "device": device,
+              "max_num": str(max_num), "threads": str(threads or 0)}
     if m.model.value_range:  # what `vpsde request` draws grid.png with
         params["value_range"] = json.dumps(list(m.model.value_range))
     kind = "KIND_GPU" if device == "cuda" else "KIND_CPU"
@@ -52,7 +59,7 @@ def config_pbtxt(bundle: Bundle, name: str, backend: str, device: str, max_batch
         'backend: "python"',
         f"max_batch_size: {max_batch}",
         "input [", ",\n".join(inputs), "]",
-        "output [", f'  {{ name: "samples" data_type: TYPE_FP32 dims: [ -1, {_dims(shape)} ] }}', "]",
+        "output [", output, "]",
         f"instance_group [ {{ kind: {kind} count: {instances} }} ]",
         f"dynamic_batching {{ max_queue_delay_microseconds: {queue_delay_us} }}",
         "parameters [",

@@ -8,6 +8,10 @@ bit for bit whatever it arrived with. Requests are not fused into shared graph b
 round a row differently depending on the batch it sits in (measured: fused requests moved 2 of 12 values by one
 float32 ulp, 5.96e-8). A bad request gets Triton's error with vpsde's one-line message and the instance keeps
 serving.
+
+A likelihood bundle (``sampler.task`` "likelihood") is served the same way with its own request type: ``seed``,
+``first_sample`` and ``data`` (float32 [1, N, *sample_shape], points in the model's space) in, ``logp`` (float64
+[1, N], nats) out, equal to ``Sampler.log_likelihood(data, seed, first_sample=...)`` in-process bit for bit.
 """
 
 from __future__ import annotations
@@ -31,15 +35,7 @@ def parse_request(get, manifest, max_num: int) -> Request:
     already checked names, dtypes and ranks against config.pbtxt): seed, first_sample and num as [1, 1], each
     conditioning input as [1, 1 or num, *sample_shape]. What they mean is checked by the request gate
     (``runtime/request.py``), as for every other surface."""
-    values = {}
-    for name, dtype in (("seed", np.uint64), ("first_sample", np.uint64), ("num", np.int32)):
-        arr = get(name)
-        if arr is None:
-            raise RequestError(f"input {name!r} is missing")
-        if arr.dtype != dtype or arr.shape != (1, 1):
-            raise RequestError(f"input {name!r}: expected {np.dtype(dtype).name} of shape [1, 1] (one request per "
-                               f"call), got {arr.dtype} {list(arr.shape)}")
-        values[name] = int(arr[0, 0])
+    values = _scalars(get, (("seed", np.uint64), ("first_sample", np.uint64), ("num", np.int32)))
     conditioning = list(manifest.sampler.conditioning)
     sample_shape = tuple(manifest.model.sample_shape)
     cond = {}
@@ -55,6 +51,40 @@ def parse_request(get, manifest, max_num: int) -> Request:
         return check_request(manifest, values["seed"], values["first_sample"], values["num"], cond, max_num=max_num)
     except InputError as e:
         raise RequestError(str(e)) from None
+
+
+def parse_likelihood_request(get, manifest, max_num: int) -> tuple[Request, np.ndarray]:
+    """A likelihood request (seed and first_sample [1, 1], data [1, N, *sample_shape] float32) checked by the same
+    gates as ``Sampler.log_likelihood``: -> (the request with num = N, the points [N, *sample_shape])."""
+    from vpsde.runtime.likelihood import check_points
+
+    values = _scalars(get, (("seed", np.uint64), ("first_sample", np.uint64)))
+    data = get("data")
+    if data is None:
+        raise RequestError("input 'data' is missing: a likelihood model takes the points to score")
+    sample_shape = tuple(manifest.model.sample_shape)
+    if data.ndim != len(sample_shape) + 2 or data.shape[0] != 1:
+        raise RequestError(f"input 'data': expected shape [1, N, {', '.join(map(str, sample_shape))}] (one request "
+                           f"per call), got {list(data.shape)}")
+    try:
+        points = check_points(np.ascontiguousarray(data[0]), manifest, "input 'data'")
+        request = check_request(manifest, values["seed"], values["first_sample"], len(points), None, max_num=max_num)
+    except InputError as e:
+        raise RequestError(str(e)) from None
+    return request, points
+
+
+def _scalars(get, names) -> dict[str, int]:
+    values = {}
+    for name, dtype in names:
+        arr = get(name)
+        if arr is None:
+            raise RequestError(f"input {name!r} is missing")
+        if arr.dtype != dtype or arr.shape != (1, 1):
+            raise RequestError(f"input {name!r}: expected {np.dtype(dtype).name} of shape [1, 1] (one request per "
+                               f"call), got {arr.dtype} {list(arr.shape)}")
+        values[name] = int(arr[0, 0])
+    return values
 
 
 class TritonPythonModel:
@@ -74,6 +104,7 @@ class TritonPythonModel:
         except VpsdeError as e:
             raise RuntimeError(f"vpsde: {e}") from None  # fails the model load with vpsde's message
         self.max_num = int(params.get("max_num", "1024"))
+        self.task = self.bundle.manifest.sampler.task
 
     def execute(self, requests: list) -> list:
         import triton_python_backend_utils as pb_utils
@@ -92,21 +123,28 @@ class TritonPythonModel:
                 tensor = pb_utils.get_input_tensor_by_name(request, name)
                 return None if tensor is None else tensor.as_numpy()
             try:
-                req = parse_request(get, self.bundle.manifest, self.max_num)
+                if self.task == "likelihood":
+                    req, points = parse_likelihood_request(get, self.bundle.manifest, self.max_num)
+                else:
+                    req = parse_request(get, self.bundle.manifest, self.max_num)
             except VpsdeError as e:
                 responses.append(error(str(e), bad_request=True))
                 continue
             try:
-                samples = self.sampler.sample(req.num, req.seed, first_sample=req.first_sample,
-                                              conditioning=dict(req.conditioning) or None)
+                if self.task == "likelihood":
+                    output = ("logp", self.sampler.log_likelihood(points, req.seed, first_sample=req.first_sample))
+                else:
+                    output = ("samples", self.sampler.sample(req.num, req.seed, first_sample=req.first_sample,
+                                                             conditioning=dict(req.conditioning) or None))
             except VpsdeError as e:
                 responses.append(error(str(e)))
                 continue
             except Exception as e:  # a bug must not take the instance down: report it on this request
                 responses.append(error(f"{type(e).__name__}: {e}"))
                 continue
+            name, value = output
             responses.append(pb_utils.InferenceResponse(
-                output_tensors=[pb_utils.Tensor("samples", np.ascontiguousarray(samples[None]))]))
+                output_tensors=[pb_utils.Tensor(name, np.ascontiguousarray(value[None]))]))
         return responses
 
     def finalize(self) -> None:

@@ -171,6 +171,40 @@ def test_inpainting_takes_its_conditioning(bundles):
         served.stop()
 
 
+def test_a_likelihood_bundle_serves_log_likelihoods(tmp_path, capsys):
+    """A likelihood bundle served as its own model: data in, logp out, equal to Sampler.log_likelihood bit for bit on
+    both protocols; a sampling request or bad data get one-line errors; `vpsde request --data` writes the report."""
+    from vpsde.cli.main import main as cli
+    from vpsde.serving.client import request_log_likelihood
+
+    bundle = export_bundle(load_model("gmm:dim=3", VPSDE()), tmp_path / "lik", sampler="likelihood", steps=6,
+                           log=lambda _: None)
+    served = Served(str(bundle.root), "--max-num", "32")
+    try:
+        sampler = Sampler(bundle, progress=False, threads=1)
+        rng = np.random.default_rng()
+        for protocol, url in (("http", served.http_url), ("grpc", served.grpc_url)):
+            for seed, first, n in ((0, 0, 1), (int(rng.integers(2**63)), int(rng.integers(2**40)), 17)):
+                data = rng.standard_normal((n, 3)).astype(np.float32)
+                got = request_log_likelihood(url, data, seed, first, protocol=protocol)
+                assert got.dtype == np.float64 and got.shape == (n,)
+                np.testing.assert_array_equal(got, sampler.log_likelihood(data, seed, first_sample=first))
+        with pytest.raises(ServerError, match="input 'data'.*NaN"):
+            request_log_likelihood(served.http_url, np.full((2, 3), np.nan, np.float32))
+        with pytest.raises(ServerError, match=r"num must be in \[1, 32\]"):
+            request_log_likelihood(served.http_url, np.ones((33, 3), np.float32))
+        with pytest.raises(ServerError, match="unexpected inference output 'samples'"):  # Triton's own check
+            request_samples(served.http_url, 0, 2)
+        data = rng.standard_normal((5, 3)).astype(np.float32)
+        np.save(tmp_path / "points.npy", data)
+        assert cli(["request", served.http_url, "--data", str(tmp_path / "points.npy"), "--seed", "4",
+                    "--out", str(tmp_path / "out")]) == 0
+        report = json.loads((tmp_path / "out" / "likelihood.json").read_text())
+        assert report["nll"] == (-sampler.log_likelihood(data, 4)).tolist() and report["inputs"] == 5
+    finally:
+        served.stop()
+
+
 def test_a_bad_bundle_fails_the_model_load_with_vpsdes_message(bundles, tmp_path):
     subprocess.run([str(SERVE_ENV / "bin" / "vpsde"), "triton", str(bundles["em"].root), "--out", str(tmp_path / "repo")],
                    check=True, capture_output=True)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from vpsde.export import VPSDE, export_bundle, load_model
-from vpsde.serving.triton_model import RequestError, parse_request
+from vpsde.serving.triton_model import RequestError, parse_likelihood_request, parse_request
 
 
 @pytest.fixture(scope="module")
@@ -14,7 +14,9 @@ def manifests(tmp_path_factory):
     gmm = load_model("gmm", VPSDE())  # sample shape (2,)
     return {"em": export_bundle(gmm, root / "em", steps=4, grid="uniform", log=lambda _: None).manifest,
             "inpaint": export_bundle(gmm, root / "inpaint", sampler="inpaint", steps=4, grid="uniform",
-                                     log=lambda _: None).manifest}
+                                     log=lambda _: None).manifest,
+            "likelihood": export_bundle(gmm, root / "likelihood", sampler="likelihood", steps=2,
+                                        log=lambda _: None).manifest}
 
 
 def _getter(**arrays):
@@ -55,3 +57,23 @@ def test_parse_request_conditioning(manifests):
     with pytest.raises(RequestError, match=r"expected shape \[2\] or \[3, 2\]"):  # 2 rows for num = 3
         parse_request(_getter(seed=u(1), first_sample=u(0), num=np.array([[3]], np.int32), known=known[:, :2],
                               mask=np.ones((1, 1, 2), np.float32)), inpaint, 8)
+
+
+def test_parse_likelihood_request(manifests):
+    lik = manifests["likelihood"]
+    data = np.random.default_rng().standard_normal((1, 5, 2)).astype(np.float32)
+    req, points = parse_likelihood_request(_getter(seed=u(3), first_sample=u(7), data=data), lik, 8)
+    assert (req.seed, req.first_sample, req.num) == (3, 7, 5) and np.array_equal(points, data[0])
+    for arrays, message in [
+        (dict(seed=u(3), first_sample=u(7)), "input 'data' is missing"),
+        (dict(seed=u(3), data=data), "input 'first_sample' is missing"),
+        (dict(seed=u(3), first_sample=u(7), data=data[0]), r"expected shape \[1, N, 2\]"),
+        (dict(seed=u(3), first_sample=u(7), data=np.concatenate([data, data])), "one request per call"),
+        (dict(seed=u(3), first_sample=u(7), data=data[:, :, :1]), r"expected float32 points \[N >= 1, 2\]"),
+        (dict(seed=u(3), first_sample=u(7), data=data.astype(np.float64)), "expected float32 points"),
+        (dict(seed=u(3), first_sample=u(7), data=np.where(data > 0, np.inf, data)), "NaN or Infinity"),
+        (dict(seed=u(3), first_sample=u(7), data=np.ones((1, 9, 2), np.float32)), r"num must be in \[1, 8\]"),
+        (dict(seed=u(3), first_sample=u(2**64 - 2), data=data), r"must lie in \[0, 2\^64\)"),
+    ]:
+        with pytest.raises(RequestError, match=message):
+            parse_likelihood_request(_getter(**arrays), lik, 8)
