@@ -148,7 +148,9 @@ class Sampler:
                 batch = np.ascontiguousarray(data[lo:lo + batch_size])
                 noise = make_noise(generator, request.seed)
                 logp = self._run_batch(noise, batch, request.first_sample + lo, bar, None, {}, steps)
-                out[lo:lo + len(batch)] = logp.reshape(len(batch), -1).sum(axis=1, dtype=np.float64)
+                # each row summed in float64 in element order (cumsum adds in sequence; sum would pair): the C++ host's
+                # order too, so both give the same bits
+                out[lo:lo + len(batch)] = np.cumsum(logp.reshape(len(batch), -1), axis=1, dtype=np.float64)[:, -1]
         return out
 
     def batch_size_for(self, num: int, batch_size: int | None = None, generator: str | None = None) -> int:

@@ -102,6 +102,46 @@ def test_cpp_inpainting_equals_python(host, tmp_path):
     assert r.returncode == 2 and "bad.npy: expected float32" in r.stderr
 
 
+@pytest.mark.parametrize("model, divergence, batch", [
+    ("gmm:dim=4,components=5,full=1", "exact", 3),  # 4 JVPs per field evaluation, batches of 3
+    ("gmm:dim=3", "hutchinson", 2),                 # Rademacher probes from the host noise, per sample index
+])
+def test_cpp_log_likelihood_equals_python(host, tmp_path, model, divergence, batch):
+    """A likelihood bundle (schema v3) in C++: the program from the points, the probes per sample index, rows summed in
+    float64 in element order: the same log p as Sampler.log_likelihood, bit for bit (one intra-op thread each)."""
+    bundle = export_bundle(load_model(model, VPSDE()), tmp_path / "lik", sampler="likelihood", steps=3,
+                           divergence=divergence, log=lambda _: None)
+    points = np.random.default_rng().standard_normal((5, *bundle.manifest.model.sample_shape)).astype(np.float32)
+    np.save(tmp_path / "points.npy", points)
+    out = tmp_path / "logp.npy"
+    r = run(host / "vpsde-sample", bundle.root, "--data", tmp_path / "points.npy", "--seed", 6, "--first-sample", 9,
+            "--batch", batch, "--threads", 1, "--out", out)
+    assert r.returncode == 0, r.stderr
+    py = Sampler(bundle, progress=False, threads=1).log_likelihood(points, 6, first_sample=9, batch_size=batch)
+    cpp = np.load(out)
+    assert cpp.dtype == np.float64 and np.isfinite(py).all()
+    np.testing.assert_array_equal(cpp, py)
+    for args, message in [
+        (["--num", 2], "computes likelihoods"),
+        (["--data", tmp_path / "points.npy", "--num", 2], "--data and --num"),
+    ]:
+        r = run(host / "vpsde-sample", bundle.root, *args, "--out", tmp_path / "y.npy")
+        assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    for name, bad, message in [("nan", np.where(np.arange(len(points))[:, None] == 3, np.nan, points), "row 3 holds NaN"),
+                               ("shape", points[:, ..., :1], "expected float32 points [N, "),
+                               ("f64", points.astype(np.float64), "expected float32")]:
+        np.save(tmp_path / f"{name}.npy", bad)
+        r = run(host / "vpsde-sample", bundle.root, "--data", tmp_path / f"{name}.npy", "--out", tmp_path / "y.npy")
+        assert r.returncode == 2 and message in r.stderr, r.stderr
+    assert not (tmp_path / "y.npy").exists()
+
+
+def test_cpp_refuses_likelihood_data_for_a_sampling_bundle(host, tmp_path, gmm_bundle):
+    np.save(tmp_path / "points.npy", np.ones((2, *gmm_bundle.manifest.model.sample_shape), np.float32))
+    r = run(host / "vpsde-sample", gmm_bundle.root, "--data", tmp_path / "points.npy", "--out", tmp_path / "y.npy")
+    assert r.returncode == 2 and "--sampler likelihood" in r.stderr and not (tmp_path / "y.npy").exists()
+
+
 def test_cpp_batch_size_invariance(host, tmp_path, gmm_bundle):
     outs = []
     for batch in (3, 8):
@@ -127,7 +167,7 @@ def _edit(root, edit):
 
 @pytest.mark.parametrize("case, expect", [
     ("missing_graph", "em.onnx: graph file named by 'graphs.em.file'"),
-    ("schema_version", "field 'schema_version': this host reads schema versions 1..2, the bundle has 7"),
+    ("schema_version", "field 'schema_version': this host reads schema versions 1..3, the bundle has 7"),
     ("sha_mismatch", "em.onnx: sha256 does not match 'graphs.em.sha256'"),
     ("shape_mismatch", "field 'graphs.em.inputs[0].shape': expected [batch, 2]"),
     ("not_onnx", "em.onnx: graph 'em' is not an ONNX model"),

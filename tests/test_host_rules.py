@@ -8,7 +8,7 @@ from vpsde.runtime.backends import MAX_THREADS
 from vpsde.runtime.bundle import GRAPH_LIMIT
 from vpsde.runtime.digest import SUMS_LIMIT
 from vpsde.runtime.manifest import (MANIFEST_LIMIT, MAX_CALLS, MAX_DEPTH, MAX_REPEAT, MAX_SAMPLE_NUMEL, MAX_STEPS,
-                                    READABLE_VERSIONS, TASKS)
+                                    READABLE_VERSIONS)
 from vpsde.runtime.noise import PHILOX_ID
 
 INCLUDE = Path(__file__).parent.parent / "hosts" / "cpp" / "include" / "vpsde"
@@ -33,9 +33,9 @@ def test_both_hosts_enforce_the_same_limits_and_names():
     cpp = _cpp_constants()
     python = {"kManifestLimit": MANIFEST_LIMIT, "kSumsLimit": SUMS_LIMIT, "kGraphLimit": GRAPH_LIMIT,
               "kMaxDepth": MAX_DEPTH, "kMaxSteps": MAX_STEPS, "kMaxRepeat": MAX_REPEAT, "kMaxCalls": MAX_CALLS,
-              "kMaxSampleNumel": MAX_SAMPLE_NUMEL, "kMaxThreads": MAX_THREADS, "kSchemaVersion": max(v for v in READABLE_VERSIONS if v < TASKS["likelihood"]),
+              "kMaxSampleNumel": MAX_SAMPLE_NUMEL, "kMaxThreads": MAX_THREADS, "kSchemaVersion": max(READABLE_VERSIONS),
               "kPhiloxId": PHILOX_ID}
-    assert {k: cpp.get(k) for k in python} == python  # the C++ host reads every sampling bundle, no likelihood ones (v3) yet
+    assert {k: cpp.get(k) for k in python} == python  # the C++ host reads every version
 
 
 def test_the_reader_sees_a_changed_constant(tmp_path, monkeypatch):

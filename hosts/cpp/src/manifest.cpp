@@ -175,6 +175,12 @@ Manifest load_bundle(const std::string& bundle_dir, const std::string& expect_di
     if (m.sample_shape.back() > kMaxSampleNumel || m.sample_numel() > kMaxSampleNumel)
       r.fail("model.sample_shape", "expected at most " + std::to_string(kMaxSampleNumel) + " elements in all, got " + shape.dump());
   }
+  if (model.contains("value_range") && !model["value_range"].is_null()) {
+    m.value_range = r.numbers(model, "value_range", "model");
+    if (m.value_range.size() != 2 || !std::isfinite(m.value_range[0]) || !std::isfinite(m.value_range[1]) ||
+        !(m.value_range[0] < m.value_range[1]))
+      r.fail("model.value_range", "expected [lo, hi] with finite lo < hi, or null, got " + model["value_range"].dump());
+  }
   if (model.contains("precision")) {
     if (!model["precision"].is_string()) r.fail("model.precision", "expected \"fp32\", \"fp16\", \"bf16\" or \"int8\"");
     m.precision = model["precision"].get<std::string>();
@@ -185,6 +191,13 @@ Manifest load_bundle(const std::string& bundle_dir, const std::string& expect_di
   if (steps < 1 || steps > kMaxSteps) r.fail("sampler.steps", "expected 1.." + std::to_string(kMaxSteps) + ", got " + std::to_string(steps));
   m.steps = static_cast<int>(steps);
   m.final_output = r.str(sampler, "final", "sampler");
+  if (sampler.contains("task")) {
+    m.task = r.str(sampler, "task", "sampler");
+    if (m.task != "sample" && m.task != "likelihood")
+      r.fail("sampler.task", "expected \"sample\" or \"likelihood\", got \"" + m.task.substr(0, 80) + "\"");
+    if (m.task == "likelihood" && version < 3)
+      r.fail("sampler.task", "task \"likelihood\" needs schema_version >= 3, the bundle has " + std::to_string(version));
+  }
   const json& program = r.at(sampler, "program", "sampler");
   if (!program.is_array() || program.empty()) r.fail("sampler.program", "expected a non-empty list of graph calls");
   for (std::size_t i = 0; i < program.size(); ++i) {

@@ -160,14 +160,11 @@ void Sampler::sample_into(float* out, std::size_t capacity, std::int64_t num, st
                           std::uint64_t first_sample, const std::map<std::string, NpyArray>& conditioning,
                           const ProgressFn& progress) {
   std::lock_guard<std::mutex> lock(mutex_);  // one sample() at a time: the sessions' buffers are shared
-  if (num < 1) throw Error("--num must be >= 1");
+  check_task("sample");
+  check_range(num, first_sample, batch);
   if (out == nullptr || capacity < static_cast<std::size_t>(num) * static_cast<std::size_t>(manifest_.sample_numel()))
     throw Error("the output buffer holds " + std::to_string(capacity) + " floats; " + std::to_string(num) +
                 " samples need " + std::to_string(num * manifest_.sample_numel()));
-  if (first_sample > UINT64_MAX - static_cast<std::uint64_t>(num - 1))
-    throw Error("--first-sample " + std::to_string(first_sample) + " + --num " + std::to_string(num) +
-                " passes the last sample index 2^64 - 1");
-  if (batch < 1 || batch > num) batch = num;
   const std::int64_t numel = manifest_.sample_numel();
   std::vector<std::string> wanted = manifest_.conditioning, given;
   for (const auto& [name, _] : conditioning) given.push_back(name);
@@ -199,8 +196,58 @@ void Sampler::sample_into(float* out, std::size_t capacity, std::int64_t num, st
       const bool shared = a.shape.size() == manifest_.sample_shape.size();  // [*S]: the same for every sample
       cond[name] = {shared ? a.data.data() : a.data.data() + start * numel, shared};
     }
-    sample_batch(seed, first_sample + static_cast<std::uint64_t>(start), size, out + start * numel, cond, progress);
+    run_batch(seed, first_sample + static_cast<std::uint64_t>(start), size, nullptr, out + start * numel, cond, progress);
   }
+}
+
+std::vector<double> Sampler::log_likelihood(const float* points, std::int64_t num, std::uint64_t seed,
+                                            std::int64_t batch, std::uint64_t first_sample, const ProgressFn& progress) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  check_task("likelihood");
+  check_range(num, first_sample, batch);
+  if (points == nullptr) throw Error("no points to score");
+  const std::int64_t numel = manifest_.sample_numel();
+  for (std::int64_t i = 0; i < num; ++i)
+    if (!std::all_of(points + i * numel, points + (i + 1) * numel, [](float v) { return std::isfinite(v); }))
+      throw Error("data: row " + std::to_string(i) + " holds NaN or Infinity");
+  const auto& vr = manifest_.value_range;
+  if (!vr.empty()) {
+    const auto [lo, hi] = std::minmax_element(points, points + num * numel);
+    if (*lo < vr[0] || *hi > vr[1])
+      throw Error("data: values span [" + std::to_string(*lo) + ", " + std::to_string(*hi) + "], outside the model's "
+                  "value range [" + std::to_string(vr[0]) + ", " + std::to_string(vr[1]) + "] (model.value_range)");
+  }
+  check_memory(num, batch);
+  std::vector<double> logp(static_cast<std::size_t>(num));
+  std::vector<float> elements(static_cast<std::size_t>(batch * numel));
+  for (std::int64_t start = 0; start < num; start += batch) {
+    const std::int64_t size = std::min(batch, num - start);
+    run_batch(seed, first_sample + static_cast<std::uint64_t>(start), size, points + start * numel, elements.data(),
+              {}, progress);
+    for (std::int64_t b = 0; b < size; ++b) {
+      double sum = 0.0;  // in element order: the Python runtime's sum too
+      for (std::int64_t k = 0; k < numel; ++k) sum += static_cast<double>(elements[b * numel + k]);
+      logp[static_cast<std::size_t>(start + b)] = sum;
+    }
+  }
+  return logp;
+}
+
+void Sampler::check_task(const std::string& task) const {
+  if (manifest_.task == task) return;
+  if (task == "sample")
+    throw Error(bundle_dir_ + ": this bundle computes likelihoods (sampler.task \"likelihood\"), it does not sample: "
+                "run it with --data POINTS.npy (Sampler::log_likelihood)");
+  throw Error(bundle_dir_ + ": this bundle samples (sampler.task \"" + manifest_.task + "\"); likelihoods need a bundle "
+              "exported with --sampler likelihood");
+}
+
+void Sampler::check_range(std::int64_t num, std::uint64_t first_sample, std::int64_t& batch) const {
+  if (num < 1) throw Error("--num must be >= 1");
+  if (first_sample > UINT64_MAX - static_cast<std::uint64_t>(num - 1))
+    throw Error("--first-sample " + std::to_string(first_sample) + " + --num " + std::to_string(num) +
+                " passes the last sample index 2^64 - 1");
+  if (batch < 1 || batch > num) batch = num;
 }
 
 namespace {
@@ -251,8 +298,9 @@ struct Sampler::Rolling {
   std::map<std::string, bool> on_device;  // false until a graph has written it: read the host copy
 };
 
-void Sampler::sample_batch(std::uint64_t seed, std::uint64_t first, std::int64_t size, float* out,
-                           const std::map<std::string, CondView>& cond, const ProgressFn& progress) {
+// The program on one batch from `start` (a likelihood program's points) or, when null, the prior (noise call 0).
+void Sampler::run_batch(std::uint64_t seed, std::uint64_t first, std::int64_t size, const float* start, float* out,
+                        const std::map<std::string, CondView>& cond, const ProgressFn& progress) {
   const std::size_t numel = static_cast<std::size_t>(manifest_.sample_numel());
   auto draw = [&](std::uint32_t call, float* dst) {
     for (std::int64_t b = 0; b < size; ++b) philox_normal(seed, call, first + static_cast<std::uint64_t>(b), dst + b * numel, numel);
@@ -265,7 +313,10 @@ void Sampler::sample_batch(std::uint64_t seed, std::uint64_t first, std::int64_t
       const float* src = view.data + (view.shared ? 0 : b * static_cast<std::int64_t>(numel));
       std::copy(src, src + numel, ws.host.at(name).begin() + b * static_cast<std::int64_t>(numel));
     }
-  draw(0, ws.host.at("x").data());  // the prior x_T is noise call 0, bound from the host on the first call
+  if (start != nullptr)  // bound from the host on the first call, as the prior is
+    std::copy(start, start + size * static_cast<std::int64_t>(numel), ws.host.at("x").begin());
+  else
+    draw(0, ws.host.at("x").data());  // the prior x_T is noise call 0
   for (const StateSpec& st : manifest_.state) std::fill(ws.host.at(st.input).begin(), ws.host.at(st.input).end(), 0.0f);
   Rolling roll;
   for (const auto& [name, _] : ws.rolling) roll.parity[name] = 0, roll.on_device[name] = false;

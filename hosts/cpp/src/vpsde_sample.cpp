@@ -1,5 +1,6 @@
 // vpsde-sample BUNDLE --num N [--seed S] [--batch B] [--first-sample K] [--provider cpu|cuda|tensorrt]
 //              [--threads T] [--no-nan-guard] [--expect-digest SHA256] --out samples.npy
+// vpsde-sample BUNDLE --data POINTS.npy [--seed S] [--batch B] [--first-sample K] ... --out logp.npy
 #include <unistd.h>
 
 #include <algorithm>
@@ -27,7 +28,9 @@ const char* kUsage =
     "--first-sample 0, --provider cpu.\n"
     "--cond gives a conditioning input the bundle names (inpainting: --cond known=k.npy --cond mask=m.npy),\n"
     "float32 [*sample_shape] (shared) or [N, *sample_shape].\n"
-    "--expect-digest refuses a bundle whose digest (sha256 of its SHA256SUMS; `vpsde inspect` prints it) differs.\n";
+    "--expect-digest refuses a bundle whose digest (sha256 of its SHA256SUMS; `vpsde inspect` prints it) differs.\n"
+    "A likelihood bundle (vpsde export --sampler likelihood): --data POINTS.npy (float32 [N, *sample_shape], in the\n"
+    "model's space; dequantize images first) instead of --num; writes log p in nats, float64 [N], to --out.\n";
 
 constexpr std::uint64_t kMaxNum = std::uint64_t{1} << 40;
 
@@ -81,6 +84,7 @@ int main(int argc, char** argv) {
     int threads = 0, device_id = 0;
     bool nan_guard = true, verbose = false;
     std::map<std::string, vpsde::NpyArray> cond;
+    std::string data_path;
     for (int i = 1; i < argc; ++i) {
       const std::string a = argv[i];
       auto value = [&]() -> std::string {
@@ -106,6 +110,7 @@ int main(int argc, char** argv) {
         if (!hex) throw vpsde::Error("--expect-digest: expected 64 lower-case hex digits, got '" + expect_digest + "'");
       }
       else if (a == "--out") out = value();
+      else if (a == "--data") data_path = value();
       else if (a == "--no-nan-guard") nan_guard = false;
       else if (a == "--verbose") verbose = true;
       else if (a == "--device-id") device_id = static_cast<int>(parse_u64(a, value(), 0, 1024));
@@ -119,8 +124,16 @@ int main(int argc, char** argv) {
       else if (bundle.empty()) bundle = a;
       else throw vpsde::Error("unexpected argument " + a);
     }
+    vpsde::NpyArray data;
+    if (!data_path.empty()) {
+      if (num > 0) throw vpsde::Error("--data and --num: give one (the data's rows are the inputs)");
+      if (!cond.empty()) throw vpsde::Error("--data and --cond: a likelihood bundle takes no conditioning");
+      data = vpsde::load_npy(data_path);
+      if (data.shape.empty() || data.shape[0] < 1) throw vpsde::Error(data_path + ": expected points [N >= 1, *sample_shape]");
+      num = data.shape[0];
+    }
     if (bundle.empty() || out.empty() || num < 1)
-      throw vpsde::Error(std::string("BUNDLE, --num (>= 1) and --out are required\n") + kUsage);
+      throw vpsde::Error(std::string("BUNDLE, --num (>= 1) or --data, and --out are required\n") + kUsage);
     if (first > UINT64_MAX - static_cast<std::uint64_t>(num - 1))
       throw vpsde::Error("--first-sample " + std::to_string(first) + " + --num " + std::to_string(num) +
                          " passes the last sample index 2^64 - 1");
@@ -135,10 +148,23 @@ int main(int argc, char** argv) {
     vpsde::AtomicFile file(out);  // before any graph call: a bad --out must not cost a sampling run
     const auto t0 = std::chrono::steady_clock::now();
     if (batch == 0) batch = provider == "cpu" ? std::min<std::int64_t>(num, 64) : num;  // as the Python CLI
-    const std::vector<float> x = sampler.sample(num, seed, batch, first, cond);
-    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     std::vector<std::int64_t> shape{num};
     for (auto s : sampler.manifest().sample_shape) shape.push_back(s);
+    if (!data_path.empty()) {
+      if (data.shape != shape) {
+        std::string want = "[N";
+        for (auto s : sampler.manifest().sample_shape) want += ", " + std::to_string(s);
+        throw vpsde::Error(data_path + ": expected float32 points " + want + "] for this bundle");
+      }
+      const std::vector<double> logp = sampler.log_likelihood(data.data.data(), num, seed, batch, first);
+      const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      vpsde::write_npy(file, logp, {num});
+      std::cerr << "scored " << num << " in " << secs << " s (" << sampler.manifest().steps << " steps, " << provider << ")\n";
+      std::cout << out << "\n";
+      return 0;
+    }
+    const std::vector<float> x = sampler.sample(num, seed, batch, first, cond);
+    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     vpsde::write_npy(file, x, shape);
     std::cerr << "sampled " << num << " in " << secs << " s (" << sampler.manifest().steps << " steps, " << provider << ")\n";
     std::cout << out << "\n";

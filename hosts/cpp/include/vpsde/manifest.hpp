@@ -1,5 +1,6 @@
 /// @file
-/// The bundle manifest (schema version 2; version 1 reads too), read and checked: errors name the file and the field.
+/// The bundle manifest (schema version 3, the likelihood task; versions 1 and 2 read too), read and checked: errors
+/// name the file and the field.
 #pragma once
 
 #include <cstdint>
@@ -15,7 +16,7 @@ struct Error : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-inline constexpr int kSchemaVersion = 2;  // newest version read; 1 (Euler-Maruyama only) reads too
+inline constexpr int kSchemaVersion = 3;  // newest version read; 1 (Euler-Maruyama only) and 2 read too
 inline constexpr const char* kPhiloxId = "philox4x32-10/box-muller/v1";
 /// Bounds on what a manifest may ask for (the same as vpsde/runtime/manifest.py).
 inline constexpr std::uint64_t kManifestLimit = 64ull << 20;  // bytes of manifest.json
@@ -47,10 +48,12 @@ struct StateSpec {
 
 struct Manifest {
   std::vector<std::int64_t> sample_shape;
+  std::vector<double> value_range;  // [lo, hi] of the data (images), or empty (model.value_range null or absent)
   std::string precision = "fp32";  // the network's compute precision inside the graphs: fp32 | fp16 | bf16 | int8 (QDQ convs)
   int steps = 0;
   std::vector<ProgramCall> program;
   std::string final_output;
+  std::string task = "sample";  // sample: from the prior (noise call 0); likelihood: from the caller's points (schema 3)
   std::map<std::string, std::vector<double>> schedule;  // per-step scalars by graph input name, one value per step
   std::map<std::string, GraphSpec> graphs;
   std::string noise_generator;

@@ -1,6 +1,6 @@
 /// @file
-/// Minimal .npy (format 1.0) for float32 arrays: a writer (locked temporary file renamed into place) and a reader
-/// (little-endian float32, C order; anything else is an error naming the file).
+/// Minimal .npy (format 1.0): a writer of float32 or float64 arrays (locked temporary file renamed into place) and a
+/// reader of float32 ones (little-endian, C order; anything else is an error naming the file).
 #pragma once
 
 #include <cstdint>
@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <fstream>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "vpsde/files.hpp"
@@ -15,11 +16,14 @@
 
 namespace vpsde {
 
-/// Writes float32 [shape] into `out` (a temporary that commit() renames into place).
-inline void write_npy(AtomicFile& out, const std::vector<float>& data, const std::vector<std::int64_t>& shape) {
+/// Writes float32 or float64 [shape] into `out` (a temporary that commit() renames into place).
+template <typename T>
+inline void write_npy(AtomicFile& out, const std::vector<T>& data, const std::vector<std::int64_t>& shape) {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>, "float32 or float64 only");
   std::string dims;
   for (std::size_t i = 0; i < shape.size(); ++i) dims += std::to_string(shape[i]) + (shape.size() == 1 || i + 1 < shape.size() ? "," : "");
-  std::string header = "{'descr': '<f4', 'fortran_order': False, 'shape': (" + dims + "), }";
+  std::string header = std::string("{'descr': '") + (sizeof(T) == 4 ? "<f4" : "<f8") +
+                       "', 'fortran_order': False, 'shape': (" + dims + "), }";
   const std::size_t total = 10 + header.size() + 1;
   header.append((64 - total % 64) % 64, ' ');
   header += '\n';
@@ -27,7 +31,7 @@ inline void write_npy(AtomicFile& out, const std::vector<float>& data, const std
   out.write("\x93NUMPY\x01\x00", 8);
   out.write(&hlen, 2);  // little-endian hosts (x86-64, aarch64)
   out.write(header.data(), header.size());
-  out.write(data.data(), data.size() * sizeof(float));
+  out.write(data.data(), data.size() * sizeof(T));
   out.commit();
 }
 

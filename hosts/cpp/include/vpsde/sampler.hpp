@@ -2,7 +2,8 @@
 /// Drives a bundle's timestep loop on ONNX Runtime, like vpsde.runtime.Sampler:
 ///   x = noise(call 0); state = zeros; for each step, for each graph call of the program: feed x, the step's
 ///   schedule scalars by input name, one noise call per noise input, the state buffers; x = x_next,
-///   state = its outputs; the sample is the manifest's `final` output of the last call.
+///   state = its outputs; the sample is the manifest's `final` output of the last call. A likelihood bundle's
+///   program starts from the caller's points instead of noise call 0 (sampler.task "likelihood").
 #pragma once
 
 #include <onnxruntime_cxx_api.h>
@@ -84,6 +85,12 @@ class Sampler {
                    std::uint64_t first_sample = 0, const std::map<std::string, NpyArray>& conditioning = {},
                    const ProgressFn& progress = nullptr);
 
+  /// log p in nats of each row of `points` (float32 [num, *sample_shape], row-major, in the model's space) by a
+  /// likelihood bundle's program: float64 [num], each row's final output summed in float64 in element order (as
+  /// vpsde.runtime.Sampler.log_likelihood). Row i's Hutchinson probes are noise of sample first_sample + i.
+  std::vector<double> log_likelihood(const float* points, std::int64_t num, std::uint64_t seed, std::int64_t batch,
+                                     std::uint64_t first_sample = 0, const ProgressFn& progress = nullptr);
+
   /// The checked manifest (sample shape, steps, program, digest).
   const Manifest& manifest() const { return manifest_; }
 
@@ -93,8 +100,10 @@ class Sampler {
   struct Rolling;    // per rolling value: which of its two buffers is current, and whether a graph wrote it
   void check_memory(std::int64_t num, std::int64_t batch) const;
   Workspace& workspace(std::int64_t size);
-  void sample_batch(std::uint64_t seed, std::uint64_t first, std::int64_t size, float* out,
-                    const std::map<std::string, CondView>& cond, const ProgressFn& progress);
+  void check_task(const std::string& task) const;
+  void check_range(std::int64_t num, std::uint64_t first_sample, std::int64_t& batch) const;
+  void run_batch(std::uint64_t seed, std::uint64_t first, std::int64_t size, const float* start, float* out,
+                 const std::map<std::string, CondView>& cond, const ProgressFn& progress);
   void bind_call(Graph& g, Workspace& ws, const Rolling& roll, int step, bool last_call);
   void run_call(Graph& g, int step);
   void finish_call(Graph& g, Workspace& ws, Rolling& roll, int step, bool last_call);
