@@ -1,0 +1,315 @@
+"""Continuous batching of a bundle's program: rows of different requests, at different steps, share graph calls.
+
+A request (seed, first_sample, num, conditioning) becomes ``num`` rows, one per sample index. Rows wait in a FIFO
+queue and join the running set when a slot frees (at most ``slots`` rows run); each row walks the compiled program
+(``runtime/program.py``) on its own: its x, its states, its step and its call within the step. One :meth:`tick`
+makes one graph call over the rows whose next call is that graph (the graph of the row that joined first, so no
+row waits forever; PC's corrector and predictor rows go in separate calls), feeding each row its own schedule
+values (every schedule input is [batch], one value per row), its own noise (noise call ``noise_call(step,
+offset)`` of its (seed, sample index), as offline) and its conditioning, padded up to the smallest of a fixed set of
+batch shapes with copies of a real row whose outputs are dropped. A row leaves when its last call returns; a request
+finishes when its last row does.
+
+Each row's values equal offline sampling's (``Sampler.sample``) bit for bit **if the backend is row-invariant**: a
+row's output may not depend on its batch-mates, its position or the batch size. :func:`probe_row_invariance` checks
+that on the backend as it opens (random rows, permuted, at every batch shape); where it fails, callers serve each
+request as its own batch instead (``serving/triton_model.py``).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from vpsde.runtime.errors import InputError, NonFiniteError, VpsdeError
+from vpsde.runtime.loop import OpenBackend
+from vpsde.runtime.manifest import Manifest
+from vpsde.runtime.noise import TORCH_ID, make_noise
+from vpsde.runtime.program import Program
+from vpsde.runtime.request import Request
+
+
+class QueueFull(VpsdeError):
+    """The scheduler holds ``max_queued`` requests already (one line, for the caller to send back)."""
+
+
+@dataclass(eq=False)
+class Job:
+    """One request in the scheduler: its rows' results (float32 [num, *sample_shape]), filled as they finish."""
+
+    request: Request
+    result: np.ndarray
+    remaining: int
+    error: VpsdeError | None = None
+    cancelled: bool = False
+    tag: Any = None
+
+    @property
+    def done(self) -> bool:
+        return self.remaining == 0 or self.error is not None or self.cancelled
+
+
+@dataclass(eq=False)
+class _Row:
+    job: Job
+    index: int  # offset within the request: sample first_sample + index
+    order: int  # when the row joined (its place in the FIFO)
+    values: dict[str, np.ndarray]  # x and each state, float32 [*sample_shape]
+    conditioning: dict[str, np.ndarray]
+    step: int = 0
+    call: int = 0  # index into Program.calls
+
+
+@dataclass
+class TickRecord:
+    """What one tick ran: the graph, the real rows and the batch shape it was padded to."""
+
+    graph: str
+    rows: int
+    shape: int
+    steps: tuple[int, ...] = field(default_factory=tuple)
+
+
+def batch_shapes(slots: int) -> tuple[int, ...]:
+    """The default batch shapes for ``slots``: 1, 2, 4, ... and ``slots`` itself."""
+    shapes = {slots}
+    b = 1
+    while b < slots:
+        shapes.add(b)
+        b *= 2
+    return tuple(sorted(shapes))
+
+
+class StepScheduler:
+    """Continuous batching over one opened backend (module docstring).
+
+    Args:
+        manifest: the bundle's manifest (a sampling task, the portable noise generator).
+        backend: the opened graphs (``open_backend``): one runner per graph key and their device.
+        slots: the most rows in flight (the largest batch shape by default).
+        shapes: the batch shapes graph calls are padded to (default :func:`batch_shapes`); the largest bounds a call.
+        max_queued: the most requests waiting or running; :meth:`submit` raises :class:`QueueFull` beyond it.
+        nan_guard: check every call's outputs; a row with NaN/Inf fails its request (one line naming the step).
+    """
+
+    def __init__(self, manifest: Manifest, backend: OpenBackend, slots: int = 16, shapes: tuple[int, ...] | None = None,
+                 max_queued: int = 1024, nan_guard: bool = True) -> None:
+        if manifest.sampler.task != "sample":
+            raise InputError(f"continuous batching runs sampling programs, not sampler.task {manifest.sampler.task!r}")
+        if manifest.noise.generator == TORCH_ID:
+            raise InputError("the 'torch' noise generator depends on the batch; continuous batching needs the portable "
+                             "philox generator")
+        self.manifest, self.program = manifest, Program.compile(manifest)
+        self.runners, self.device = backend.runners, backend.device
+        self.shapes = tuple(sorted(set(shapes or batch_shapes(slots))))
+        if not self.shapes or self.shapes[0] < 1:
+            raise InputError(f"batch shapes must be >= 1, got {self.shapes}")
+        self.slots = max(slots, 1)
+        self.max_queued, self.nan_guard = max_queued, nan_guard
+        self.sample_shape = tuple(manifest.model.sample_shape)
+        self.queue: deque[_Row] = deque()
+        self.running: list[_Row] = []
+        self.jobs: list[Job] = []
+        self.last_tick: TickRecord | None = None
+        self._order = itertools.count()
+        self._bound: dict[tuple[str, int], tuple[dict[str, Any], Callable[[], None]]] = {}
+
+    # -- requests ---------------------------------------------------------------------------------------------------
+    def submit(self, request: Request, tag: Any = None) -> Job:
+        """Queue a checked request (``runtime/request.py``); its rows join as slots free up."""
+        live = [j for j in self.jobs if not j.done]
+        if len(live) >= self.max_queued:
+            raise QueueFull(f"the scheduler holds {len(live)} requests (max_queued {self.max_queued}); retry later")
+        job = Job(request, np.empty((request.num, *self.sample_shape), np.float32), request.num, tag=tag)
+        noise = make_noise(self.manifest.noise.generator, request.seed)
+        prior = noise(0, request.first_sample, request.num, self.sample_shape)
+        cond = request.conditioning_for(request.first_sample, request.num, self.sample_shape)
+        zeros = np.zeros(self.sample_shape, np.float32)
+        for i in range(request.num):
+            values = {name: zeros for name in self.program.rolling}
+            values["x"] = prior[i]
+            self.queue.append(_Row(job, i, next(self._order), values, {k: v[i] for k, v in cond.items()}))
+        self.jobs.append(job)
+        return job
+
+    def cancel(self, job: Job) -> None:
+        """Drop ``job``'s rows (queued or running) at the next tick; its result stays unfilled."""
+        job.cancelled = True
+
+    @property
+    def busy(self) -> int:
+        """Rows in flight (at most ``slots``)."""
+        return len(self.running)
+
+    @property
+    def queued(self) -> int:
+        """Rows waiting for a slot."""
+        return len(self.queue)
+
+    @property
+    def idle(self) -> bool:
+        return not self.running and not self.queue
+
+    # -- the loop ---------------------------------------------------------------------------------------------------
+    def tick(self) -> list[Job]:
+        """Admit waiting rows into free slots, make one graph call, roll its outputs over; return the requests that
+        finished (or failed) in this tick."""
+        self._drop_cancelled()
+        finished: list[Job] = []
+        while self.queue and len(self.running) < self.slots:
+            self.running.append(self.queue.popleft())
+        if not self.running:
+            self.last_tick = None
+            return finished
+        graph = self.program.calls[self.running[0].call].graph  # the row that joined first leads
+        rows = [r for r in self.running if self.program.calls[r.call].graph == graph][:self.shapes[-1]]
+        shape = next(s for s in self.shapes if s >= len(rows))
+        self.last_tick = TickRecord(graph, len(rows), shape, tuple(sorted({r.step for r in rows})))
+        outputs = self._call(graph, rows, shape)
+        failed = self._check(graph, rows, outputs) if self.nan_guard else set()
+        leaving = set()
+        for k, row in enumerate(rows):
+            if row.job in failed:
+                leaving.add(id(row))
+                continue
+            call = self.program.calls[row.call]
+            if row.step == self.program.steps - 1 and row.call == len(self.program.calls) - 1:
+                row.job.result[row.index] = outputs[self.program.final][k]
+                row.job.remaining -= 1
+                if row.job.remaining == 0:
+                    finished.append(row.job)
+                leaving.add(id(row))
+                continue
+            for name, value in outputs.items():
+                rolling = self.program.rolling_of_output.get(name)
+                if rolling is not None and rolling in call.writes:
+                    row.values[rolling] = value[k]
+            row.call += 1
+            if row.call == len(self.program.calls):
+                row.step, row.call = row.step + 1, 0
+        self.running = [r for r in self.running if id(r) not in leaving and r.job not in failed]
+        finished += [j for j in failed if j not in finished]
+        self.jobs = [j for j in self.jobs if not j.done]
+        return finished
+
+    def run_until_idle(self, on_finish: Callable[[Job], None] = lambda job: None) -> None:
+        """Tick until no row waits or runs, calling ``on_finish`` for each request as it finishes."""
+        while not self.idle:
+            for job in self.tick():
+                on_finish(job)
+
+    # -- internals --------------------------------------------------------------------------------------------------
+    def _drop_cancelled(self) -> None:
+        if any(j.cancelled for j in self.jobs):
+            self.queue = deque(r for r in self.queue if not r.job.cancelled)
+            self.running = [r for r in self.running if not r.job.cancelled]
+            self.jobs = [j for j in self.jobs if not j.cancelled]
+
+    def _bind(self, graph: str, shape: int) -> tuple[dict[str, Any], Callable[[], None]]:
+        key = (graph, shape)
+        if key not in self._bound:
+            spec = self.manifest.graphs[graph]
+            buffers = {s.name: self.device.empty(s.shape_for(shape), s.dtype) for s in (*spec.inputs, *spec.outputs)}
+            self._bound[key] = (buffers, self.runners[graph].bind(buffers))
+        return self._bound[key]
+
+    def _call(self, graph: str, rows: list[_Row], shape: int) -> dict[str, np.ndarray]:
+        buffers, launch = self._bind(graph, shape)
+        pad = shape - len(rows)
+        roles = self.program.roles[graph]
+        noise_of = self._noise(rows)
+        for name, role in roles.items():
+            if role in ("x", "state"):
+                arr = np.stack([r.values[name] for r in rows])
+            elif role == "schedule":
+                arr = np.array([self.program.schedule[name][r.step] for r in rows], np.float32)
+            elif role == "noise":
+                arr = noise_of[name]
+            else:
+                arr = np.stack([r.conditioning[name] for r in rows])
+            if pad:
+                arr = np.concatenate([arr, np.repeat(arr[-1:], pad, axis=0)])
+            self.device.upload(buffers[name], np.ascontiguousarray(arr))
+        launch()
+        return {s.name: self.device.peek(buffers[s.name])[:len(rows)].copy() for s in self.manifest.graphs[graph].outputs}
+
+    def _noise(self, rows: list[_Row]) -> dict[str, np.ndarray]:
+        """Each row's draws for its current call: runs of consecutive sample indices of one request at one
+        position are drawn in one go (the portable generator gives the same values either way)."""
+        call = self.program.calls[rows[0].call]
+        if not call.noise:
+            return {}
+        out = {name: np.empty((len(rows), *self.sample_shape), np.float32) for name, _ in call.noise}
+        k = 0
+        while k < len(rows):
+            row = rows[k]
+            end = k + 1
+            while (end < len(rows) and rows[end].job is row.job and rows[end].step == row.step
+                   and rows[end].call == row.call and rows[end].index == rows[end - 1].index + 1):
+                end += 1
+            noise = make_noise(self.manifest.noise.generator, row.job.request.seed)
+            for name, index in self.program.draws(self.program.calls[row.call], row.step):
+                out[name][k:end] = noise(index, row.job.request.first_sample + row.index, end - k, self.sample_shape)
+            k = end
+        return out
+
+    def _check(self, graph: str, rows: list[_Row], outputs: Mapping[str, np.ndarray]) -> set[Job]:
+        failed: set[Job] = set()
+        for name, arr in outputs.items():
+            bad = ~np.isfinite(arr.reshape(len(rows), -1)).all(axis=1)
+            for k in np.nonzero(bad)[0]:
+                row = rows[k]
+                if row.job.error is None:
+                    row.job.error = NonFiniteError(
+                        f"graph {graph!r} produced NaN/Inf in output {name!r} at step {row.step} (of "
+                        f"0..{self.program.steps - 1}) in sample {row.job.request.first_sample + row.index}")
+                failed.add(row.job)
+        if failed:
+            self.queue = deque(r for r in self.queue if r.job not in failed)
+        return failed
+
+
+PROBE_ELEMENTS = 1 << 16
+"""The probe's budget: about this many sample elements in all (4096 rows of a 16-element model, 256 of 16 x 16)."""
+
+
+def probe_row_invariance(manifest: Manifest, backend: OpenBackend, shapes: tuple[int, ...], seed: int = 0) -> str | None:
+    """None if, for every graph, random rows (schedule values drawn from the bundle's own, every other input N(0, 1))
+    computed one at a time equal the same rows computed in batches of each of ``shapes`` and of 3 and 64 (offline
+    sampling's batches), at rotating positions; else one line saying where a row's bits changed. Evidence, not
+    proof: a kernel that rounds one row in thousands by its position can slip through (the budget is
+    :data:`PROBE_ELEMENTS`)."""
+    program = Program.compile(manifest)
+    rng = np.random.default_rng(seed)
+    sample_shape = tuple(manifest.model.sample_shape)
+    sizes = sorted({*shapes, 3, 64})
+    rows = int(np.clip(PROBE_ELEMENTS // max(1, int(np.prod(sample_shape))), 2 * max(sizes), 4096))
+    for key, spec in manifest.graphs.items():
+        feed = {}
+        for s in spec.inputs:
+            if program.roles[key][s.name] == "schedule":
+                feed[s.name] = rng.choice(program.schedule[s.name], rows).astype(np.float32)
+            else:
+                feed[s.name] = rng.standard_normal((rows, *sample_shape)).astype(np.float32)
+        alone = [_infer(backend, manifest, key, {k: v[i:i + 1] for k, v in feed.items()}) for i in range(rows)]
+        for size in sizes:
+            order = np.roll(np.arange(rows), size // 2 + 1)  # other batch-mates and positions than a plain split
+            for lo in range(0, rows - size + 1, size):
+                pick = order[lo:lo + size]
+                got = _infer(backend, manifest, key, {k: v[pick] for k, v in feed.items()})
+                for name, arr in got.items():
+                    want = np.concatenate([alone[i][name] for i in pick])
+                    if not np.array_equal(arr, want):
+                        return (f"graph {key!r} output {name!r}: a row's bits change with its batch-mates, position or "
+                                f"the batch size (batch {size} vs 1, max |d| {np.abs(arr - want).max():.3g})")
+    return None
+
+
+def _infer(backend: OpenBackend, manifest: Manifest, key: str, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    from vpsde.runtime.loop import infer_once
+
+    return infer_once(backend.runners[key], backend.device, manifest.graphs[key], key, feed)

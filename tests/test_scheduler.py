@@ -1,0 +1,180 @@
+"""Continuous batching (runtime/scheduler.py) against offline sampling: random traffic over several programs, each
+request's samples equal to Sampler.sample for its (seed, first_sample, num) bit for bit; joins and leaves at step
+boundaries; one graph per call; padding that never touches real rows; cancellation, a full queue, NaN; the
+row-invariance probe, and a backend that fails it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from vpsde.export import VPSDE, export_bundle, load_model
+from vpsde.runtime import Sampler
+from vpsde.runtime.backends import open_backend
+from vpsde.runtime.errors import NonFiniteError
+from vpsde.runtime.loop import OpenBackend
+from vpsde.runtime.request import check_request
+from vpsde.runtime.scheduler import QueueFull, StepScheduler, batch_shapes, probe_row_invariance
+
+PROGRAMS = {  # the digits UNet: row-invariant on ONNX Runtime's CPU kernels (the probe says so; the mixture's is not)
+    "em": {"sampler": "em", "steps": 5, "grid": "uniform"},
+    "pc": {"sampler": "pc", "steps": 3, "corrector_steps": 2, "grid": "uniform"},  # two graphs, a repeated call
+    "unipc": {"sampler": "unipc", "steps": 4},                                     # four states
+    "inpaint": {"sampler": "inpaint", "steps": 4, "grid": "uniform"},              # conditioning per row
+}
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sched")
+    return {name: export_bundle(load_model("digits", VPSDE()), root / name, log=lambda _: None, **kw)
+            for name, kw in PROGRAMS.items()}
+
+
+def _scheduler(bundle, **kw) -> StepScheduler:
+    return StepScheduler(bundle.manifest, open_backend("onnxruntime", bundle, "cpu", 1), **kw)
+
+
+def _conditioning(bundle, num, rng):
+    if not bundle.manifest.sampler.conditioning:
+        return None
+    shape = tuple(bundle.manifest.model.sample_shape)
+    return {"known": rng.uniform(-1, 1, (num, *shape)).astype(np.float32),
+            "mask": (rng.random(shape) < 0.5).astype(np.float32)}  # one mask shared by the request's samples
+
+
+@pytest.mark.parametrize("name", list(PROGRAMS))
+def test_random_traffic_equals_offline_sampling(bundles, name):
+    """Requests of random seeds, offsets and sizes join at random ticks while others run; each result equals
+    Sampler.sample bit for bit, and every tick runs one graph over at most the largest shape."""
+    bundle = bundles[name]
+    rng = np.random.default_rng()
+    sched = _scheduler(bundle, slots=8, shapes=(1, 4, 8))
+    probe = probe_row_invariance(bundle.manifest, OpenBackend(sched.device, sched.runners), sched.shapes)
+    assert probe is None, probe  # the premise of the comparison below
+    sampler = Sampler(bundle, progress=False, threads=1)
+    num_jobs = 8
+    pending = [(int(rng.integers(2**64, dtype=np.uint64)), int(rng.integers(0, 2**40)), int(rng.integers(1, 7)))
+               for _ in range(num_jobs)]
+    jobs, shapes_seen, graphs = [], set(), set()
+    while pending or not sched.idle:
+        if pending and rng.random() < 0.4:
+            seed, first, num = pending.pop()
+            cond = _conditioning(bundle, num, rng)
+            jobs.append((sched.submit(check_request(bundle.manifest, seed, first, num, cond)), cond))
+        sched.tick()
+        if sched.last_tick is not None:
+            assert sched.last_tick.rows <= sched.last_tick.shape <= 8 and sched.busy <= 8
+            shapes_seen.add(sched.last_tick.shape)
+            graphs.add(sched.last_tick.graph)
+    assert graphs == set(bundle.manifest.graphs)
+    for job, cond in jobs:
+        r = job.request
+        assert job.done and job.error is None
+        want = sampler.sample(r.num, r.seed, first_sample=r.first_sample, conditioning=cond)
+        np.testing.assert_array_equal(job.result, want)
+
+
+def test_rows_join_when_slots_free_and_leave_when_done(bundles):
+    bundle = bundles["em"]
+    sched = _scheduler(bundle, slots=4, shapes=(4,))
+    steps = bundle.manifest.sampler.steps
+    a = sched.submit(check_request(bundle.manifest, 1, 0, 3))
+    sched.tick()
+    b = sched.submit(check_request(bundle.manifest, 2, 0, 3))  # one slot free: one row joins, two wait
+    sched.tick()
+    assert (sched.busy, sched.queued) == (4, 2) and sched.last_tick.steps == (0, 1)  # rows at two steps share a call
+    for _ in range(steps - 3):  # a's rows are at step 2 of 0..steps-1
+        assert sched.tick() == []
+    assert sched.tick() == [a] and a.done and sched.busy == 1  # a's rows left after their last step; b's wait
+    sched.tick()
+    assert sched.queued == 0 and sched.busy == 2  # ... joined at the next tick, as b's first row made its last step
+    assert sched.last_tick.rows == 3 and sched.last_tick.steps == (0, 4)
+    sched.run_until_idle()
+    assert b.done and sched.idle
+    sampler = Sampler(bundle, progress=False, threads=1)
+    np.testing.assert_array_equal(a.result, sampler.sample(3, 1))
+    np.testing.assert_array_equal(b.result, sampler.sample(3, 2))
+
+
+def test_a_multi_graph_program_groups_rows_by_graph(bundles):
+    bundle = bundles["pc"]
+    sched = _scheduler(bundle, slots=8)
+    sched.submit(check_request(bundle.manifest, 0, 0, 2))
+    sched.tick()  # the first rows' corrector call
+    sched.submit(check_request(bundle.manifest, 1, 0, 2))
+    seen = []
+    while not sched.idle:
+        sched.tick()
+        seen.append((sched.last_tick.graph, sched.last_tick.rows))
+    # the new rows start with a corrector call while the first ones make their second: one call; the predictor apart
+    assert {g for g, _ in seen} == {"langevin", "reverse_diffusion"} and ("langevin", 4) in seen
+
+
+def test_cancel_queue_full_and_nan(bundles, tmp_path):
+    bundle = bundles["em"]
+    sched = _scheduler(bundle, slots=2, max_queued=2)
+    a = sched.submit(check_request(bundle.manifest, 0, 0, 3))
+    b = sched.submit(check_request(bundle.manifest, 1, 0, 1))
+    with pytest.raises(QueueFull, match="max_queued 2"):
+        sched.submit(check_request(bundle.manifest, 2, 0, 1))
+    sched.tick()
+    sched.cancel(a)
+    finished = []
+    sched.run_until_idle(finished.append)
+    assert finished == [b] and a.cancelled and sched.idle
+    np.testing.assert_array_equal(b.result, Sampler(bundle, progress=False, threads=1).sample(1, 1))
+
+    class Poisoned:  # the graph's real outputs, with sample index 5's x_next made NaN
+        def __init__(self, runner):
+            self.runner = runner
+
+        def bind(self, buffers):
+            launch = self.runner.bind(buffers)
+
+            def run():
+                launch()
+                x = buffers["x_next"].numpy()  # CPU: a view of the output buffer
+                x_in = buffers["x"].numpy()
+                hit = (x_in == self.marker).reshape(len(x_in), -1).all(axis=1)
+                x[hit] = np.nan
+            return run
+
+    opened = open_backend("onnxruntime", bundle, "cpu", 1)
+    poisoned = {k: Poisoned(r) for k, r in opened.runners.items()}
+    sched = StepScheduler(bundle.manifest, OpenBackend(opened.device, poisoned), slots=4)
+    bad = sched.submit(check_request(bundle.manifest, 3, 4, 3))
+    good = sched.submit(check_request(bundle.manifest, 4, 0, 2))
+    for p in poisoned.values():
+        p.marker = sched.queue[1].values["x"]  # sample 5's prior: poisoned at its first call
+    finished = []
+    sched.run_until_idle(finished.append)
+    assert isinstance(bad.error, NonFiniteError) and "in sample 5" in str(bad.error) and "step 0" in str(bad.error)
+    assert good in finished and good.error is None
+
+
+def test_the_probe_catches_a_backend_that_is_not_row_invariant(bundles):
+    bundle = bundles["em"]
+    opened = open_backend("onnxruntime", bundle, "cpu", 1)
+    assert probe_row_invariance(bundle.manifest, opened, batch_shapes(8)) is None
+
+    class ByPosition:  # rounds like a kernel whose result depends on the row's position in the batch
+        def __init__(self, runner):
+            self.runner = runner
+
+        def bind(self, buffers):
+            launch = self.runner.bind(buffers)
+
+            def run():
+                launch()
+                x = buffers["x_next"].numpy()  # CPU: a view of the output buffer
+                x[1::2] = np.nextafter(x[1::2], np.inf)
+            return run
+
+    shifted = OpenBackend(opened.device, {k: ByPosition(r) for k, r in opened.runners.items()})
+    message = probe_row_invariance(bundle.manifest, shifted, batch_shapes(8))
+    assert message is not None and "'x_next'" in message and "position" in message
+
+
+def test_batch_shapes():
+    assert batch_shapes(16) == (1, 2, 4, 8, 16) and batch_shapes(6) == (1, 2, 4, 6) and batch_shapes(1) == (1,)
