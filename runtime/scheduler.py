@@ -1,7 +1,8 @@
 """Continuous batching of a bundle's program: rows of different requests, at different steps, share graph calls.
 
-A request (seed, first_sample, num, conditioning) becomes ``num`` rows, one per sample index. Rows wait in a FIFO
-queue and join the running set when a slot frees (at most ``slots`` rows run); each row walks the compiled program
+A request (seed, first_sample, num, conditioning) becomes ``num`` rows, one per sample index. Rows wait and join the
+running set when a slot frees (at most ``slots`` rows run), a freed slot going to the waiting request with the fewest
+rows running (the oldest on a tie), so one-sample requests are not stuck behind a large one; each row walks the compiled program
 (``runtime/program.py``) on its own: its x, its states, its step and its call within the step. One :meth:`tick`
 makes one graph call over the rows whose next call is that graph (the graph of the row that joined first, so no
 row waits forever; PC's corrector and predictor rows go in separate calls), feeding each row its own schedule
@@ -111,12 +112,28 @@ class StepScheduler:
         self.slots = max(slots, 1)
         self.max_queued, self.nan_guard = max_queued, nan_guard
         self.sample_shape = tuple(manifest.model.sample_shape)
-        self.queue: deque[_Row] = deque()
+        self.waiting: dict[Job, deque[_Row]] = {}  # per request, in submission order
         self.running: list[_Row] = []
         self.jobs: list[Job] = []
         self.last_tick: TickRecord | None = None
         self._order = itertools.count()
         self._bound: dict[tuple[str, int], tuple[dict[str, Any], Callable[[], None]]] = {}
+
+    @classmethod
+    def open(cls, bundle, backend: str = "onnxruntime", device: str | None = None, threads: int | None = None,
+             slots: int = 16, shapes: tuple[int, ...] | None = None, **kw) -> tuple["StepScheduler", str | None]:
+        """Open ``bundle`` (a :class:`~vpsde.runtime.Bundle` or its path) on ``backend`` and probe it: -> (the
+        scheduler, None) where rows are invariant, else (the scheduler, the probe's one line): serve each request as
+        its own batch then (``Sampler.sample``), or accept results that may differ from offline sampling by ulps."""
+        from pathlib import Path
+
+        from vpsde.runtime.backends import open_backend
+        from vpsde.runtime.bundle import Bundle
+
+        bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(Path(bundle))
+        opened = open_backend(backend, bundle, device, threads)
+        sched = cls(bundle.manifest, opened, slots, shapes, **kw)
+        return sched, probe_row_invariance(bundle.manifest, opened, sched.shapes)
 
     # -- requests ---------------------------------------------------------------------------------------------------
     def submit(self, request: Request, tag: Any = None) -> Job:
@@ -132,7 +149,8 @@ class StepScheduler:
         for i in range(request.num):
             values = {name: zeros for name in self.program.rolling}
             values["x"] = prior[i]
-            self.queue.append(_Row(job, i, next(self._order), values, {k: v[i] for k, v in cond.items()}))
+            self.waiting.setdefault(job, deque()).append(
+                _Row(job, i, next(self._order), values, {k: v[i] for k, v in cond.items()}))
         self.jobs.append(job)
         return job
 
@@ -148,11 +166,11 @@ class StepScheduler:
     @property
     def queued(self) -> int:
         """Rows waiting for a slot."""
-        return len(self.queue)
+        return sum(len(rows) for rows in self.waiting.values())
 
     @property
     def idle(self) -> bool:
-        return not self.running and not self.queue
+        return not self.running and not self.waiting
 
     # -- the loop ---------------------------------------------------------------------------------------------------
     def tick(self) -> list[Job]:
@@ -160,8 +178,7 @@ class StepScheduler:
         finished (or failed) in this tick."""
         self._drop_cancelled()
         finished: list[Job] = []
-        while self.queue and len(self.running) < self.slots:
-            self.running.append(self.queue.popleft())
+        self._admit()
         if not self.running:
             self.last_tick = None
             return finished
@@ -203,9 +220,24 @@ class StepScheduler:
                 on_finish(job)
 
     # -- internals --------------------------------------------------------------------------------------------------
+    def _admit(self) -> None:
+        """Fill free slots: each from the waiting request with the fewest rows running (the oldest on a tie)."""
+        if not self.waiting or len(self.running) >= self.slots:
+            return
+        running: dict[Job, int] = {}
+        for r in self.running:
+            running[r.job] = running.get(r.job, 0) + 1
+        while self.waiting and len(self.running) < self.slots:
+            job = min(self.waiting, key=lambda j: running.get(j, 0))  # min keeps the first (oldest) of equals
+            row = self.waiting[job].popleft()
+            if not self.waiting[job]:
+                del self.waiting[job]
+            self.running.append(row)
+            running[job] = running.get(job, 0) + 1
+
     def _drop_cancelled(self) -> None:
         if any(j.cancelled for j in self.jobs):
-            self.queue = deque(r for r in self.queue if not r.job.cancelled)
+            self.waiting = {j: rows for j, rows in self.waiting.items() if not j.cancelled}
             self.running = [r for r in self.running if not r.job.cancelled]
             self.jobs = [j for j in self.jobs if not j.cancelled]
 
@@ -269,7 +301,7 @@ class StepScheduler:
                         f"0..{self.program.steps - 1}) in sample {row.job.request.first_sample + row.index}")
                 failed.add(row.job)
         if failed:
-            self.queue = deque(r for r in self.queue if r.job not in failed)
+            self.waiting = {j: rows for j, rows in self.waiting.items() if j not in failed}
         return failed
 
 

@@ -97,6 +97,21 @@ def test_rows_join_when_slots_free_and_leave_when_done(bundles):
     np.testing.assert_array_equal(b.result, sampler.sample(3, 2))
 
 
+def test_a_small_request_is_not_stuck_behind_a_large_one(bundles):
+    """A freed slot goes to the waiting request with the fewest rows running: the one-sample request submitted after
+    an eight-sample one runs from the first tick and finishes after `steps` ticks, not after the large one."""
+    bundle = bundles["em"]
+    sched = _scheduler(bundle, slots=4)
+    large = sched.submit(check_request(bundle.manifest, 1, 0, 8))
+    small = sched.submit(check_request(bundle.manifest, 2, 0, 1))
+    finished = [sched.tick() for _ in range(bundle.manifest.sampler.steps)]
+    assert finished[-1] == [small] and large.remaining == 5 and (sched.busy, sched.queued) == (0, 5)
+    sched.run_until_idle()
+    sampler = Sampler(bundle, progress=False, threads=1)
+    np.testing.assert_array_equal(small.result, sampler.sample(1, 2))
+    np.testing.assert_array_equal(large.result, sampler.sample(8, 1))
+
+
 def test_a_multi_graph_program_groups_rows_by_graph(bundles):
     bundle = bundles["pc"]
     sched = _scheduler(bundle, slots=8)
@@ -146,7 +161,7 @@ def test_cancel_queue_full_and_nan(bundles, tmp_path):
     bad = sched.submit(check_request(bundle.manifest, 3, 4, 3))
     good = sched.submit(check_request(bundle.manifest, 4, 0, 2))
     for p in poisoned.values():
-        p.marker = sched.queue[1].values["x"]  # sample 5's prior: poisoned at its first call
+        p.marker = sched.waiting[bad][1].values["x"]  # sample 5's prior: poisoned at its first call
     finished = []
     sched.run_until_idle(finished.append)
     assert isinstance(bad.error, NonFiniteError) and "in sample 5" in str(bad.error) and "step 0" in str(bad.error)
@@ -174,6 +189,14 @@ def test_the_probe_catches_a_backend_that_is_not_row_invariant(bundles):
     shifted = OpenBackend(opened.device, {k: ByPosition(r) for k, r in opened.runners.items()})
     message = probe_row_invariance(bundle.manifest, shifted, batch_shapes(8))
     assert message is not None and "'x_next'" in message and "position" in message
+
+
+def test_open_probes_the_backend(bundles):
+    sched, problem = StepScheduler.open(bundles["em"].root, threads=1, slots=4)
+    assert problem is None and sched.shapes == (1, 2, 4)
+    job = sched.submit(check_request(bundles["em"].manifest, 8, 2, 3))
+    sched.run_until_idle()
+    np.testing.assert_array_equal(job.result, Sampler(bundles["em"], progress=False, threads=1).sample(3, 8, first_sample=2))
 
 
 def test_batch_shapes():
