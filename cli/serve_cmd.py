@@ -78,6 +78,12 @@ def _triton_options(p: argparse.ArgumentParser) -> None:
                    help="requests Triton's dynamic batcher may hand the model in one call (each sampled on its own)")
     p.add_argument("--max-num", type=positive, default=1024, help="most samples one request may ask for (a likelihood model: most points one request may score)")
     p.add_argument("--instances", type=positive, default=1, help="model instances, each with its own Sampler")
+    p.add_argument("--batching", default="per-request", choices=["per-request", "continuous"],
+                   help="per-request: each request sampled as its own batch (HTTP and gRPC); continuous: rows of all "
+                        "requests share graph calls step by step (runtime/scheduler.py; a decoupled model: gRPC "
+                        "streaming clients such as `vpsde request --protocol grpc`; falls back to per-request batches "
+                        "when the backend fails the row-invariance probe)")
+    p.add_argument("--slots", type=positive, default=16, help="continuous batching: the most rows in flight")
     p.add_argument("--threads", type=threads_arg, default=1,
                    help="intra-op CPU threads per instance (scale with --instances)")
 
@@ -90,7 +96,7 @@ def _repository(args: argparse.Namespace, out: Path, force: bool) -> Path:
     try:
         return write_repository(bundle, out, name=args.name, backend=args.backend, device=args.device,
                                 max_batch=args.max_batch, instances=args.instances, max_num=args.max_num,
-                                threads=args.threads, force=force)
+                                threads=args.threads, batching=args.batching, slots=args.slots, force=force)
     except FileExistsError as e:
         raise UsageError(str(e)) from None
 

@@ -105,6 +105,23 @@ class TritonPythonModel:
             raise RuntimeError(f"vpsde: {e}") from None  # fails the model load with vpsde's message
         self.max_num = int(params.get("max_num", "1024"))
         self.task = self.bundle.manifest.sampler.task
+        self.decoupled = params.get("batching") == "continuous"
+        self.loop = None
+        if self.decoupled:
+            from vpsde.runtime.scheduler import StepScheduler
+            from vpsde.serving.continuous import ContinuousLoop
+
+            try:
+                sched, problem = StepScheduler.open(self.bundle, backend=params.get("backend", "onnxruntime"),
+                                                    device=params.get("device", "cpu"), threads=threads,
+                                                    slots=int(params.get("slots", "16")))
+            except VpsdeError as e:
+                raise RuntimeError(f"vpsde: {e}") from None
+            if problem is None:
+                self.loop = ContinuousLoop(sched)
+            else:  # never change bits silently: one batch per request, as offline sampling
+                print(f"vpsde: continuous batching off, each request is sampled as its own batch: {problem}",
+                      flush=True)
 
     def execute(self, requests: list) -> list:
         import triton_python_backend_utils as pb_utils
@@ -117,6 +134,8 @@ class TritonPythonModel:
                 pb_utils.TritonError(f"vpsde: {message}")
             return pb_utils.InferenceResponse(output_tensors=[], error=err)
 
+        if self.decoupled:
+            return self._execute_decoupled(requests, pb_utils, error)
         responses = []
         for request in requests:
             def get(name, request=request):
@@ -147,5 +166,43 @@ class TritonPythonModel:
                 output_tensors=[pb_utils.Tensor(name, np.ascontiguousarray(value[None]))]))
         return responses
 
+    def _execute_decoupled(self, requests: list, pb_utils, error) -> None:
+        """Continuous batching: each request goes to the scheduler's loop and is answered through its response
+        sender when its rows finish (or at once, per request, where the backend failed the row-invariance probe)."""
+        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        for request in requests:
+            sender = request.get_response_sender()
+
+            def get(name, request=request):
+                tensor = pb_utils.get_input_tensor_by_name(request, name)
+                return None if tensor is None else tensor.as_numpy()
+
+            def reply(samples, message, sender=sender):
+                if message is not None:
+                    sender.send(error(message), flags=final)
+                else:
+                    sender.send(pb_utils.InferenceResponse(
+                        output_tensors=[pb_utils.Tensor("samples", np.ascontiguousarray(samples[None]))]), flags=final)
+
+            try:
+                req = parse_request(get, self.bundle.manifest, self.max_num)
+            except VpsdeError as e:
+                sender.send(error(str(e), bad_request=True), flags=final)
+                continue
+            if self.loop is not None:
+                cancelled = getattr(request, "is_cancelled", lambda: False)
+                self.loop.submit(req, reply, cancelled)
+                continue
+            try:
+                reply(self.sampler.sample(req.num, req.seed, first_sample=req.first_sample,
+                                          conditioning=dict(req.conditioning) or None), None)
+            except VpsdeError as e:
+                reply(None, str(e))
+            except Exception as e:  # noqa: BLE001 - a bug must not take the instance down
+                reply(None, f"{type(e).__name__}: {e}")
+        return None
+
     def finalize(self) -> None:
+        if self.loop is not None:
+            self.loop.close()
         self.sampler = None

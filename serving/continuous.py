@@ -1,0 +1,86 @@
+"""A thread that drives a :class:`~vpsde.runtime.scheduler.StepScheduler` for a server: requests are handed in from
+any thread with a reply callback, the loop ticks while there is work, and each request's callback gets its samples
+(or its one-line error) as soon as its last row finishes. Transport-free: the Triton model (``triton_model.py``)
+passes callbacks that send Triton responses."""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable
+
+import numpy as np
+
+from vpsde.runtime.errors import VpsdeError
+from vpsde.runtime.request import Request
+from vpsde.runtime.scheduler import Job, StepScheduler
+
+Reply = Callable[[np.ndarray | None, str | None], None]
+"""reply(samples float32 [num, *sample_shape], None) or reply(None, one-line error)."""
+
+
+class ContinuousLoop:
+    """Owns ``scheduler`` on one background thread (the scheduler is not thread-safe; only this thread ticks it)."""
+
+    def __init__(self, scheduler: StepScheduler) -> None:
+        self.scheduler = scheduler
+        self._inbox: list[tuple[Request, Reply, Callable[[], bool]]] = []
+        self._wake = threading.Condition()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="vpsde-continuous", daemon=True)
+        self._thread.start()
+
+    def submit(self, request: Request, reply: Reply, cancelled: Callable[[], bool] = lambda: False) -> None:
+        """Queue ``request`` (checked); ``reply`` is called once, from the loop's thread; ``cancelled()`` is polled
+        every tick (a client that went away frees its rows)."""
+        with self._wake:
+            self._inbox.append((request, reply, cancelled))
+            self._wake.notify()
+
+    def status(self) -> dict[str, int]:
+        """Rows in flight and rows waiting (a snapshot)."""
+        return {"slots": self.scheduler.slots, "busy": self.scheduler.busy, "queued": self.scheduler.queued}
+
+    def close(self) -> None:
+        with self._wake:
+            self._stop = True
+            self._wake.notify()
+        self._thread.join(timeout=60)
+
+    def _run(self) -> None:
+        sched = self.scheduler
+        while True:
+            with self._wake:
+                while not self._inbox and sched.idle and not self._stop:
+                    self._wake.wait()
+                if self._stop:
+                    return
+                arrived, self._inbox = self._inbox, []
+            for request, reply, cancelled in arrived:
+                try:
+                    sched.submit(request, tag=(reply, cancelled))
+                except VpsdeError as e:  # a full queue: this request only
+                    reply(None, str(e))
+            for job in list(sched.jobs):
+                if not job.done and job.tag[1]():
+                    sched.cancel(job)
+                    job.tag[0](None, "request cancelled by the client")
+            try:
+                finished = sched.tick()
+            except Exception as e:  # noqa: BLE001 - a backend failure fails what is in flight, not the server
+                finished = self._fail_all(f"{type(e).__name__}: {e}")
+            for job in finished:
+                self._reply(job)
+
+    def _reply(self, job: Job) -> None:
+        reply = job.tag[0]
+        if job.error is not None:
+            reply(None, str(job.error))
+        else:
+            reply(job.result, None)
+
+    def _fail_all(self, message: str) -> list[Job]:
+        failed = [j for j in self.scheduler.jobs if not j.done]
+        for job in failed:
+            job.error = VpsdeError(message)
+            self.scheduler.cancel(job)
+        return failed
