@@ -140,28 +140,18 @@ def test_cancel_queue_full_and_nan(bundles, tmp_path):
     assert finished == [b] and a.cancelled and sched.idle
     np.testing.assert_array_equal(b.result, Sampler(bundle, progress=False, threads=1).sample(1, 1))
 
-    class Poisoned:  # the graph's real outputs, with sample index 5's x_next made NaN
-        def __init__(self, runner):
-            self.runner = runner
+    marker = {}
 
-        def bind(self, buffers):
-            launch = self.runner.bind(buffers)
-
-            def run():
-                launch()
-                x = buffers["x_next"].numpy()  # CPU: a view of the output buffer
-                x_in = buffers["x"].numpy()
-                hit = (x_in == self.marker).reshape(len(x_in), -1).all(axis=1)
-                x[hit] = np.nan
-            return run
+    def poison(buffers):  # the graph's real outputs, with sample index 5's x_next made NaN
+        x_in = buffers["x"].numpy()
+        hit = (x_in == marker["x"]).reshape(len(x_in), -1).all(axis=1)
+        buffers["x_next"].numpy()[hit] = np.nan
 
     opened = open_backend("onnxruntime", bundle, "cpu", 1)
-    poisoned = {k: Poisoned(r) for k, r in opened.runners.items()}
-    sched = StepScheduler(bundle.manifest, OpenBackend(opened.device, poisoned), slots=4)
+    sched = StepScheduler(bundle.manifest, _tampered(opened, poison), slots=4)
     bad = sched.submit(check_request(bundle.manifest, 3, 4, 3))
     good = sched.submit(check_request(bundle.manifest, 4, 0, 2))
-    for p in poisoned.values():
-        p.marker = sched.waiting[bad][1].values["x"]  # sample 5's prior: poisoned at its first call
+    marker["x"] = sched.waiting[bad][1].values["x"]  # sample 5's prior: poisoned at its first call
     finished = []
     sched.run_until_idle(finished.append)
     assert isinstance(bad.error, NonFiniteError) and "in sample 5" in str(bad.error) and "step 0" in str(bad.error)
@@ -173,20 +163,11 @@ def test_the_probe_catches_a_backend_that_is_not_row_invariant(bundles):
     opened = open_backend("onnxruntime", bundle, "cpu", 1)
     assert probe_row_invariance(bundle.manifest, opened, batch_shapes(8)) is None
 
-    class ByPosition:  # rounds like a kernel whose result depends on the row's position in the batch
-        def __init__(self, runner):
-            self.runner = runner
+    def by_position(buffers):  # rounds like a kernel whose result depends on the row's position in the batch
+        x = buffers["x_next"].numpy()
+        x[1::2] = np.nextafter(x[1::2], np.inf)
 
-        def bind(self, buffers):
-            launch = self.runner.bind(buffers)
-
-            def run():
-                launch()
-                x = buffers["x_next"].numpy()  # CPU: a view of the output buffer
-                x[1::2] = np.nextafter(x[1::2], np.inf)
-            return run
-
-    shifted = OpenBackend(opened.device, {k: ByPosition(r) for k, r in opened.runners.items()})
+    shifted = _tampered(opened, by_position)
     message = probe_row_invariance(bundle.manifest, shifted, batch_shapes(8))
     assert message is not None and "'x_next'" in message and "position" in message
 
@@ -197,6 +178,23 @@ def test_open_probes_the_backend(bundles):
     job = sched.submit(check_request(bundles["em"].manifest, 8, 2, 3))
     sched.run_until_idle()
     np.testing.assert_array_equal(job.result, Sampler(bundles["em"], progress=False, threads=1).sample(3, 8, first_sample=2))
+
+
+def _tampered(opened: OpenBackend, edit) -> OpenBackend:
+    """``opened`` with ``edit(buffers)`` applied after every graph call (CPU: ``.numpy()`` views the buffers)."""
+    class Runner:
+        def __init__(self, runner):
+            self.runner = runner
+
+        def bind(self, buffers):
+            launch = self.runner.bind(buffers)
+
+            def run():
+                launch()
+                edit(buffers)
+            return run
+
+    return OpenBackend(opened.device, {k: Runner(r) for k, r in opened.runners.items()})
 
 
 def test_batch_shapes():

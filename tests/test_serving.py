@@ -98,29 +98,36 @@ def test_concurrent_clients_are_batched_and_all_correct(server, bundles):
     sampler = Sampler(bundles["em"], progress=False, threads=1)
     rng = np.random.default_rng(0)
     jobs = [(int(rng.integers(0, 2**63)), int(rng.integers(0, 2**40)), int(rng.integers(1, 9))) for _ in range(160)]
-    results: dict[int, np.ndarray] = {}
-    errors: list[BaseException] = []
-
-    def client(k: int) -> None:
-        try:
-            for j in range(k, len(jobs), 8):
-                seed, first, num = jobs[j]
-                results[j] = request_samples(server.http_url if j % 2 else server.grpc_url, seed, num, first,
-                                             protocol="grpc" if j % 2 == 0 else "http")
-        except BaseException as e:  # noqa: BLE001 - reported below
-            errors.append(e)
-
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=600)
-    assert not errors, errors[:3]
+    results = _concurrently(8, len(jobs), lambda j: request_samples(
+        server.http_url if j % 2 else server.grpc_url, jobs[j][0], jobs[j][2], jobs[j][1],
+        protocol="grpc" if j % 2 == 0 else "http"))
     assert sorted(results) == list(range(len(jobs)))
     for j, (seed, first, num) in enumerate(jobs):
         np.testing.assert_array_equal(results[j], sampler.sample(num, seed, first_sample=first))
     stats = tc.InferenceServerClient(server.http_url).get_inference_statistics("vpsde")["model_stats"][0]
     assert stats["inference_count"] >= len(jobs) and stats["execution_count"] < stats["inference_count"], stats
+
+
+def _concurrently(clients: int, jobs: int, ask) -> dict[int, np.ndarray]:
+    """``ask(j)`` for j in 0..jobs-1 from ``clients`` threads (client k takes k, k + clients, ...): every answer, or
+    the first errors raised."""
+    results: dict[int, np.ndarray] = {}
+    errors: list[BaseException] = []
+
+    def client(k: int) -> None:
+        try:
+            for j in range(k, jobs, clients):
+                results[j] = ask(j)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    assert not errors, errors[:3]
+    return results
 
 
 def _raw_infer(url: str, inputs: list[dict]) -> tuple[int, str]:
@@ -182,22 +189,8 @@ def test_continuous_batching_serves_offline_samples(tmp_path, model):
         sampler = Sampler(bundle, progress=False, threads=1)
         rng = np.random.default_rng()
         jobs = [(int(rng.integers(2**63)), int(rng.integers(2**40)), int(rng.integers(1, 6))) for _ in range(24)]
-        results, errors = {}, []
-
-        def client(k: int) -> None:
-            try:
-                for j in range(k, len(jobs), 6):
-                    seed, first, num = jobs[j]
-                    results[j] = request_samples(served.grpc_url, seed, num, first, protocol="grpc")
-            except BaseException as e:  # noqa: BLE001 - reported below
-                errors.append(e)
-
-        threads = [threading.Thread(target=client, args=(k,)) for k in range(6)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=600)
-        assert not errors, errors[:3]
+        results = _concurrently(6, len(jobs), lambda j: request_samples(served.grpc_url, jobs[j][0], jobs[j][2],
+                                                                         jobs[j][1], protocol="grpc"))
         for j, (seed, first, num) in enumerate(jobs):
             np.testing.assert_array_equal(results[j], sampler.sample(num, seed, first_sample=first))
         with pytest.raises(ServerError, match="batches continuously.*--protocol grpc"):
