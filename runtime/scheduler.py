@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -29,7 +30,7 @@ import numpy as np
 from vpsde.runtime.errors import InputError, NonFiniteError, VpsdeError
 from vpsde.runtime.loop import OpenBackend
 from vpsde.runtime.manifest import Manifest
-from vpsde.runtime.noise import TORCH_ID, make_noise
+from vpsde.runtime.noise import PHILOX_ID, PhiloxNoise
 from vpsde.runtime.program import Program
 from vpsde.runtime.request import Request
 
@@ -45,6 +46,7 @@ class Job:
     request: Request
     result: np.ndarray
     remaining: int
+    noise: PhiloxNoise
     error: VpsdeError | None = None
     cancelled: bool = False
     tag: Any = None
@@ -63,6 +65,7 @@ class _Row:
     conditioning: dict[str, np.ndarray]
     step: int = 0
     call: int = 0  # index into Program.calls
+    noise: dict[int, np.ndarray] = field(default_factory=dict)  # noise call index -> float32 [*sample_shape], drawn ahead
 
 
 @dataclass
@@ -95,15 +98,17 @@ class StepScheduler:
         shapes: the batch shapes graph calls are padded to (default :func:`batch_shapes`); the largest bounds a call.
         max_queued: the most requests waiting or running; :meth:`submit` raises :class:`QueueFull` beyond it.
         nan_guard: check every call's outputs; a row with NaN/Inf fails its request (one line naming the step).
+        prefetch_noise: draw the next calls' noise on a worker thread while the graph runs (the backend releases the
+            GIL); otherwise in line. Either way each row draws :data:`NOISE_CHUNK` calls per pass.
     """
 
     def __init__(self, manifest: Manifest, backend: OpenBackend, slots: int = 16, shapes: tuple[int, ...] | None = None,
-                 max_queued: int = 1024, nan_guard: bool = True) -> None:
+                 max_queued: int = 1024, nan_guard: bool = True, prefetch_noise: bool = True) -> None:
         if manifest.sampler.task != "sample":
             raise InputError(f"continuous batching runs sampling programs, not sampler.task {manifest.sampler.task!r}")
-        if manifest.noise.generator == TORCH_ID:
-            raise InputError("the 'torch' noise generator depends on the batch; continuous batching needs the portable "
-                             "philox generator")
+        if manifest.noise.generator != PHILOX_ID:
+            raise InputError(f"noise.generator {manifest.noise.generator!r} depends on the batch; continuous batching "
+                             f"needs the portable generator {PHILOX_ID!r}")
         self.manifest, self.program = manifest, Program.compile(manifest)
         self.runners, self.device = backend.runners, backend.device
         self.shapes = tuple(sorted(set(shapes or batch_shapes(slots))))
@@ -118,6 +123,8 @@ class StepScheduler:
         self.last_tick: TickRecord | None = None
         self._order = itertools.count()
         self._bound: dict[tuple[str, int], tuple[dict[str, Any], Callable[[], None]]] = {}
+        self._last_noise_call = self.program.noise_call(self.program.steps, 0) - 1
+        self._noise_pool = ThreadPoolExecutor(1, thread_name_prefix="vpsde-noise") if prefetch_noise else None
 
     @classmethod
     def open(cls, bundle, backend: str = "onnxruntime", device: str | None = None, threads: int | None = None,
@@ -141,8 +148,8 @@ class StepScheduler:
         live = [j for j in self.jobs if not j.done]
         if len(live) >= self.max_queued:
             raise QueueFull(f"the scheduler holds {len(live)} requests (max_queued {self.max_queued}); retry later")
-        job = Job(request, np.empty((request.num, *self.sample_shape), np.float32), request.num, tag=tag)
-        noise = make_noise(self.manifest.noise.generator, request.seed)
+        noise = PhiloxNoise(request.seed)
+        job = Job(request, np.empty((request.num, *self.sample_shape), np.float32), request.num, noise, tag=tag)
         prior = noise(0, request.first_sample, request.num, self.sample_shape)
         cond = request.conditioning_for(request.first_sample, request.num, self.sample_shape)
         zeros = np.zeros(self.sample_shape, np.float32)
@@ -194,7 +201,7 @@ class StepScheduler:
                 leaving.add(id(row))
                 continue
             call = self.program.calls[row.call]
-            if row.step == self.program.steps - 1 and row.call == len(self.program.calls) - 1:
+            if self._finishing(row):
                 row.job.result[row.index] = outputs[self.program.final][k]
                 row.job.remaining -= 1
                 if row.job.remaining == 0:
@@ -218,6 +225,11 @@ class StepScheduler:
         while not self.idle:
             for job in self.tick():
                 on_finish(job)
+
+    def close(self) -> None:
+        """Stop the noise worker (the scheduler is not used afterwards)."""
+        if self._noise_pool is not None:
+            self._noise_pool.shutdown()
 
     # -- internals --------------------------------------------------------------------------------------------------
     def _admit(self) -> None:
@@ -253,41 +265,62 @@ class StepScheduler:
         buffers, launch = self._bind(graph, shape)
         pad = shape - len(rows)
         roles = self.program.roles[graph]
-        noise_of = self._noise(rows)
+        self._store(self._draw_noise([(r, r.step, r.call) for r in rows]))  # rows that just joined; else a no-op
         for name, role in roles.items():
             if role in ("x", "state"):
                 arr = np.stack([r.values[name] for r in rows])
             elif role == "schedule":
                 arr = np.array([self.program.schedule[name][r.step] for r in rows], np.float32)
             elif role == "noise":
-                arr = noise_of[name]
+                arr = np.stack([r.noise.pop(self.program.noise_call(r.step, dict(self.program.calls[r.call].noise)[name]))
+                                for r in rows])
             else:
                 arr = np.stack([r.conditioning[name] for r in rows])
             if pad:
                 arr = np.concatenate([arr, np.repeat(arr[-1:], pad, axis=0)])
             self.device.upload(buffers[name], np.ascontiguousarray(arr))
-        launch()
+        ahead = [(r, step, call) for r in rows if not self._finishing(r)
+                 for step, call in [self._next_position(r)] if self._lacks_noise(r, step, call)]
+        if not ahead:
+            launch()
+        elif self._noise_pool is None:
+            launch()
+            self._store(self._draw_noise(ahead))
+        else:
+            drawing = self._noise_pool.submit(self._draw_noise, ahead)
+            try:
+                launch()
+            finally:
+                self._store(drawing.result())
         return {s.name: self.device.peek(buffers[s.name])[:len(rows)].copy() for s in self.manifest.graphs[graph].outputs}
 
-    def _noise(self, rows: list[_Row]) -> dict[str, np.ndarray]:
-        """Each row's draws for its current call: runs of consecutive sample indices of one request at one
-        position are drawn in one go (the portable generator gives the same values either way)."""
-        call = self.program.calls[rows[0].call]
-        if not call.noise:
-            return {}
-        out = {name: np.empty((len(rows), *self.sample_shape), np.float32) for name, _ in call.noise}
-        k = 0
-        while k < len(rows):
-            row = rows[k]
-            end = k + 1
-            while (end < len(rows) and rows[end].job is row.job and rows[end].step == row.step
-                   and rows[end].call == row.call and rows[end].index == rows[end - 1].index + 1):
-                end += 1
-            noise = make_noise(self.manifest.noise.generator, row.job.request.seed)
-            for name, index in self.program.draws(self.program.calls[row.call], row.step):
-                out[name][k:end] = noise(index, row.job.request.first_sample + row.index, end - k, self.sample_shape)
-            k = end
-        return out
+    def _finishing(self, row: _Row) -> bool:
+        return row.step == self.program.steps - 1 and row.call == len(self.program.calls) - 1
+
+    def _next_position(self, row: _Row) -> tuple[int, int]:
+        """(step, call) of ``row``'s next graph call (the row is not finishing)."""
+        return (row.step, row.call + 1) if row.call + 1 < len(self.program.calls) else (row.step + 1, 0)
+
+    def _lacks_noise(self, row: _Row, step: int, call: int) -> bool:
+        return any(index not in row.noise for _, index in self.program.draws(self.program.calls[call], step))
+
+    def _draw_noise(self, rows_at: list[tuple[_Row, int, int]]) -> list[tuple[_Row, dict[int, np.ndarray]]]:
+        """The noise each row lacks for its call at (step, call): :data:`NOISE_CHUNK` consecutive noise calls of
+        its (seed, sample index) per pass, the values of offline sampling's draws (the call index is a counter
+        word of the portable generator). Reads rows only, so it may run on the worker thread."""
+        drawn = []
+        for row, step, call in rows_at:
+            for _, index in self.program.draws(self.program.calls[call], step):
+                if index not in row.noise:
+                    k = min(NOISE_CHUNK, self._last_noise_call - index + 1)
+                    chunk = row.job.noise.calls(index, k, row.job.request.first_sample + row.index, 1, self.sample_shape)
+                    drawn.append((row, {index + j: chunk[j, 0] for j in range(k)}))
+        return drawn
+
+    @staticmethod
+    def _store(drawn: list[tuple[_Row, dict[int, np.ndarray]]]) -> None:
+        for row, values in drawn:
+            row.noise.update(values)
 
     def _check(self, graph: str, rows: list[_Row], outputs: Mapping[str, np.ndarray]) -> set[Job]:
         failed: set[Job] = set()
@@ -304,6 +337,9 @@ class StepScheduler:
             self.waiting = {j: rows for j, rows in self.waiting.items() if j not in failed}
         return failed
 
+
+NOISE_CHUNK = 16
+"""Noise calls a row draws per pass (numpy's per-call cost paid once per chunk; 16 x 784 float32 = 50 kB per row)."""
 
 PROBE_ELEMENTS = 1 << 16
 """The probe's budget: about this many sample elements in all (4096 rows of a 16-element model, 256 of 16 x 16)."""

@@ -45,6 +45,7 @@ class ContinuousLoop:
             self._stop = True
             self._wake.notify()
         self._thread.join(timeout=60)
+        self.scheduler.close()
 
     def _run(self) -> None:
         sched = self.scheduler
