@@ -1,13 +1,17 @@
-"""Bounded load test of `vpsde serve` (a real tritonserver on 127.0.0.1) against the in-process Sampler.
+"""Bounded load test of `vpsde serve` (a real tritonserver on 127.0.0.1): continuous batching against one batch per
+request, the same workloads on the same bundle, one server after the other.
 
     make bench-serve
-    python bench/serve_load.py --serve-env .venv-serve --steps 50 --num 16 --clients 1 4 16
+    python bench/serve_load.py --serve-env .venv-serve --steps 50 --clients 1 4 16 64
 
-One bundle (digits EM, --steps), one request size (--num samples, i.e. the batch), one server instance with one
-intra-op thread, against an in-process Sampler with one thread at the same batch. Per concurrency level: a fixed
-number of requests (--requests-per-client x clients) or --max-seconds, whichever ends first, over HTTP; then
-requests/s, samples/s, p50/p99 latency, and served samples/s / in-process samples/s. Only loopback traffic; the
-server is stopped at the end. Every response is checked against the in-process samples.
+One bundle (digits EM, --steps), one model instance with one intra-op thread per mode (`--batching continuous
+--slots S` and `--batching per-request`). Closed-loop clients (each sends its next request when its last one
+returns; odd clients over gRPC, even ones over HTTP), per workload and concurrency level: --requests-per-client
+requests each, no new request after --max-seconds. Workloads: "one-sample" (every request 1 sample) and "mixed"
+(half the requests 1 sample, the rest 2, 4, ..., 64 samples, drawn from a fixed seed). Prints samples/s, p50 and
+p99 latency, the one-sample requests' p99, and continuous / per-request throughput. Up to 8 responses per cell are
+checked against the in-process Sampler bit for bit after the clock stops. Only loopback traffic; each server is
+stopped before the next starts.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -29,17 +35,74 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def request_sizes(workload: str, clients: int, per_client: int) -> list[list[int]]:
+    """Each client's request sizes: all 1 ("one-sample"), or half 1 and half 2^k, k uniform in 1..6 ("mixed")."""
+    rng = np.random.default_rng(0)
+    if workload == "one-sample":
+        return [[1] * per_client for _ in range(clients)]
+    return [[1 if rng.random() < 0.5 else 2 ** int(rng.integers(1, 7)) for _ in range(per_client)]
+            for _ in range(clients)]
+
+
+def run_cell(urls: dict[str, str], sizes: list[list[int]], max_seconds: float):
+    """Closed-loop clients sending ``sizes[k]`` in turn -> (latencies s, sizes done, wall s, answers to check)."""
+    from vpsde.serving.client import request_samples
+
+    done: list[tuple[float, int]] = []
+    answers: list = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+    deadline = time.perf_counter() + max_seconds
+
+    def client(k: int) -> None:
+        protocol = "grpc" if k % 2 else "http"
+        try:
+            for j, num in enumerate(sizes[k]):
+                if time.perf_counter() > deadline:
+                    return
+                seed, first = 1000 * k + j, 7 * j
+                t = time.perf_counter()
+                x = request_samples(urls[protocol], seed, num, first, protocol=protocol)
+                with lock:
+                    done.append((time.perf_counter() - t, num))
+                    if len(answers) < 8:
+                        answers.append((seed, first, num, x))
+        except BaseException as e:  # noqa: BLE001 - reported by the caller
+            errors.append(e)
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(len(sizes))]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise SystemExit(f"a request failed: {errors[0]}")
+    lat, num = (np.array(v) for v in zip(*done))
+    return lat, num, time.perf_counter() - t0, answers
+
+
+def serve(env: Path, bundle: Path, mode: str, slots: int):
+    http, grpc = free_port(), free_port()
+    server = subprocess.Popen([str(env / "bin" / "vpsde"), "serve", str(bundle), "--http-port", str(http),
+                               "--grpc-port", str(grpc), "--threads", "1", "--max-batch", "16", "--max-num", "64",
+                               "--batching", mode, "--slots", str(slots)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if "serving" not in server.stdout.readline():
+        raise SystemExit(f"vpsde serve failed: {server.stderr.read()[-2000:]}")
+    return server, {"http": f"127.0.0.1:{http}", "grpc": f"127.0.0.1:{grpc}"}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--serve-env", type=Path, default=Path(".venv-serve"))
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--num", type=int, default=16, help="samples per request")
-    p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64])
+    p.add_argument("--workloads", nargs="+", default=["one-sample", "mixed"], choices=["one-sample", "mixed"])
     p.add_argument("--requests-per-client", type=int, default=3)
-    p.add_argument("--max-seconds", type=float, default=90.0)
+    p.add_argument("--max-seconds", type=float, default=60.0, help="no new request after this, per cell")
+    p.add_argument("--slots", type=int, default=16)
     args = p.parse_args()
-
-    import numpy as np
 
     from vpsde.export import VPSDE, export_bundle, load_model
     from vpsde.runtime import Sampler
@@ -49,65 +112,36 @@ def main() -> None:
     bundle = export_bundle(load_model("digits", VPSDE()), work / "bundle", steps=args.steps, grid="uniform",
                            log=lambda _: None)
     sampler = Sampler(bundle, progress=False, threads=1)
-    sampler.sample(args.num, seed=0)  # warm-up
-    t0 = time.perf_counter()
-    reps = 3
-    for r in range(reps):
-        sampler.sample(args.num, seed=r)
-    inproc = reps * args.num / (time.perf_counter() - t0)
-
-    http = free_port()
-    server = subprocess.Popen([str(args.serve_env / "bin" / "vpsde"), "serve", str(bundle.root), "--http-port", str(http),
-                               "--grpc-port", str(free_port()), "--threads", "1", "--max-batch", "16",
-                               "--max-num", str(max(args.num, 16))], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True)
-    try:
-        if "serving" not in server.stdout.readline():
-            raise SystemExit(f"vpsde serve failed: {server.stderr.read()[-2000:]}")
-        url = f"127.0.0.1:{http}"
-        request_samples(url, 0, args.num)  # warm-up
-        print(f"machine: {os.cpu_count()} cores; digits EM {args.steps} steps, {args.num} samples per request; "
-              f"server: 1 instance, 1 thread, dynamic batching (up to 16 requests per call, each its own batch); "
-              f"in-process Sampler (1 thread, batch {args.num}): {inproc:.1f} samples/s")
-        print("| clients | requests | requests/s | samples/s | p50 latency s | p99 latency s | served / in-process |")
-        print("|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"machine: {os.cpu_count()} cores; digits EM {args.steps} steps; one model instance, one intra-op thread; "
+          f"continuous: --slots {args.slots}; per-request: dynamic batching, each request its own batch")
+    rows: dict[tuple[str, int, str], tuple] = {}
+    for mode in ("per-request", "continuous"):
+        server, urls = serve(args.serve_env, bundle.root, mode, args.slots)
+        try:
+            request_samples(urls["http"], 0, 1)  # warm-up
+            for workload in args.workloads:
+                for clients in args.clients:
+                    sizes = request_sizes(workload, clients, args.requests_per_client)
+                    lat, num, wall, answers = run_cell(urls, sizes, args.max_seconds)
+                    for seed, first, n, x in answers:
+                        if not np.array_equal(x, sampler.sample(n, seed, first_sample=first)):
+                            raise SystemExit(f"{mode}: the response for seed {seed} differs from offline sampling")
+                    rows[workload, clients, mode] = (len(lat), num.sum() / wall, np.percentile(lat, 50),
+                                                     np.percentile(lat, 99), np.percentile(lat[num == 1], 99))
+                    print(f"  {mode} {workload} {clients} clients: {len(lat)} requests in {wall:.1f} s", flush=True)
+        finally:
+            server.send_signal(signal.SIGTERM)
+            server.wait(timeout=120)
+    print("| workload | clients | mode | requests | samples/s | p50 s | p99 s | 1-sample p99 s | continuous / per-request |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
+    for workload in args.workloads:
         for clients in args.clients:
-            latencies: list[float] = []
-            checks: list = []
-            deadline = time.perf_counter() + args.max_seconds
-            lock = threading.Lock()
-
-            def client(k: int) -> None:
-                for j in range(args.requests_per_client):
-                    if time.perf_counter() > deadline:
-                        return
-                    seed, first = 1000 * k + j, 7 * j
-                    t = time.perf_counter()
-                    x = request_samples(url, seed, args.num, first)
-                    dt = time.perf_counter() - t
-                    with lock:
-                        latencies.append(dt)
-                        if j == 0:
-                            checks.append((seed, first, x))  # verified after the timed part
-
-            threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
-            t0 = time.perf_counter()
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            wall = time.perf_counter() - t0
-            for seed, first, x in checks:
-                if not np.array_equal(x, sampler.sample(args.num, seed, first_sample=first)):
-                    raise SystemExit(f"the response for seed {seed} differs from the in-process samples")
-            n = len(latencies)
-            lat = np.sort(latencies)
-            rate = n * args.num / wall
-            print(f"| {clients} | {n} | {n / wall:.2f} | {rate:.1f} | {np.percentile(lat, 50):.2f} | "
-                  f"{np.percentile(lat, 99):.2f} | {rate / inproc:.2f}x |")
-    finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(timeout=120)
+            base = rows[workload, clients, "per-request"][1]
+            for mode in ("per-request", "continuous"):
+                n, rate, p50, p99, small = rows[workload, clients, mode]
+                ratio = f"{rate / base:.2f}x" if mode == "continuous" else ""
+                print(f"| {workload} | {clients} | {mode} | {n} | {rate:.1f} | {p50:.2f} | {p99:.2f} | {small:.2f} | "
+                      f"{ratio} |")
 
 
 if __name__ == "__main__":

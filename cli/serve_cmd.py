@@ -36,6 +36,9 @@ def register_serve(sub, fmt) -> None:
     p.add_argument("--http-port", type=port_arg, default=8000, help="HTTP/REST port (1..65535)")
     p.add_argument("--grpc-port", type=port_arg, default=8001, help="gRPC port (1..65535, not the HTTP port)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--metrics-port", type=port_arg, default=None,
+                   help="serve Triton's Prometheus metrics here (/metrics), among them the continuous-batching gauges "
+                        "vpsde_rows_running, vpsde_rows_waiting and vpsde_slots (default: metrics off)")
     p.add_argument("--max-request-mib", type=positive, default=DEFAULT_MAX_REQUEST_MIB,
                    help="largest HTTP request body accepted, in MiB (larger bodies get 413, and JSON nested over "
                    f"{DEFAULT_MAX_DEPTH} deep gets 400, before they reach tritonserver)")
@@ -78,11 +81,11 @@ def _triton_options(p: argparse.ArgumentParser) -> None:
                    help="requests Triton's dynamic batcher may hand the model in one call (each sampled on its own)")
     p.add_argument("--max-num", type=positive, default=1024, help="most samples one request may ask for (a likelihood model: most points one request may score)")
     p.add_argument("--instances", type=positive, default=1, help="model instances, each with its own Sampler")
-    p.add_argument("--batching", default="per-request", choices=["per-request", "continuous"],
-                   help="per-request: each request sampled as its own batch (HTTP and gRPC); continuous: rows of all "
-                        "requests share graph calls step by step (runtime/scheduler.py; a decoupled model: gRPC "
-                        "streaming clients such as `vpsde request --protocol grpc`; falls back to per-request batches "
-                        "when the backend fails the row-invariance probe)")
+    p.add_argument("--batching", default="continuous", choices=["continuous", "per-request"],
+                   help="continuous: rows of all requests share graph calls step by step, requests joining and leaving "
+                        "at step boundaries, responses bit-identical to offline sampling (likelihood bundles, the "
+                        "'torch' noise generator and backends failing the row-invariance probe are served per request, "
+                        "with a log line); per-request: each request sampled as its own batch")
     p.add_argument("--slots", type=positive, default=16, help="continuous batching: the most rows in flight")
     p.add_argument("--threads", type=threads_arg, default=1,
                    help="intra-op CPU threads per instance (scale with --instances)")
@@ -132,8 +135,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     if (args.bundle is None) == (args.repository is None):
         raise UsageError("give a BUNDLE or --repository REPO (one of them)")
-    if args.http_port == args.grpc_port:
-        raise UsageError(f"--http-port and --grpc-port are both {args.http_port}: give them different ports")
+    flags = [("--http-port", args.http_port), ("--grpc-port", args.grpc_port), ("--metrics-port", args.metrics_port)]
+    for i, (flag, port) in enumerate(flags):
+        for other, port2 in flags[i + 1:]:
+            if port is not None and port == port2:
+                raise UsageError(f"{flag} and {other} are both {port}: give them different ports")
     try:
         install = find_tritonserver(args.tritonserver)
     except BackendUnavailable:
@@ -146,11 +152,14 @@ def cmd_serve(args: argparse.Namespace) -> None:
         (work / "repo").mkdir()
         repo = args.repository or _repository(args, work / "repo" / "repository", False)
         server = TritonServer(repo, install, args.http_port, args.grpc_port, host=args.host,
-                              max_request_bytes=args.max_request_mib << 20)
+                              max_request_bytes=args.max_request_mib << 20, metrics_port=args.metrics_port)
         try:
             server.wait_ready()
-            print(f"serving {args.bundle or repo} as model {args.name!r}: HTTP {server.http_url}  gRPC {server.grpc_url}  "
-                  f"(Ctrl-C to stop)", flush=True)
+            metrics = f"  metrics {server.metrics_url}" if server.metrics_url else ""
+            print(f"serving {args.bundle or repo} as model {args.name!r}: HTTP {server.http_url}  gRPC {server.grpc_url}"
+                  f"{metrics}  (Ctrl-C to stop)", flush=True)
+            for line in server.notices():
+                print(line, file=sys.stderr, flush=True)
             while server.process.poll() is None:
                 time.sleep(0.5)
             raise VpsdeError(f"tritonserver stopped by itself (exit {server.process.returncode}): {server.errors()}")

@@ -65,16 +65,8 @@ def _infer(url: str, protocol: str, model: str, inputs: list[tuple[str, np.ndarr
     try:
         client = tc.InferenceServerClient(url=url, network_timeout=timeout) if protocol == "http" else \
             tc.InferenceServerClient(url=url)
-        try:
-            result = client.infer(model, tensors, outputs=[tc.InferRequestedOutput(output)],
-                                  **({"client_timeout": timeout} if protocol == "grpc" else {}))
-        except InferenceServerException as e:
-            if "decoupled" not in str(e.message() or e):
-                raise
-            if protocol == "http":
-                raise ServerError(f"{url} ({protocol}): model {model!r} batches continuously (a decoupled Triton model, "
-                                  "answered over gRPC streams only): use its gRPC port with --protocol grpc") from None
-            result = _stream_once(client, tc, model, tensors, output, timeout)
+        result = client.infer(model, tensors, outputs=[tc.InferRequestedOutput(output)],
+                              **({"client_timeout": timeout} if protocol == "grpc" else {}))
     except InferenceServerException as e:
         raise ServerError(f"{url} ({protocol}): {e.message() or e}") from None
     except OSError as e:
@@ -86,27 +78,6 @@ def _infer(url: str, protocol: str, model: str, inputs: list[tuple[str, np.ndarr
         if client is not None:
             client.close()
     return result.as_numpy(output)
-
-
-def _stream_once(client, tc, model: str, tensors, output: str, timeout: float):
-    """One request over a gRPC stream (a decoupled model sends its one response when the request's rows finish)."""
-    import queue
-
-    from tritonclient.utils import InferenceServerException
-
-    answers: queue.Queue = queue.Queue()
-    client.start_stream(callback=lambda result, error: answers.put((result, error)))
-    try:
-        client.async_stream_infer(model, tensors, outputs=[tc.InferRequestedOutput(output)])
-        try:
-            result, error = answers.get(timeout=timeout)
-        except queue.Empty:
-            raise InferenceServerException(f"no response within {timeout:g} s") from None
-    finally:
-        client.stop_stream(cancel_requests=True)
-    if error is not None:
-        raise error
-    return result
 
 
 def split_url(url: str, protocol: str) -> tuple[str, str]:

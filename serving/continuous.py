@@ -6,6 +6,7 @@ passes callbacks that send Triton responses."""
 from __future__ import annotations
 
 import threading
+import time
 from typing import Callable
 
 import numpy as np
@@ -14,6 +15,9 @@ from vpsde.runtime.errors import VpsdeError
 from vpsde.runtime.request import Request
 from vpsde.runtime.scheduler import Job, StepScheduler
 
+CANCEL_POLL_S = 0.1
+"""How often the loop asks whether its requests' clients went away."""
+
 Reply = Callable[[np.ndarray | None, str | None], None]
 """reply(samples float32 [num, *sample_shape], None) or reply(None, one-line error)."""
 
@@ -21,8 +25,9 @@ Reply = Callable[[np.ndarray | None, str | None], None]
 class ContinuousLoop:
     """Owns ``scheduler`` on one background thread (the scheduler is not thread-safe; only this thread ticks it)."""
 
-    def __init__(self, scheduler: StepScheduler) -> None:
-        self.scheduler = scheduler
+    def __init__(self, scheduler: StepScheduler, on_tick: Callable[[dict[str, int]], None] = lambda status: None) -> None:
+        """``on_tick(status())`` is called from the loop's thread after each tick (metrics)."""
+        self.scheduler, self.on_tick = scheduler, on_tick
         self._inbox: list[tuple[Request, Reply, Callable[[], bool]]] = []
         self._wake = threading.Condition()
         self._stop = False
@@ -31,7 +36,7 @@ class ContinuousLoop:
 
     def submit(self, request: Request, reply: Reply, cancelled: Callable[[], bool] = lambda: False) -> None:
         """Queue ``request`` (checked); ``reply`` is called once, from the loop's thread; ``cancelled()`` is polled
-        every tick (a client that went away frees its rows)."""
+        every :data:`CANCEL_POLL_S` (a client that went away frees its rows)."""
         with self._wake:
             self._inbox.append((request, reply, cancelled))
             self._wake.notify()
@@ -49,6 +54,7 @@ class ContinuousLoop:
 
     def _run(self) -> None:
         sched = self.scheduler
+        next_poll = 0.0
         while True:
             with self._wake:
                 while not self._inbox and sched.idle and not self._stop:
@@ -60,24 +66,26 @@ class ContinuousLoop:
                 try:
                     sched.submit(request, tag=(reply, cancelled))
                 except VpsdeError as e:  # a full queue: this request only
-                    reply(None, str(e))
-            for job in list(sched.jobs):
-                if not job.done and job.tag[1]():
-                    sched.cancel(job)
-                    job.tag[0](None, "request cancelled by the client")
+                    _send(reply, None, str(e))
+            if time.monotonic() >= next_poll:  # asking the server costs a round trip per request: not every tick
+                next_poll = time.monotonic() + CANCEL_POLL_S
+                for job in list(sched.jobs):
+                    if not job.done and job.tag[1]():
+                        sched.cancel(job)
+                        _send(job.tag[0], None, "request cancelled by the client")
             try:
                 finished = sched.tick()
             except Exception as e:  # noqa: BLE001 - a backend failure fails what is in flight, not the server
                 finished = self._fail_all(f"{type(e).__name__}: {e}")
             for job in finished:
                 self._reply(job)
+            self.on_tick(self.status())
 
     def _reply(self, job: Job) -> None:
-        reply = job.tag[0]
         if job.error is not None:
-            reply(None, str(job.error))
+            _send(job.tag[0], None, str(job.error))
         else:
-            reply(job.result, None)
+            _send(job.tag[0], job.result, None)
 
     def _fail_all(self, message: str) -> list[Job]:
         failed = [j for j in self.scheduler.jobs if not j.done]
@@ -85,3 +93,11 @@ class ContinuousLoop:
             job.error = VpsdeError(message)
             self.scheduler.cancel(job)
         return failed
+
+
+def _send(reply: Reply, samples: np.ndarray | None, message: str | None) -> None:
+    """Call ``reply``; a transport that fails (a client gone mid-send) fails that response only, not the loop."""
+    try:
+        reply(samples, message)
+    except Exception as e:  # noqa: BLE001
+        print(f"vpsde: a response could not be sent: {type(e).__name__}: {e}", flush=True)

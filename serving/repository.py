@@ -33,12 +33,13 @@ def _dims(shape) -> str:
 
 
 def config_pbtxt(bundle: Bundle, name: str, backend: str, device: str, max_batch: int, instances: int,
-                 max_num: int, threads: int | None, queue_delay_us: int, batching: str = "per-request",
+                 max_num: int, threads: int | None, queue_delay_us: int, batching: str = "continuous",
                  slots: int = 16) -> str:
     """The model's config.pbtxt: inputs seed/first_sample (UINT64 [1]), num (INT32 [1]), each conditioning input
     (FP32 [-1, *S]: one row shared by all samples, or one per sample); output samples (FP32 [-1, *S]). A
     likelihood bundle: inputs seed, first_sample and data (FP32 [-1, *S]); output logp (FP64 [-1], nats).
-    ``batching`` "continuous": a decoupled model (responses sent as requests finish) driving the step scheduler."""
+    ``batching`` "continuous": the model answers each request through its response sender when its rows finish
+    (one response per request, so plain HTTP and gRPC clients are served), driving the step scheduler."""
     m = bundle.manifest
     shape = list(m.model.sample_shape)
     inputs = ['  { name: "seed" data_type: TYPE_UINT64 dims: [ 1 ] }',
@@ -63,7 +64,6 @@ def config_pbtxt(bundle: Bundle, name: str, backend: str, device: str, max_batch
         "input [", ",\n".join(inputs), "]",
         "output [", output, "]",
         f"instance_group [ {{ kind: {kind} count: {instances} }} ]",
-        *(["model_transaction_policy { decoupled: true }"] if batching == "continuous" else []),
         f"dynamic_batching {{ max_queue_delay_microseconds: {queue_delay_us} }}",
         "parameters [",
         ",\n".join(f'  {{ key: "{k}" value: {{ string_value: {json.dumps(v)} }} }}' for k, v in params.items()),
@@ -74,15 +74,16 @@ def config_pbtxt(bundle: Bundle, name: str, backend: str, device: str, max_batch
 
 def write_repository(bundle: Bundle | str | Path, out: str | Path, *, name: str = "vpsde", backend: str = "onnxruntime",
                      device: str = "cpu", max_batch: int = 16, instances: int = 1, max_num: int = 1024,
-                     threads: int | None = 1, queue_delay_us: int = 2000, batching: str = "per-request",
+                     threads: int | None = 1, queue_delay_us: int = 2000, batching: str = "continuous",
                      slots: int = 16, force: bool = False) -> Path:
     """Write (atomically) the model repository ``out`` serving ``bundle`` as model ``name``; return its path.
 
     ``max_batch``: requests Triton may hand the model in one call (dynamic batching; each is still sampled on its
     own); ``max_num``: samples one request may ask for; ``instances``: model instances (each with its own
     Sampler); ``threads``: intra-op CPU threads per instance (None: all cores; the default 1 leaves the cores to
-    the instances: scale with ``instances``); ``batching``: "per-request" or "continuous" (sampling bundles: the
-    step scheduler, ``slots`` rows in flight, served as a decoupled model for gRPC streaming clients)."""
+    the instances: scale with ``instances``); ``batching``: "continuous" (rows of all requests share graph calls step
+    by step, ``slots`` rows in flight: ``serving/triton_model.py`` says when a bundle is served per request instead)
+    or "per-request" (each request sampled as its own batch)."""
     bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(Path(bundle))
     if not is_plain_name(name):
         raise InputError(f"--name: expected a plain model name (letters, digits, '_', '.', '-'), got {name!r}")
@@ -90,8 +91,6 @@ def write_repository(bundle: Bundle | str | Path, out: str | Path, *, name: str 
         raise InputError(f"--backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
     if batching not in ("per-request", "continuous"):
         raise InputError(f"--batching: expected per-request or continuous, got {batching!r}")
-    if batching == "continuous" and bundle.manifest.sampler.task != "sample":
-        raise InputError("--batching continuous: a likelihood bundle is served per request")
     if device not in ("cpu", "cuda"):
         raise InputError(f"--device: expected cpu or cuda, got {device!r}")
     for flag, value in (("--max-batch", max_batch), ("--instances", instances), ("--max-num", max_num)):

@@ -109,16 +109,18 @@ DEFAULT_MAX_REQUEST_MIB = 64
 class TritonServer:
     """A running tritonserver (a context manager): gRPC on ``host``, HTTP on ``host`` through the request gate
     (``serving/gate.py``: at most ``max_request_bytes`` per body; tritonserver's own HTTP port is private, on
-    loopback), metrics off. ``stop()`` sends SIGTERM (Triton drains in-flight requests and unloads models), then
+    loopback), Triton's metrics (Prometheus text, the model's ``vpsde_*`` gauges among them) on ``host:metrics_port``
+    when one is given, else off. ``stop()`` sends SIGTERM (Triton drains in-flight requests and unloads models), then
     SIGKILL after ``grace`` seconds, and removes the server's private directory (its backends, log and TMPDIR)."""
 
     def __init__(self, repository: Path, install: TritonInstall, http_port: int | None = None,
                  grpc_port: int | None = None, host: str = "127.0.0.1", log: Path | None = None,
-                 max_request_bytes: int = DEFAULT_MAX_REQUEST_MIB << 20) -> None:
+                 max_request_bytes: int = DEFAULT_MAX_REQUEST_MIB << 20, metrics_port: int | None = None) -> None:
         from vpsde.serving.gate import RequestGate
 
         self.repository, self.install, self.host = Path(repository), install, host
         self.http_port, self.grpc_port = http_port or free_port(), grpc_port or free_port()
+        self.metrics_port = metrics_port
         self.gate = RequestGate(host, self.http_port, free_port(), max_request_bytes)
         try:
             self.gate.start()
@@ -130,8 +132,10 @@ class TritonServer:
         self.log_path = log or self._work / "tritonserver.log"
         args = [str(install.binary), f"--model-repository={self.repository}", "--http-address=127.0.0.1",
                 f"--grpc-address={host}", f"--http-port={self.gate.upstream_port}", f"--grpc-port={self.grpc_port}",
-                "--allow-metrics=false", "--exit-on-error=true", "--disable-auto-complete-config",
-                "--exit-timeout-secs=30"]
+                "--exit-on-error=true", "--disable-auto-complete-config", "--exit-timeout-secs=30",
+                *([f"--allow-metrics=true", "--allow-gpu-metrics=false", "--allow-cpu-metrics=false",
+                   f"--metrics-address={host}", f"--metrics-port={metrics_port}"] if metrics_port else
+                  ["--allow-metrics=false"])]
         if install.backend_dir is not None:
             backends = self._work / "backends"
             (backends / "python").mkdir(parents=True)
@@ -173,6 +177,18 @@ class TritonServer:
         errors = self.errors()  # before stop(), which removes the log
         self.stop()
         raise VpsdeError(f"tritonserver was not ready after {timeout:.0f} s: {errors}")
+
+    @property
+    def metrics_url(self) -> str | None:
+        return f"http://{self.host}:{self.metrics_port}/metrics" if self.metrics_port else None
+
+    def notices(self) -> list[str]:
+        """The lines the vpsde model printed to the server log as it loaded (e.g. why it serves per request)."""
+        try:
+            text = Path(self.log_path).read_text(errors="replace")
+        except OSError:
+            return []
+        return [ln for ln in text.splitlines() if ln.startswith("vpsde: ")]
 
     def errors(self) -> str:
         """The server log's error lines (model load failures carry vpsde's message), one line."""

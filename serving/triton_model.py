@@ -9,7 +9,16 @@ round a row differently depending on the batch it sits in (measured: fused reque
 float32 ulp, 5.96e-8). A bad request gets Triton's error with vpsde's one-line message and the instance keeps
 serving.
 
-A likelihood bundle (``sampler.task`` "likelihood") is served the same way with its own request type: ``seed``,
+With ``batching`` "continuous" (the default) a sampling bundle is served by the step scheduler instead
+(``runtime/scheduler.py`` on a thread, ``serving/continuous.py``): ``execute`` hands each request over and returns;
+the request's one response goes through its response sender when its last row finishes, so rows of all requests
+share graph calls step by step and responses are still bit-identical to offline sampling. Served per request
+instead, with one log line saying why: likelihood bundles, the batch-dependent 'torch' noise generator, and
+backends that fail the row-invariance probe as the model loads (the mixture's small GEMMs do). The scheduler's
+rows in flight and waiting are Triton gauges (``vpsde_rows_running``, ``vpsde_rows_waiting``, ``vpsde_slots``)
+on the metrics port when the server has one (``vpsde serve --metrics-port``).
+
+A likelihood bundle (``sampler.task`` "likelihood") is served per request with its own request type: ``seed``,
 ``first_sample`` and ``data`` (float32 [1, N, *sample_shape], points in the model's space) in, ``logp`` (float64
 [1, N], nats) out, equal to ``Sampler.log_likelihood(data, seed, first_sample=...)`` in-process bit for bit.
 """
@@ -105,23 +114,34 @@ class TritonPythonModel:
             raise RuntimeError(f"vpsde: {e}") from None  # fails the model load with vpsde's message
         self.max_num = int(params.get("max_num", "1024"))
         self.task = self.bundle.manifest.sampler.task
-        self.decoupled = params.get("batching") == "continuous"
         self.loop = None
-        if self.decoupled:
-            from vpsde.runtime.scheduler import StepScheduler
-            from vpsde.serving.continuous import ContinuousLoop
+        if params.get("batching", "per-request") == "continuous":
+            reason = self._open_continuous(params, threads, config.get("name", "vpsde"), args.get("model_instance_name", ""))
+            if reason is not None:  # never change bits silently: one batch per request, as offline sampling
+                print(f"vpsde: continuous batching off, each request is sampled as its own batch: {reason}", flush=True)
 
-            try:
-                sched, problem = StepScheduler.open(self.bundle, backend=params.get("backend", "onnxruntime"),
-                                                    device=params.get("device", "cpu"), threads=threads,
-                                                    slots=int(params.get("slots", "16")))
-            except VpsdeError as e:
-                raise RuntimeError(f"vpsde: {e}") from None
-            if problem is None:
-                self.loop = ContinuousLoop(sched)
-            else:  # never change bits silently: one batch per request, as offline sampling
-                print(f"vpsde: continuous batching off, each request is sampled as its own batch: {problem}",
-                      flush=True)
+    def _open_continuous(self, params: dict[str, str], threads: int | None, model: str, instance: str) -> str | None:
+        """Start the scheduler's loop -> None, or why this bundle is served per request."""
+        from vpsde.runtime.noise import PHILOX_ID
+        from vpsde.runtime.scheduler import StepScheduler
+        from vpsde.serving.continuous import ContinuousLoop
+
+        manifest = self.bundle.manifest
+        if self.task != "sample":
+            return f"a {self.task} bundle has no sampling steps to share"
+        if manifest.noise.generator != PHILOX_ID:
+            return f"noise.generator {manifest.noise.generator!r} depends on the batch"
+        try:
+            sched, problem = StepScheduler.open(self.bundle, backend=params.get("backend", "onnxruntime"),
+                                                device=params.get("device", "cpu"), threads=threads,
+                                                slots=int(params.get("slots", "16")))
+        except VpsdeError as e:
+            raise RuntimeError(f"vpsde: {e}") from None
+        if problem is not None:
+            sched.close()
+            return problem
+        self.loop = ContinuousLoop(sched, on_tick=_gauges(model, instance))
+        return None
 
     def execute(self, requests: list) -> list:
         import triton_python_backend_utils as pb_utils
@@ -134,8 +154,8 @@ class TritonPythonModel:
                 pb_utils.TritonError(f"vpsde: {message}")
             return pb_utils.InferenceResponse(output_tensors=[], error=err)
 
-        if self.decoupled:
-            return self._execute_decoupled(requests, pb_utils, error)
+        if self.loop is not None:
+            return self._execute_continuous(requests, pb_utils, error)
         responses = []
         for request in requests:
             def get(name, request=request):
@@ -166,9 +186,9 @@ class TritonPythonModel:
                 output_tensors=[pb_utils.Tensor(name, np.ascontiguousarray(value[None]))]))
         return responses
 
-    def _execute_decoupled(self, requests: list, pb_utils, error) -> None:
-        """Continuous batching: each request goes to the scheduler's loop and is answered through its response
-        sender when its rows finish (or at once, per request, where the backend failed the row-invariance probe)."""
+    def _execute_continuous(self, requests: list, pb_utils, error) -> None:
+        """Hand each request to the scheduler's loop; its one response goes through its response sender when its
+        rows finish (a bad request is answered at once)."""
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         for request in requests:
             sender = request.get_response_sender()
@@ -189,20 +209,34 @@ class TritonPythonModel:
             except VpsdeError as e:
                 sender.send(error(str(e), bad_request=True), flags=final)
                 continue
-            if self.loop is not None:
-                cancelled = getattr(request, "is_cancelled", lambda: False)
-                self.loop.submit(req, reply, cancelled)
-                continue
-            try:
-                reply(self.sampler.sample(req.num, req.seed, first_sample=req.first_sample,
-                                          conditioning=dict(req.conditioning) or None), None)
-            except VpsdeError as e:
-                reply(None, str(e))
-            except Exception as e:  # noqa: BLE001 - a bug must not take the instance down
-                reply(None, f"{type(e).__name__}: {e}")
+            self.loop.submit(req, reply, getattr(request, "is_cancelled", lambda: False))
         return None
 
     def finalize(self) -> None:
         if self.loop is not None:
             self.loop.close()
         self.sampler = None
+
+
+def _gauges(model: str, instance: str):
+    """-> on_tick(status) setting this instance's Triton gauges from ``ContinuousLoop.status()``; a no-op where the
+    backend has no custom metrics."""
+    import triton_python_backend_utils as pb_utils
+
+    family = getattr(pb_utils, "MetricFamily", None)
+    if family is None:
+        return lambda status: None
+    labels = {"model": model, "instance": instance}
+    families, gauges = [], {}  # a family must outlive its metrics: both live in this closure
+    for key, name, text in (("busy", "rows_running", "rows in flight in the continuous-batching scheduler"),
+                            ("queued", "rows_waiting", "rows waiting for a scheduler slot"),
+                            ("slots", "slots", "the most rows the scheduler runs at once")):
+        families.append(family(name=f"vpsde_{name}", description=text, kind=family.GAUGE))
+        gauges[key] = families[-1].Metric(labels=labels)
+
+    def on_tick(status: dict[str, int]) -> None:
+        for key, gauge in gauges.items():
+            gauge.set(status[key])
+    on_tick.families = families
+
+    return on_tick

@@ -178,28 +178,99 @@ def test_inpainting_takes_its_conditioning(bundles):
         served.stop()
 
 
-@pytest.mark.parametrize("model", ["digits", "gmm:dim=3"])
-def test_continuous_batching_serves_offline_samples(tmp_path, model):
-    """--batching continuous: concurrent gRPC requests of random seeds, offsets and sizes (conditioning-free) all equal
-    Sampler.sample bit for bit, whether the backend passed the row-invariance probe (the digits UNet: rows share
-    graph calls) or not (then each request is its own batch: the log says so); HTTP gets a one-line pointer to gRPC."""
-    bundle = export_bundle(load_model(model, VPSDE()), tmp_path / "b", steps=6, grid="uniform", log=lambda _: None)
-    served = Served(str(bundle.root), "--batching", "continuous", "--slots", "8", "--max-num", "16")
+def _metrics(url: str) -> dict[str, float]:
+    """The vpsde_* gauges of a Triton /metrics page (Prometheus text), summed over instances."""
+    with urllib.request.urlopen(url, timeout=10) as r:
+        text = r.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("vpsde_"):
+            name, value = line.split("{")[0], float(line.rsplit(" ", 1)[1])
+            out[name] = out.get(name, 0.0) + value
+    return out
+
+
+@pytest.mark.parametrize("model,sampler", [("digits", "inpaint"), ("gmm", "em")])
+def test_continuous_batching_serves_offline_samples(tmp_path, model, sampler):
+    """The default --batching continuous: concurrent HTTP and gRPC requests of random seeds, offsets, sizes (and, for
+    inpainting, random known pixels and masks) all equal Sampler.sample bit for bit, whether the backend passed the
+    row-invariance probe (the digits UNet: rows of all requests share graph calls, the gauges show the scheduler) or
+    not (the mixture: each request is its own batch, and `vpsde serve` says so)."""
+    bundle = export_bundle(load_model(model, VPSDE()), tmp_path / "b", sampler=sampler, steps=6, grid="uniform",
+                           log=lambda _: None)
+    metrics_port = _free_port()
+    served = Served(str(bundle.root), "--slots", "8", "--max-num", "16", "--metrics-port", str(metrics_port))
     try:
-        sampler = Sampler(bundle, progress=False, threads=1)
+        sampler_ = Sampler(bundle, progress=False, threads=1)
         rng = np.random.default_rng()
-        jobs = [(int(rng.integers(2**63)), int(rng.integers(2**40)), int(rng.integers(1, 6))) for _ in range(24)]
-        results = _concurrently(6, len(jobs), lambda j: request_samples(served.grpc_url, jobs[j][0], jobs[j][2],
-                                                                         jobs[j][1], protocol="grpc"))
-        for j, (seed, first, num) in enumerate(jobs):
-            np.testing.assert_array_equal(results[j], sampler.sample(num, seed, first_sample=first))
-        with pytest.raises(ServerError, match="batches continuously.*--protocol grpc"):
-            request_samples(served.http_url, 0, 2)
+        jobs = [(int(rng.integers(2**63)), int(rng.integers(2**40)), int(rng.integers(1, 6)),
+                 ("http", "grpc")[j % 2]) for j in range(24)]
+        conds = [_inpainting(bundle, num, rng) for _, _, num, _ in jobs]
+        urls = {"http": served.http_url, "grpc": served.grpc_url}
+        results = _concurrently(6, len(jobs), lambda j: request_samples(
+            urls[jobs[j][3]], jobs[j][0], jobs[j][2], jobs[j][1], protocol=jobs[j][3], conditioning=conds[j]))
+        for j, (seed, first, num, _) in enumerate(jobs):
+            np.testing.assert_array_equal(results[j], sampler_.sample(num, seed, first_sample=first,
+                                                                     conditioning=conds[j]))
         with pytest.raises(ServerError, match=r"num must be in \[1, 16\]"):
-            request_samples(served.grpc_url, 0, 17, protocol="grpc")
-        np.testing.assert_array_equal(request_samples(served.grpc_url, 5, 2, protocol="grpc"), sampler.sample(2, 5))
+            request_samples(served.grpc_url, 0, 17, protocol="grpc", conditioning=_inpainting(bundle, 17, rng))
+        gauges = _metrics(f"http://127.0.0.1:{metrics_port}/metrics")
     finally:
         assert served.stop() == 143  # SIGTERM, as every `vpsde serve`
+    notices = served.process.stderr.read()
+    if model == "digits":
+        assert gauges == {"vpsde_rows_running": 0.0, "vpsde_rows_waiting": 0.0, "vpsde_slots": 8.0}
+        assert "continuous batching off" not in notices
+    else:  # the mixture's small GEMMs round a row by its batch-mates: served per request, never other bits
+        assert gauges == {}
+        assert "continuous batching off, each request is sampled as its own batch: graph" in notices
+
+
+def _inpainting(bundle, num: int, rng) -> dict[str, np.ndarray] | None:
+    """Random conditioning for an inpainting bundle (known pixels per sample, one mask per request), else None."""
+    if not bundle.manifest.sampler.conditioning:
+        return None
+    shape = tuple(bundle.manifest.model.sample_shape)
+    mask = (rng.random(shape) < 0.5).astype(np.float32)
+    return {"known": rng.uniform(-1, 1, (num, *shape)).astype(np.float32), "mask": np.broadcast_to(mask, (num, *shape))}
+
+
+def test_a_client_that_goes_away_frees_its_rows(tmp_path):
+    """A gRPC client whose deadline passes mid-request: the server notices within a poll, drops the request's rows
+    (the gauges fall to 0 long before its sampling would have ended) and keeps serving others bit for bit."""
+    import tritonclient.grpc as grpcclient
+
+    bundle = export_bundle(load_model("digits", VPSDE()), tmp_path / "b", steps=20, grid="uniform", log=lambda _: None)
+    metrics_port = _free_port()
+    served = Served(str(bundle.root), "--slots", "4", "--max-num", "4096", "--metrics-port", str(metrics_port))
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    try:
+        client = grpcclient.InferenceServerClient(served.grpc_url)
+        inputs = []
+        for name, value, dtype in (("seed", np.array([[1]], np.uint64), "UINT64"),
+                                   ("first_sample", np.array([[0]], np.uint64), "UINT64"),
+                                   ("num", np.array([[4096]], np.int32), "INT32")):  # minutes at 4 slots
+            inputs.append(grpcclient.InferInput(name, [1, 1], dtype))
+            inputs[-1].set_data_from_numpy(value)
+        answers: list = []
+        client.async_infer("vpsde", inputs, lambda result, error: answers.append(error), client_timeout=3.0)
+        t0 = time.monotonic()
+        while (g := _metrics(url)).get("vpsde_rows_running") != 4:  # the request is in the scheduler
+            assert time.monotonic() - t0 < 3, f"the request never ran: {g}"
+            time.sleep(0.05)
+        assert g["vpsde_rows_waiting"] > 0
+        while not answers:
+            time.sleep(0.1)
+        assert "Deadline" in str(answers[0])
+        client.close()
+        t0 = time.monotonic()
+        while (g := _metrics(url)).get("vpsde_rows_waiting", 1) + g.get("vpsde_rows_running", 1) > 0:
+            assert time.monotonic() - t0 < 20, f"the cancelled request's rows still run: {g}"
+            time.sleep(0.2)
+        sampler = Sampler(bundle, progress=False, threads=1)
+        np.testing.assert_array_equal(request_samples(served.http_url, 3, 2, 5), sampler.sample(2, 3, first_sample=5))
+    finally:
+        assert served.stop() == 143
 
 
 def test_a_likelihood_bundle_serves_log_likelihoods(tmp_path, capsys):
@@ -360,7 +431,9 @@ def test_sigkill_takes_the_server_down_and_the_next_serve_sweeps_its_files(bundl
 
 
 @pytest.mark.parametrize("ports, message", [(["--http-port", "70000"], "expected a port in 1..65535"),
-                                             (["--http-port", "9100", "--grpc-port", "9100"], "both 9100")])
+                                             (["--http-port", "9100", "--grpc-port", "9100"], "both 9100"),
+                                             (["--grpc-port", "9101", "--metrics-port", "9101"],
+                                              "--grpc-port and --metrics-port are both 9101")])
 def test_ports_are_checked(bundles, ports, message):
     if not (SERVE_ENV / "bin" / "vpsde").is_file():
         pytest.skip(f"no serving environment at {SERVE_ENV}")
