@@ -2,7 +2,8 @@
 
 A request (seed, first_sample, num, conditioning) becomes ``num`` rows, one per sample index. Rows wait and join the
 running set when a slot frees (at most ``slots`` rows run), a freed slot going to the waiting request with the fewest
-rows running (the oldest on a tie), so one-sample requests are not stuck behind a large one; each row walks the compiled program
+rows running (on a tie, round robin: the one whose rows took a slot least recently), so one-sample requests are not
+stuck behind large ones; each row walks the compiled program
 (``runtime/program.py``) on its own: its x, its states, its step and its call within the step. One :meth:`tick`
 makes one graph call over the rows whose next call is that graph (the graph of the row that joined first, so no
 row waits forever; PC's corrector and predictor rows go in separate calls), feeding each row its own schedule
@@ -50,6 +51,7 @@ class Job:
     error: VpsdeError | None = None
     cancelled: bool = False
     tag: Any = None
+    last_admitted: int = -1  # when a row of it last took a slot (-1: never): the round-robin's tie-break
 
     @property
     def done(self) -> bool:
@@ -122,6 +124,7 @@ class StepScheduler:
         self.jobs: list[Job] = []
         self.last_tick: TickRecord | None = None
         self._order = itertools.count()
+        self._admissions = itertools.count()
         self._bound: dict[tuple[str, int], tuple[dict[str, Any], Callable[[], None]]] = {}
         self._last_noise_call = self.program.noise_call(self.program.steps, 0) - 1
         self._noise_pool = ThreadPoolExecutor(1, thread_name_prefix="vpsde-noise") if prefetch_noise else None
@@ -233,14 +236,18 @@ class StepScheduler:
 
     # -- internals --------------------------------------------------------------------------------------------------
     def _admit(self) -> None:
-        """Fill free slots: each from the waiting request with the fewest rows running (the oldest on a tie)."""
+        """Fill free slots: each from the waiting request with the fewest rows running; on a tie the one whose rows
+        took a slot least recently (one never admitted first, then the oldest)."""
         if not self.waiting or len(self.running) >= self.slots:
             return
         running: dict[Job, int] = {}
         for r in self.running:
             running[r.job] = running.get(r.job, 0) + 1
         while self.waiting and len(self.running) < self.slots:
-            job = min(self.waiting, key=lambda j: running.get(j, 0))  # min keeps the first (oldest) of equals
+            # fewest rows running, then the longest since a row of it took a slot (never first; min keeps the oldest
+            # of equals): round robin, so requests waiting behind as many others as there are slots still progress
+            job = min(self.waiting, key=lambda j: (running.get(j, 0), j.last_admitted))
+            job.last_admitted = next(self._admissions)
             row = self.waiting[job].popleft()
             if not self.waiting[job]:
                 del self.waiting[job]

@@ -112,6 +112,27 @@ def test_a_small_request_is_not_stuck_behind_a_large_one(bundles):
     np.testing.assert_array_equal(large.result, sampler.sample(8, 1))
 
 
+def test_requests_behind_more_requests_than_slots_take_turns(bundles):
+    """Six three-sample requests and then a one-sample one, two slots: rows finish together, and the freed slots go
+    round robin (requests never admitted first), so the small request runs in the fourth round, not after every
+    large request is done (the tenth round, if ties always went to the oldest request)."""
+    bundle = bundles["em"]
+    steps = bundle.manifest.sampler.steps
+    sched = _scheduler(bundle, slots=2)
+    large = [sched.submit(check_request(bundle.manifest, k, 0, 3)) for k in range(6)]
+    small = sched.submit(check_request(bundle.manifest, 9, 0, 1))
+    finished_at = {}
+    tick = 0
+    while not sched.idle:
+        for job in sched.tick():
+            finished_at[id(job)] = tick
+        tick += 1
+    assert finished_at[id(small)] == 4 * steps - 1
+    assert [finished_at[id(j)] // steps for j in large] == [6, 7, 7, 8, 8, 9]  # A: rounds 1, 4, 7; B: 1, 5, 8; ...
+    sampler = Sampler(bundle, progress=False, threads=1)
+    np.testing.assert_array_equal(small.result, sampler.sample(1, 9))
+
+
 def test_a_multi_graph_program_groups_rows_by_graph(bundles):
     bundle = bundles["pc"]
     sched = _scheduler(bundle, slots=8)
@@ -199,3 +220,44 @@ def _tampered(opened: OpenBackend, edit) -> OpenBackend:
 
 def test_batch_shapes():
     assert batch_shapes(16) == (1, 2, 4, 8, 16) and batch_shapes(6) == (1, 2, 4, 6) and batch_shapes(1) == (1,)
+
+
+def test_the_serving_loop_answers_each_request_once_and_a_full_queue_at_once(bundles):
+    """serving/continuous.py: requests handed in from several threads each get their samples (equal to offline
+    sampling) or, past max_queued, the scheduler's one-line QueueFull, through their reply callback; a reply that
+    raises (a client gone mid-send) does not stop the loop; the tick callback sees the scheduler's status."""
+    import threading
+
+    from vpsde.serving.continuous import ContinuousLoop
+
+    bundle = bundles["em"]
+    sampler = Sampler(bundle, progress=False, threads=1)
+    ticks: list[dict[str, int]] = []
+    loop = ContinuousLoop(_scheduler(bundle, slots=4, max_queued=3), on_tick=ticks.append)
+    answers: dict[int, tuple] = {}
+    done = threading.Event()
+
+    def reply_for(k: int):
+        def reply(samples, message):
+            answers[k] = (None if samples is None else samples.copy(), message)
+            if k == 0:
+                raise ConnectionError("the client went away")
+            if len(answers) == 8:
+                done.set()
+        return reply
+
+    requests = [check_request(bundle.manifest, 10 + k, 3 * k, 1 + k % 3) for k in range(8)]
+    threads = [threading.Thread(target=loop.submit, args=(requests[k], reply_for(k))) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert done.wait(120), f"answers for {sorted(answers)} only"
+    loop.close()
+    full = [k for k, (_, message) in answers.items() if message is not None]
+    assert full and all("max_queued 3" in answers[k][1] for k in full)
+    for k, (samples, message) in answers.items():
+        if message is None:
+            r = requests[k]
+            np.testing.assert_array_equal(samples, sampler.sample(r.num, r.seed, first_sample=r.first_sample))
+    assert ticks and max(t["busy"] for t in ticks) <= 4 and ticks[-1] == {"slots": 4, "busy": 0, "queued": 0}
