@@ -5,7 +5,8 @@ mode and workload, and checks every continuous response against offline sampling
 
     .venv/bin/python bench/continuous_batching.py [--bundle DIR] [--steps 50] [--requests 3] [--slots 16]
 
-Workloads: one-sample requests from 1, 4 and 16 clients; "mixed": 15 clients sending one-sample requests behind one
+First the ceiling: one bare graph call at batch 1 against one at batch --slots, per row. Workloads: one-sample
+requests from 1, 4 and 16 clients; "mixed": 15 clients sending one-sample requests behind one
 client sending 32-sample requests (the small requests' latency is what continuous batching should cut).
 Without --bundle it exports the shipped digits model with Euler-Maruyama at --steps steps.
 """
@@ -63,6 +64,22 @@ def continuous(sched: StepScheduler, manifest, sizes: list[int], rounds: int, ch
     return latencies, done_sizes, wall, mismatches
 
 
+def bare_call_ms(opened, manifest, batch: int, calls: int) -> float:
+    """Median ms of one bound call of the bundle's first graph at ``batch`` (random inputs, buffers bound once)."""
+    key, spec = next(iter(manifest.graphs.items()))
+    rng = np.random.default_rng(0)
+    buffers = {s.name: opened.device.empty(s.shape_for(batch), s.dtype) for s in (*spec.inputs, *spec.outputs)}
+    for s in spec.inputs:
+        opened.device.upload(buffers[s.name], rng.uniform(0.1, 0.9, s.shape_for(batch)).astype(np.float32))
+    launch = opened.runners[key].bind(buffers)
+    times = []
+    for _ in range(calls):
+        t = time.perf_counter()
+        launch()
+        times.append(time.perf_counter() - t)
+    return 1e3 * float(np.median(times))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", type=Path, default=None)
@@ -86,6 +103,9 @@ def main() -> None:
         print(f"bundle {args.bundle} ({sampler.manifest.sampler.name}, {sampler.manifest.sampler.steps} steps); "
               f"{args.threads} thread(s); slots {args.slots}, shapes {shapes}; row-invariance probe "
               f"{time.perf_counter() - t0:.1f} s: {probe or 'passed'}")
+        one, full = bare_call_ms(opened, sampler.manifest, 1, 200), bare_call_ms(opened, sampler.manifest, args.slots, 50)
+        print(f"bare graph call: batch 1 {one:.2f} ms, batch {args.slots} {full:.2f} ms = {full / args.slots:.2f} ms per "
+              f"row: one-sample throughput can gain at most {one * args.slots / full:.2f}x by sharing calls")
         workloads = {"1 client x 1 sample": [1], "4 clients x 1 sample": [1] * 4, "16 clients x 1 sample": [1] * 16,
                      "mixed: 32 + 15 x 1": [32] + [1] * 15}
         print(f"{'workload':24s} {'mode':12s} {'samples/s':>9s} {'p50 s':>7s} {'p99 s':>7s} {'small p99 s':>11s}")

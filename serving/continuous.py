@@ -18,6 +18,9 @@ from vpsde.runtime.scheduler import Job, StepScheduler
 CANCEL_POLL_S = 0.1
 """How often the loop asks whether its requests' clients went away."""
 
+REPORT_S = 0.1
+"""How often, at most, the loop reports its status while it has work (and once as it falls idle)."""
+
 Reply = Callable[[np.ndarray | None, str | None], None]
 """reply(samples float32 [num, *sample_shape], None) or reply(None, one-line error)."""
 
@@ -26,7 +29,8 @@ class ContinuousLoop:
     """Owns ``scheduler`` on one background thread (the scheduler is not thread-safe; only this thread ticks it)."""
 
     def __init__(self, scheduler: StepScheduler, on_tick: Callable[[dict[str, int]], None] = lambda status: None) -> None:
-        """``on_tick(status())`` is called from the loop's thread after each tick (metrics)."""
+        """``on_tick(status())`` is called from the loop's thread when the status changed, at most every
+        :data:`REPORT_S` while there is work and once as the loop falls idle (metrics)."""
         self.scheduler, self.on_tick = scheduler, on_tick
         self._inbox: list[tuple[Request, Reply, Callable[[], bool]]] = []
         self._wake = threading.Condition()
@@ -54,7 +58,8 @@ class ContinuousLoop:
 
     def _run(self) -> None:
         sched = self.scheduler
-        next_poll = 0.0
+        next_poll = next_report = 0.0
+        reported: dict[str, int] | None = None
         while True:
             with self._wake:
                 while not self._inbox and sched.idle and not self._stop:
@@ -79,7 +84,10 @@ class ContinuousLoop:
                 finished = self._fail_all(f"{type(e).__name__}: {e}")
             for job in finished:
                 self._reply(job)
-            self.on_tick(self.status())
+            status = self.status()  # reported when it changed, at most every REPORT_S while busy (a gauge costs IPC)
+            if status != reported and (sched.idle or time.monotonic() >= next_report):
+                self.on_tick(status)
+                reported, next_report = status, time.monotonic() + REPORT_S
 
     def _reply(self, job: Job) -> None:
         if job.error is not None:
