@@ -1,7 +1,8 @@
 """Sample quality of the shipped digits model, per sampler and NFE budget.
 
 Each run is SAMPLER[/OPTION=VALUE,...]:NFE[@NUM] and samples in its own process (one thread; --jobs of them in
-parallel); options go to the export, e.g. dpmpp-2m/denoise_final=1:20, pc/coupling=batch:1000 or dpmpp-2m/precision=fp16:20
+parallel); options go to the export, e.g. dpmpp-2m/denoise_final=1:20, pc/coupling=batch:1000, unipc/grid=tuned:10 or
+dpmpp-2m/precision=fp16:20
 (the fp16 graph run by ONNX Runtime's CPU provider; a bf16 bundle runs on the openvino backend, vpsde[openvino]):
   eager-em:N  — diffusers' ScoreSdeVpScheduler loop around the torch model (torch generator), N steps;
   S:NFE       — a bundle exported with `--sampler S` and the step count that spends NFE model evaluations
@@ -45,7 +46,10 @@ def split_options(sampler: str) -> tuple[str, dict]:
     """'dpmpp-2m/denoise_final=1' -> ('dpmpp-2m', {'denoise_final': True})."""
     name, _, opts = sampler.partition("/")
     parse = {"coupling": str, "snr": float, "corrector_steps": int, "denoise_final": lambda v: bool(int(v)),
-             "precision": str}
+             "precision": str, "grid": str, "order": int, "variant": str}
+    unknown = [item.split("=")[0] for item in filter(None, opts.split(",")) if item.split("=")[0] not in parse]
+    if unknown:
+        raise SystemExit(f"run {sampler!r}: unknown option {unknown[0]!r}; expected one of {', '.join(parse)}")
     options = {}
     for item in filter(None, opts.split(",")):
         key, value = item.split("=")
