@@ -22,6 +22,7 @@ from typing import Any, Callable, Union
 from vpsde.runtime.atomic import atomic_path
 from vpsde.runtime.confine import is_plain_name, read_regular
 from vpsde.runtime.errors import BundleError
+from vpsde.runtime.jsondepth import json_depth
 from vpsde.runtime.noise import GENERATORS
 
 FORMAT = "vpsde-bundle"
@@ -328,7 +329,7 @@ class Manifest:
             text = data.decode("utf-8")
         except UnicodeDecodeError as e:
             raise BundleError(f"{source}: not UTF-8 text (byte {e.start}); a manifest is UTF-8 JSON") from None
-        depth = json_depth(text)
+        depth = json_depth(data)
         if depth > MAX_DEPTH:
             raise BundleError(f"{source}: JSON nested {depth} deep; a manifest needs at most {MAX_DEPTH}")
         try:
@@ -360,20 +361,6 @@ def dumps_readable(data: Any) -> str:
 
     text = json.dumps(fold(data), indent=2)
     return re.sub(rf'"{re.escape(marker)}(\d+)"', lambda m: flat[int(m.group(1))], text)
-
-
-def json_depth(text: str) -> int:
-    """The deepest nesting of objects and arrays in JSON ``text`` (strings skipped), without parsing it: checked
-    before parsing so that no parser recurses on a hostile file."""
-    depth = deepest = 0
-    for bracket in _BRACKETS.findall(_STRINGS.sub("", text)):
-        depth += 1 if bracket in "[{" else -1
-        deepest = max(deepest, depth)
-    return deepest
-
-
-_STRINGS = re.compile(r'"(?:[^"\\]|\\.)*"')
-_BRACKETS = re.compile(r"[\[\]{}]")
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -12,24 +12,12 @@ import asyncio
 import json
 import threading
 
-import numpy as np
+from vpsde.runtime.jsondepth import json_depth
 
 MAX_HEAD = 64 * 1024
 """Bytes of request line and headers."""
 DEFAULT_MAX_DEPTH = 32
 """Triton's inference JSON nests 3 deep plus one level per tensor dimension when data is nested."""
-
-
-def json_depth(data: bytes, chunk: int = 1 << 20) -> int:
-    """How deep ``[`` / ``{`` nest in ``data``, counting brackets inside strings too (an over-estimate only for
-    strings full of brackets, which no inference request has)."""
-    depth = deepest = 0
-    for start in range(0, len(data), chunk):
-        b = np.frombuffer(data, np.uint8, count=min(chunk, len(data) - start), offset=start)
-        step = (b == ord("[")).astype(np.int32) + (b == ord("{")) - (b == ord("]")) - (b == ord("}"))
-        running = np.cumsum(step) + depth
-        deepest, depth = max(deepest, int(running.max(initial=depth))), int(running[-1]) if len(running) else depth
-    return deepest
 
 
 class RequestGate:

@@ -480,24 +480,3 @@ def test_request_draws_the_grid_in_the_served_range_and_a_wrong_port_is_one_line
         assert served.stop() == 143
 
 
-def test_json_depth_matches_the_parsed_depth_of_random_documents():
-    from vpsde.serving.gate import json_depth
-
-    rng = np.random.default_rng()
-
-    def doc(depth: int):
-        if depth == 0:
-            return float(rng.standard_normal())
-        inner = [doc(depth - 1) for _ in range(int(rng.integers(1, 3)))]
-        return {"k": inner[0], "v": inner} if rng.random() < 0.5 else inner
-
-    def parsed_depth(v) -> int:
-        if isinstance(v, dict):
-            return 1 + max((parsed_depth(x) for x in v.values()), default=0)
-        if isinstance(v, list):
-            return 1 + max((parsed_depth(x) for x in v), default=0)
-        return 0
-
-    for _ in range(50):
-        text = json.dumps(doc(int(rng.integers(0, 12)))).encode()
-        assert json_depth(text, chunk=int(rng.integers(1, 64))) == parsed_depth(json.loads(text))
