@@ -79,8 +79,28 @@ def trace_step_graph(step: nn.Module, sample_shape: tuple[int, ...], scalars: Ma
         if not dim0.dim_param:
             raise RuntimeError(f"exported graph has a fixed batch size on {value.name!r}; expected symbolic")
         dim0.dim_param = BATCH
+    drop_provenance(model)
     onnx.checker.check_model(model, full_check=True)
     return model
+
+
+def drop_provenance(model: onnx.ModelProto) -> None:
+    """Remove, in place, what the exporter records per node about the Python that made it (stack traces with the
+    exporting machine's absolute paths, fx node text, module names) and doc strings: a bundle's bytes, and so its
+    digest, depend on the model and the options only, not on where vpsde is installed."""
+    def nodes(graph_nodes):
+        for node in graph_nodes:
+            yield node
+            for attr in node.attribute:
+                for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                    yield from nodes(sub.node)
+
+    for node in nodes([*model.graph.node, *(n for f in model.functions for n in f.node)]):
+        del node.metadata_props[:]
+        node.doc_string = ""
+    for value in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
+        del value.metadata_props[:]
+    model.graph.doc_string = ""
 
 
 def export_step_graph(step: nn.Module, sample_shape: tuple[int, ...], path: Path, scalars: Mapping[str, float],

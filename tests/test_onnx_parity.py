@@ -53,3 +53,20 @@ def test_exported_graph_is_checked_and_batch_symbolic(unet_bundle):
         assert v.type.tensor_type.shape.dim[0].dim_param == "batch", v.name
     assert {i.name for i in model.graph.input} == {"x", "t", "dt", "sqrt_neg_dt", "noise"}
     assert not any(n.domain not in ("", "ai.onnx") for n in model.graph.node), "custom ops in the graph"
+
+
+@pytest.mark.parametrize("bundle_name", ["unet_bundle", "gmm_bundle"])
+def test_graphs_carry_no_trace_of_where_vpsde_is_installed(bundle_name, request):
+    """torch's exporter records per node the Python stack that made it (absolute source paths): dropped, so a
+    bundle's bytes and digest do not depend on the exporting machine's directories."""
+    from pathlib import Path
+
+    import vpsde.export
+
+    bundle = request.getfixturevalue(bundle_name)
+    source = str(Path(vpsde.export.__file__).resolve().parent.parent).encode()  # where vpsde's sources are
+    for spec in bundle.manifest.graphs.values():
+        data = (bundle.root / spec.file).read_bytes()
+        assert source not in data and b"stack_trace" not in data
+        model = onnx.load_from_string(data)
+        assert not any(node.metadata_props or node.doc_string for node in model.graph.node)
