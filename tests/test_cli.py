@@ -36,14 +36,15 @@ def test_sample_writes_png_grid_for_images(unet_bundle, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["sample", "/no/such/bundle"], "not a directory"),
     (["sample", ".", "--num", "0"], "expected an integer >= 1"),
-    (["export", "--model", "nope", "--out", "/tmp/x"], "unknown model 'nope'"),
-    (["export", "--model", "gmm:dims=3", "--out", "/tmp/x"], "model option 'dims=3'"),
+    (["export", "--model", "nope", "--out", "{tmp}/x"], "unknown model 'nope'"),
+    (["export", "--model", "gmm:dims=3", "--out", "{tmp}/x"], "model option 'dims=3'"),
     (["sample", ".", "--seed", "-1"], "expected 0 <= seed < 2^64"),
 ])
-def test_errors_are_messages_not_tracebacks(args, message):
-    r = run_cli(*args)
+def test_errors_are_messages_not_tracebacks(args, message, tmp_path):
+    r = run_cli(*(a.replace("{tmp}", str(tmp_path)) for a in args))
     assert r.returncode == 2
     assert message in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "x").exists()  # nothing half-written
 
 
 def test_help_shows_defaults():
