@@ -10,8 +10,10 @@ returns; odd clients over gRPC, even ones over HTTP), per workload and concurren
 requests each, no new request after --max-seconds. Workloads: "one-sample" (every request 1 sample) and "mixed"
 (half the requests 1 sample, the rest 2, 4, ..., 64 samples, drawn from a fixed seed). Prints samples/s, p50 and
 p99 latency, the one-sample requests' p99, and continuous / per-request throughput. Up to 8 responses per cell are
-checked against the in-process Sampler bit for bit after the clock stops. Only loopback traffic; each server is
-stopped before the next starts.
+checked against the in-process Sampler bit for bit after the clock stops. Only loopback traffic. Both servers are up
+at once (an idle one costs no CPU) so that with --repeats the modes run in turn, cell by cell (ABBA...), and a slow
+spell of the machine hits both; the table gives medians. First the ceiling: a bare graph call at batch 1 against
+one at batch --slots, per row, measured before the servers start.
 """
 
 from __future__ import annotations
@@ -103,10 +105,15 @@ def main() -> None:
     p.add_argument("--max-seconds", type=float, default=60.0, help="no new request after this, per cell")
     p.add_argument("--slots", type=int, default=16)
     p.add_argument("--modes", nargs="+", default=["per-request", "continuous"], choices=["per-request", "continuous"])
+    p.add_argument("--repeats", type=int, default=1,
+                   help="run every cell this many times, the modes in turn (ABBA...), and report medians")
     args = p.parse_args()
+
+    from continuous_batching import bare_call_ms
 
     from vpsde.export import VPSDE, export_bundle, load_model
     from vpsde.runtime import Sampler
+    from vpsde.runtime.backends import open_backend
     from vpsde.serving.client import request_samples
 
     work = Path(tempfile.mkdtemp(prefix="vpsde-bench-serve-"))
@@ -114,34 +121,55 @@ def main() -> None:
                            log=lambda _: None)
     sampler = Sampler(bundle, progress=False, threads=1)
     print(f"machine: {os.cpu_count()} cores; digits EM {args.steps} steps; one model instance, one intra-op thread; "
-          f"continuous: --slots {args.slots}; per-request: dynamic batching, each request its own batch")
-    rows: dict[tuple[str, int, str], tuple] = {}
-    for mode in args.modes:
-        server, urls = serve(args.serve_env, bundle.root, mode, args.slots)
-        try:
-            request_samples(urls["http"], 0, 1)  # warm-up
+          f"continuous: --slots {args.slots}; per-request: dynamic batching, each request its own batch; "
+          f"{args.repeats} repeat(s), both servers up, the modes in turn")
+    opened = open_backend("onnxruntime", sampler.bundle, "cpu", 1)
+    one, full = bare_call_ms(opened, sampler.manifest, 1, 200), bare_call_ms(opened, sampler.manifest, args.slots, 50)
+    print(f"bare graph call (no server running): batch 1 {one:.2f} ms, batch {args.slots} {full / args.slots:.2f} ms "
+          f"per row: sharing calls can gain at most {one * args.slots / full:.2f}x", flush=True)
+    servers, urls = [], {}
+    runs: dict[tuple[str, int, str], list[tuple]] = {}
+    try:
+        for mode in args.modes:
+            server, urls[mode] = serve(args.serve_env, bundle.root, mode, args.slots)
+            servers.append(server)
+            request_samples(urls[mode]["http"], 0, 1)  # warm-up
+        for repeat in range(args.repeats):
             for workload in args.workloads:
                 for clients in args.clients:
                     sizes = request_sizes(workload, clients, args.requests_per_client)
-                    lat, num, wall, answers = run_cell(urls, sizes, args.max_seconds)
-                    for seed, first, n, x in answers:
-                        if not np.array_equal(x, sampler.sample(n, seed, first_sample=first)):
-                            raise SystemExit(f"{mode}: the response for seed {seed} differs from offline sampling")
-                    rows[workload, clients, mode] = (len(lat), num.sum() / wall, np.percentile(lat, 50),
-                                                     np.percentile(lat, 99), np.percentile(lat[num == 1], 99))
-                    print(f"  {mode} {workload} {clients} clients: {len(lat)} requests in {wall:.1f} s", flush=True)
-        finally:
+                    for mode in (args.modes if repeat % 2 == 0 else args.modes[::-1]):
+                        lat, num, wall, answers = run_cell(urls[mode], sizes, args.max_seconds)
+                        for seed, first, n, x in answers:
+                            if not np.array_equal(x, sampler.sample(n, seed, first_sample=first)):
+                                raise SystemExit(f"{mode}: the response for seed {seed} differs from offline sampling")
+                        runs.setdefault((workload, clients, mode), []).append(
+                            (len(lat), num.sum() / wall, np.percentile(lat, 50), np.percentile(lat, 99),
+                             np.percentile(lat[num == 1], 99)))
+                        print(f"  repeat {repeat + 1}: {mode} {workload} {clients} clients: {len(lat)} requests in "
+                              f"{wall:.1f} s, {num.sum() / wall:.1f} samples/s", flush=True)
+    finally:
+        for server in servers:
             server.send_signal(signal.SIGTERM)
+        for server in servers:
             server.wait(timeout=120)
+    both = "per-request" in args.modes and "continuous" in args.modes
+    print(f"medians over {args.repeats} repeat(s); the last column: continuous / per-request samples/s, the median of "
+          f"the repeats' ratios (each repeat's ratios in brackets)")
     print("| workload | clients | mode | requests | samples/s | p50 s | p99 s | 1-sample p99 s | continuous / per-request |")
     print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
     for workload in args.workloads:
         for clients in args.clients:
-            base = rows.get((workload, clients, "per-request"), (0, float("nan")))[1]
             for mode in args.modes:
-                n, rate, p50, p99, small = rows[workload, clients, mode]
-                ratio = f"{rate / base:.2f}x" if mode == "continuous" and "per-request" in args.modes else ""
-                print(f"| {workload} | {clients} | {mode} | {n} | {rate:.1f} | {p50:.2f} | {p99:.2f} | {small:.2f} | "
+                cell = np.array(runs[workload, clients, mode])
+                n, rate, p50, p99, small = np.median(cell, axis=0)
+                ratio = ""
+                if mode == "continuous" and both:
+                    ratios = [c[1] / b[1] for c, b in zip(runs[workload, clients, "continuous"],
+                                                           runs[workload, clients, "per-request"])]
+                    ratio = f"{np.median(ratios):.2f}x" + (
+                        f" ({', '.join(f'{r:.2f}' for r in ratios)})" if len(ratios) > 1 else "")
+                print(f"| {workload} | {clients} | {mode} | {int(n)} | {rate:.1f} | {p50:.2f} | {p99:.2f} | {small:.2f} | "
                       f"{ratio} |")
 
 
