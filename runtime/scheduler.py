@@ -63,10 +63,11 @@ class _Row:
     job: Job
     index: int  # offset within the request: sample first_sample + index
     order: int  # when the row joined (its place in the FIFO)
-    values: dict[str, np.ndarray]  # x and each state, float32 [*sample_shape]
+    values: dict[str, np.ndarray]  # x and each state at the start, float32 [*sample_shape]; go to its slot on joining
     conditioning: dict[str, np.ndarray]
     step: int = 0
     call: int = 0  # index into Program.calls
+    slot: int = -1  # its row in the scheduler's slot arrays while it runs
     noise: dict[int, np.ndarray] = field(default_factory=dict)  # noise call index -> float32 [*sample_shape], drawn ahead
 
 
@@ -125,8 +126,20 @@ class StepScheduler:
         self.last_tick: TickRecord | None = None
         self._order = itertools.count()
         self._admissions = itertools.count()
-        self._bound: dict[tuple[str, int], tuple[dict[str, Any], Callable[[], None]]] = {}
+        self._bound: dict[tuple[str, int], _Binding] = {}
         self._last_noise_call = self.program.noise_call(self.program.steps, 0) - 1
+        # every row's x, states and conditioning live in slot arrays [slots, *sample_shape]: a call gathers its rows
+        # (padding repeats the last) with one take per input and scatters the rolled-over outputs back with one store
+        specs = {spec.name: spec for graph in manifest.graphs.values() for spec in graph.inputs}
+        carried = [*self.program.rolling, *{n for roles in self.program.roles.values()
+                                           for n, role in roles.items() if role == "conditioning"}]
+        self.slot_values = {name: np.zeros(specs[name].shape_for(self.slots), specs[name].dtype) for name in carried}
+        self._free_slots = list(range(self.slots - 1, -1, -1))
+        self._schedule32 = {name: values.astype(np.float32) for name, values in self.program.schedule.items()}
+        self._shape_for = [next(s for s in self.shapes if s >= n) for n in range(self.shapes[-1] + 1)]  # rows -> shape
+        self._noise_offsets = [dict(call.noise) for call in self.program.calls]
+        self._rolled = {key: [(s.name, self.program.rolling_of_output[s.name]) for s in graph.outputs
+                              if s.name in self.program.rolling_of_output] for key, graph in manifest.graphs.items()}
         self._noise_pool = ThreadPoolExecutor(1, thread_name_prefix="vpsde-noise") if prefetch_noise else None
 
     @classmethod
@@ -187,40 +200,42 @@ class StepScheduler:
         """Admit waiting rows into free slots, make one graph call, roll its outputs over; return the requests that
         finished (or failed) in this tick."""
         self._drop_cancelled()
-        finished: list[Job] = []
         self._admit()
         if not self.running:
             self.last_tick = None
-            return finished
-        graph = self.program.calls[self.running[0].call].graph  # the row that joined first leads
-        rows = [r for r in self.running if self.program.calls[r.call].graph == graph][:self.shapes[-1]]
-        shape = next(s for s in self.shapes if s >= len(rows))
+            return []
+        calls = self.program.calls
+        graph = calls[self.running[0].call].graph  # the row that joined first leads
+        rows = [r for r in self.running if calls[r.call].graph == graph][:self.shapes[-1]]
+        shape = self._shape_for[len(rows)]
         self.last_tick = TickRecord(graph, len(rows), shape, tuple(sorted({r.step for r in rows})))
         outputs = self._call(graph, rows, shape)
         failed = self._check(graph, rows, outputs) if self.nan_guard else set()
-        leaving = set()
+        finished: list[Job] = []
+        leaving: list[_Row] = []
+        last_call = len(calls) - 1
         for k, row in enumerate(rows):
-            if row.job in failed:
-                leaving.add(id(row))
+            if failed and row.job in failed:
                 continue
-            call = self.program.calls[row.call]
-            if self._finishing(row):
+            if row.call < last_call:
+                row.call += 1
+            elif row.step + 1 < self.program.steps:
+                row.step, row.call = row.step + 1, 0
+            else:  # its last call: the sample is done
                 row.job.result[row.index] = outputs[self.program.final][k]
                 row.job.remaining -= 1
                 if row.job.remaining == 0:
                     finished.append(row.job)
-                leaving.add(id(row))
-                continue
-            for name, value in outputs.items():
-                rolling = self.program.rolling_of_output.get(name)
-                if rolling is not None and rolling in call.writes:
-                    row.values[rolling] = value[k]
-            row.call += 1
-            if row.call == len(self.program.calls):
-                row.step, row.call = row.step + 1, 0
-        self.running = [r for r in self.running if id(r) not in leaving and r.job not in failed]
-        finished += [j for j in failed if j not in finished]
-        self.jobs = [j for j in self.jobs if not j.done]
+                leaving.append(row)
+        if failed:
+            leaving += [r for r in self.running if r.job in failed]
+            finished += [j for j in failed if j not in finished]
+        if leaving:
+            gone = {id(r) for r in leaving}
+            self._free_slots += [r.slot for r in leaving]
+            self.running = [r for r in self.running if id(r) not in gone]
+        if finished:
+            self.jobs = [j for j in self.jobs if not j.done]
         return finished
 
     def run_until_idle(self, on_finish: Callable[[Job], None] = lambda job: None) -> None:
@@ -237,12 +252,14 @@ class StepScheduler:
     # -- internals --------------------------------------------------------------------------------------------------
     def _admit(self) -> None:
         """Fill free slots: each from the waiting request with the fewest rows running; on a tie the one whose rows
-        took a slot least recently (one never admitted first, then the oldest)."""
+        took a slot least recently (one never admitted first, then the oldest). A joining row's values go to its
+        slot and its first noise is drawn."""
         if not self.waiting or len(self.running) >= self.slots:
             return
         running: dict[Job, int] = {}
         for r in self.running:
             running[r.job] = running.get(r.job, 0) + 1
+        joined = []
         while self.waiting and len(self.running) < self.slots:
             # fewest rows running, then the longest since a row of it took a slot (never first; min keeps the oldest
             # of equals): round robin, so requests waiting behind as many others as there are slots still progress
@@ -251,65 +268,75 @@ class StepScheduler:
             row = self.waiting[job].popleft()
             if not self.waiting[job]:
                 del self.waiting[job]
+            row.slot = self._free_slots.pop()
+            for name, value in (*row.values.items(), *row.conditioning.items()):
+                self.slot_values[name][row.slot] = value
             self.running.append(row)
+            joined.append((row, row.step, row.call))
             running[job] = running.get(job, 0) + 1
+        self._store(self._draw_noise(joined))
 
     def _drop_cancelled(self) -> None:
         if any(j.cancelled for j in self.jobs):
             self.waiting = {j: rows for j, rows in self.waiting.items() if not j.cancelled}
+            self._free_slots += [r.slot for r in self.running if r.job.cancelled]
             self.running = [r for r in self.running if not r.job.cancelled]
             self.jobs = [j for j in self.jobs if not j.cancelled]
 
-    def _bind(self, graph: str, shape: int) -> tuple[dict[str, Any], Callable[[], None]]:
+    def _bind(self, graph: str, shape: int) -> "_Binding":
         key = (graph, shape)
         if key not in self._bound:
             spec = self.manifest.graphs[graph]
             buffers = {s.name: self.device.empty(s.shape_for(shape), s.dtype) for s in (*spec.inputs, *spec.outputs)}
-            self._bound[key] = (buffers, self.runners[graph].bind(buffers))
+            roles = self.program.roles[graph]
+            inputs = [(s.name, roles[s.name], np.empty(s.shape_for(shape), s.dtype), buffers[s.name])
+                      for s in spec.inputs]
+            outputs = [(s.name, buffers[s.name]) for s in spec.outputs]
+            self._bound[key] = _Binding(self.runners[graph].bind(buffers), inputs, outputs)
         return self._bound[key]
 
     def _call(self, graph: str, rows: list[_Row], shape: int) -> dict[str, np.ndarray]:
-        buffers, launch = self._bind(graph, shape)
-        pad = shape - len(rows)
-        roles = self.program.roles[graph]
-        self._store(self._draw_noise([(r, r.step, r.call) for r in rows]))  # rows that just joined; else a no-op
-        for name, role in roles.items():
-            if role in ("x", "state"):
-                arr = np.stack([r.values[name] for r in rows])
-            elif role == "schedule":
-                arr = np.array([self.program.schedule[name][r.step] for r in rows], np.float32)
+        """One call of ``graph`` on ``rows`` padded to ``shape``; rolls its outputs over into the rows' slots and
+        returns host views of its outputs ([len(rows), ...], valid until the next call)."""
+        bound = self._bind(graph, shape)
+        n, pad = len(rows), shape - len(rows)
+        slots = np.array([r.slot for r in rows] + [rows[-1].slot] * pad, np.intp)
+        for name, role, staged, buffer in bound.inputs:
+            if role == "schedule":
+                np.take(self._schedule32[name], [r.step for r in rows] + [rows[-1].step] * pad, out=staged)
             elif role == "noise":
-                arr = np.stack([r.noise.pop(self.program.noise_call(r.step, dict(self.program.calls[r.call].noise)[name]))
-                                for r in rows])
-            else:
-                arr = np.stack([r.conditioning[name] for r in rows])
-            if pad:
-                arr = np.concatenate([arr, np.repeat(arr[-1:], pad, axis=0)])
-            self.device.upload(buffers[name], np.ascontiguousarray(arr))
-        ahead = [(r, step, call) for r in rows if not self._finishing(r)
-                 for step, call in [self._next_position(r)] if self._lacks_noise(r, step, call)]
+                for k, r in enumerate(rows):
+                    staged[k] = r.noise.pop(self.program.noise_call(r.step, self._noise_offsets[r.call][name]))
+                staged[n:] = staged[n - 1]
+            else:  # x, a state or conditioning: in the slot arrays
+                np.take(self.slot_values[name], slots, axis=0, out=staged)
+            self.device.upload(buffer, staged)
+        ahead = [(r, *at) for r in rows for at in [self._next_position(r)] if at and self._lacks_noise(r, *at)]
         if not ahead:
-            launch()
+            bound.launch()
         elif self._noise_pool is None:
-            launch()
+            bound.launch()
             self._store(self._draw_noise(ahead))
         else:
             drawing = self._noise_pool.submit(self._draw_noise, ahead)
             try:
-                launch()
+                bound.launch()
             finally:
                 self._store(drawing.result())
-        return {s.name: self.device.peek(buffers[s.name])[:len(rows)].copy() for s in self.manifest.graphs[graph].outputs}
+        outputs = {name: self.device.peek(buffer)[:n] for name, buffer in bound.outputs}
+        for output, rolling in self._rolled[graph]:
+            self.slot_values[rolling][slots[:n]] = outputs[output]
+        return outputs
 
-    def _finishing(self, row: _Row) -> bool:
-        return row.step == self.program.steps - 1 and row.call == len(self.program.calls) - 1
-
-    def _next_position(self, row: _Row) -> tuple[int, int]:
-        """(step, call) of ``row``'s next graph call (the row is not finishing)."""
-        return (row.step, row.call + 1) if row.call + 1 < len(self.program.calls) else (row.step + 1, 0)
+    def _next_position(self, row: _Row) -> tuple[int, int] | tuple[()]:
+        """(step, call) of ``row``'s next graph call; () if this call is its last."""
+        if row.call + 1 < len(self.program.calls):
+            return row.step, row.call + 1
+        return (row.step + 1, 0) if row.step + 1 < self.program.steps else ()
 
     def _lacks_noise(self, row: _Row, step: int, call: int) -> bool:
-        return any(index not in row.noise for _, index in self.program.draws(self.program.calls[call], step))
+        return any(self.program.noise_call(step, offset) not in row.noise
+                   for offset in self._noise_offsets[call].values())
 
     def _draw_noise(self, rows_at: list[tuple[_Row, int, int]]) -> list[tuple[_Row, dict[int, np.ndarray]]]:
         """The noise each row lacks for its call at (step, call): :data:`NOISE_CHUNK` consecutive noise calls of
@@ -332,6 +359,8 @@ class StepScheduler:
     def _check(self, graph: str, rows: list[_Row], outputs: Mapping[str, np.ndarray]) -> set[Job]:
         failed: set[Job] = set()
         for name, arr in outputs.items():
+            if np.isfinite(arr).all():
+                continue
             bad = ~np.isfinite(arr.reshape(len(rows), -1)).all(axis=1)
             for k in np.nonzero(bad)[0]:
                 row = rows[k]
@@ -343,6 +372,16 @@ class StepScheduler:
         if failed:
             self.waiting = {j: rows for j, rows in self.waiting.items() if j not in failed}
         return failed
+
+
+@dataclass
+class _Binding:
+    """One (graph, batch shape)'s bound launch, its inputs (name, role, host staging array, device buffer) and its
+    outputs (name, device buffer)."""
+
+    launch: Callable[[], None]
+    inputs: list[tuple[str, str, np.ndarray, Any]]
+    outputs: list[tuple[str, Any]]
 
 
 NOISE_CHUNK = 16

@@ -177,6 +177,12 @@ def test_cancel_queue_full_and_nan(bundles, tmp_path):
     sched.run_until_idle(finished.append)
     assert isinstance(bad.error, NonFiniteError) and "in sample 5" in str(bad.error) and "step 0" in str(bad.error)
     assert good in finished and good.error is None
+    # the failed and the finished rows gave their slots back: all four run in one call again
+    again = sched.submit(check_request(bundle.manifest, 6, 0, 4))
+    sched.tick()
+    assert sched.last_tick.rows == 4 and sched.busy == 4
+    sched.run_until_idle()
+    np.testing.assert_array_equal(again.result, Sampler(bundle, progress=False, threads=1).sample(4, 6))
 
 
 def test_the_probe_catches_a_backend_that_is_not_row_invariant(bundles):
