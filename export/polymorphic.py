@@ -7,7 +7,8 @@ on real tensors, with core ATen decompositions, at two batch sizes (:data:`TRACE
 into plain ATen ops with every shape literal. The two graphs must match op for op; an integer literal that differs
 between them is k * batch (checked at both sizes) and becomes ``k * x.size(0)``; anything else that differs (a
 float, a constant tensor) is refused. The result is one FX graph valid at every batch size, which torch.export
-then traces with a symbolic batch like any step.
+then traces with a symbolic batch like any step. Each trace first loses the convolutions of the weights' zero
+tangents (:func:`drop_zero_weight_convolutions`).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ def batch_polymorphic(fn: Callable[..., Any], example_inputs: Callable[[int], tu
     for batch in TRACE_BATCHES:
         with torch.no_grad():
             traced.append(make_fx(fn, decomposition_table=core_aten_decompositions())(*example_inputs(batch)))
+        drop_zero_weight_convolutions(traced[-1])
     gm, other = traced
     nodes, other_nodes = list(gm.graph.nodes), list(other.graph.nodes)
     if len(nodes) != len(other_nodes) or any(a.op != b.op or a.target != b.target for a, b in zip(nodes, other_nodes)):
@@ -82,3 +84,54 @@ def batch_polymorphic(fn: Callable[..., Any], example_inputs: Callable[[int], tu
     graph.lint()
     gm.recompile()
     return gm
+
+
+def drop_zero_weight_convolutions(gm: fx.GraphModule) -> int:
+    """Remove, in place, each convolution whose weight is a zero constant (and its bias absent or zero) and whose users
+    are plain adds of a tensor of the sum's shape: the adds take that tensor. A convolution's forward-mode
+    derivative is conv(x_t, W) + conv(x, W_t), and the weight's zero tangent traces as ``expand(full(0))``, so the
+    JVP of a network holds one such convolution per convolution: as costly as the network's own, and adding
+    zeros. The two traces of :func:`batch_polymorphic` go through this alike (their shapes are concrete), so they
+    still match op for op. Returns the number removed."""
+    aten = torch.ops.aten
+
+    def source(node: Any) -> Any:
+        while isinstance(node, fx.Node) and node.target is aten.alias.default:
+            node = node.args[0]
+        return node
+
+    def is_zero_constant(node: Any) -> bool:
+        node = source(node)
+        if isinstance(node, fx.Node) and node.target is aten.expand.default:
+            node = source(node.args[0])
+        return isinstance(node, fx.Node) and node.target is aten.full.default and node.args[1] == 0
+
+    def shape(node: Any) -> tuple[int, ...] | None:
+        val = node.meta.get("val") if isinstance(node, fx.Node) else None
+        return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+
+    def other_addend(add: fx.Node, conv: fx.Node) -> fx.Node | None:
+        if add.target is not aten.add.Tensor or add.kwargs or len(add.args) != 2:
+            return None
+        a, b = add.args
+        other = b if a is conv else a
+        ok = isinstance(other, fx.Node) and other is not conv and shape(other) is not None \
+            and shape(other) == shape(add)
+        return other if ok else None
+
+    removed = 0
+    for conv in list(gm.graph.nodes):
+        if conv.target is not aten.convolution.default or not is_zero_constant(conv.args[1]) \
+                or (conv.args[2] is not None and not is_zero_constant(conv.args[2])):
+            continue
+        users = list(conv.users)
+        if not users or any(other_addend(add, conv) is None for add in users):
+            continue
+        for add in users:
+            add.replace_all_uses_with(other_addend(add, conv))
+            gm.graph.erase_node(add)
+        gm.graph.erase_node(conv)
+        removed += 1
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return removed

@@ -241,3 +241,29 @@ def test_dequantization_and_the_bits_per_dim_offset():
     again = dequantize(pixels[2:], (-1.0, 1.0), 3, 2, "philox4x32-10/box-muller/v1")
     assert np.array_equal(x[2:], again)  # per sample index
     assert not np.array_equal(x, dequantize(pixels, (-1.0, 1.0), 4, 0, "philox4x32-10/box-muller/v1"))
+
+
+def test_the_jvp_trace_drops_the_convolutions_of_zero_weight_tangents():
+    """jvp(conv) traces as conv(x_t, W) + conv(x, 0) + ...: the zero-weight convolutions go (half the network's
+    tangent convolutions), and the graph computes the same bits as the trace that keeps them (x + 0 = x)."""
+    from torch.func import jvp
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch._decomp import core_aten_decompositions
+
+    torch.manual_seed(int(np.random.default_rng().integers(2**31)))
+    net = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3, padding=1), torch.nn.GroupNorm(2, 4), torch.nn.SiLU(),
+                              torch.nn.Conv2d(4, 2, 1)).eval()
+
+    def step(x, v):
+        return jvp(net, (x,), (v,))
+
+    def convolutions(gm):
+        return sum(n.target is torch.ops.aten.convolution.default for n in gm.graph.nodes)
+
+    inputs = (torch.randn(7, 2, 5, 5), torch.randn(7, 2, 5, 5))
+    with torch.no_grad():
+        kept = make_fx(step, decomposition_table=core_aten_decompositions())(*inputs)
+        lean = batch_polymorphic(step, lambda b: (torch.randn(b, 2, 5, 5), torch.randn(b, 2, 5, 5)))
+        assert (convolutions(kept), convolutions(lean)) == (6, 4)  # 2 + 2 x 2 tangent convolutions, then 2 + 2
+        for want, got in zip(kept(*inputs), lean(*inputs)):
+            assert torch.isfinite(got).all() and torch.equal(got, want)
