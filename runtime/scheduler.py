@@ -213,14 +213,12 @@ class StepScheduler:
         failed = self._check(graph, rows, outputs) if self.nan_guard else set()
         finished: list[Job] = []
         leaving: list[_Row] = []
-        last_call = len(calls) - 1
         for k, row in enumerate(rows):
             if failed and row.job in failed:
                 continue
-            if row.call < last_call:
-                row.call += 1
-            elif row.step + 1 < self.program.steps:
-                row.step, row.call = row.step + 1, 0
+            at = self._next_position(row)
+            if at:
+                row.step, row.call = at
             else:  # its last call: the sample is done
                 row.job.result[row.index] = outputs[self.program.final][k]
                 row.job.remaining -= 1
@@ -335,8 +333,7 @@ class StepScheduler:
         return (row.step + 1, 0) if row.step + 1 < self.program.steps else ()
 
     def _lacks_noise(self, row: _Row, step: int, call: int) -> bool:
-        return any(self.program.noise_call(step, offset) not in row.noise
-                   for offset in self._noise_offsets[call].values())
+        return any(index not in row.noise for _, index in self.program.draws(self.program.calls[call], step))
 
     def _draw_noise(self, rows_at: list[tuple[_Row, int, int]]) -> list[tuple[_Row, dict[int, np.ndarray]]]:
         """The noise each row lacks for its call at (step, call): :data:`NOISE_CHUNK` consecutive noise calls of
