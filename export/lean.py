@@ -16,6 +16,9 @@ Conv), so every node the exporter leaves that a host does not need is time. The 
 - ``folded_residual_scales``: a residual block's ``(skip(x) + h) / √2`` where both terms are convolutions read by
   nothing else: the constant goes into both convs' weights and biases (one node and one pass over the
   activations less per block).
+- ``shared_initializers``: initializers equal in dtype, shape and bytes become one. The folds above write a new
+  initializer per use, so a graph that evaluates the network several times (PC, Heun, the likelihood's RK4 stages)
+  held one copy of each folded weight per evaluation.
 - dead nodes (whose outputs nothing reads) are dropped, then shapes are inferred again (strict).
 
 ``lean_graph`` applies them all; node counts and timings are in docs/cpu.md (``bench/graph_profile.py``).
@@ -27,7 +30,9 @@ from collections import defaultdict
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 from onnx import helper, numpy_helper
+from onnx_ir.passes.common import DeduplicateHashedInitializersPass
 
 
 def _shapes(model: onnx.ModelProto) -> dict[str, list]:
@@ -172,6 +177,16 @@ def folded_residual_scales(model: onnx.ModelProto) -> int:
     return removed
 
 
+def shared_initializers(model: onnx.ModelProto) -> int:
+    """Make equal initializers (dtype, shape and bytes) one, every reader of a copy reading the first (onnx_ir's
+    ``DeduplicateHashedInitializersPass``; graph inputs and outputs are left alone); returns the number removed."""
+    before = len(model.graph.initializer)
+    shared = ir.from_proto(model)
+    DeduplicateHashedInitializersPass()(shared)
+    model.CopyFrom(ir.to_proto(shared))
+    return before - len(model.graph.initializer)
+
+
 def drop_dead_nodes(model: onnx.ModelProto) -> int:
     """Remove nodes none of whose outputs is read (by a node or as a graph output), and unused initializers;
     returns the number of nodes removed."""
@@ -195,7 +210,7 @@ def lean_graph(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int]]
     model = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
     stats = {"nodes_before": len(model.graph.node), "static_reshapes": static_reshapes(model),
              "gemms_merged": merged_sibling_gemms(model), "residual_scales_folded": folded_residual_scales(model),
-             "dead_nodes": drop_dead_nodes(model)}
+             "initializers_shared": shared_initializers(model), "dead_nodes": drop_dead_nodes(model)}
     del model.graph.value_info[:]
     model = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
     onnx.checker.check_model(model, full_check=True)

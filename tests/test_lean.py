@@ -103,6 +103,33 @@ def test_residual_scale_folds_only_when_the_convs_feed_nothing_else(extra_reader
         np.testing.assert_allclose(g, r, rtol=1e-6, atol=1e-6)
 
 
+def test_a_network_evaluated_twice_keeps_one_copy_of_each_folded_weight():
+    """y = pair(x), z = pair(x2) with the same weights (a Heun or RK4 step evaluates its network 2 or 4 times): each
+    fold writes its own scaled copies, and the equal copies become one initializer that both convs read."""
+    model = _conv_pair_graph(False)
+    graph = model.graph
+    graph.input.append(_value("x2", ["batch", 3, 5, 5]))
+    graph.output.append(_value("z", ["batch", 4, 5, 5]))
+    for node in list(graph.node):
+        twin = onnx.NodeProto()
+        twin.CopyFrom(node)
+        twin.name += "_2"
+        twin.input[:] = ["x2" if i == "x" else (f"{i}_2" if i in ("a", "b", "s") else i) for i in node.input]
+        twin.output[:] = ["z" if o == "y" else f"{o}_2" for o in node.output]
+        graph.node.append(twin)
+    rng = np.random.default_rng()
+    x = rng.standard_normal((3, 3, 5, 5), dtype=np.float32)
+    ref = _run(model, {"x": x, "x2": -x})
+    lean, stats = lean_graph(model)
+    assert stats["residual_scales_folded"] == 2 and stats["initializers_shared"] == 4
+    assert len(lean.graph.initializer) == 4  # wa, ba, wb, bb over 2, once
+    y, z = _run(lean, {"x": x, "x2": -x})
+    np.testing.assert_allclose(y, ref[0], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(z, ref[1], rtol=1e-6, atol=1e-6)
+    y2, z2 = _run(lean, {"x": -x, "x2": x})
+    assert np.array_equal(y, z2) and np.array_equal(z, y2)  # both evaluations read the same weights
+
+
 def test_a_reshape_to_another_batch_keeps_its_computed_target():
     """Reshape(data, Shape(src)) where data's leading dimension is not src's: a constant 0 would copy the wrong one."""
     nodes = [helper.make_node("Shape", ["src"], ["s"], name="shape"),
