@@ -104,3 +104,33 @@ def prepare_out_dir(out: Path) -> None:
             pass
     except OSError as e:  # name --out, not the probe file
         raise OSError(e.errno, e.strerror, str(out)) from None
+
+
+def resources_arg(text: str) -> float:
+    """A Ray resource amount: a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def add_ray_args(p: argparse.ArgumentParser, rows: str, shard_size: int, description: str) -> None:
+    """The scale-out options (--ray, --shard-size, --workers, --worker-cpus, --worker-gpus); ``rows`` names what
+    a shard holds ("samples", "inputs")."""
+    g = p.add_argument_group("scale-out on Ray (needs vpsde[ray])", description)
+    g.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help=f"shard the {rows} over Ray workers: alone, a local Ray instance; or a cluster address "
+                        "(auto, HOST:PORT, ray://HOST:10001)")
+    g.add_argument("--shard-size", type=positive, default=shard_size, help=f"{rows} per shard file")
+    g.add_argument("--workers", type=positive, default=2, help="Ray actors, each with its own Sampler")
+    g.add_argument("--worker-cpus", type=resources_arg, default=1.0, help="CPUs Ray reserves per worker (>= 0)")
+    g.add_argument("--worker-gpus", type=resources_arg, default=0.0, help="GPUs Ray reserves per worker (>= 0)")
+
+
+def ray_options(args: argparse.Namespace) -> dict:
+    """The keyword arguments of vpsde.scale's drivers from the options :func:`add_ray_args` added."""
+    return {"shard_size": args.shard_size, "workers": args.workers, "worker_cpus": args.worker_cpus,
+            "worker_gpus": args.worker_gpus, "address": None if args.ray == "local" else args.ray}

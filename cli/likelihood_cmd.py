@@ -1,5 +1,5 @@
 """``vpsde likelihood``: log-likelihood and bits/dim of data under a likelihood bundle (likelihood.json + a
-histogram)."""
+histogram), in process or sharded on Ray."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import json
 import time
 from pathlib import Path
 
-from vpsde.cli.common import UsageError, add_expect_digest, positive, prepare_out_dir, threads_arg, u64
+from vpsde.cli.common import (UsageError, add_expect_digest, add_ray_args, positive, prepare_out_dir, ray_options,
+                               threads_arg, u64)
 from vpsde.runtime.backends import BACKENDS, DEVICES
 
 
@@ -36,6 +37,8 @@ def register(sub, fmt) -> None:
     p.add_argument("--device", default=None, choices=DEVICES, help="as for vpsde sample")
     p.add_argument("--threads", type=threads_arg, default=None, help="intra-op CPU threads, 1..1024 (default: all cores)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_ray_args(p, "inputs", 256, "--ray also writes OUT/shards/*.npy (log p per input, float64) and OUT/index.json "
+                 "(with the data's sha256); rerunning the same command resumes")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -57,10 +60,21 @@ def run(args: argparse.Namespace) -> None:
     value_range = tuple(m.model.value_range) if m.model.value_range else None
     points = dequantize(data.pixels, value_range, args.seed, args.first_sample, m.noise.generator) \
         if data.is_image else data.points
-    sampler = Sampler(bundle, backend=args.backend, device=args.device, progress=not args.no_progress,
-                      threads=args.threads)
     t0 = time.perf_counter()
-    logp = sampler.log_likelihood(points, seed=args.seed, batch_size=args.batch_size, first_sample=args.first_sample)
+    if args.ray is not None:
+        from vpsde.scale import likelihood_on_ray, load_samples
+
+        run_report = likelihood_on_ray(bundle, points, args.seed, args.out, first_sample=args.first_sample,
+                                       **ray_options(args), backend=args.backend, device=args.device,
+                                       threads=args.threads, batch_size=args.batch_size,
+                                       progress=not args.no_progress)
+        logp = np.asarray(load_samples(args.out))
+        print("\n".join(run_report.lines()))
+    else:
+        sampler = Sampler(bundle, backend=args.backend, device=args.device, progress=not args.no_progress,
+                          threads=args.threads)
+        logp = sampler.log_likelihood(points, seed=args.seed, batch_size=args.batch_size,
+                                      first_sample=args.first_sample)
     elapsed = time.perf_counter() - t0
     nll = -logp
     numel = int(np.prod(m.model.sample_shape))
@@ -76,7 +90,8 @@ def run(args: argparse.Namespace) -> None:
         **summarize(nll, bpd),
     }
     atomic_write_text(args.out / "likelihood.json", json.dumps(report, indent=1) + "\n")
-    print(f"{n} inputs in {elapsed:.2f} s ({1000 * elapsed / n:.2f} ms each, {m.sampler.steps} RK4 steps, "
+    print(f"{n} inputs in {elapsed:.2f} s{' on Ray' if args.ray is not None else ''} ({1000 * elapsed / n:.2f} ms "
+          f"each, {m.sampler.steps} RK4 steps, "
           f"{params.get('divergence')} divergence): {report['mean_bpd']:.4f} +- {report['stderr_bpd']:.4f} "
           f"bits/dim, mean nll {report['mean_nll']:.4f} nats")
     print(f"wrote {args.out / 'likelihood.json'}")

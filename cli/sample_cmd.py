@@ -7,7 +7,8 @@ import sys
 import time
 from pathlib import Path
 
-from vpsde.cli.common import UsageError, add_expect_digest, noise_id, positive, prepare_out_dir, threads_arg, u64
+from vpsde.cli.common import (UsageError, add_expect_digest, add_ray_args, noise_id, positive, prepare_out_dir,
+                               ray_options, threads_arg, u64)
 from vpsde.runtime.backends import BACKENDS, DEVICES
 from vpsde.runtime.loop import NAN_GUARD_CHOICES
 
@@ -47,17 +48,8 @@ def register(sub, fmt) -> None:
                         "range) or .npy [*sample_shape] / [num, *sample_shape] in the value range")
     p.add_argument("--mask", type=Path, default=None,
                    help="inpainting bundles: 1 where --known is kept; image (pixel > 127 = known) or .npy")
-    g = p.add_argument_group("scale-out on Ray (needs vpsde[ray])",
-                             "--ray writes OUT/shards/*.npy and OUT/index.json (read them with "
-                             "vpsde.scale.load_samples); rerunning the same command resumes")
-    g.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
-                   help="shard the samples over Ray workers: alone, a local Ray instance; or a cluster address "
-                        "(auto, HOST:PORT, ray://HOST:10001)")
-    g.add_argument("--shard-size", type=positive, default=1024, help="samples per shard file")
-    g.add_argument("--workers", type=positive, default=2, help="Ray actors, each with its own Sampler")
-    g.add_argument("--worker-cpus", type=resources_arg, default=1.0, help="CPUs Ray reserves per worker (>= 0)")
-    g.add_argument("--worker-gpus", type=resources_arg, default=0.0, help="GPUs Ray reserves per worker (>= 0)")
-
+    add_ray_args(p, "samples", 1024, "--ray writes OUT/shards/*.npy and OUT/index.json (read them with "
+                 "vpsde.scale.load_samples); rerunning the same command resumes")
 
 def run(args: argparse.Namespace) -> None:
     import numpy as np
@@ -108,9 +100,7 @@ def _sample_on_ray(args: argparse.Namespace, bundle, conditioning) -> None:
 
     t0 = time.perf_counter()
     report = sample_on_ray(bundle, args.num, args.seed, args.out, first_sample=args.first_sample,
-                           shard_size=args.shard_size, workers=args.workers, worker_cpus=args.worker_cpus,
-                           worker_gpus=args.worker_gpus, address=None if args.ray == "local" else args.ray,
-                           backend=args.backend, device=args.device, threads=args.threads,
+                           **ray_options(args), backend=args.backend, device=args.device, threads=args.threads,
                            batch_size=args.batch_size, generator=noise_id(args.noise), conditioning=conditioning,
                            progress=not args.no_progress)
     m = bundle.manifest
@@ -122,17 +112,6 @@ def _sample_on_ray(args: argparse.Namespace, bundle, conditioning) -> None:
         png = args.out / "grid.png"
         save_png(png, image_grid(first_samples(args.out, 64), tuple(m.model.value_range)))
         print(f"wrote {png}")
-
-
-def resources_arg(text: str) -> float:
-    """A Ray resource amount: a finite number >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
-    return value
 
 
 def _conditioning(args: argparse.Namespace, bundle) -> dict | None:

@@ -1,4 +1,5 @@
-"""Sampling a bundle on a Ray cluster: shards of the sample range on Ray actors, written by the driver.
+"""Sampling a bundle, or the log-likelihoods of a data set, on a Ray cluster: shards of the index range on Ray
+actors, written by the driver.
 
 Why actors (not Ray Data, not plain tasks): a worker's expensive state is its :class:`~vpsde.runtime.Sampler`
 (ONNX Runtime sessions, or TensorRT engines and CUDA buffers), which must be made once per worker process and
@@ -9,8 +10,9 @@ have to be re-cut into files named by sample range.
 
 The bundle travels in Ray's object store as its checked files (no shared file system needed); each worker writes
 them to a private temporary directory and loads them with ``expect_digest``, so a worker samples only the bundle
-the driver checked. Workers return samples; only the driver writes, shard by shard, atomically, and records each
-finished shard in the index, so a killed driver resumes where it stopped.
+the driver checked. A likelihood run's data travels the same way, once (each worker integrates its shards' rows).
+Workers return results; only the driver writes, shard by shard, atomically, and records each finished shard in the
+index, so a killed driver resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -30,10 +32,11 @@ import numpy as np
 
 from vpsde.runtime.bundle import Bundle
 from vpsde.runtime.errors import BackendUnavailable, InputError, VpsdeError, first_line
+from vpsde.runtime.likelihood import check_points
 from vpsde.runtime.noise import TORCH_ID
 from vpsde.runtime.progress import progress as progress_bar
 from vpsde.runtime.request import check_request, count
-from vpsde.scale.shards import RunKey, Shard, ShardedSamples, open_run, write_shard
+from vpsde.scale.shards import RunKey, Shard, ShardedSamples, data_digest, open_run, write_shard
 
 
 def bundle_payload(bundle: Bundle) -> dict[str, bytes]:
@@ -68,25 +71,37 @@ class ShardWorker:
         t0 = time.perf_counter()
         samples = self.sampler.sample(num, seed, first_sample=first, batch_size=self.batch_size or num, generator=generator,
                                       conditioning=conditioning)
-        return {"first": first, "num": num, "samples": samples, "seconds": time.perf_counter() - t0,
+        return self._result(first, num, samples, t0)
+
+    def log_likelihood(self, first: int, points: np.ndarray, lo: int, num: int, seed: int) -> dict[str, Any]:
+        """log p in nats, float64 [num], of rows ``lo .. lo + num - 1`` of ``points`` (the run's data), which are
+        inputs ``first .. first + num - 1``; with timing and who computed them."""
+        t0 = time.perf_counter()
+        logp = self.sampler.log_likelihood(points[lo:lo + num], seed, first_sample=first,
+                                           batch_size=self.batch_size or num)
+        return self._result(first, num, logp, t0)
+
+    def _result(self, first: int, num: int, values: np.ndarray, t0: float) -> dict[str, Any]:
+        return {"first": first, "num": num, "values": values, "seconds": time.perf_counter() - t0,
                 "worker": os.getpid(), "host": os.uname().nodename, "bundle_root": str(self.root),
                 "torch_imported": "torch" in sys.modules}
 
 
 @dataclass
 class RayRunReport:
-    """What a run did: shards computed and reused, and per worker (pid@host): samples and seconds."""
+    """What a run did: shards computed and reused, and per worker (pid@host): results (``unit``) and seconds."""
 
     run_dir: Path
     computed: int
     reused: int
     per_worker: dict[str, tuple[int, float]]
     torch_on_workers: bool
+    unit: str = "samples"
 
     def lines(self) -> list[str]:
         out = [f"{self.computed} shards computed, {self.reused} reused from an earlier run"]
         for worker, (n, secs) in sorted(self.per_worker.items()):
-            out.append(f"  worker {worker}: {n} samples in {secs:.2f} s ({n / max(secs, 1e-9):.1f} samples/s)")
+            out.append(f"  worker {worker}: {n} {self.unit} in {secs:.2f} s ({n / max(secs, 1e-9):.1f} {self.unit}/s)")
         return out
 
 
@@ -108,35 +123,96 @@ def sample_on_ray(bundle: Bundle | str | os.PathLike, num: int, seed: int, out: 
     so the samples equal ``Sampler.sample(num, seed, first_sample=..., batch_size=shard_size)`` bit for bit (portable
     noise; not for a ``coupling = batch`` corrector).
     """
+    bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(Path(bundle), expect_digest=expect_digest)
+    m = bundle.manifest
+    if m.sampler.task != "sample":
+        raise InputError(f"{bundle.root} computes likelihoods (sampler.task {m.sampler.task!r}): use "
+                         "likelihood_on_ray")
+    generator = _portable(generator or m.noise.generator)
+    if m.sampler.params.get("coupling") == "batch":
+        raise InputError(f"{bundle.root}: its corrector couples the samples of a batch (coupling = batch), so shards "
+                         "would not equal one process; export with --coupling per-sample to shard it")
+    request = check_request(m, seed, first_sample, num, conditioning)
+    seed, first_sample, num = request.seed, request.first_sample, request.num
+    key = RunKey(bundle.digest, seed, first_sample, num, count(shard_size, "shard_size", 1, None), generator,
+                 tuple(m.model.sample_shape))
+
+    def call(actor, shard: Shard, shared: Mapping[str, Any]):
+        lo = shard.first - first_sample
+        sliced = {k: v if v.ndim == len(m.model.sample_shape) else v[lo:lo + shard.num]
+                  for k, v in request.conditioning.items()}  # [*S] is shared; [num, *S] goes by shard
+        return actor.sample.remote(shard.first, shard.num, int(seed), generator, sliced or None)
+
+    return _run_shards(bundle, key, Path(out), call, {}, workers=workers, worker_cpus=worker_cpus,
+                       worker_gpus=worker_gpus, address=address, backend=backend, device=device, threads=threads,
+                       batch_size=batch_size, progress=progress, on_shard=on_shard, unit="samples")
+
+
+def likelihood_on_ray(bundle: Bundle | str | os.PathLike, points: np.ndarray, seed: int, out: str | os.PathLike, *,
+                      first_sample: int = 0, shard_size: int = 256, workers: int = 2, worker_cpus: float = 1,
+                      worker_gpus: float = 0, address: str | None = None, backend: str = "onnxruntime",
+                      device: str | None = None, threads: int | None = None, batch_size: int | None = None,
+                      expect_digest: str | None = None, progress: bool = True,
+                      on_shard: Callable[[dict[str, Any]], None] | None = None) -> RayRunReport:
+    """log p (nats) of each row of ``points`` (float32 [N, *sample_shape], in the model's space; images
+    dequantized first) under a likelihood ``bundle``, on Ray: row i is input ``first_sample + i``, its probes the
+    noise of that sample index under ``seed``. ``out/shards/`` gets one float64 .npy per ``shard_size`` inputs and
+    ``out/index.json`` the run's key (with the data's sha256) and each shard's sha256; :func:`load_samples` reads
+    them. Rerunning resumes; other data, bundle, seed, range or shard size is refused. The values equal
+    ``Sampler.log_likelihood(points, seed, first_sample=..., batch_size=shard_size)`` bit for bit; the other
+    arguments are :func:`sample_on_ray`'s."""
+    bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(Path(bundle), expect_digest=expect_digest)
+    m = bundle.manifest
+    if m.sampler.task != "likelihood":
+        raise InputError(f"{bundle.root} samples ({m.sampler.name}); likelihoods need a bundle exported with "
+                         "--sampler likelihood")
+    points = check_points(points, m)
+    request = check_request(m, seed, first_sample, len(points), None)
+    seed, first_sample = request.seed, request.first_sample
+    key = RunKey(bundle.digest, seed, first_sample, request.num, count(shard_size, "shard_size", 1, None),
+                 _portable(m.noise.generator), (), "float64", data_digest(points))
+
+    def call(actor, shard: Shard, shared: Mapping[str, Any]):
+        return actor.log_likelihood.remote(shard.first, shared["points"], shard.first - first_sample, shard.num,
+                                           int(seed))
+
+    return _run_shards(bundle, key, Path(out), call, {"points": points}, workers=workers, worker_cpus=worker_cpus,
+                       worker_gpus=worker_gpus, address=address, backend=backend, device=device, threads=threads,
+                       batch_size=batch_size, progress=progress, on_shard=on_shard, unit="inputs")
+
+
+def _portable(generator: str) -> str:
+    if generator == TORCH_ID:
+        raise InputError("the 'torch' noise generator depends on the batch; sharded sampling needs the portable "
+                         "philox generator")
+    return generator
+
+
+def _run_shards(bundle: Bundle, key: RunKey, run_dir: Path, call: Callable[[Any, Shard, Mapping[str, Any]], Any],
+                shared: Mapping[str, Any], *, workers: int, worker_cpus: float, worker_gpus: float,
+                address: str | None, backend: str, device: str | None, threads: int | None,
+                batch_size: int | None, progress: bool, on_shard: Callable[[dict[str, Any]], None] | None,
+                unit: str) -> RayRunReport:
+    """The shards of ``key`` not yet in ``run_dir``, computed by ``workers`` :class:`ShardWorker` actors:
+    ``call(actor, shard, refs)`` submits one (``refs``: ``shared``'s values put in Ray's object store once) and
+    returns its object ref; the driver writes each result as it arrives, two shards in flight per worker. ``unit``
+    names a shard's rows in the report ("samples", "inputs")."""
     try:
         import ray
     except ImportError:
         raise BackendUnavailable("--ray needs Ray: pip install 'vpsde[ray]' (make install has it)") from None
 
-    bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(Path(bundle), expect_digest=expect_digest)
-    m = bundle.manifest
-    generator = generator or m.noise.generator
-    if generator == TORCH_ID:
-        raise InputError("the 'torch' noise generator depends on the batch; sharded sampling needs the portable "
-                         "philox generator")
-    if m.sampler.params.get("coupling") == "batch":
-        raise InputError(f"{bundle.root}: its corrector couples the samples of a batch (coupling = batch), so shards "
-                         "would not equal one process; export with --coupling per-sample to shard it")
-    request = check_request(m, seed, first_sample, num, conditioning)
-    shard_size, workers = count(shard_size, "shard_size", 1, None), count(workers, "workers", 1, None)
-    seed, first_sample, num = request.seed, request.first_sample, request.num
-    run_dir = Path(out)
-    key = RunKey(bundle.digest, seed, first_sample, num, shard_size, generator, tuple(m.model.sample_shape))
-    index, todo = open_run(run_dir, key)
-    reused = len(key.shards()) - len(todo)
-    per_worker: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
-    torch_seen = False
-    started = False
+    workers = count(workers, "workers", 1, None)
     for name, value in (("worker_cpus", worker_cpus), ("worker_gpus", worker_gpus)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
             raise InputError(f"{name} must be a finite number >= 0, got {value!r}")
     if worker_cpus == 0 and worker_gpus == 0:
         raise InputError("worker_cpus and worker_gpus are both 0: a worker needs a CPU or a GPU")
+    index, todo = open_run(run_dir, key)
+    reused = len(key.shards()) - len(todo)
+    per_worker: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    torch_seen = False
+    started = False
     if todo:
         if not ray.is_initialized():
             if address and "://" not in address and address != "auto":
@@ -152,6 +228,7 @@ def sample_on_ray(bundle: Bundle | str | os.PathLike, num: int, seed: int, out: 
             actor = ray.remote(num_cpus=worker_cpus, num_gpus=worker_gpus, max_restarts=-1,
                                max_task_retries=-1)(ShardWorker)
             payload = ray.put(bundle_payload(bundle))
+            refs = {name: ray.put(value) for name, value in shared.items()}
             pool = [actor.remote(payload, bundle.digest, backend, device, threads or max(1, int(worker_cpus)),
                                  batch_size) for _ in range(workers)]
             queue = list(todo)
@@ -159,10 +236,7 @@ def sample_on_ray(bundle: Bundle | str | os.PathLike, num: int, seed: int, out: 
 
             def submit(w: int) -> None:
                 shard = queue.pop(0)
-                lo = shard.first - first_sample
-                sliced = {k: v if v.ndim == len(m.model.sample_shape) else v[lo:lo + shard.num]
-                          for k, v in request.conditioning.items()}  # [*S] is shared; [num, *S] goes by shard
-                running[pool[w].sample.remote(shard.first, shard.num, int(seed), generator, sliced or None)] = (shard, w)
+                running[call(pool[w], shard, refs)] = (shard, w)
 
             for w in range(len(pool)):
                 for _ in range(2):  # two in flight per worker: the next shard is queued while one runs
@@ -180,7 +254,7 @@ def sample_on_ray(bundle: Bundle | str | os.PathLike, num: int, seed: int, out: 
                             f"{type(cause).__name__}: {cause}" if cause is not None else str(e).splitlines()[0]
                         raise VpsdeError(f"shard {shard.first}..{shard.first + shard.num - 1} failed on a worker: "
                                          f"{why}") from None
-                    index.done[shard.first] = write_shard(run_dir, shard, result.pop("samples"))
+                    index.done[shard.first] = write_shard(run_dir, shard, result.pop("values"), key.dtype)
                     index.write(run_dir)
                     who = f"{result['worker']}@{result['host']}"
                     per_worker[who][0] += shard.num
@@ -198,7 +272,8 @@ def sample_on_ray(bundle: Bundle | str | os.PathLike, num: int, seed: int, out: 
                 ray.shutdown()
     if not index.complete:
         raise VpsdeError(f"{run_dir}: shards are missing after the run; rerun the same command to finish it")
-    return RayRunReport(run_dir, len(todo), reused, {k: (int(v[0]), v[1]) for k, v in per_worker.items()}, torch_seen)
+    return RayRunReport(run_dir, len(todo), reused, {k: (int(v[0]), v[1]) for k, v in per_worker.items()}, torch_seen,
+                        unit)
 
 
 def check_reachable(address: str, timeout: float = 5.0) -> None:

@@ -1,10 +1,13 @@
-"""A sharded sample set on disk: ``DIR/shards/<first>-<num>.npy`` files and ``DIR/index.json``.
+"""A sharded run on disk: ``DIR/shards/<first>-<num>.npy`` files and ``DIR/index.json``.
 
-Sample s of a bundle is a pure function of (bundle digest, seed, s) with the portable noise, so a run over
+Sample s of a bundle is a pure function of (bundle digest, seed, s) with the portable noise, and so is the log
+p of data point s under a likelihood bundle (its probes are noise of sample s) given the data, so a run over
 [first_sample, first_sample + num) is cut into index ranges (shards) that any worker may compute in any order.
 The index is rewritten atomically after every finished shard, so a run killed at any point resumes: shards whose
 files still match their recorded sha256 are kept, the rest are computed again. A run is identified by its
-bundle digest, seed, sample range, shard size and generator; a rerun with any of them changed is refused.
+bundle digest, seed, range, shard size, generator, result dtype and (likelihood runs) the data's sha256; a rerun
+with any of them changed is refused. A shard holds samples (float32 [num, *sample_shape]) or log-likelihoods
+(float64 [num]).
 
 The run directory gets the bundle's rules (docs/DESIGN.md, trust boundary): ``shards/`` must be a real directory,
 the index and every shard are opened without following a symlink and must be regular files, a shard is read from
@@ -57,9 +60,15 @@ class Shard:
         return f"{SHARD_DIR}/{self.first:020d}-{self.num:06d}.npy"
 
 
+DTYPES = ("float32", "float64")
+"""Shard dtypes: samples (float32), log-likelihoods (float64)."""
+
+
 @dataclass(frozen=True)
 class RunKey:
-    """What a run's samples depend on: equal keys give equal samples, shard by shard."""
+    """What a run's results depend on: equal keys give equal results, shard by shard. ``sample_shape`` is the
+    shape of one result (a sample's; () for a log-likelihood); ``data_sha256`` is :func:`data_digest` of the
+    points a likelihood run integrates ("" for sampling)."""
 
     bundle_digest: str
     seed: int
@@ -68,6 +77,8 @@ class RunKey:
     shard_size: int
     generator: str
     sample_shape: tuple[int, ...]
+    dtype: str = "float32"
+    data_sha256: str = ""
 
     def shards(self) -> list[Shard]:
         """[first_sample, first_sample + num) cut into ranges of ``shard_size`` (the last may be shorter)."""
@@ -92,8 +103,10 @@ class Index:
                   for s in self.key.shards() if s.first in self.done]
         key = asdict(self.key)
         key["sample_shape"] = list(self.key.sample_shape)
-        return json.dumps({"format": FORMAT, "version": VERSION, **key, "dtype": "float32",
-                           "complete": self.complete, "shards": shards}, indent=1) + "\n"
+        if not key["data_sha256"]:
+            del key["data_sha256"]
+        return json.dumps({"format": FORMAT, "version": VERSION, **key, "complete": self.complete,
+                           "shards": shards}, indent=1) + "\n"
 
     def write(self, run_dir: Path) -> None:
         with atomic_path(run_dir / INDEX_NAME) as tmp:
@@ -110,7 +123,8 @@ class Index:
                 raise ValueError(f"format {data.get('format')!r} version {data.get('version')!r}")
             key = RunKey(data["bundle_digest"], _integer(data, "seed"), _integer(data, "first_sample"),
                          _integer(data, "num"), _integer(data, "shard_size"), data["generator"],
-                         tuple(int(d) for d in data["sample_shape"]))
+                         tuple(int(d) for d in data["sample_shape"]), _choice(data, "dtype", DTYPES),
+                         _hex_digest(data, "data_sha256"))
             check_run_size(key.num, key.shard_size)
             done = {int(s["first"]): str(s["sha256"]) for s in data["shards"]}
         except BundleError as e:
@@ -125,6 +139,29 @@ def _integer(data: dict, field: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise ValueError(f"field {field!r}: expected an integer >= 0, got {value!r}")
     return value
+
+
+def _choice(data: dict, field: str, allowed: tuple[str, ...]) -> str:
+    value = data[field]
+    if value not in allowed:
+        raise ValueError(f"field {field!r}: expected one of {', '.join(allowed)}, got {value!r}")
+    return value
+
+
+def _hex_digest(data: dict, field: str) -> str:
+    """An optional sha256 (64 lowercase hex digits); "" when absent."""
+    value = data.get(field, "")
+    if value and not (isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)):
+        raise ValueError(f"field {field!r}: expected a sha256 (64 hex digits), got {value!r}")
+    return value
+
+
+def data_digest(points: np.ndarray) -> str:
+    """sha256 of a likelihood run's data: its dtype, shape and C-order bytes."""
+    points = np.ascontiguousarray(points)
+    sha = hashlib.sha256(f"{points.dtype.str} {points.shape}\n".encode())
+    sha.update(memoryview(points).cast("B"))
+    return sha.hexdigest()
 
 
 def check_run_size(num: int, shard_size: int) -> None:
@@ -169,9 +206,9 @@ def shard_matches(path: Path, sha256: str) -> bool:
     return sha == sha256
 
 
-def _map_shard(path: Path, sha256: str | None, shape: tuple[int, ...]) -> np.ndarray:
+def _map_shard(path: Path, sha256: str | None, shape: tuple[int, ...], dtype: str) -> np.ndarray:
     """Shard ``path`` memory-mapped read-only from the descriptor whose bytes matched ``sha256`` (None: not
-    checked): a float32 .npy of ``shape`` (no pickled objects: the header is parsed, nothing else)."""
+    checked): a .npy of ``dtype`` and ``shape`` (no pickled objects: the header is parsed, nothing else)."""
     fd, sha = _open_shard(path, digest=sha256 is not None)
     try:
         if sha != sha256:
@@ -184,20 +221,21 @@ def _map_shard(path: Path, sha256: str | None, shape: tuple[int, ...]) -> np.nda
                                (2, 0): np.lib.format.read_array_header_2_0}.get(version)
                 if read_header is None:
                     raise ValueError(f".npy format version {version}")
-                shape_read, fortran, dtype = read_header(f)
+                shape_read, fortran, dtype_read = read_header(f)
             except (ValueError, OSError, SyntaxError) as e:
                 raise VpsdeError(f"{path}: not a .npy array ({e})") from None
             offset = f.tell()
-        if dtype != np.float32 or fortran or tuple(shape_read) != shape:
-            raise VpsdeError(f"{path}: holds {dtype} {tuple(shape_read)}{' (Fortran order)' if fortran else ''}, "
-                             f"expected float32 {shape}")
-        size = os.fstat(fd).st_size
-        if size != offset + 4 * int(np.prod(shape)):
-            raise VpsdeError(f"{path}: {size} bytes, expected {offset + 4 * int(np.prod(shape))}")
+        want = np.dtype(dtype).newbyteorder("<")
+        if dtype_read != want or fortran or tuple(shape_read) != shape:
+            raise VpsdeError(f"{path}: holds {dtype_read} {tuple(shape_read)}{' (Fortran order)' if fortran else ''}, "
+                             f"expected {dtype} {shape}")
+        size, nbytes = os.fstat(fd).st_size, want.itemsize * int(np.prod(shape))
+        if size != offset + nbytes:
+            raise VpsdeError(f"{path}: {size} bytes, expected {offset + nbytes}")
         mapped = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
     finally:
         os.close(fd)
-    return np.frombuffer(mapped, np.float32, int(np.prod(shape)), offset).reshape(shape)
+    return np.frombuffer(mapped, want, int(np.prod(shape)), offset).reshape(shape)
 
 
 def open_run(run_dir: Path, key: RunKey) -> tuple[Index, list[Shard]]:
@@ -219,8 +257,8 @@ def open_run(run_dir: Path, key: RunKey) -> tuple[Index, list[Shard]]:
     if index.key != key:
         diff = ", ".join(f"{k} {getattr(index.key, k)!r} (now {getattr(key, k)!r})" for k in asdict(key)
                          if getattr(index.key, k) != getattr(key, k))
-        raise RunMismatch(f"{run_dir} holds samples of another run: {diff}; use another --out, or the same "
-                          "bundle, seed, range and shard size to resume it")
+        raise RunMismatch(f"{run_dir} holds another run: {diff}; use another --out, or the same bundle, seed, "
+                          "range, shard size (and data) to resume it")
     kept = {}
     for shard in key.shards():
         sha = index.done.get(shard.first)
@@ -231,10 +269,10 @@ def open_run(run_dir: Path, key: RunKey) -> tuple[Index, list[Shard]]:
     return index, [s for s in key.shards() if s.first not in kept]
 
 
-def write_shard(run_dir: Path, shard: Shard, samples: np.ndarray) -> str:
-    """Write one shard's samples (float32 [num, *sample_shape]) atomically; return the sha256 of the file."""
-    if samples.dtype != np.float32 or samples.shape[0] != shard.num:
-        raise InputError(f"shard {shard.file}: expected float32 with {shard.num} samples, got {samples.dtype} "
+def write_shard(run_dir: Path, shard: Shard, samples: np.ndarray, dtype: str = "float32") -> str:
+    """Write one shard's results (``dtype`` [num, *shape]) atomically; return the sha256 of the file."""
+    if samples.dtype != np.dtype(dtype) or samples.ndim < 1 or samples.shape[0] != shard.num:
+        raise InputError(f"shard {shard.file}: expected {dtype} with {shard.num} results, got {samples.dtype} "
                          f"{samples.shape}")
     path = run_dir / shard.file
     with atomic_path(path, suffix=".tmp.npy") as tmp:
@@ -244,8 +282,9 @@ def write_shard(run_dir: Path, shard: Shard, samples: np.ndarray) -> str:
 
 
 class ShardedSamples:
-    """The samples of a finished run, in index order, memory-mapped shard by shard: ``len()``, integer and slice
-    indexing (step 1), and ``np.asarray()`` for all of them at once. Every shard's sha256 is checked on open."""
+    """The results of a finished run (samples, or log-likelihoods), in index order, memory-mapped shard by shard:
+    ``len()``, integer and slice indexing (step 1), and ``np.asarray()`` for all of them at once. Every shard's
+    sha256 is checked on open."""
 
     def __init__(self, run_dir: str | os.PathLike, verify: bool = True) -> None:
         self.run_dir = Path(run_dir)
@@ -258,7 +297,7 @@ class ShardedSamples:
         for shard in self.index.key.shards():
             shape = (shard.num, *self.index.key.sample_shape)
             sha = self.index.done[shard.first] if verify else None
-            self._shards.append(_map_shard(self.run_dir / shard.file, sha, shape))
+            self._shards.append(_map_shard(self.run_dir / shard.file, sha, shape, self.index.key.dtype))
         self._starts = np.cumsum([0] + [len(a) for a in self._shards])
 
     @property
@@ -285,7 +324,7 @@ class ShardedSamples:
         return np.asarray(self._shards[k][i - self._starts[k]])
 
     def _range(self, start: int, stop: int) -> np.ndarray:
-        out = np.empty((max(0, stop - start), *self.index.key.sample_shape), dtype=np.float32)
+        out = np.empty((max(0, stop - start), *self.index.key.sample_shape), dtype=self.index.key.dtype)
         for k, arr in enumerate(self._shards):
             lo, hi = max(start, self._starts[k]), min(stop, self._starts[k + 1])
             if lo < hi:

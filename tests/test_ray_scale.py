@@ -78,7 +78,9 @@ def bundles(tmp_path_factory):
             "dpmpp": export_bundle(load_model("unet-random:channels=8", VPSDE()), root / "dpmpp", sampler="dpmpp-2m",
                                    steps=6, log=lambda _: None),
             "digits": export_bundle(load_model("digits", VPSDE()), root / "digits", steps=200, grid="uniform", value_range=(-1, 1),
-                                    log=lambda _: None)}
+                                    log=lambda _: None),
+            "likelihood": export_bundle(load_model("gmm:dim=3", VPSDE()), root / "likelihood", sampler="likelihood",
+                                        steps=6, log=lambda _: None)}
 
 
 def test_sharded_runs_equal_one_process_and_stay_torch_free(bundles, tmp_path):
@@ -153,7 +155,36 @@ def test_a_killed_driver_resumes_and_a_changed_run_is_refused(bundles, tmp_path)
     # the same directory with another seed (or shard size) is refused before any work
     r = subprocess.run(cli[:cli.index("--seed") + 1] + ["6"] + cli[cli.index("--seed") + 2:], capture_output=True,
                        text=True, timeout=120, env=_env())
-    assert r.returncode == 2 and "holds samples of another run: seed 5 (now 6)" in r.stderr, r.stderr
+    assert r.returncode == 2 and "holds another run: seed 5 (now 6)" in r.stderr, r.stderr
+
+
+def test_likelihoods_on_ray_equal_one_process_resume_and_refuse_other_data(bundles, tmp_path):
+    """`vpsde likelihood --ray`: 23 inputs in shards of 5 on 2 workers (a first index past 2^33, a fresh seed) give
+    the in-process log p bit for bit, float64 shards; a rerun reuses every shard; other data in the same directory
+    is refused before any work."""
+    b = bundles["likelihood"]
+    rng = np.random.default_rng()
+    points = rng.standard_normal((23, 3)).astype(np.float32)
+    np.save(tmp_path / "points.npy", points)
+    seed, first, out = int(rng.integers(2**63)), 2**33 + 1, tmp_path / "run"
+    cli = [sys.executable, "-m", "vpsde.cli.main", "likelihood", str(b.root), "--data", str(tmp_path / "points.npy"),
+           "--seed", str(seed), "--first-sample", str(first), "--ray", "--shard-size", "5", "--workers", "2",
+           "--no-progress", "--out", str(out)]
+    r = subprocess.run(_netns_command(cli), capture_output=True, text=True, timeout=600, env=_env())
+    assert r.returncode == 0 and "5 shards computed, 0 reused" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]
+    want = Sampler(b, progress=False).log_likelihood(points, seed, first_sample=first, batch_size=5)
+    got = np.asarray(load_samples(out))
+    assert got.dtype == np.float64 and np.isfinite(got).all()
+    np.testing.assert_array_equal(got, want)
+    assert json.loads((out / "likelihood.json").read_text())["nll"] == (-want).tolist()
+    index = json.loads((out / INDEX_NAME).read_text())
+    assert index["dtype"] == "float64" and index["sample_shape"] == [] and len(index["data_sha256"]) == 64
+    r = subprocess.run(_netns_command(cli), capture_output=True, text=True, timeout=600, env=_env())
+    assert r.returncode == 0 and "0 shards computed, 5 reused" in r.stdout, r.stderr[-3000:]
+    points[7, 1] += 1.0
+    np.save(tmp_path / "points.npy", points)
+    r = subprocess.run(cli, capture_output=True, text=True, timeout=120, env=_env())
+    assert r.returncode == 2 and "holds another run: data_sha256" in r.stderr, r.stderr
 
 
 def test_sigterm_to_a_ray_driver_exits_143(bundles, tmp_path):
@@ -215,10 +246,27 @@ def test_a_worker_checks_the_digest_of_what_it_received(bundles, tmp_path):
     payload = bundle_payload(bundles["em"])
     worker = ShardWorker(payload, bundles["em"].digest)
     got = worker.sample(5, 3, 9, None)
-    np.testing.assert_array_equal(got["samples"], Sampler(bundles["em"], progress=False).sample(3, 9, first_sample=5))
+    np.testing.assert_array_equal(got["values"], Sampler(bundles["em"], progress=False).sample(3, 9, first_sample=5))
     edited = dict(payload)
     edited["manifest.json"] = payload["manifest.json"].replace(b'"steps": 40', b'"steps": 41')
     with pytest.raises(BundleError, match="edited after export"):
         ShardWorker(edited, bundles["em"].digest)
     with pytest.raises(BundleError, match="not the bundle you pinned"):
         ShardWorker(payload, "0" * 64)
+
+
+def test_a_worker_computes_the_log_likelihoods_of_its_rows_and_tasks_do_not_mix(bundles):
+    from vpsde.runtime.errors import InputError
+    from vpsde.scale import likelihood_on_ray, sample_on_ray
+    from vpsde.scale.ray_sampling import ShardWorker, bundle_payload
+
+    b = bundles["likelihood"]
+    points = np.random.default_rng().standard_normal((9, 3)).astype(np.float32)
+    got = ShardWorker(bundle_payload(b), b.digest).log_likelihood(20, points, 4, 3, 7)
+    want = Sampler(b, progress=False).log_likelihood(points[4:7], 7, first_sample=20)
+    assert got["values"].dtype == np.float64 and np.isfinite(want).all()
+    np.testing.assert_array_equal(got["values"], want)
+    with pytest.raises(InputError, match="use likelihood_on_ray"):
+        sample_on_ray(b, 4, 0, "unused")
+    with pytest.raises(InputError, match="--sampler likelihood"):
+        likelihood_on_ray(bundles["em"], points, 0, "unused")

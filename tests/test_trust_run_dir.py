@@ -89,6 +89,8 @@ def test_a_shard_replaced_with_its_sha256_updated_is_a_one_line_error(tmp_path, 
     ({"num": -5}, "num"),
     ({"shard_size": "4"}, "shard_size"),
     ({"seed": 1.5}, "seed"),
+    ({"dtype": "object"}, "dtype"),
+    ({"data_sha256": "../../etc"}, "data_sha256"),
 ])
 def test_an_index_is_bounded_and_checked_before_use(tmp_path, edit, message):
     out = tmp_path / "out"
