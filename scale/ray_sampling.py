@@ -75,10 +75,10 @@ class ShardWorker:
 
     def log_likelihood(self, first: int, points: np.ndarray, lo: int, num: int, seed: int) -> dict[str, Any]:
         """log p in nats, float64 [num], of rows ``lo .. lo + num - 1`` of ``points`` (the run's data), which are
-        inputs ``first .. first + num - 1``; with timing and who computed them."""
+        inputs ``first .. first + num - 1``, in batches as ``Sampler.log_likelihood`` makes them (``batch_size``,
+        default 64 on the CPU); with timing and who computed them."""
         t0 = time.perf_counter()
-        logp = self.sampler.log_likelihood(points[lo:lo + num], seed, first_sample=first,
-                                           batch_size=self.batch_size or num)
+        logp = self.sampler.log_likelihood(points[lo:lo + num], seed, first_sample=first, batch_size=self.batch_size)
         return self._result(first, num, logp, t0)
 
     def _result(self, first: int, num: int, values: np.ndarray, t0: float) -> dict[str, Any]:
@@ -158,9 +158,10 @@ def likelihood_on_ray(bundle: Bundle | str | os.PathLike, points: np.ndarray, se
     dequantized first) under a likelihood ``bundle``, on Ray: row i is input ``first_sample + i``, its probes the
     noise of that sample index under ``seed``. ``out/shards/`` gets one float64 .npy per ``shard_size`` inputs and
     ``out/index.json`` the run's key (with the data's sha256) and each shard's sha256; :func:`load_samples` reads
-    them. Rerunning resumes; other data, bundle, seed, range or shard size is refused. The values equal
-    ``Sampler.log_likelihood(points, seed, first_sample=..., batch_size=shard_size)`` bit for bit; the other
-    arguments are :func:`sample_on_ray`'s."""
+    them. Rerunning resumes; other data, bundle, seed, range or shard size is refused. Workers integrate a shard in
+    batches of ``batch_size`` (default: ``Sampler.log_likelihood``'s, 64 on the CPU), so with ``shard_size`` a
+    multiple of it the values equal ``Sampler.log_likelihood(points, seed, first_sample=..., batch_size=...)`` bit
+    for bit; the other arguments are :func:`sample_on_ray`'s."""
     bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(Path(bundle), expect_digest=expect_digest)
     m = bundle.manifest
     if m.sampler.task != "likelihood":
