@@ -21,10 +21,13 @@ nats.
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
+import torch.nn.functional as F
 from torch.func import jvp
+from torch.overrides import TorchFunctionMode
 
 from vpsde.export.steps import Step, per_sample
 from vpsde.models.base import ScoreModel
@@ -35,6 +38,35 @@ PROBES = ("rademacher", "gaussian")
 MAX_EXACT_NUMEL = 64
 """The exact divergence takes one JVP per sample element and stage: beyond this many elements, use hutchinson."""
 MAX_PROBES = 16
+
+
+def group_norm_ops(x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                   eps: float) -> torch.Tensor:
+    """F.group_norm in plain ops (x [N, C, *], statistics per sample and group of C / groups channels, biased
+    variance), for forward-mode tracing: its derivative traces to fewer nodes than torch's group_norm rule."""
+    n, c = x.shape[:2]
+    grouped = x.reshape(n, groups, -1)
+    centered = grouped - grouped.mean(-1, keepdim=True)
+    rstd = torch.rsqrt((centered * centered).mean(-1, keepdim=True) + eps)
+    y = (centered * rstd).reshape(x.shape)
+    affine = (1, c, *([1] * (x.dim() - 2)))
+    if weight is not None:
+        y = y * weight.reshape(affine)
+    return y if bias is None else y + bias.reshape(affine)
+
+
+class PlainGroupNorm(TorchFunctionMode):
+    """While active, ``F.group_norm`` (and so ``nn.GroupNorm``) runs as :func:`group_norm_ops`."""
+
+    _signature = inspect.signature(F.group_norm)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is F.group_norm:
+            bound = self._signature.bind(*args, **(kwargs or {}))
+            bound.apply_defaults()
+            a = bound.arguments
+            return group_norm_ops(a["input"], a["num_groups"], a["weight"], a["bias"], a["eps"])
+        return func(*args, **(kwargs or {}))
 
 
 def probe_names(probes: int) -> list[str]:
@@ -93,7 +125,8 @@ class LikelihoodStep(Step):
         """f(x, t) and the per-element divergence terms g (module docstring), each [B, *sample_shape]."""
         trace = torch.zeros_like(x)
         for v in directions:
-            eps, jv = jvp(lambda y: self.model(y, t), (x,), (v,))
+            with PlainGroupNorm():
+                eps, jv = jvp(lambda y: self.model(y, t), (x,), (v,))
             trace = trace + v * jv
         if self.divergence == "hutchinson":
             trace = trace / len(directions)

@@ -271,3 +271,42 @@ def test_the_jvp_trace_drops_the_convolutions_of_zero_weight_tangents():
         assert (convolutions(kept), convolutions(lean)) == (6, 4)  # 2 + 2 x 2 tangent convolutions, then 2 + 2
         for want, got in zip(kept(*inputs), lean(*inputs)):
             assert torch.isfinite(got).all() and torch.equal(got, want)
+
+
+def test_plain_group_norm_and_its_forward_derivative_equal_torchs():
+    """The likelihood trace writes GroupNorm out in plain ops (export/likelihood.py): in float64 on fresh inputs
+    (mean far from 0, as activations can be) its values and its JVP equal nn.GroupNorm's to 1e-12, and the traced
+    step holds no native_group_norm (the rewrite is in effect)."""
+    from torch.func import jvp
+
+    from vpsde.export.likelihood import PlainGroupNorm
+
+    rng = np.random.default_rng()
+    torch.manual_seed(int(rng.integers(2**31)))
+    for shape, groups in (((3, 16, 8, 8), 4), ((2, 6, 5), 3), ((2, 8, 2, 3, 4), 8)):
+        norm = torch.nn.GroupNorm(groups, shape[1], eps=1e-6).double()
+        torch.nn.init.uniform_(norm.weight, 0.5, 1.5)
+        torch.nn.init.uniform_(norm.bias, -1.0, 1.0)
+        x = torch.randn(shape, dtype=torch.float64) * 3 + 5
+        v = torch.randn(shape, dtype=torch.float64)
+        with torch.no_grad():
+            want = jvp(norm, (x,), (v,))
+            with PlainGroupNorm():
+                got = jvp(norm, (x,), (v,))
+        for a, b in zip(got, want):
+            assert torch.isfinite(a).all() and float((a - b).abs().max()) < 1e-12 * float(b.abs().max())
+    from vpsde.export.likelihood import LikelihoodStep
+    from vpsde.models.base import TimeLabelAdapter
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3, padding=1), torch.nn.GroupNorm(2, 4),
+                              torch.nn.Conv2d(4, 2, 1)).eval()
+    step = LikelihoodStep(TimeLabelAdapter(lambda x, label: net(x), (2, 5, 5)), VPSDE()).eval()
+
+    def inputs(b):
+        return (torch.randn(b, 2, 5, 5), torch.zeros(b, 2, 5, 5), *(torch.full((b,), t) for t in (0.3, 0.35, 0.4, 0.1)),
+                torch.randn(b, 2, 5, 5))
+
+    with torch.no_grad():
+        traced = batch_polymorphic(step, inputs)
+    targets = {n.target for n in traced.graph.nodes}
+    assert torch.ops.aten.convolution.default in targets and torch.ops.aten.native_group_norm.default not in targets
