@@ -1,7 +1,13 @@
-"""Samples/s on Ray with 1 and 2 workers against the in-process Sampler, on one bundle, in one run.
+"""Samples/s (or log-likelihoods/s) on Ray with 1 and 2 workers against the in-process Sampler, on one bundle, in
+one run.
 
     make bench-ray                                   # runs this in a private network namespace (loopback only)
     python bench/ray_scaling.py --steps 50 --num 256 --shard-size 32 [--address ray://head:10001]
+    python bench/ray_scaling.py --likelihood --steps 8 --num 64 --shard-size 8 --batch-size 8   # log p of points
+
+With --likelihood the bundle is a likelihood bundle (default: digits, Hutchinson, --steps RK4 steps) and the
+inputs are the held-out digits dequantized as `vpsde likelihood` does (seed 0), cycled to --num; "samples" below
+then means inputs.
 
 Every contender uses one intra-op thread per worker, the same bundle, seed and batch size; the in-process run is
 timed before and after the Ray runs (both printed). Reported per Ray run: wall time (with Ray's and the workers'
@@ -31,26 +37,40 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--address", default=None, help="an existing Ray cluster (default: a local instance)")
+    p.add_argument("--likelihood", action="store_true", help="log-likelihoods of data (likelihood_on_ray)")
     args = p.parse_args()
 
     import numpy as np
     import ray
 
-    from vpsde.runtime import Sampler
+    from vpsde.runtime import Bundle, Sampler
     from vpsde.scale import load_samples
-    from vpsde.scale.ray_sampling import sample_on_ray
+    from vpsde.scale.ray_sampling import likelihood_on_ray, sample_on_ray
 
     work = Path(tempfile.mkdtemp(prefix="vpsde-bench-ray-"))
     bundle = args.bundle
     if bundle is None:
         from vpsde.export import VPSDE, export_bundle, load_model
 
-        bundle = export_bundle(load_model("digits", VPSDE()), work / "bundle", steps=args.steps, grid="uniform",
-                               log=lambda _: None).root
+        options = {"sampler": "likelihood"} if args.likelihood else {"grid": "uniform"}
+        bundle = export_bundle(load_model("digits", VPSDE()), work / "bundle", steps=args.steps,
+                               log=lambda _: None, **options).root
+    points = held_out_points(args.num, Bundle.load(bundle).manifest.noise.generator) if args.likelihood else None
+
     def in_process() -> tuple[float, "np.ndarray"]:
         t0 = time.perf_counter()
-        x = Sampler(bundle, progress=False, threads=1).sample(args.num, seed=0, batch_size=args.batch_size)
+        sampler = Sampler(bundle, progress=False, threads=1)
+        x = sampler.log_likelihood(points, 0, batch_size=args.batch_size) if args.likelihood else \
+            sampler.sample(args.num, seed=0, batch_size=args.batch_size)
         return args.num / (time.perf_counter() - t0), x
+
+    def on_ray(k: int, out: Path, on_shard) -> None:
+        common = dict(shard_size=args.shard_size, workers=k, batch_size=args.batch_size, threads=1, progress=False,
+                      on_shard=on_shard)
+        if args.likelihood:
+            likelihood_on_ray(bundle, points, 0, out, **common)
+        else:
+            sample_on_ray(bundle, args.num, 0, out, **common)
 
     before, reference = in_process()
     rows = []
@@ -60,18 +80,17 @@ def main() -> None:
         done: list[tuple[float, int, float]] = []  # (arrival time, samples, compute seconds)
         out = work / f"ray{k}"
         t0 = time.perf_counter()
-        sample_on_ray(bundle, args.num, 0, out, shard_size=args.shard_size, workers=k, batch_size=args.batch_size,
-                      threads=1, progress=False,
-                      on_shard=lambda r: done.append((time.perf_counter(), r["num"], r["seconds"])))
+        on_ray(k, out, lambda r: done.append((time.perf_counter(), r["num"], r["seconds"])))
         wall = time.perf_counter() - t0
         ray.shutdown()
-        assert np.array_equal(np.asarray(load_samples(out)), reference), "Ray samples differ from the in-process run"
+        assert np.array_equal(np.asarray(load_samples(out)), reference), "Ray results differ from the in-process run"
         window = done[-1][0] - min(t - secs for t, _, secs in done)
         compute = sum(secs for _, _, secs in done)
         rows.append((k, wall, args.num / window, args.num / compute, 1 - compute / (k * window)))
     after, _ = in_process()
     inproc = (before + after) / 2
-    print(f"machine: {os.cpu_count()} cores; bundle {bundle}; {args.num} samples, shards of {args.shard_size}, "
+    what = "log-likelihoods" if args.likelihood else "samples"
+    print(f"machine: {os.cpu_count()} cores; bundle {bundle}; {args.num} {what}, shards of {args.shard_size}, "
           f"batch {args.batch_size}")
     print(f"in-process Sampler (1 thread): {before:.1f} samples/s before the Ray runs, {after:.1f} after")
     print("| workers | wall s (with start-up) | samples/s (window) | vs in-process | worker rate | per-shard overhead |")
@@ -79,6 +98,18 @@ def main() -> None:
     for k, wall, rate, worker_rate, overhead in rows:
         print(f"| {k} | {wall:.1f} | {rate:.1f} | {rate / inproc:.2f}x | {worker_rate:.1f} | {overhead:.0%} |")
     sys.stdout.flush()
+
+
+def held_out_points(num: int, generator: str):
+    """float32 [num, 1, 16, 16]: the held-out digits as 8-bit images, dequantized (seed 0), cycled to ``num``."""
+    import numpy as np
+
+    from likelihood_digits import to_pixels  # bench/, next to this script
+    from vpsde.models.digits_data import train_heldout_split
+    from vpsde.runtime.likelihood import dequantize
+
+    _, (held, _) = train_heldout_split()
+    return dequantize(to_pixels(held)[np.arange(num) % len(held)], (-1.0, 1.0), 0, 0, generator)
 
 
 if __name__ == "__main__":
