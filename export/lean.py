@@ -17,8 +17,8 @@ Conv), so every node the exporter leaves that a host does not need is time. The 
   nothing else: the constant goes into both convs' weights and biases (one node and one pass over the
   activations less per block).
 - ``shared_initializers``: initializers equal in dtype, shape and bytes become one. The folds above write a new
-  initializer per use, so a graph that evaluates the network several times (PC, Heun, the likelihood's RK4 stages)
-  held one copy of each folded weight per evaluation.
+  initializer per use, so a graph that evaluates the network several times (ode-heun, edm-heun, the likelihood's
+  RK4 stages) held one copy of each folded weight per evaluation.
 - dead nodes (whose outputs nothing reads) are dropped, then shapes are inferred again (strict).
 
 ``lean_graph`` applies them all; node counts and timings are in docs/cpu.md (``bench/graph_profile.py``).

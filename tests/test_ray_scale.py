@@ -255,7 +255,7 @@ def test_a_worker_checks_the_digest_of_what_it_received(bundles, tmp_path):
         ShardWorker(payload, "0" * 64)
 
 
-def test_a_worker_computes_the_log_likelihoods_of_its_rows_and_tasks_do_not_mix(bundles):
+def test_a_worker_computes_the_log_likelihoods_of_its_rows_and_tasks_do_not_mix(bundles, tmp_path):
     from vpsde.runtime.errors import InputError
     from vpsde.scale import likelihood_on_ray, sample_on_ray
     from vpsde.scale.ray_sampling import ShardWorker, bundle_payload
@@ -267,6 +267,7 @@ def test_a_worker_computes_the_log_likelihoods_of_its_rows_and_tasks_do_not_mix(
     assert got["values"].dtype == np.float64 and np.isfinite(want).all()
     np.testing.assert_array_equal(got["values"], want)
     with pytest.raises(InputError, match="use likelihood_on_ray"):
-        sample_on_ray(b, 4, 0, "unused")
+        sample_on_ray(b, 4, 0, tmp_path / "a")
     with pytest.raises(InputError, match="--sampler likelihood"):
-        likelihood_on_ray(bundles["em"], points, 0, "unused")
+        likelihood_on_ray(bundles["em"], points, 0, tmp_path / "b")
+    assert not any(tmp_path.iterdir())  # refused before any run directory was made
