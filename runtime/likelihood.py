@@ -121,6 +121,13 @@ def dequantize(pixels: np.ndarray, value_range: tuple[float, float], seed: int, 
     return (lo + (hi - lo) * (pixels.astype(np.float64) + u) / 256.0).astype(np.float32)
 
 
+def row_log_likelihood(final: np.ndarray) -> np.ndarray:
+    """A likelihood program's final output (float32 [N, *sample_shape]: log p of the prior at x(1) plus the
+    integrated divergence, per element) -> log p(x) in nats, float64 [N]: each row summed in float64 in element
+    order (cumsum adds in sequence, sum would pair), the order of the C++ host, so every host gives the same bits."""
+    return np.cumsum(final.reshape(len(final), -1), axis=1, dtype=np.float64)[:, -1]
+
+
 def bits_offset(value_range: tuple[float, float] | None, is_image: bool) -> float:
     """What bits/dim adds to nll / (D ln 2): 8 - log2(hi - lo) for images, 0 for real-valued points."""
     return 8.0 - math.log2(value_range[1] - value_range[0]) if is_image else 0.0

@@ -16,7 +16,7 @@ from vpsde.runtime.backends import MAX_THREADS, open_backend
 from vpsde.runtime.bundle import Bundle
 from vpsde.runtime.digest import check_digest_text
 from vpsde.runtime.errors import BundleError, InputError, NonFiniteError
-from vpsde.runtime.likelihood import check_points
+from vpsde.runtime.likelihood import check_points, row_log_likelihood
 from vpsde.runtime.loop import NAN_GUARD_CHOICES, DeviceLoop
 from vpsde.runtime.manifest import Manifest
 from vpsde.runtime.noise import GENERATORS, TORCH_ID, make_noise
@@ -147,10 +147,8 @@ class Sampler:
             for lo in range(0, num, batch_size):
                 batch = np.ascontiguousarray(data[lo:lo + batch_size])
                 noise = make_noise(generator, request.seed)
-                logp = self._run_batch(noise, batch, request.first_sample + lo, bar, None, {}, steps)
-                # each row summed in float64 in element order (cumsum adds in sequence; sum would pair): the C++ host's
-                # order too, so both give the same bits
-                out[lo:lo + len(batch)] = np.cumsum(logp.reshape(len(batch), -1), axis=1, dtype=np.float64)[:, -1]
+                final = self._run_batch(noise, batch, request.first_sample + lo, bar, None, {}, steps)
+                out[lo:lo + len(batch)] = row_log_likelihood(final)
         return out
 
     def batch_size_for(self, num: int, batch_size: int | None = None, generator: str | None = None) -> int:

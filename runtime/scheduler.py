@@ -1,6 +1,7 @@
 """Continuous batching of a bundle's program: rows of different requests, at different steps, share graph calls.
 
-A request (seed, first_sample, num, conditioning) becomes ``num`` rows, one per sample index. Rows wait and join the
+A request (seed, first_sample, num, conditioning) becomes ``num`` rows, one per sample index; a row of a sampling
+program starts at its prior draw (noise call 0), a row of a likelihood program at its data point. Rows wait and join the
 running set when a slot frees (at most ``slots`` rows run), a freed slot going to the waiting request with the fewest
 rows running (on a tie, round robin: the one whose rows took a slot least recently), so one-sample requests are not
 stuck behind large ones; each row walks the compiled program
@@ -12,10 +13,10 @@ offset)`` of its (seed, sample index), as offline) and its conditioning, padded 
 batch shapes with copies of a real row whose outputs are dropped. A row leaves when its last call returns; a request
 finishes when its last row does.
 
-Each row's values equal offline sampling's (``Sampler.sample``) bit for bit **if the backend is row-invariant**: a
-row's output may not depend on its batch-mates, its position or the batch size. :func:`probe_row_invariance` checks
-that on the backend as it opens (random rows, permuted, at every batch shape); where it fails, callers serve each
-request as its own batch instead (``serving/triton_model.py``).
+Each row's values equal offline sampling's (``Sampler.sample``, ``Sampler.log_likelihood``) bit for bit **if the
+backend is row-invariant**: a row's output may not depend on its batch-mates, its position or the batch size.
+:func:`probe_row_invariance` checks that on the backend as it opens (random rows, permuted, at every batch shape);
+where it fails, callers serve each request as its own batch instead (``serving/triton_model.py``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from vpsde.runtime.errors import InputError, NonFiniteError, VpsdeError
+from vpsde.runtime.likelihood import row_log_likelihood
 from vpsde.runtime.loop import OpenBackend
 from vpsde.runtime.manifest import Manifest
 from vpsde.runtime.noise import PHILOX_ID, PhiloxNoise
@@ -42,7 +44,8 @@ class QueueFull(VpsdeError):
 
 @dataclass(eq=False)
 class Job:
-    """One request in the scheduler: its rows' results (float32 [num, *sample_shape]), filled as they finish."""
+    """One request in the scheduler: its rows' results, filled as they finish: samples float32 [num, *sample_shape]
+    (sampling), or log p(x) in nats float64 [num] (likelihood)."""
 
     request: Request
     result: np.ndarray
@@ -63,7 +66,7 @@ class _Row:
     job: Job
     index: int  # offset within the request: sample first_sample + index
     order: int  # when the row joined (its place in the FIFO)
-    values: dict[str, np.ndarray]  # x and each state at the start, float32 [*sample_shape]; go to its slot on joining
+    values: dict[str, np.ndarray]  # x (prior draw or data point) and each state at the start, float32 [*sample_shape]
     conditioning: dict[str, np.ndarray]
     step: int = 0
     call: int = 0  # index into Program.calls
@@ -95,7 +98,7 @@ class StepScheduler:
     """Continuous batching over one opened backend (module docstring).
 
     Args:
-        manifest: the bundle's manifest (a sampling task, the portable noise generator).
+        manifest: the bundle's manifest (a sampling or likelihood task, the portable noise generator).
         backend: the opened graphs (``open_backend``): one runner per graph key and their device.
         slots: the most rows in flight (the largest batch shape by default).
         shapes: the batch shapes graph calls are padded to (default :func:`batch_shapes`); the largest bounds a call.
@@ -107,8 +110,6 @@ class StepScheduler:
 
     def __init__(self, manifest: Manifest, backend: OpenBackend, slots: int = 16, shapes: tuple[int, ...] | None = None,
                  max_queued: int = 1024, nan_guard: bool = True, prefetch_noise: bool = True) -> None:
-        if manifest.sampler.task != "sample":
-            raise InputError(f"continuous batching runs sampling programs, not sampler.task {manifest.sampler.task!r}")
         if manifest.noise.generator != PHILOX_ID:
             raise InputError(f"noise.generator {manifest.noise.generator!r} depends on the batch; continuous batching "
                              f"needs the portable generator {PHILOX_ID!r}")
@@ -141,6 +142,7 @@ class StepScheduler:
         self._rolled = {key: [(s.name, self.program.rolling_of_output[s.name]) for s in graph.outputs
                               if s.name in self.program.rolling_of_output] for key, graph in manifest.graphs.items()}
         self._noise_pool = ThreadPoolExecutor(1, thread_name_prefix="vpsde-noise") if prefetch_noise else None
+        self._sampling = self.program.task == "sample"
 
     @classmethod
     def open(cls, bundle, backend: str = "onnxruntime", device: str | None = None, threads: int | None = None,
@@ -159,19 +161,30 @@ class StepScheduler:
         return sched, probe_row_invariance(bundle.manifest, opened, sched.shapes)
 
     # -- requests ---------------------------------------------------------------------------------------------------
-    def submit(self, request: Request, tag: Any = None) -> Job:
-        """Queue a checked request (``runtime/request.py``); its rows join as slots free up."""
+    def submit(self, request: Request, tag: Any = None, data: np.ndarray | None = None) -> Job:
+        """Queue a checked request (``runtime/request.py``); its rows join as slots free up. A likelihood program
+        takes ``data``, the request's points checked as ``Sampler.log_likelihood`` checks them
+        (``runtime/likelihood.py``'s ``check_points``), float32 [num, *sample_shape]."""
+        likelihood = not self._sampling
+        if likelihood != (data is not None):
+            raise InputError("a likelihood program scores data points: pass data=[num, *sample_shape]" if likelihood
+                             else f"a {self.program.task} program takes no data")
+        if likelihood and (data.dtype != np.float32 or data.shape != (request.num, *self.sample_shape)):
+            raise InputError(f"data: expected float32 {[request.num, *self.sample_shape]}, got {data.dtype} "
+                             f"{list(data.shape)}")
         live = [j for j in self.jobs if not j.done]
         if len(live) >= self.max_queued:
             raise QueueFull(f"the scheduler holds {len(live)} requests (max_queued {self.max_queued}); retry later")
         noise = PhiloxNoise(request.seed)
-        job = Job(request, np.empty((request.num, *self.sample_shape), np.float32), request.num, noise, tag=tag)
-        prior = noise(0, request.first_sample, request.num, self.sample_shape)
+        result = np.empty(request.num, np.float64) if likelihood else \
+            np.empty((request.num, *self.sample_shape), np.float32)
+        job = Job(request, result, request.num, noise, tag=tag)
+        start = data if likelihood else noise(0, request.first_sample, request.num, self.sample_shape)
         cond = request.conditioning_for(request.first_sample, request.num, self.sample_shape)
         zeros = np.zeros(self.sample_shape, np.float32)
         for i in range(request.num):
             values = {name: zeros for name in self.program.rolling}
-            values["x"] = prior[i]
+            values["x"] = start[i]
             self.waiting.setdefault(job, deque()).append(
                 _Row(job, i, next(self._order), values, {k: v[i] for k, v in cond.items()}))
         self.jobs.append(job)
@@ -219,8 +232,9 @@ class StepScheduler:
             at = self._next_position(row)
             if at:
                 row.step, row.call = at
-            else:  # its last call: the sample is done
-                row.job.result[row.index] = outputs[self.program.final][k]
+            else:  # its last call: the sample (or the log-likelihood) is done
+                final = outputs[self.program.final][k]
+                row.job.result[row.index] = final if self._sampling else row_log_likelihood(final[None])[0]
                 row.job.remaining -= 1
                 if row.job.remaining == 0:
                     finished.append(row.job)
@@ -364,7 +378,8 @@ class StepScheduler:
                 if row.job.error is None:
                     row.job.error = NonFiniteError(
                         f"graph {graph!r} produced NaN/Inf in output {name!r} at step {row.step} (of "
-                        f"0..{self.program.steps - 1}) in sample {row.job.request.first_sample + row.index}")
+                        f"0..{self.program.steps - 1}) in {'sample' if self._sampling else 'input'} "
+                        f"{row.job.request.first_sample + row.index}")
                 failed.add(row.job)
         if failed:
             self.waiting = {j: rows for j, rows in self.waiting.items() if j not in failed}
