@@ -83,9 +83,10 @@ def _triton_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--instances", type=positive, default=1, help="model instances, each with its own Sampler")
     p.add_argument("--batching", default="continuous", choices=["continuous", "per-request"],
                    help="continuous: rows of all requests share graph calls step by step, requests joining and leaving "
-                        "at step boundaries, responses bit-identical to offline sampling (likelihood bundles, the "
-                        "'torch' noise generator and backends failing the row-invariance probe are served per request, "
-                        "with a log line); per-request: each request sampled as its own batch")
+                        "at step boundaries (a likelihood model: each point a row), responses bit-identical to offline "
+                        "sampling and Sampler.log_likelihood (the 'torch' noise generator and backends failing the "
+                        "row-invariance probe are served per request, with a log line); per-request: each request run "
+                        "as its own batch")
     p.add_argument("--slots", type=positive, default=16, help="continuous batching: the most rows in flight")
     p.add_argument("--threads", type=threads_arg, default=1,
                    help="intra-op CPU threads per instance (scale with --instances)")

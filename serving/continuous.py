@@ -1,7 +1,7 @@
 """A thread that drives a :class:`~vpsde.runtime.scheduler.StepScheduler` for a server: requests are handed in from
 any thread with a reply callback, the loop ticks while there is work, and each request's callback gets its samples
-(or its one-line error) as soon as its last row finishes. Transport-free: the Triton model (``triton_model.py``)
-passes callbacks that send Triton responses."""
+(its log-likelihoods, for a likelihood bundle) or its one-line error as soon as its last row finishes.
+Transport-free: the Triton model (``triton_model.py``) passes callbacks that send Triton responses."""
 
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ REPORT_S = 0.1
 """How often, at most, the loop reports its status while it has work (and once as it falls idle)."""
 
 Reply = Callable[[np.ndarray | None, str | None], None]
-"""reply(samples float32 [num, *sample_shape], None) or reply(None, one-line error)."""
+"""reply(result, None) or reply(None, one-line error); the result is :class:`Job`'s (samples float32
+[num, *sample_shape], or log p float64 [num])."""
 
 
 class ContinuousLoop:
@@ -32,17 +33,19 @@ class ContinuousLoop:
         """``on_tick(status())`` is called from the loop's thread when the status changed, at most every
         :data:`REPORT_S` while there is work and once as the loop falls idle (metrics)."""
         self.scheduler, self.on_tick = scheduler, on_tick
-        self._inbox: list[tuple[Request, Reply, Callable[[], bool]]] = []
+        self._inbox: list[tuple[Request, np.ndarray | None, Reply, Callable[[], bool]]] = []
         self._wake = threading.Condition()
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="vpsde-continuous", daemon=True)
         self._thread.start()
 
-    def submit(self, request: Request, reply: Reply, cancelled: Callable[[], bool] = lambda: False) -> None:
-        """Queue ``request`` (checked); ``reply`` is called once, from the loop's thread; ``cancelled()`` is polled
+    def submit(self, request: Request, reply: Reply, cancelled: Callable[[], bool] = lambda: False,
+               data: np.ndarray | None = None) -> None:
+        """Queue ``request`` (checked; a likelihood bundle's with its checked ``data``, as
+        :meth:`StepScheduler.submit`); ``reply`` is called once, from the loop's thread; ``cancelled()`` is polled
         every :data:`CANCEL_POLL_S` (a client that went away frees its rows)."""
         with self._wake:
-            self._inbox.append((request, reply, cancelled))
+            self._inbox.append((request, data, reply, cancelled))
             self._wake.notify()
 
     def status(self) -> dict[str, int]:
@@ -67,10 +70,10 @@ class ContinuousLoop:
                 if self._stop:
                     return
                 arrived, self._inbox = self._inbox, []
-            for request, reply, cancelled in arrived:
+            for request, data, reply, cancelled in arrived:
                 try:
-                    sched.submit(request, tag=(reply, cancelled))
-                except VpsdeError as e:  # a full queue: this request only
+                    sched.submit(request, tag=(reply, cancelled), data=data)
+                except VpsdeError as e:  # a full queue (or data that does not fit): this request only
                     _send(reply, None, str(e))
             if time.monotonic() >= next_poll:  # asking the server costs a round trip per request: not every tick
                 next_poll = time.monotonic() + CANCEL_POLL_S

@@ -83,7 +83,7 @@ def write_repository(bundle: Bundle | str | Path, out: str | Path, *, name: str 
     Sampler); ``threads``: intra-op CPU threads per instance (None: all cores; the default 1 leaves the cores to
     the instances: scale with ``instances``); ``batching``: "continuous" (rows of all requests share graph calls step
     by step, ``slots`` rows in flight: ``serving/triton_model.py`` says when a bundle is served per request instead)
-    or "per-request" (each request sampled as its own batch)."""
+    or "per-request" (each request run as its own batch)."""
     bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(Path(bundle))
     if not is_plain_name(name):
         raise InputError(f"--name: expected a plain model name (letters, digits, '_', '.', '-'), got {name!r}")

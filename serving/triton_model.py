@@ -9,18 +9,19 @@ round a row differently depending on the batch it sits in (measured: fused reque
 float32 ulp, 5.96e-8). A bad request gets Triton's error with vpsde's one-line message and the instance keeps
 serving.
 
-With ``batching`` "continuous" (the default) a sampling bundle is served by the step scheduler instead
+With ``batching`` "continuous" (the default) a bundle is served by the step scheduler instead
 (``runtime/scheduler.py`` on a thread, ``serving/continuous.py``): ``execute`` hands each request over and returns;
 the request's one response goes through its response sender when its last row finishes, so rows of all requests
-share graph calls step by step and responses are still bit-identical to offline sampling. Served per request
-instead, with one log line saying why: likelihood bundles, the batch-dependent 'torch' noise generator, and
-backends that fail the row-invariance probe as the model loads (the mixture's small GEMMs do). The scheduler's
-rows in flight and waiting are Triton gauges (``vpsde_rows_running``, ``vpsde_rows_waiting``, ``vpsde_slots``)
-on the metrics port when the server has one (``vpsde serve --metrics-port``).
+share graph calls step by step and responses are still bit-identical to offline sampling (and to
+``Sampler.log_likelihood``). Served per request instead, with one log line saying why: the batch-dependent 'torch'
+noise generator, and backends that fail the row-invariance probe as the model loads (the mixture's small GEMMs do).
+The scheduler's rows in flight and waiting are Triton gauges (``vpsde_rows_running``, ``vpsde_rows_waiting``,
+``vpsde_slots``) on the metrics port when the server has one (``vpsde serve --metrics-port``).
 
-A likelihood bundle (``sampler.task`` "likelihood") is served per request with its own request type: ``seed``,
-``first_sample`` and ``data`` (float32 [1, N, *sample_shape], points in the model's space) in, ``logp`` (float64
-[1, N], nats) out, equal to ``Sampler.log_likelihood(data, seed, first_sample=...)`` in-process bit for bit.
+A likelihood bundle (``sampler.task`` "likelihood") has its own request type: ``seed``, ``first_sample`` and
+``data`` (float32 [1, N, *sample_shape], points in the model's space) in, ``logp`` (float64 [1, N], nats) out, equal
+to ``Sampler.log_likelihood(data, seed, first_sample=...)`` in-process bit for bit, each point a row of the
+scheduler as a sample is.
 """
 
 from __future__ import annotations
@@ -118,7 +119,7 @@ class TritonPythonModel:
         if params.get("batching", "per-request") == "continuous":
             reason = self._open_continuous(params, threads, config.get("name", "vpsde"), args.get("model_instance_name", ""))
             if reason is not None:  # never change bits silently: one batch per request, as offline sampling
-                print(f"vpsde: continuous batching off, each request is sampled as its own batch: {reason}", flush=True)
+                print(f"vpsde: continuous batching off, each request runs as its own batch: {reason}", flush=True)
 
     def _open_continuous(self, params: dict[str, str], threads: int | None, model: str, instance: str) -> str | None:
         """Start the scheduler's loop -> None, or why this bundle is served per request."""
@@ -127,8 +128,6 @@ class TritonPythonModel:
         from vpsde.serving.continuous import ContinuousLoop
 
         manifest = self.bundle.manifest
-        if self.task != "sample":
-            return f"a {self.task} bundle has no sampling steps to share"
         if manifest.noise.generator != PHILOX_ID:
             return f"noise.generator {manifest.noise.generator!r} depends on the batch"
         try:
@@ -190,6 +189,7 @@ class TritonPythonModel:
         """Hand each request to the scheduler's loop; its one response goes through its response sender when its
         rows finish (a bad request is answered at once)."""
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        output = "logp" if self.task == "likelihood" else "samples"
         for request in requests:
             sender = request.get_response_sender()
 
@@ -197,19 +197,22 @@ class TritonPythonModel:
                 tensor = pb_utils.get_input_tensor_by_name(request, name)
                 return None if tensor is None else tensor.as_numpy()
 
-            def reply(samples, message, sender=sender):
+            def reply(result, message, sender=sender):
                 if message is not None:
                     sender.send(error(message), flags=final)
                 else:
                     sender.send(pb_utils.InferenceResponse(
-                        output_tensors=[pb_utils.Tensor("samples", np.ascontiguousarray(samples[None]))]), flags=final)
+                        output_tensors=[pb_utils.Tensor(output, np.ascontiguousarray(result[None]))]), flags=final)
 
             try:
-                req = parse_request(get, self.bundle.manifest, self.max_num)
+                if self.task == "likelihood":
+                    req, points = parse_likelihood_request(get, self.bundle.manifest, self.max_num)
+                else:
+                    req, points = parse_request(get, self.bundle.manifest, self.max_num), None
             except VpsdeError as e:
                 sender.send(error(str(e), bad_request=True), flags=final)
                 continue
-            self.loop.submit(req, reply, getattr(request, "is_cancelled", lambda: False))
+            self.loop.submit(req, reply, getattr(request, "is_cancelled", lambda: False), data=points)
         return None
 
     def finalize(self) -> None:
