@@ -1,17 +1,18 @@
 """Continuous batching (runtime/scheduler.py) against offline sampling: random traffic over several programs, each
-request's samples equal to Sampler.sample for its (seed, first_sample, num) bit for bit; joins and leaves at step
-boundaries; one graph per call; padding that never touches real rows; cancellation, a full queue, NaN; the
-row-invariance probe, and a backend that fails it."""
+request's samples equal to Sampler.sample for its (seed, first_sample, num) bit for bit (a likelihood program's
+log p to Sampler.log_likelihood); joins and leaves at step boundaries; one graph per call; padding that never touches
+real rows; cancellation, a full queue, NaN; the row-invariance probe, and a backend that fails it."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+from conftest import small_conv
 from vpsde.export import VPSDE, export_bundle, load_model
 from vpsde.runtime import Sampler
 from vpsde.runtime.backends import open_backend
-from vpsde.runtime.errors import NonFiniteError
+from vpsde.runtime.errors import InputError, NonFiniteError
 from vpsde.runtime.loop import OpenBackend
 from vpsde.runtime.request import check_request
 from vpsde.runtime.scheduler import QueueFull, StepScheduler, batch_shapes, probe_row_invariance
@@ -73,6 +74,53 @@ def test_random_traffic_equals_offline_sampling(bundles, name):
         assert job.done and job.error is None
         want = sampler.sample(r.num, r.seed, first_sample=r.first_sample, conditioning=cond)
         np.testing.assert_array_equal(job.result, want)
+
+
+@pytest.fixture(scope="module")
+def likelihood_bundle(tmp_path_factory):
+    return export_bundle(small_conv(), tmp_path_factory.mktemp("sched") / "lik", sampler="likelihood", steps=5,
+                         value_range=(-1, 1), log=lambda _: None)
+
+
+def test_likelihood_traffic_equals_offline_log_likelihoods(likelihood_bundle):
+    """A likelihood program's rows start at their data points and share calls with other requests' rows at other
+    steps; each request's log p equals Sampler.log_likelihood bit for bit (its Hutchinson probes drawn per row from
+    (seed, sample index), each row summed in float64 as offline)."""
+    bundle = likelihood_bundle
+    rng = np.random.default_rng()
+    sched = _scheduler(bundle, slots=8, shapes=(1, 4, 8))
+    probe = probe_row_invariance(bundle.manifest, OpenBackend(sched.device, sched.runners), sched.shapes)
+    assert probe is None, probe
+    sampler = Sampler(bundle, progress=False, threads=1)
+    pending = [(int(rng.integers(2**64, dtype=np.uint64)), int(rng.integers(0, 2**40)), int(rng.integers(1, 7)))
+               for _ in range(8)]
+    jobs, steps_together = [], 0
+    while pending or not sched.idle:
+        if pending and rng.random() < 0.4:
+            seed, first, num = pending.pop()
+            data = rng.uniform(-1, 1, (num, 1, 8, 8)).astype(np.float32)
+            jobs.append((sched.submit(check_request(bundle.manifest, seed, first, num), data=data), data))
+        sched.tick()
+        if sched.last_tick is not None:
+            steps_together = max(steps_together, len(sched.last_tick.steps))
+    assert steps_together > 1  # rows at different steps shared a call
+    for job, data in jobs:
+        r = job.request
+        assert job.done and job.error is None and job.result.dtype == np.float64 and job.result.shape == (r.num,)
+        np.testing.assert_array_equal(job.result, sampler.log_likelihood(data, r.seed, first_sample=r.first_sample))
+
+
+def test_data_goes_with_likelihood_programs_only(bundles, likelihood_bundle):
+    points = np.zeros((2, 1, 8, 8), np.float32)
+    sched = _scheduler(likelihood_bundle, slots=2)
+    request = check_request(likelihood_bundle.manifest, 0, 0, 2)
+    with pytest.raises(InputError, match="scores data points"):
+        sched.submit(request)
+    with pytest.raises(InputError, match=r"data: expected float32 \[2, 1, 8, 8\], got float32 \[3, 1, 8, 8\]"):
+        sched.submit(request, data=np.zeros((3, 1, 8, 8), np.float32))
+    with pytest.raises(InputError, match="a sample program takes no data"):
+        _scheduler(bundles["em"], slots=2).submit(check_request(bundles["em"].manifest, 0, 0, 2), data=points)
+    assert sched.idle and not sched.jobs
 
 
 def test_rows_join_when_slots_free_and_leave_when_done(bundles):

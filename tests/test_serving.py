@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import small_conv
 from vpsde.export import VPSDE, export_bundle, load_model
 from vpsde.runtime import Sampler
 
@@ -223,7 +224,7 @@ def test_continuous_batching_serves_offline_samples(tmp_path, model, sampler):
         assert "continuous batching off" not in notices
     else:  # the mixture's small GEMMs round a row by its batch-mates: served per request, never other bits
         assert gauges == {}
-        assert "continuous batching off, each request is sampled as its own batch: graph" in notices
+        assert "continuous batching off, each request runs as its own batch: graph" in notices
 
 
 def _inpainting(bundle, num: int, rng) -> dict[str, np.ndarray] | None:
@@ -273,38 +274,55 @@ def test_a_client_that_goes_away_frees_its_rows(tmp_path):
         assert served.stop() == 143
 
 
-def test_a_likelihood_bundle_serves_log_likelihoods(tmp_path, capsys):
-    """A likelihood bundle served as its own model: data in, logp out, equal to Sampler.log_likelihood bit for bit on
-    both protocols; a sampling request or bad data get one-line errors; `vpsde request --data` writes the report."""
+@pytest.mark.parametrize("model", ["small-conv", "gmm"])
+def test_a_likelihood_bundle_serves_log_likelihoods(tmp_path, model):
+    """A likelihood bundle served as its own model: data in, logp out; concurrent HTTP and gRPC requests of random
+    seeds, offsets and sizes equal Sampler.log_likelihood bit for bit, whether the backend passed the
+    row-invariance probe (a small conv net: the points of all requests share graph calls, the gauges show the
+    scheduler) or not (the mixture: each request is its own batch, and `vpsde serve` says so); a sampling request
+    or bad data get one-line errors; `vpsde request --data` writes the report."""
     from vpsde.cli.main import main as cli
     from vpsde.serving.client import request_log_likelihood
 
-    bundle = export_bundle(load_model("gmm:dim=3", VPSDE()), tmp_path / "lik", sampler="likelihood", steps=6,
-                           log=lambda _: None)
-    served = Served(str(bundle.root), "--max-num", "32")
+    score = small_conv() if model == "small-conv" else load_model("gmm:dim=3", VPSDE())
+    shape = tuple(score.sample_shape)
+    bundle = export_bundle(score, tmp_path / "lik", sampler="likelihood", steps=6, log=lambda _: None)
+    metrics_port = _free_port()
+    served = Served(str(bundle.root), "--max-num", "32", "--slots", "8", "--metrics-port", str(metrics_port))
     try:
         sampler = Sampler(bundle, progress=False, threads=1)
         rng = np.random.default_rng()
-        for protocol, url in (("http", served.http_url), ("grpc", served.grpc_url)):
-            for seed, first, n in ((0, 0, 1), (int(rng.integers(2**63)), int(rng.integers(2**40)), 17)):
-                data = rng.standard_normal((n, 3)).astype(np.float32)
-                got = request_log_likelihood(url, data, seed, first, protocol=protocol)
-                assert got.dtype == np.float64 and got.shape == (n,)
-                np.testing.assert_array_equal(got, sampler.log_likelihood(data, seed, first_sample=first))
+        jobs = [(int(rng.integers(2**63)), int(rng.integers(2**40)), rng.uniform(-1, 1, (int(rng.integers(1, 7)),
+                 *shape)).astype(np.float32), ("http", "grpc")[j % 2]) for j in range(16)]
+        jobs[0] = (0, 0, jobs[0][2][:1], "http")
+        urls = {"http": served.http_url, "grpc": served.grpc_url}
+        results = _concurrently(6, len(jobs), lambda j: request_log_likelihood(
+            urls[jobs[j][3]], jobs[j][2], jobs[j][0], jobs[j][1], protocol=jobs[j][3]))
+        for j, (seed, first, data, _) in enumerate(jobs):
+            assert results[j].dtype == np.float64 and results[j].shape == (len(data),)
+            np.testing.assert_array_equal(results[j], sampler.log_likelihood(data, seed, first_sample=first))
         with pytest.raises(ServerError, match="input 'data'.*NaN"):
-            request_log_likelihood(served.http_url, np.full((2, 3), np.nan, np.float32))
+            request_log_likelihood(served.http_url, np.full((2, *shape), np.nan, np.float32))
         with pytest.raises(ServerError, match=r"num must be in \[1, 32\]"):
-            request_log_likelihood(served.http_url, np.ones((33, 3), np.float32))
+            request_log_likelihood(served.grpc_url, np.zeros((33, *shape), np.float32), protocol="grpc")
         with pytest.raises(ServerError, match="unexpected inference output 'samples'"):  # Triton's own check
             request_samples(served.http_url, 0, 2)
-        data = rng.standard_normal((5, 3)).astype(np.float32)
+        data = rng.uniform(-1, 1, (5, *shape)).astype(np.float32)
         np.save(tmp_path / "points.npy", data)
         assert cli(["request", served.http_url, "--data", str(tmp_path / "points.npy"), "--seed", "4",
                     "--out", str(tmp_path / "out")]) == 0
         report = json.loads((tmp_path / "out" / "likelihood.json").read_text())
         assert report["nll"] == (-sampler.log_likelihood(data, 4)).tolist() and report["inputs"] == 5
+        gauges = _metrics(f"http://127.0.0.1:{metrics_port}/metrics")
     finally:
-        served.stop()
+        assert served.stop() == 143
+    notices = served.process.stderr.read()
+    if model == "small-conv":
+        assert gauges == {"vpsde_rows_running": 0.0, "vpsde_rows_waiting": 0.0, "vpsde_slots": 8.0}
+        assert "continuous batching off" not in notices
+    else:
+        assert gauges == {}
+        assert "continuous batching off, each request runs as its own batch: graph 'likelihood'" in notices
 
 
 def test_a_bad_bundle_fails_the_model_load_with_vpsdes_message(bundles, tmp_path):
