@@ -82,6 +82,13 @@ def u64(what: str):
     return parse
 
 
+def check_last_index(first_sample: int, count: int, counted: str) -> None:
+    """Samples (or inputs) ``first_sample .. first_sample + count - 1`` must stay below 2^64; ``counted`` names the
+    count in the error ("--num 8", "5 inputs")."""
+    if first_sample > 2**64 - count:
+        raise UsageError(f"--first-sample {first_sample} + {counted} passes the last sample index 2^64 - 1")
+
+
 def noise_id(name: str | None) -> str | None:
     from vpsde.runtime.noise import PHILOX_ID, TORCH_ID
 

@@ -8,8 +8,8 @@ import json
 import time
 from pathlib import Path
 
-from vpsde.cli.common import (UsageError, add_expect_digest, add_ray_args, positive, prepare_out_dir, ray_options,
-                               threads_arg, u64)
+from vpsde.cli.common import (UsageError, add_expect_digest, add_ray_args, check_last_index, positive,
+                               prepare_out_dir, ray_options, threads_arg, u64)
 from vpsde.runtime.backends import BACKENDS, DEVICES
 
 
@@ -45,21 +45,18 @@ def run(args: argparse.Namespace) -> None:
     import numpy as np
 
     from vpsde.runtime import Bundle, Sampler
-    from vpsde.runtime.likelihood import bits_offset, bits_per_dim, dequantize, load_data, summarize
-    from vpsde.runtime.manifest import atomic_write_text
+    from vpsde.runtime.likelihood import figures, load_data
 
     bundle = Bundle.load(args.bundle, expect_digest=args.expect_digest)
     m = bundle.manifest
     if m.sampler.task != "likelihood":
         raise UsageError(f"{args.bundle} samples ({m.sampler.name}); export a likelihood bundle with "
                          "vpsde export --sampler likelihood")
-    data = load_data(args.data, m)
-    if args.first_sample > 2**64 - len(data):
-        raise UsageError(f"--first-sample {args.first_sample} + {len(data)} inputs pass the last index 2^64 - 1")
-    prepare_out_dir(args.out)
     value_range = tuple(m.model.value_range) if m.model.value_range else None
-    points = dequantize(data.pixels, value_range, args.seed, args.first_sample, m.noise.generator) \
-        if data.is_image else data.points
+    data = load_data(args.data, m.model.sample_shape, value_range)
+    check_last_index(args.first_sample, len(data), f"{len(data)} inputs")
+    prepare_out_dir(args.out)
+    points = data.model_points(value_range, args.seed, args.first_sample, m.noise.generator)
     t0 = time.perf_counter()
     if args.ray is not None:
         from vpsde.scale import likelihood_on_ray, load_samples
@@ -76,28 +73,28 @@ def run(args: argparse.Namespace) -> None:
         logp = sampler.log_likelihood(points, seed=args.seed, batch_size=args.batch_size,
                                       first_sample=args.first_sample)
     elapsed = time.perf_counter() - t0
-    nll = -logp
-    numel = int(np.prod(m.model.sample_shape))
-    bpd = bits_per_dim(nll, numel, value_range, data.is_image)
-    n = len(bpd)
     params = m.sampler.params
-    report = {
-        "bundle": str(args.bundle), "bundle_digest": bundle.digest, "data": data.source, "inputs": n,
-        "kind": "images (dequantized)" if data.is_image else "real-valued points",
-        "bits_per_dim_offset": bits_offset(value_range, data.is_image),
-        "seed": args.seed, "first_sample": args.first_sample,
-        "divergence": params.get("divergence"), "probes": params.get("probes"), "steps": m.sampler.steps,
-        **summarize(nll, bpd),
-    }
-    atomic_write_text(args.out / "likelihood.json", json.dumps(report, indent=1) + "\n")
-    print(f"{n} inputs in {elapsed:.2f} s{' on Ray' if args.ray is not None else ''} ({1000 * elapsed / n:.2f} ms "
-          f"each, {m.sampler.steps} RK4 steps, "
-          f"{params.get('divergence')} divergence): {report['mean_bpd']:.4f} +- {report['stderr_bpd']:.4f} "
-          f"bits/dim, mean nll {report['mean_nll']:.4f} nats")
-    print(f"wrote {args.out / 'likelihood.json'}")
+    report = {"bundle": str(args.bundle), "bundle_digest": bundle.digest, "data": data.source,
+              "seed": args.seed, "first_sample": args.first_sample, "divergence": params.get("divergence"),
+              "probes": params.get("probes"), "steps": m.sampler.steps, **figures(logp, data, value_range)}
+    n = len(data)
+    write_report(report, args.out, f"{n} inputs in {elapsed:.2f} s{' on Ray' if args.ray is not None else ''} "
+                 f"({1000 * elapsed / n:.2f} ms each, {m.sampler.steps} RK4 steps, {params.get('divergence')} "
+                 "divergence)")
+
+
+def write_report(report: dict, out: Path, what: str) -> None:
+    """Write OUT/likelihood.json and OUT/likelihood.png (the bits/dim histogram, where matplotlib is installed) and
+    print ``what`` with the mean bits/dim and nll."""
+    from vpsde.runtime.manifest import atomic_write_text
+
+    atomic_write_text(out / "likelihood.json", json.dumps(report, indent=1) + "\n")
+    print(f"{what}: {report['mean_bpd']:.4f} +- {report['stderr_bpd']:.4f} bits/dim, mean nll "
+          f"{report['mean_nll']:.4f} nats")
+    print(f"wrote {out / 'likelihood.json'}")
     try:
-        _histogram(bpd, args.out / "likelihood.png", data.source)
-        print(f"wrote {args.out / 'likelihood.png'}")
+        _histogram(report["bpd"], out / "likelihood.png", report["data"])
+        print(f"wrote {out / 'likelihood.png'}")
     except UsageError as e:  # no matplotlib: the numbers are written, the picture is optional
         print(f"note: {e}")
 

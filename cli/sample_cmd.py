@@ -7,8 +7,8 @@ import sys
 import time
 from pathlib import Path
 
-from vpsde.cli.common import (UsageError, add_expect_digest, add_ray_args, noise_id, positive, prepare_out_dir,
-                               ray_options, threads_arg, u64)
+from vpsde.cli.common import (UsageError, add_expect_digest, add_ray_args, check_last_index, noise_id, positive,
+                               prepare_out_dir, ray_options, threads_arg, u64)
 from vpsde.runtime.backends import BACKENDS, DEVICES
 from vpsde.runtime.loop import NAN_GUARD_CHOICES
 
@@ -57,8 +57,7 @@ def run(args: argparse.Namespace) -> None:
     from vpsde.runtime import Bundle, Sampler
     from vpsde.runtime.images import image_grid, save_npz, save_png
 
-    if args.first_sample > 2**64 - args.num:
-        raise UsageError(f"--first-sample {args.first_sample} + --num {args.num} passes the last sample index 2^64 - 1")
+    check_last_index(args.first_sample, args.num, f"--num {args.num}")
     bundle = Bundle.load(args.bundle, expect_digest=args.expect_digest)
     if bundle.manifest.sampler.task != "sample":
         raise UsageError(f"{args.bundle} computes likelihoods (sampler.task {bundle.manifest.sampler.task!r}), it does "

@@ -40,14 +40,21 @@ class Data:
     def __len__(self) -> int:
         return len(self.pixels if self.pixels is not None else self.points)
 
+    def model_points(self, value_range: tuple[float, float] | None, seed: int, first_sample: int,
+                     generator: str) -> np.ndarray:
+        """float32 [N, *sample_shape]: the points as they are, or the images dequantized (:func:`dequantize`)."""
+        return dequantize(self.pixels, value_range, seed, first_sample, generator) if self.is_image else self.points
 
-def load_data(path: str | os.PathLike, manifest: Manifest) -> Data:
+
+def load_data(path: str | os.PathLike, sample_shape: tuple[int, ...],
+              value_range: tuple[float, float] | None) -> Data:
     """A .npy file (float: real-valued points; uint8: images) or a directory of PNG images, checked against the
-    bundle's sample shape and value range (one-line :class:`InputError` naming the file otherwise)."""
+    model's sample shape and value range (a bundle's model.*, or what a server says of it; one-line
+    :class:`InputError` naming the file otherwise)."""
     path = Path(path)
-    shape = tuple(manifest.model.sample_shape)
+    shape = tuple(sample_shape)
     if path.is_dir():
-        return Data(None, _check_pixels(_read_pngs(path, shape), shape, manifest, path), str(path))
+        return Data(None, _check_pixels(_read_pngs(path, shape), shape, value_range, path), str(path))
     if path.suffix != ".npy":
         raise InputError(f"{path}: expected a .npy file or a directory of PNG images")
     try:
@@ -55,16 +62,20 @@ def load_data(path: str | os.PathLike, manifest: Manifest) -> Data:
     except (OSError, ValueError) as e:
         raise InputError(f"{path}: not a readable .npy array ({e})") from None
     if arr.dtype == np.uint8:
-        return Data(None, _check_pixels(arr, shape, manifest, path), str(path))
+        return Data(None, _check_pixels(arr, shape, value_range, path), str(path))
     if arr.dtype not in (np.float32, np.float64):
         raise InputError(f"{path}: expected float32 or float64 points, or uint8 images, got dtype {arr.dtype}")
-    return Data(check_points(arr.astype(np.float32), manifest, str(path)), None, str(path))
+    return Data(_check_points(arr.astype(np.float32), shape, value_range, str(path)), None, str(path))
 
 
 def check_points(points: np.ndarray, manifest: Manifest, what: str = "data") -> np.ndarray:
     """``points`` as the likelihood program takes them (float32 [N >= 1, *sample_shape], finite, inside
     model.value_range when the bundle has one) or a one-line :class:`InputError` naming ``what``."""
-    shape = tuple(manifest.model.sample_shape)
+    return _check_points(points, tuple(manifest.model.sample_shape), manifest.model.value_range, what)
+
+
+def _check_points(points: np.ndarray, shape: tuple[int, ...], vr: tuple[float, float] | None,
+                  what: str) -> np.ndarray:
     if not isinstance(points, np.ndarray) or points.dtype != np.float32 or points.shape[1:] != shape \
             or points.ndim != len(shape) + 1 or not len(points):
         got = f"{points.dtype} {list(points.shape)}" if isinstance(points, np.ndarray) else type(points).__name__
@@ -72,7 +83,6 @@ def check_points(points: np.ndarray, manifest: Manifest, what: str = "data") -> 
     bad = ~np.isfinite(points.reshape(len(points), -1)).all(axis=1)
     if bad.any():
         raise InputError(f"{what}: rows {np.nonzero(bad)[0][:8].tolist()} hold NaN or Infinity")
-    vr = manifest.model.value_range
     if vr is not None and (points.min() < vr[0] or points.max() > vr[1]):
         raise InputError(f"{what}: values span [{points.min():.4g}, {points.max():.4g}], outside the model's value "
                          f"range {list(vr)} (model.value_range); images go in as uint8")
@@ -100,10 +110,11 @@ def _read_pngs(root: Path, shape: tuple[int, ...]) -> np.ndarray:
     return out
 
 
-def _check_pixels(arr: np.ndarray, shape: tuple[int, ...], manifest: Manifest, path: Path) -> np.ndarray:
+def _check_pixels(arr: np.ndarray, shape: tuple[int, ...], value_range: tuple[float, float] | None,
+                  path: Path) -> np.ndarray:
     if arr.ndim != len(shape) + 1 or arr.shape[1:] != shape or not len(arr):
         raise InputError(f"{path}: expected uint8 images [N >= 1, {', '.join(map(str, shape))}], got {list(arr.shape)}")
-    if manifest.model.value_range is None:
+    if value_range is None:
         raise InputError(f"{path}: images need the model's value range, and this bundle has none (model.value_range "
                          "is null): pass real-valued points as a float .npy")
     return arr
@@ -136,6 +147,16 @@ def bits_offset(value_range: tuple[float, float] | None, is_image: bool) -> floa
 def bits_per_dim(nll: np.ndarray, numel: int, value_range: tuple[float, float] | None, is_image: bool) -> np.ndarray:
     """nats [N] -> bits/dim [N]: nll / (D ln 2) + :func:`bits_offset` (module docstring)."""
     return nll / (numel * math.log(2.0)) + bits_offset(value_range, is_image)
+
+
+def figures(logp: np.ndarray, data: Data, value_range: tuple[float, float] | None) -> dict:
+    """likelihood.json's figures for the log p (float64 [N], nats) of ``data``: what the inputs were, the bits/dim
+    offset, and :func:`summarize`'s mean, standard error and per-input lists."""
+    nll = -logp
+    numel = int(np.prod(data.pixels.shape[1:] if data.is_image else data.points.shape[1:]))
+    bpd = bits_per_dim(nll, numel, value_range, data.is_image)
+    return {"inputs": len(nll), "kind": "images (dequantized)" if data.is_image else "real-valued points",
+            "bits_per_dim_offset": bits_offset(value_range, data.is_image), **summarize(nll, bpd)}
 
 
 def summarize(nll: np.ndarray, bpd: np.ndarray) -> dict:
