@@ -7,7 +7,8 @@ import sys
 import time
 from pathlib import Path
 
-from vpsde.cli.common import UsageError, add_expect_digest, port_arg, positive, prepare_out_dir, threads_arg, u64
+from vpsde.cli.common import (UsageError, add_expect_digest, check_last_index, port_arg, positive, prepare_out_dir,
+                               threads_arg, u64)
 from vpsde.runtime.errors import BackendUnavailable, VpsdeError
 
 
@@ -49,8 +50,9 @@ def register_serve(sub, fmt) -> None:
 def register_request(sub, fmt) -> None:
     """Add the subcommand request to ``sub`` (argparse subparsers); ``fmt``: the help formatter."""
     p = sub.add_parser("request", help="ask a served vpsde model for samples (tritonclient, HTTP or gRPC)",
-                       formatter_class=fmt, description="Write samples.npz (+ grid.png) like `vpsde sample`, from a "
-                       "server started by `vpsde serve` or any Triton serving a `vpsde triton` repository.")
+                       formatter_class=fmt, description="Write samples.npz (+ grid.png) like `vpsde sample` (with --data: "
+                       "likelihood.json like `vpsde likelihood`), from a server started by `vpsde serve` or any Triton "
+                       "serving a `vpsde triton` repository.")
     p.add_argument("url", help="HOST:PORT of the server's HTTP or gRPC endpoint (or http://HOST:PORT, "
                    "grpc://HOST:PORT: the scheme sets --protocol)")
     p.add_argument("--protocol", default="http", choices=["http", "grpc"],
@@ -58,9 +60,11 @@ def register_request(sub, fmt) -> None:
     p.add_argument("--name", default="vpsde", help="model name")
     p.add_argument("--num", type=positive, default=16, help="number of samples")
     p.add_argument("--data", type=Path, default=None,
-                   help="a likelihood model: score the float32/float64 points of this .npy [N, *sample_shape] (in the "
-                        "model's space; dequantize images first) and write OUT/likelihood.json instead of samples")
-    p.add_argument("--seed", type=u64("seed"), default=0, help="noise seed (of the samples, or of the probes)")
+                   help="a likelihood model: score this data, as `vpsde likelihood --data` takes it (a float .npy of "
+                        "points in the model's space, a uint8 .npy of images or a directory of PNGs, dequantized here "
+                        "with --seed as `vpsde likelihood` does), and write OUT/likelihood.json (+ likelihood.png) "
+                        "instead of samples")
+    p.add_argument("--seed", type=u64("seed"), default=0, help="noise seed (of the samples, or of the probes and the images' dequantization)")
     p.add_argument("--first-sample", type=u64("index"), default=0,
                    help="global index of the first sample (or of the first data point)")
     p.add_argument("--value-range", type=float, nargs=2, default=None, metavar=("LO", "HI"),
@@ -199,35 +203,26 @@ def cmd_request(args: argparse.Namespace) -> None:
 
 
 def _request_log_likelihood(args: argparse.Namespace) -> None:
-    import json
+    from vpsde.cli.likelihood_cmd import write_report
+    from vpsde.runtime.likelihood import figures, load_data
+    from vpsde.serving.client import request_log_likelihood, served_model
 
-    import numpy as np
-
-    from vpsde.runtime.likelihood import summarize
-    from vpsde.runtime.manifest import atomic_write_text
-    from vpsde.serving.client import request_log_likelihood
-
-    if args.data.suffix != ".npy" or not args.data.is_file():
-        raise UsageError(f"--data {args.data}: expected a .npy file of points")
-    try:
-        data = np.load(args.data, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"--data {args.data}: not a readable .npy array ({e})") from None
-    if data.dtype not in (np.float32, np.float64) or data.ndim < 2:
-        raise UsageError(f"--data {args.data}: expected float32 or float64 points [N, *sample_shape], got "
-                         f"{data.dtype} {list(data.shape)} (dequantize images with "
-                         "vpsde.runtime.likelihood.dequantize, or score them with `vpsde likelihood`)")
+    served = served_model(args.url, args.name, args.protocol)
+    where = f"{args.protocol}://{args.url}/{args.name}"
+    if served.task != "likelihood" or served.sample_shape is None:
+        raise UsageError(f"--data: {where} serves a {served.task or 'non-vpsde'} model, not a likelihood one "
+                         "(vpsde serve a bundle from vpsde export --sampler likelihood)")
+    data = load_data(args.data, served.sample_shape, served.value_range)
+    check_last_index(args.first_sample, len(data), f"{len(data)} inputs")
+    if data.is_image and served.noise_generator is None:
+        raise UsageError(f"--data {args.data}: images are dequantized with the served bundle's noise generator, and "
+                         f"{where} does not say which (a repository written before vpsde 0.5.6: write it again)")
+    points = data.model_points(served.value_range, args.seed, args.first_sample, served.noise_generator)
     prepare_out_dir(args.out)
     t0 = time.perf_counter()
-    logp = request_log_likelihood(args.url, data.astype(np.float32), args.seed, args.first_sample, model=args.name,
+    logp = request_log_likelihood(args.url, points, args.seed, args.first_sample, model=args.name,
                                   protocol=args.protocol)
     elapsed = time.perf_counter() - t0
-    nll = -logp
-    bpd = nll / (int(np.prod(data.shape[1:])) * np.log(2.0))  # real-valued points: no offset
-    report = {"server": f"{args.protocol}://{args.url}/{args.name}", "data": str(args.data), "inputs": len(nll),
-              "kind": "real-valued points", "bits_per_dim_offset": 0.0, "seed": args.seed,
-              "first_sample": args.first_sample, **summarize(nll, bpd)}
-    atomic_write_text(args.out / "likelihood.json", json.dumps(report, indent=1) + "\n")
-    print(f"scored {len(nll)} inputs on {args.url} in {elapsed:.2f} s: {report['mean_bpd']:.4f} +- "
-          f"{report['stderr_bpd']:.4f} bits/dim, mean nll {report['mean_nll']:.4f} nats")
-    print(f"wrote {args.out / 'likelihood.json'}")
+    report = {"server": where, "data": data.source, "seed": args.seed, "first_sample": args.first_sample,
+              **figures(logp, data, served.value_range)}
+    write_report(report, args.out, f"scored {len(data)} inputs on {args.url} in {elapsed:.2f} s")

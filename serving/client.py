@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Mapping
 
 import numpy as np
@@ -90,9 +91,19 @@ def split_url(url: str, protocol: str) -> tuple[str, str]:
     return rest.rstrip("/"), scheme
 
 
-def served_value_range(url: str, model: str = "vpsde", protocol: str = "http") -> tuple[float, float] | None:
-    """The data range the served bundle records (config.pbtxt parameter ``value_range``), or None (no image model,
-    or a repository written before vpsde 0.4.2)."""
+@dataclass(frozen=True)
+class ServedModel:
+    """What a served vpsde model's config.pbtxt says of its bundle (``serving/repository.py`` writes it); None where
+    the config does not say (a repository written by an older vpsde, or another model)."""
+
+    task: str | None  # the bundle's sampler.task: "sample" or "likelihood"
+    sample_shape: tuple[int, ...] | None  # from the samples output's (or the data input's) dims [-1, *sample_shape]
+    value_range: tuple[float, float] | None  # model.value_range (since 0.4.2)
+    noise_generator: str | None  # noise.generator (since 0.5.6)
+
+
+def served_model(url: str, model: str = "vpsde", protocol: str = "http") -> ServedModel:
+    """Read the config of ``model`` at ``url`` (as for :func:`request_samples`); :class:`ServerError` when it cannot."""
     import json
 
     url, protocol = split_url(url, protocol)
@@ -100,17 +111,34 @@ def served_value_range(url: str, model: str = "vpsde", protocol: str = "http") -
         import tritonclient.http as tc
     else:
         import tritonclient.grpc as tc
-    client = tc.InferenceServerClient(url=url)
+    client = None
     try:
+        client = tc.InferenceServerClient(url=url)
         config = client.get_model_config(model) if protocol == "http" else \
             client.get_model_config(model, as_json=True)["config"]
-    except Exception:  # noqa: BLE001 - the samples arrived; the picture is optional
-        return None
+    except Exception as e:  # noqa: BLE001 - tritonclient's own errors, refused connections, not a Triton port
+        message = (e.message() if callable(getattr(e, "message", None)) else str(e)) or type(e).__name__
+        raise ServerError(f"{url} ({protocol}): model {model!r}'s config: {message.splitlines()[0]}") from None
     finally:
-        client.close()
-    text = config.get("parameters", {}).get("value_range", {}).get("string_value")
+        if client is not None:
+            client.close()
+    params = {k: v.get("string_value") for k, v in config.get("parameters", {}).items()}
+    tensors = {t["name"]: t for t in config.get("input", []) + config.get("output", [])}
+    shaped = tensors.get("samples") or tensors.get("data")
     try:
-        lo, hi = json.loads(text) if text else (None, None)
-    except (ValueError, TypeError):
+        lo_hi = json.loads(params["value_range"]) if params.get("value_range") else None
+        value_range = (float(lo_hi[0]), float(lo_hi[1])) if lo_hi else None
+        sample_shape = tuple(int(d) for d in shaped["dims"][1:]) if shaped else None
+    except (ValueError, TypeError, IndexError, KeyError):
+        raise ServerError(f"{url} ({protocol}): model {model!r}'s config is not a vpsde model's (value_range "
+                          f"{params.get('value_range')!r})") from None
+    return ServedModel(params.get("task"), sample_shape, value_range, params.get("noise_generator"))
+
+
+def served_value_range(url: str, model: str = "vpsde", protocol: str = "http") -> tuple[float, float] | None:
+    """The data range the served bundle records (config.pbtxt parameter ``value_range``), or None (no image model,
+    a repository written before vpsde 0.4.2, or a config that cannot be read: the picture it draws is optional)."""
+    try:
+        return served_model(url, model, protocol).value_range
+    except ServerError:
         return None
-    return (float(lo), float(hi)) if lo is not None else None

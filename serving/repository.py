@@ -53,7 +53,8 @@ def config_pbtxt(bundle: Bundle, name: str, backend: str, device: str, max_batch
                    for c in m.sampler.conditioning]
         output = f'  {{ name: "samples" data_type: TYPE_FP32 dims: [ -1, {_dims(shape)} ] }}'
     params = {"bundle_digest": bundle.digest, "task": m.sampler.task, "backend": backend, "device": device,
-              "max_num": str(max_num), "threads": str(threads or 0), "batching": batching, "slots": str(slots)}
+              "max_num": str(max_num), "threads": str(threads or 0), "batching": batching, "slots": str(slots),
+              "noise_generator": m.noise.generator}  # what `vpsde request --data` dequantizes images with
     if m.model.value_range:  # what `vpsde request` draws grid.png with
         params["value_range"] = json.dumps(list(m.model.value_range))
     kind = "KIND_GPU" if device == "cuda" else "KIND_CPU"

@@ -108,6 +108,10 @@ class TritonPythonModel:
         root = Path(args["model_repository"]) / args["model_version"] / "bundle"
         try:
             self.bundle = Bundle.load(root, expect_digest=params["bundle_digest"])
+            m = self.bundle.manifest
+            for key, fact in (("task", m.sampler.task), ("noise_generator", m.noise.generator)):  # clients read them
+                if params.get(key, fact) != fact:
+                    raise InputError(f"config.pbtxt parameter {key} {params[key]!r} contradicts the bundle's {fact!r}")
             threads = int(params.get("threads", "0")) or None
             self.sampler = Sampler(self.bundle, backend=params.get("backend", "onnxruntime"),
                                    device=params.get("device", "cpu"), threads=threads, progress=False)

@@ -280,13 +280,16 @@ def test_a_likelihood_bundle_serves_log_likelihoods(tmp_path, model):
     seeds, offsets and sizes equal Sampler.log_likelihood bit for bit, whether the backend passed the
     row-invariance probe (a small conv net: the points of all requests share graph calls, the gauges show the
     scheduler) or not (the mixture: each request is its own batch, and `vpsde serve` says so); a sampling request
-    or bad data get one-line errors; `vpsde request --data` writes the report."""
+    or bad data get one-line errors; `vpsde request --data` writes the report, for images (an image model: uint8
+    .npy and PNGs, dequantized by the client) the same figures as `vpsde likelihood` on the bundle."""
     from vpsde.cli.main import main as cli
     from vpsde.serving.client import request_log_likelihood
 
     score = small_conv() if model == "small-conv" else load_model("gmm:dim=3", VPSDE())
     shape = tuple(score.sample_shape)
-    bundle = export_bundle(score, tmp_path / "lik", sampler="likelihood", steps=6, log=lambda _: None)
+    images = model == "small-conv"
+    bundle = export_bundle(score, tmp_path / "lik", sampler="likelihood", steps=6,
+                           value_range=(-1, 1) if images else None, log=lambda _: None)
     metrics_port = _free_port()
     served = Served(str(bundle.root), "--max-num", "32", "--slots", "8", "--metrics-port", str(metrics_port))
     try:
@@ -313,6 +316,29 @@ def test_a_likelihood_bundle_serves_log_likelihoods(tmp_path, model):
                     "--out", str(tmp_path / "out")]) == 0
         report = json.loads((tmp_path / "out" / "likelihood.json").read_text())
         assert report["nll"] == (-sampler.log_likelihood(data, 4)).tolist() and report["inputs"] == 5
+        pixels = rng.integers(0, 256, (3, *shape), dtype=np.uint8)
+        np.save(tmp_path / "pixels.npy", pixels)
+        if images:
+            from PIL import Image
+
+            (tmp_path / "pngs").mkdir()
+            for i, image in enumerate(pixels):
+                Image.fromarray(image[0]).save(tmp_path / "pngs" / f"{i}.png")
+            seed, first = str(int(rng.integers(2**63))), str(int(rng.integers(2**40)))
+            for source, url in (("pixels.npy", served.http_url), ("pngs", f"grpc://{served.grpc_url}")):
+                common = ["--data", str(tmp_path / source), "--seed", seed, "--first-sample", first]
+                assert cli(["request", url, *common, "--out", str(tmp_path / "served" / source)]) == 0
+                assert cli(["likelihood", str(bundle.root), *common, "--out", str(tmp_path / "local" / source),
+                            "--threads", "1", "--no-progress"]) == 0
+                got, want = (json.loads((tmp_path / where / source / "likelihood.json").read_text())
+                             for where in ("served", "local"))
+                assert got["kind"] == "images (dequantized)" and got["bits_per_dim_offset"] == 7.0
+                for key in ("inputs", "kind", "bits_per_dim_offset", "nll", "bpd", "mean_bpd"):
+                    assert got[key] == want[key], key
+        else:  # no value range: no way to dequantize, said before anything is sent
+            assert cli(["request", served.http_url, "--data", str(tmp_path / "pixels.npy"),
+                        "--out", str(tmp_path / "refused")]) == 2
+            assert not (tmp_path / "refused").exists()
         gauges = _metrics(f"http://127.0.0.1:{metrics_port}/metrics")
     finally:
         assert served.stop() == 143
@@ -325,15 +351,25 @@ def test_a_likelihood_bundle_serves_log_likelihoods(tmp_path, model):
         assert "continuous batching off, each request runs as its own batch: graph 'likelihood'" in notices
 
 
-def test_a_bad_bundle_fails_the_model_load_with_vpsdes_message(bundles, tmp_path):
+@pytest.mark.parametrize("edited", ["manifest.json", "config.pbtxt"])
+def test_a_bad_bundle_fails_the_model_load_with_vpsdes_message(bundles, tmp_path, edited):
+    """An edited bundle, or a config whose facts for clients (task, noise generator: `vpsde request --data`
+    dequantizes with it) contradict the bundle, fails the model load with vpsde's line."""
     subprocess.run([str(SERVE_ENV / "bin" / "vpsde"), "triton", str(bundles["em"].root), "--out", str(tmp_path / "repo")],
                    check=True, capture_output=True)
-    manifest = tmp_path / "repo" / "vpsde" / "1" / "bundle" / "manifest.json"
-    manifest.write_text(manifest.read_text().replace('"steps": 30', '"steps": 31'))
+    model = tmp_path / "repo" / "vpsde"
+    if edited == "manifest.json":
+        path, old, new = model / "1" / "bundle" / "manifest.json", '"steps": 30', '"steps": 31'
+        said = "edited after export"
+    else:
+        path, old, new = model / "config.pbtxt", '"philox4x32-10/box-muller/v1"', '"torch"'
+        said = "config.pbtxt parameter noise_generator 'torch' contradicts the bundle's"
+    assert old in path.read_text()
+    path.write_text(path.read_text().replace(old, new))
     r = subprocess.run([str(SERVE_ENV / "bin" / "vpsde"), "serve", "--repository", str(tmp_path / "repo"),
                         "--http-port", str(_free_port()), "--grpc-port", str(_free_port())],
                        capture_output=True, text=True, timeout=300)
-    assert r.returncode == 2 and "edited after export" in r.stderr, r.stderr[-2000:]
+    assert r.returncode == 2 and said in r.stderr, r.stderr[-2000:]
 
 
 def _raw_http(url: str, request: bytes) -> tuple[int, str]:
@@ -494,6 +530,11 @@ def test_request_draws_the_grid_in_the_served_range_and_a_wrong_port_is_one_line
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert "port" in r.stderr
+        np.save(tmp_path / "pixels.npy", np.full((2, 3, 32, 32), 7, np.uint8))
+        r = subprocess.run([*cli, served.grpc_url, "--protocol", "grpc", "--data", str(tmp_path / "pixels.npy"),
+                            "--out", str(tmp_path / "q")], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert "serves a sample model, not a likelihood one" in r.stderr and not (tmp_path / "q").exists()
     finally:
         assert served.stop() == 143
 
