@@ -11,11 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import reseal, run_host as run
+from conftest import reseal, run_host as run, small_conv
 
 from vpsde.export import VPSDE, export_bundle, load_model
 from vpsde.runtime import Sampler
 from vpsde.runtime.bundle import sha256_file
+from vpsde.runtime.likelihood import dequantize
 from vpsde.runtime.noise import philox_normal
 
 ROOT = Path(__file__).parent.parent
@@ -134,6 +135,37 @@ def test_cpp_log_likelihood_equals_python(host, tmp_path, model, divergence, bat
         r = run(host / "vpsde-sample", bundle.root, "--data", tmp_path / f"{name}.npy", "--out", tmp_path / "y.npy")
         assert r.returncode == 2 and message in r.stderr, r.stderr
     assert not (tmp_path / "y.npy").exists()
+
+
+def test_cpp_log_likelihood_of_images_equals_python(host, tmp_path):
+    """uint8 images as --data: dequantized in C++ (noise call 0 of each input's sample index, std::erf) into the
+    bundle's value range, then scored: the same log p as the Python runtime's dequantize + log_likelihood, bit for
+    bit. Images need a value range: a bundle without one refuses them in one line."""
+    bundle = export_bundle(small_conv(), tmp_path / "lik", sampler="likelihood", steps=2, value_range=(-1, 1),
+                           log=lambda _: None)
+    shape = bundle.manifest.model.sample_shape
+    pixels = np.random.default_rng().integers(0, 256, (5, *shape), dtype=np.uint8)
+    pixels[0] = 0  # both ends of the range: u in (0, 1) keeps the points inside [lo, hi]
+    pixels[1] = 255
+    np.save(tmp_path / "images.npy", pixels)
+    out = tmp_path / "logp.npy"
+    r = run(host / "vpsde-sample", bundle.root, "--data", tmp_path / "images.npy", "--seed", 4, "--first-sample", 3,
+            "--batch", 2, "--threads", 1, "--out", out)
+    assert r.returncode == 0, r.stderr
+    points = dequantize(pixels, (-1.0, 1.0), 4, 3, bundle.manifest.noise.generator)
+    py = Sampler(bundle, progress=False, threads=1).log_likelihood(points, 4, first_sample=3, batch_size=2)
+    assert np.isfinite(py).all()
+    np.testing.assert_array_equal(np.load(out), py)
+    np.save(tmp_path / "small.npy", pixels[:, :, :4])
+    r = run(host / "vpsde-sample", bundle.root, "--data", tmp_path / "small.npy", "--out", tmp_path / "y.npy")
+    assert r.returncode == 2 and "small.npy: expected uint8 images [N, 1, 8, 8]" in r.stderr, r.stderr
+
+    no_range = export_bundle(load_model("gmm:dim=3", VPSDE()), tmp_path / "gmm", sampler="likelihood", steps=2,
+                             log=lambda _: None)
+    np.save(tmp_path / "points.npy", pixels.reshape(len(pixels), -1)[:, :3].copy())
+    r = run(host / "vpsde-sample", no_range.root, "--data", tmp_path / "points.npy", "--out", tmp_path / "y.npy")
+    assert r.returncode == 2 and "images need the model's value range" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "y.npy").exists()
 
 
 def test_cpp_refuses_likelihood_data_for_a_sampling_bundle(host, tmp_path, gmm_bundle):

@@ -1,6 +1,6 @@
 // vpsde-sample BUNDLE --num N [--seed S] [--batch B] [--first-sample K] [--provider cpu|cuda|tensorrt]
 //              [--threads T] [--no-nan-guard] [--expect-digest SHA256] --out samples.npy
-// vpsde-sample BUNDLE --data POINTS.npy [--seed S] [--batch B] [--first-sample K] ... --out logp.npy
+// vpsde-sample BUNDLE --data POINTS_OR_IMAGES.npy [--seed S] [--batch B] [--first-sample K] ... --out logp.npy
 #include <unistd.h>
 
 #include <algorithm>
@@ -14,6 +14,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "vpsde/dequantize.hpp"
 #include "vpsde/npy.hpp"
 #include "vpsde/sampler.hpp"
 
@@ -29,8 +30,10 @@ const char* kUsage =
     "--cond gives a conditioning input the bundle names (inpainting: --cond known=k.npy --cond mask=m.npy),\n"
     "float32 [*sample_shape] (shared) or [N, *sample_shape].\n"
     "--expect-digest refuses a bundle whose digest (sha256 of its SHA256SUMS; `vpsde inspect` prints it) differs.\n"
-    "A likelihood bundle (vpsde export --sampler likelihood): --data POINTS.npy (float32 [N, *sample_shape], in the\n"
-    "model's space; dequantize images first) instead of --num; writes log p in nats, float64 [N], to --out.\n";
+    "A likelihood bundle (vpsde export --sampler likelihood): --data POINTS.npy instead of --num, float32 points\n"
+    "[N, *sample_shape] in the model's space or uint8 images [N, *sample_shape] (dequantized with noise call 0 of\n"
+    "each input's sample index into the bundle's model.value_range, as `vpsde likelihood`); writes log p in nats,\n"
+    "float64 [N], to --out.\n";
 
 constexpr std::uint64_t kMaxNum = std::uint64_t{1} << 40;
 
@@ -125,12 +128,16 @@ int main(int argc, char** argv) {
       else throw vpsde::Error("unexpected argument " + a);
     }
     vpsde::NpyArray data;
+    vpsde::NpyPixels pixels;
+    const bool images = !data_path.empty() && vpsde::npy_descr(data_path) == "|u1";
     if (!data_path.empty()) {
       if (num > 0) throw vpsde::Error("--data and --num: give one (the data's rows are the inputs)");
       if (!cond.empty()) throw vpsde::Error("--data and --cond: a likelihood bundle takes no conditioning");
-      data = vpsde::load_npy(data_path);
-      if (data.shape.empty() || data.shape[0] < 1) throw vpsde::Error(data_path + ": expected points [N >= 1, *sample_shape]");
-      num = data.shape[0];
+      if (images) pixels = vpsde::load_npy_pixels(data_path);
+      else data = vpsde::load_npy(data_path);
+      const auto& data_shape = images ? pixels.shape : data.shape;
+      if (data_shape.empty() || data_shape[0] < 1) throw vpsde::Error(data_path + ": expected points [N >= 1, *sample_shape]");
+      num = data_shape[0];
     }
     if (bundle.empty() || out.empty() || num < 1)
       throw vpsde::Error(std::string("BUNDLE, --num (>= 1) or --data, and --out are required\n") + kUsage);
@@ -151,11 +158,18 @@ int main(int argc, char** argv) {
     std::vector<std::int64_t> shape{num};
     for (auto s : sampler.manifest().sample_shape) shape.push_back(s);
     if (!data_path.empty()) {
-      if (data.shape != shape) {
+      const auto& m = sampler.manifest();
+      if ((images ? pixels.shape : data.shape) != shape) {
         std::string want = "[N";
-        for (auto s : sampler.manifest().sample_shape) want += ", " + std::to_string(s);
-        throw vpsde::Error(data_path + ": expected float32 points " + want + "] for this bundle");
+        for (auto s : m.sample_shape) want += ", " + std::to_string(s);
+        throw vpsde::Error(data_path + ": expected " + (images ? "uint8 images " : "float32 points ") + want +
+                           "] for this bundle");
       }
+      if (images && m.value_range.empty())
+        throw vpsde::Error(data_path + ": images need the model's value range, and this bundle has none "
+                           "(model.value_range is null): pass real-valued points as a float32 .npy");
+      if (images) data.data = vpsde::dequantize(pixels.data.data(), num, m.sample_numel(), m.value_range[0],
+                                                m.value_range[1], seed, first);
       const std::vector<double> logp = sampler.log_likelihood(data.data.data(), num, seed, batch, first);
       const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       vpsde::write_npy(file, logp, {num});

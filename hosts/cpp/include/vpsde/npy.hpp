@@ -1,6 +1,6 @@
 /// @file
-/// Minimal .npy (format 1.0): a writer of float32 or float64 arrays (locked temporary file renamed into place) and a
-/// reader of float32 ones (little-endian, C order; anything else is an error naming the file).
+/// Minimal .npy (format 1.0): a writer of float32 or float64 arrays (locked temporary file renamed into place) and
+/// readers of float32 and uint8 ones (little-endian, C order; anything else is an error naming the file).
 #pragma once
 
 #include <cstdint>
@@ -40,8 +40,23 @@ struct NpyArray {
   std::vector<float> data;
 };
 
-inline NpyArray load_npy(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
+/// uint8 images (a likelihood bundle's --data; dequantize.hpp makes them points).
+struct NpyPixels {
+  std::vector<std::int64_t> shape;
+  std::vector<std::uint8_t> data;
+};
+
+namespace detail {
+
+struct NpyHeader {
+  std::string descr;  // '<f4', '|u1', ...
+  std::vector<std::int64_t> shape;
+  std::uint64_t count = 1;  // elements
+};
+
+/// Opens `path` and reads its header (the stream is left at the data): version 1, C order, a shape.
+inline NpyHeader read_npy_header(std::ifstream& f, const std::string& path) {
+  f.open(path, std::ios::binary);
   if (!f) throw Error(path + ": cannot open .npy for reading");
   char magic[8];
   std::uint16_t hlen = 0;
@@ -51,28 +66,66 @@ inline NpyArray load_npy(const std::string& path) {
     throw Error(path + ": not a version 1 .npy file");
   std::string header(hlen, ' ');
   f.read(header.data(), hlen);
-  if (header.find("'descr': '<f4'") == std::string::npos)
-    throw Error(path + ": expected float32 ('<f4') data; save it with numpy as float32");
+  NpyHeader h;
+  const std::string key = "'descr': '";
+  const auto at = header.find(key);
+  const auto stop = at == std::string::npos ? at : header.find('\'', at + key.size());
+  if (stop == std::string::npos) throw Error(path + ": no dtype in the .npy header");
+  h.descr = header.substr(at + key.size(), stop - at - key.size());
   if (header.find("'fortran_order': False") == std::string::npos) throw Error(path + ": expected C-order data");
   const auto open = header.find('('), close = header.find(')');
   if (open == std::string::npos || close == std::string::npos) throw Error(path + ": no shape in the .npy header");
-  NpyArray a;
-  std::int64_t n = 1;
-  std::string dims = header.substr(open + 1, close - open - 1);
+  const std::string dims = header.substr(open + 1, close - open - 1);
   for (std::size_t pos = 0; pos < dims.size();) {
     const std::size_t comma = dims.find(',', pos);
     const std::string tok = dims.substr(pos, comma == std::string::npos ? std::string::npos : comma - pos);
     if (tok.find_first_not_of(' ') != std::string::npos) {
-      a.shape.push_back(std::stoll(tok));
-      n *= a.shape.back();
+      h.shape.push_back(std::stoll(tok));
+      if (h.shape.back() < 0 || (h.shape.back() > 0 && h.count > (std::uint64_t{1} << 40) / h.shape.back()))
+        throw Error(path + ": shape too large in the .npy header");
+      h.count *= static_cast<std::uint64_t>(h.shape.back());
     }
     if (comma == std::string::npos) break;
     pos = comma + 1;
   }
-  a.data.resize(static_cast<std::size_t>(n));
-  f.read(reinterpret_cast<char*>(a.data.data()), static_cast<std::streamsize>(a.data.size() * sizeof(float)));
+  return h;
+}
+
+template <typename T>
+inline std::vector<T> read_npy_data(std::ifstream& f, const NpyHeader& h, const std::string& path) {
+  const auto at = f.tellg();
+  f.seekg(0, std::ios::end);
+  const auto left = static_cast<std::uint64_t>(f.tellg() - at);
+  f.seekg(at);
+  if (left < h.count * sizeof(T)) throw Error(path + ": truncated .npy data");
+  std::vector<T> data(static_cast<std::size_t>(h.count));
+  f.read(reinterpret_cast<char*>(data.data()), static_cast<std::streamsize>(data.size() * sizeof(T)));
   if (!f) throw Error(path + ": truncated .npy data");
-  return a;
+  return data;
+}
+
+}  // namespace detail
+
+/// The dtype of a .npy file as its header writes it ('<f4' float32, '|u1' uint8, ...).
+inline std::string npy_descr(const std::string& path) {
+  std::ifstream f;
+  return detail::read_npy_header(f, path).descr;
+}
+
+/// float32 [shape] (little-endian, C order); anything else is an error naming the file.
+inline NpyArray load_npy(const std::string& path) {
+  std::ifstream f;
+  const auto h = detail::read_npy_header(f, path);
+  if (h.descr != "<f4") throw Error(path + ": expected float32 ('<f4') data; save it with numpy as float32");
+  return {h.shape, detail::read_npy_data<float>(f, h, path)};
+}
+
+/// uint8 [shape]; anything else is an error naming the file.
+inline NpyPixels load_npy_pixels(const std::string& path) {
+  std::ifstream f;
+  const auto h = detail::read_npy_header(f, path);
+  if (h.descr != "|u1") throw Error(path + ": expected uint8 ('|u1') images");
+  return {h.shape, detail::read_npy_data<std::uint8_t>(f, h, path)};
 }
 
 }  // namespace vpsde
