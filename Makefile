@@ -11,7 +11,7 @@ SERVE_VENV := .venv-serve
 BUNDLE := build/digits-em1000
 OUT := out/digits
 
-.PHONY: install demo test test-quick test-heavy bench bench-cifar bench-ray bench-serve gpu-pack clean
+.PHONY: install demo test test-quick bench bench-cifar bench-ray bench-serve gpu-pack clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -36,15 +36,12 @@ demo: $(VENV)/.installed
 	$(BIN)/vpsde sample $(BUNDLE) --num 64 --seed 0 --out $(OUT)
 
 test: install
-	$(BIN)/python -m pytest -q --durations=10 -m "not heavy"
+	$(BIN)/python -m pytest -q --durations=10
 
-# Everything but the whole-trajectory tests marked slow (parity per call, noise, bad input, trust boundary, C++).
+# Everything but the tests marked slow (whole trajectories, a UNet likelihood export): parity per call, noise, bad
+# input, trust boundary, C++.
 test-quick: install
-	$(BIN)/python -m pytest -q -m "not slow and not heavy"
-
-# Tests too slow for CI's budget (a UNet likelihood graph exports in about 4 minutes on 2 cores).
-test-heavy: install
-	$(BIN)/python -m pytest -q -m heavy
+	$(BIN)/python -m pytest -q -m "not slow"
 
 # CPU loops side by side (docs/cpu.md): vpsde fp32/int8/all threads, vpsde bf16 on OpenVINO, bare graph calls, a
 # plain ORT loop, diffusers eager and compiled, OpenVINO on the fp32 graph. About 15 minutes.

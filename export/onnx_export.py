@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import warnings
@@ -40,6 +41,30 @@ def example_inputs(input_names: tuple[str, ...], sample_shape: tuple[int, ...], 
     return tuple(args)
 
 
+# onnxscript rewrite rules that match several output nodes: its matcher indexes the whole graph for every node it
+# visits (quadratic in the graph's size). SlicesSplit merges two Slices of one tensor into a Split: the same bytes
+# moved either way, so leaving it out changes no value.
+QUADRATIC_REWRITES = ("SlicesSplit",)
+
+
+@contextlib.contextmanager
+def linear_rewrites():
+    """torch.onnx's optimizer (onnxscript's default rewrite rules) without :data:`QUADRATIC_REWRITES`, for the
+    duration of the block; docs/likelihood.md has the export times. An onnxscript without those rules (or without the
+    rule table) is left as it is."""
+    from onnxscript import rewriter
+
+    rules = getattr(rewriter, "_DEFAULT_REWRITE_RULES", None)
+    if rules is None:
+        yield
+        return
+    rewriter._DEFAULT_REWRITE_RULES = type(rules)(r for r in rules if getattr(r, "name", None) not in QUADRATIC_REWRITES)
+    try:
+        yield
+    finally:
+        rewriter._DEFAULT_REWRITE_RULES = rules
+
+
 def _dynamic_batch(step: nn.Module, n_args: int) -> dict[str, object]:
     """dynamic_shapes for torch.export: dim 0 of every input is the symbolic batch, by parameter name (a
     ``*inputs`` parameter takes a tuple)."""
@@ -53,8 +78,8 @@ def _dynamic_batch(step: nn.Module, n_args: int) -> dict[str, object]:
 def trace_step_graph(step: nn.Module, sample_shape: tuple[int, ...], scalars: Mapping[str, float],
                      conditioning: Collection[str] = (), opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
     """``step`` (``forward(*step.input_names) -> step.output_names``) as torch.onnx's dynamo exporter writes it
-    (with its optimizer), traced at batch 2 on :func:`example_inputs` with the batch dimension symbolic ("batch");
-    full onnx.checker. A step with forward-mode derivatives (``forward_ad``) is traced through
+    (with its optimizer, :func:`linear_rewrites`), traced at batch 2 on :func:`example_inputs` with the batch
+    dimension symbolic ("batch"); full onnx.checker. A step with forward-mode derivatives (``forward_ad``) is traced through
     :class:`~vpsde.export.polymorphic.PolymorphicStep` first."""
     def inputs_at(batch: int) -> tuple[torch.Tensor, ...]:
         return example_inputs(tuple(step.input_names), sample_shape, scalars, conditioning, batch)
@@ -65,7 +90,7 @@ def trace_step_graph(step: nn.Module, sample_shape: tuple[int, ...], scalars: Ma
     registry_log = logging.getLogger("torch.onnx._internal.exporter._registration")
     level = registry_log.level
     registry_log.setLevel(logging.ERROR)  # "torchvision is not installed" notices: irrelevant here
-    with warnings.catch_warnings(), torch.no_grad():
+    with warnings.catch_warnings(), torch.no_grad(), linear_rewrites():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             step, args, input_names=list(step.input_names), output_names=list(step.output_names),

@@ -13,6 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from vpsde.export import VPSDE, load_model
 from vpsde.export.lean import lean_graph, static_reshapes
+from vpsde.export import onnx_export
 from vpsde.export.onnx_export import trace_step_graph
 from vpsde.export.samplers import build_sampler
 
@@ -138,3 +139,30 @@ def test_a_reshape_to_another_batch_keeps_its_computed_target():
                               [_value("y", ["n", 2, 3])])
     model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
     assert static_reshapes(model) == 0
+
+
+
+def test_the_quadratic_rewrites_are_left_out_of_exports_and_change_no_graph(monkeypatch):
+    """vpsde exports without onnxscript's multi-output-node rewrites (QUADRATIC_REWRITES: their matcher is quadratic
+    in the graph's size, most of a UNet likelihood export's time): exactly those rules are out while a graph is
+    traced, the table is restored afterwards, and a likelihood graph comes out byte-identical either way
+    (bench/export_rewrites.py checks the shipped models and samplers)."""
+    from conftest import small_conv
+    from onnxscript import rewriter
+
+    from vpsde.export.likelihood import LikelihoodStep
+
+    rules = rewriter._DEFAULT_REWRITE_RULES
+    with onnx_export.linear_rewrites():
+        inside = rewriter._DEFAULT_REWRITE_RULES
+    assert rewriter._DEFAULT_REWRITE_RULES is rules
+    left_out = [r.name for r in rules if r not in inside]
+    assert left_out == [r.name for r in rules if r.name in onnx_export.QUADRATIC_REWRITES]
+
+    model = small_conv()
+    step = LikelihoodStep(model, VPSDE())
+    scalars = {"t": 0.3, "t_mid": 0.35, "t_next": 0.4, "h": 0.1}
+    ours = trace_step_graph(step, tuple(model.sample_shape), scalars)
+    monkeypatch.setattr(onnx_export, "QUADRATIC_REWRITES", ())
+    every_rule = trace_step_graph(step, tuple(model.sample_shape), scalars)
+    assert ours.SerializeToString() == every_rule.SerializeToString()

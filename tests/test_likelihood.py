@@ -124,7 +124,7 @@ def _rk4_reference(model, x, logdet, t, h, directions):
     return (x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)).detach(), (logdet + h / 6 * (g1 + 2 * g2 + 2 * g3 + g4)).detach()
 
 
-@pytest.mark.parametrize("case", ["mixture-exact", pytest.param("unet-hutchinson", marks=pytest.mark.heavy)])
+@pytest.mark.parametrize("case", ["mixture-exact", pytest.param("unet-hutchinson", marks=pytest.mark.slow)])
 def test_one_graph_call_matches_an_eager_float64_rk4_step(case, exact_bundle, tmp_path):
     """Per call: the exported step (JVPs traced batch-polymorphic) against float64 autograd at fresh random inputs
     and a fresh time. Bars: float32 arithmetic through the model (measured ~1e-6 relative on both)."""
