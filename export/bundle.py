@@ -8,6 +8,7 @@ import dataclasses
 import json
 import os
 import sys
+import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -89,8 +90,10 @@ def export_bundle(model: ScoreModel, out: str | Path, *, sampler: str = "em", st
         for key, step in recipe.graphs.items():
             graph_file = f"{key}.onnx"
             log(f"exporting {recipe.name} graph {key!r} of {model.name} to ONNX (opset {opset})...")
+            started = time.monotonic()
             inputs, outputs = export_step_graph(step.eval(), tuple(model.sample_shape), tmp / graph_file, middle_row,
-                                                recipe.conditioning, opset)
+                                                recipe.conditioning, opset, log)
+            log(f"  {graph_file}: {(tmp / graph_file).stat().st_size / 1e3:,.0f} kB in {time.monotonic() - started:.0f} s")
             graphs[key] = GraphSpec(file=graph_file, sha256=sha256_file(tmp / graph_file), opset=opset,
                                     inputs=inputs, outputs=outputs)
         manifest = Manifest(

@@ -7,14 +7,14 @@ import inspect
 import logging
 import warnings
 from pathlib import Path
-from typing import Collection, Mapping
+from typing import Callable, Collection, Mapping
 
 import onnx
 import torch
 from torch import nn
 
 from vpsde.export.lean import lean_graph
-from vpsde.export.polymorphic import PolymorphicStep
+from vpsde.export.polymorphic import TRACE_BATCHES, PolymorphicStep
 from vpsde.runtime.manifest import TensorSpec
 
 BATCH = "batch"
@@ -76,16 +76,19 @@ def _dynamic_batch(step: nn.Module, n_args: int) -> dict[str, object]:
 
 
 def trace_step_graph(step: nn.Module, sample_shape: tuple[int, ...], scalars: Mapping[str, float],
-                     conditioning: Collection[str] = (), opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
+                     conditioning: Collection[str] = (), opset: int = DEFAULT_OPSET,
+                     log: Callable[[str], None] = lambda _: None) -> onnx.ModelProto:
     """``step`` (``forward(*step.input_names) -> step.output_names``) as torch.onnx's dynamo exporter writes it
     (with its optimizer, :func:`linear_rewrites`), traced at batch 2 on :func:`example_inputs` with the batch
     dimension symbolic ("batch"); full onnx.checker. A step with forward-mode derivatives (``forward_ad``) is traced through
-    :class:`~vpsde.export.polymorphic.PolymorphicStep` first."""
+    :class:`~vpsde.export.polymorphic.PolymorphicStep` first; ``log`` hears each stage as it starts."""
     def inputs_at(batch: int) -> tuple[torch.Tensor, ...]:
         return example_inputs(tuple(step.input_names), sample_shape, scalars, conditioning, batch)
 
     if getattr(step, "forward_ad", False):
+        log(f"  tracing the forward-mode derivatives at batch {' and '.join(map(str, TRACE_BATCHES))} (make_fx)...")
         step = PolymorphicStep(step, inputs_at)
+        log("  torch.onnx: export, decompositions, optimizer...")
     args = inputs_at(2)
     registry_log = logging.getLogger("torch.onnx._internal.exporter._registration")
     level = registry_log.level
@@ -129,12 +132,12 @@ def drop_provenance(model: onnx.ModelProto) -> None:
 
 
 def export_step_graph(step: nn.Module, sample_shape: tuple[int, ...], path: Path, scalars: Mapping[str, float],
-                      conditioning: Collection[str] = (),
-                      opset: int = DEFAULT_OPSET) -> tuple[list[TensorSpec], list[TensorSpec]]:
+                      conditioning: Collection[str] = (), opset: int = DEFAULT_OPSET,
+                      log: Callable[[str], None] = lambda _: None) -> tuple[list[TensorSpec], list[TensorSpec]]:
     """Export ``step`` to ``path`` (:func:`trace_step_graph` on ``scalars`` and ``conditioning``), made lean for CPU hosts
     (:func:`~vpsde.export.lean.lean_graph`: constant reshape targets, one Gemm for sibling projections, residual
     scales folded, no dead nodes; onnx.checker and strict shape inference pass); returns the IO specs."""
-    model, _ = lean_graph(trace_step_graph(step, sample_shape, scalars, conditioning, opset))
+    model, _ = lean_graph(trace_step_graph(step, sample_shape, scalars, conditioning, opset, log))
     onnx.save_model(model, str(path))
     return _io_specs(model.graph.input), _io_specs(model.graph.output)
 
