@@ -15,7 +15,8 @@ EPILOG = """Each figure is the median of --iters loops of --steps steps (after -
 followed by the same number of bare graph calls, so that load on the machine hits both alike. On the CPU the
 bare calls are the loop's own (one trajectory's calls, inputs staged beforehand: a CPU call's time depends on
 its data); on a GPU, the program's graphs on buffers bound once. samples/s
-extrapolates ms/step to the bundle's full step count. On a GPU (--device cuda) every batch runs with CUDA
+extrapolates ms/step to the bundle's full step count. A likelihood bundle scores seeded points (uniform in the
+model's value range, or N(0, 1)) and reports inputs/s. On a GPU (--device cuda) every batch runs with CUDA
 graphs off and on. Compare figures only within one run (ratios): on a shared machine absolute times drift.
 
 examples:
@@ -26,7 +27,8 @@ examples:
 
 def register(sub, fmt) -> None:
     p = sub.add_parser("bench", help="time a bundle's loop per backend and batch size",
-                       description="Time the sampling loop of a bundle: ms/step, samples/s, loop overhead over bare "
+                       description="Time the loop of a bundle (sampling or likelihood): ms/step, samples/s, loop "
+                       "overhead over bare "
                        "graph calls, time to first call and to open the backend, peak RSS.", epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("bundle", type=Path, help="bundle directory")
@@ -81,9 +83,10 @@ def run(args: argparse.Namespace) -> None:
                 rows.append(bench_sampler(sampler, backend, batch, args.steps, args.warmup, args.iters, cuda_graph))
             del sampler
     m = bundle.manifest
+    rate = "inputs/s" if m.sampler.task == "likelihood" else "samples/s"
     print(f"{bundle.root}: {m.sampler.name}, {m.sampler.steps} steps, {m.model.name} {m.model.precision}, "
           f"{len(m.sampler.program)} graph kind(s) per step; median of {args.iters}")
-    print(format_table(rows, load_s))
+    print(format_table(rows, load_s, rate))
     if args.json is not None:
         with atomic_path(args.json, suffix=".json") as tmp:
             tmp.write_text(json.dumps({"bundle": str(bundle.root), "digest": bundle.digest, "iters": args.iters,
@@ -92,5 +95,5 @@ def run(args: argparse.Namespace) -> None:
     if args.plot is not None:
         from vpsde.runtime.benchmark import plot_rows
 
-        plot_rows(rows, args.plot, f"{bundle.root.name}: {m.sampler.name}, {m.model.precision}")
+        plot_rows(rows, args.plot, f"{bundle.root.name}: {m.sampler.name}, {m.model.precision}", rate)
         print(f"wrote {args.plot}", file=sys.stderr)

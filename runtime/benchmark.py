@@ -3,7 +3,8 @@
 Per batch size, in one process: ``iters`` timed loops of ``steps`` steps (after ``warmup`` untimed ones), each
 the runtime's own loop (host noise, schedule uploads, NaN guard as configured), and ``iters`` rounds of the
 same number of *bare* graph calls (no noise, no uploads, no read-back until the end). Medians are reported; the
-loop overhead is loop time / bare time - 1.
+loop overhead is loop time / bare time - 1. A likelihood bundle's loop starts from :func:`bench_points` and its
+rate counts inputs scored per second.
 
 The bare calls must do the loop's own work: on a CPU a call's time depends on its inputs (denormal floats cost
 extra: the digits int8 step takes 1.045 ms on the prior sample and 1.095 ms half-way down the trajectory), so
@@ -23,12 +24,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+import numpy as np
+
 from vpsde.runtime.loop import DeviceLoop
 
 
 @dataclass
 class BenchRow:
-    """One (backend, batch) measurement. Times in ms; ``samples_per_s`` extrapolates ms/step to the bundle's
+    """One (backend, batch) measurement. Times in ms; ``samples_per_s`` (inputs scored per second for a likelihood
+    bundle) extrapolates ms/step to the bundle's
     full step count; ``peak_rss_mb`` is the process's high-water mark after this row (monotone over rows)."""
 
     backend: str
@@ -45,6 +49,26 @@ class BenchRow:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+
+def bench_points(manifest, batch: int) -> np.ndarray:
+    """What a likelihood bundle scores while it is timed: float32 [batch, *sample_shape], uniform in the model's
+    value range (images' space) or N(0, 1) where it has none; seeded, the same every run."""
+    rng = np.random.default_rng(0)
+    shape = (batch, *manifest.model.sample_shape)
+    if manifest.model.value_range is None:
+        return rng.standard_normal(shape, dtype=np.float32)
+    lo, hi = manifest.model.value_range
+    return rng.uniform(lo, hi, shape).astype(np.float32)
+
+
+def program_run(sampler, batch: int, steps: int) -> Callable[[], Any]:
+    """The runtime's own loop over the first ``steps`` steps of ``batch`` rows, seed 0: sampling from the prior,
+    or a likelihood program from :func:`bench_points`."""
+    if sampler.loop.program.task == "likelihood":
+        points = bench_points(sampler.manifest, batch)
+        return lambda: sampler.log_likelihood(points, seed=0, stop_after_steps=steps)
+    return lambda: sampler.sample(batch, seed=0, stop_after_steps=steps)
 
 
 def bare_step_seconds(sampler, batch: int, steps: int) -> float:
@@ -82,7 +106,7 @@ class _RecordingRunner:
 
 
 class ReplayedCalls:
-    """The graph calls of one trajectory of ``sampler`` (seed 0, batch ``batch``, the first ``steps`` steps),
+    """The graph calls of one trajectory of ``sampler`` (:func:`program_run`: batch ``batch``, the first ``steps`` steps),
     recorded once and staged: each call's inputs in buffers of its own, uploaded and bound here (each graph's
     outputs go to one scratch set per graph). :meth:`seconds` launches them all in order: the loop's calls on
     the loop's data with nothing between them. Staging holds every call's inputs at once (about
@@ -96,7 +120,7 @@ class ReplayedCalls:
         live = sampler.loop
         sampler.loop = DeviceLoop(m, recorders, dev, live.describe_graph)
         try:
-            sampler.sample(batch, seed=0, stop_after_steps=steps)
+            program_run(sampler, batch, steps)()
         finally:
             sampler.loop = live
         scratch = {key: {spec.name: dev.empty(spec.shape_for(batch), spec.dtype) for spec in g.outputs}
@@ -144,7 +168,7 @@ def bench_sampler(sampler, backend: str, batch: int, steps: int, warmup: int = 1
     """Time ``sampler`` (a :class:`~vpsde.runtime.Sampler`, opened with ``cuda_graph``) at one batch size; see the
     module docstring."""
     steps = max(1, min(steps, sampler.manifest.sampler.steps))
-    run = lambda: sampler.sample(batch, seed=0, stop_after_steps=steps)  # noqa: E731
+    run = program_run(sampler, batch, steps)
     t0 = time.perf_counter()
     bare_step_seconds(sampler, batch, 1)  # the first call of each graph at this batch (allocation, kernels)
     first_call = time.perf_counter() - t0
@@ -165,9 +189,10 @@ def bench_sampler(sampler, backend: str, batch: int, steps: int, warmup: int = 1
                     first_call_ms=1e3 * first_call, peak_rss_mb=peak_rss_mb())
 
 
-def format_table(rows: list[BenchRow], load_s: dict[str, float]) -> str:
+def format_table(rows: list[BenchRow], load_s: dict[str, float], rate: str = "samples/s") -> str:
+    """The rows as a text table; ``rate`` heads the rate column ("inputs/s" for a likelihood bundle)."""
     lines = [f"{'backend':<18}{'device':>20}{'batch':>7}{'graph':>7}{'ms/step':>10}{'bare ms':>10}{'overhead':>10}"
-             f"{'samples/s':>11}{'1st call ms':>13}{'peak RSS MB':>13}"]
+             f"{rate:>11}{'1st call ms':>13}{'peak RSS MB':>13}"]
     for r in rows:
         lines.append(f"{r.backend:<18}{r.device:>20}{r.batch:>7}{'on' if r.cuda_graph else 'off':>7}{r.ms_per_step:>10.3f}"
                      f"{r.bare_ms_per_step:>10.3f}{100 * r.loop_overhead:>9.1f}%{r.samples_per_s:>11.2f}"
@@ -177,7 +202,7 @@ def format_table(rows: list[BenchRow], load_s: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
-def plot_rows(rows: list[BenchRow], path: Path, title: str) -> None:
+def plot_rows(rows: list[BenchRow], path: Path, title: str, rate: str = "samples/s") -> None:
     """ms/step (loop solid, bare calls dashed) and samples/s against the batch size, one line per backend and
     CUDA-graph mode, log-log; written atomically to ``path`` (PNG)."""
     from vpsde.runtime.plots import pyplot, save
@@ -193,5 +218,5 @@ def plot_rows(rows: list[BenchRow], path: Path, title: str) -> None:
         ax_ms.loglog(batch, [r.bare_ms_per_step for r in points], "x--", color=f"C{k}", label=f"{label}: bare calls")
         ax_rate.loglog(batch, [r.samples_per_s for r in points], "o-", color=f"C{k}", label=label)
     ax_ms.set(xlabel="batch", ylabel="ms per step (median)", title=title)
-    ax_rate.set(xlabel="batch", ylabel="samples/s (whole sampler)", title="throughput")
+    ax_rate.set(xlabel="batch", ylabel=f"{rate} (whole program)", title="throughput")
     save(fig, (ax_ms, ax_rate), path)

@@ -129,10 +129,11 @@ class Sampler:
         return out
 
     def log_likelihood(self, data: np.ndarray, seed: int = 0, *, batch_size: int | None = None,
-                       first_sample: int = 0) -> np.ndarray:
+                       first_sample: int = 0, stop_after_steps: int | None = None) -> np.ndarray:
         """log p(x) in nats, float64 [N], of each row x of ``data`` (float32 [N, *sample_shape], in the model's
         space), by a likelihood bundle's program (``export/likelihood.py``). Row i's Hutchinson probes are noise of
-        sample ``first_sample + i`` under ``seed``: the same whatever the batch size or sharding."""
+        sample ``first_sample + i`` under ``seed``: the same whatever the batch size or sharding.
+        ``stop_after_steps``: for timing, run only the first K steps (the result is then not log p)."""
         if self.loop.program.task != "likelihood":
             raise InputError(f"{self.bundle.root}: this bundle samples (sampler.task {self.loop.program.task!r}); "
                              "likelihoods need a bundle exported with --sampler likelihood")
@@ -140,8 +141,9 @@ class Sampler:
         request = check_request(self.manifest, seed, first_sample, len(data), None)
         num, generator = request.num, self.manifest.noise.generator
         batch_size = self.batch_size_for(num, batch_size, generator)
+        stop = count(stop_after_steps, "stop_after_steps", 1, None, optional=True)
         check_memory(self.manifest, num, batch_size)
-        steps = self.manifest.sampler.steps
+        steps = min(self.manifest.sampler.steps, stop or self.manifest.sampler.steps)
         out = np.empty(num, dtype=np.float64)
         with progress(steps * -(-num // batch_size), "likelihood", "step", enabled=self.progress) as bar:
             for lo in range(0, num, batch_size):

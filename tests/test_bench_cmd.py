@@ -57,3 +57,33 @@ def test_the_bare_calls_replay_the_loops_own_calls(gmm_bundle, tmp_path):
         np.testing.assert_array_equal(got, want)
         # the loop still runs on its own runners afterwards
         np.testing.assert_array_equal(sampler.sample(3, seed=0, stop_after_steps=steps), want)
+
+
+def test_bench_times_a_likelihood_program(tmp_path, capsys):
+    """A likelihood bundle is timed from seeded points (bench_points): the table's rate is inputs/s, and the bare
+    calls replay the loop's own calls: their last output, summed per row, is the loop's result bit for bit."""
+    import numpy as np
+
+    from vpsde.export import VPSDE, export_bundle, load_model
+    from vpsde.runtime import Sampler
+    from vpsde.runtime.benchmark import ReplayedCalls, bench_points
+    from vpsde.runtime.likelihood import row_log_likelihood
+
+    bundle = export_bundle(load_model("gmm:dim=3,components=2,seed=5", VPSDE()), tmp_path / "lik",
+                           sampler="likelihood", steps=5, log=lambda _: None)
+    out = tmp_path / "bench.json"
+    assert cli(["bench", str(bundle.root), "--batch", "2", "--steps", "3", "--iters", "2", "--threads", "1",
+                "--json", str(out)]) == 0
+    assert "inputs/s" in capsys.readouterr().out
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["steps_timed"] == 3 and all(math.isfinite(row[k]) and row[k] > 0 for k in ("ms_per_step", "samples_per_s"))
+
+    sampler = Sampler(bundle, progress=False, threads=1)
+    points = bench_points(bundle.manifest, 4)
+    assert points.shape == (4, 3) and np.isfinite(points).all() and points.std() > 0.5
+    want = sampler.log_likelihood(points, seed=0, stop_after_steps=3)
+    assert np.isfinite(want).all() and not np.array_equal(want, sampler.log_likelihood(points, seed=0))
+    np.testing.assert_array_equal(sampler.log_likelihood(points, stop_after_steps=99), sampler.log_likelihood(points))
+    replay = ReplayedCalls(sampler, 4, 3)
+    assert len(replay.launches) == 3 and replay.seconds() > 0
+    np.testing.assert_array_equal(row_log_likelihood(replay.device.peek(replay.sync)), want)
