@@ -159,6 +159,13 @@ def test_cpp_log_likelihood_of_images_equals_python(host, tmp_path):
     np.save(tmp_path / "small.npy", pixels[:, :, :4])
     r = run(host / "vpsde-sample", bundle.root, "--data", tmp_path / "small.npy", "--out", tmp_path / "y.npy")
     assert r.returncode == 2 and "small.npy: expected uint8 images [N, 1, 8, 8]" in r.stderr, r.stderr
+    header_bytes = (tmp_path / "images.npy").read_bytes()
+    (tmp_path / "bad.npy").write_bytes(header_bytes.replace(b"(5, 1, 8, 8)", b"(5, x, 8, 8)", 1))
+    r = run(host / "vpsde-sample", bundle.root, "--data", tmp_path / "bad.npy", "--out", tmp_path / "y.npy")
+    assert r.returncode == 2 and "bad.npy: bad shape in the .npy header: (5, x, 8, 8)" in r.stderr, r.stderr
+    (tmp_path / "short.npy").write_bytes(header_bytes[:-7])
+    r = run(host / "vpsde-sample", bundle.root, "--data", tmp_path / "short.npy", "--out", tmp_path / "y.npy")
+    assert r.returncode == 2 and "short.npy: truncated .npy data" in r.stderr, r.stderr
 
     no_range = export_bundle(load_model("gmm:dim=3", VPSDE()), tmp_path / "gmm", sampler="likelihood", steps=2,
                              log=lambda _: None)

@@ -80,7 +80,14 @@ inline NpyHeader read_npy_header(std::ifstream& f, const std::string& path) {
     const std::size_t comma = dims.find(',', pos);
     const std::string tok = dims.substr(pos, comma == std::string::npos ? std::string::npos : comma - pos);
     if (tok.find_first_not_of(' ') != std::string::npos) {
-      h.shape.push_back(std::stoll(tok));
+      std::size_t used = 0;
+      try {
+        h.shape.push_back(std::stoll(tok, &used));
+      } catch (const std::exception&) {
+        used = 0;
+      }
+      if (used == 0 || tok.find_first_not_of(' ', used) != std::string::npos)
+        throw Error(path + ": bad shape in the .npy header: (" + dims + ")");
       if (h.shape.back() < 0 || (h.shape.back() > 0 && h.count > (std::uint64_t{1} << 40) / h.shape.back()))
         throw Error(path + ": shape too large in the .npy header");
       h.count *= static_cast<std::uint64_t>(h.shape.back());
