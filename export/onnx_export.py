@@ -58,7 +58,8 @@ def linear_rewrites():
     if rules is None:
         yield
         return
-    rewriter._DEFAULT_REWRITE_RULES = type(rules)(r for r in rules if getattr(r, "name", None) not in QUADRATIC_REWRITES)
+    kept = (r for r in rules if getattr(r, "name", None) not in QUADRATIC_REWRITES)
+    rewriter._DEFAULT_REWRITE_RULES = type(rules)(kept)
     try:
         yield
     finally:

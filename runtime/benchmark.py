@@ -106,10 +106,10 @@ class _RecordingRunner:
 
 
 class ReplayedCalls:
-    """The graph calls of one trajectory of ``sampler`` (:func:`program_run`: batch ``batch``, the first ``steps`` steps),
-    recorded once and staged: each call's inputs in buffers of its own, uploaded and bound here (each graph's
-    outputs go to one scratch set per graph). :meth:`seconds` launches them all in order: the loop's calls on
-    the loop's data with nothing between them. Staging holds every call's inputs at once (about
+    """The graph calls of one trajectory of ``sampler`` (:func:`program_run`: ``batch`` rows, the first ``steps``
+    steps), recorded once and staged: each call's inputs in buffers of its own, uploaded and bound here (each
+    graph's outputs go to one scratch set per graph). :meth:`seconds` launches them all in order: the loop's calls
+    on the loop's data with nothing between them. Staging holds every call's inputs at once (about
     ``steps * batch * 2 * sample size * 4`` bytes for EM: 30 MB for 200 steps of 16 x 16 at batch 64)."""
 
     def __init__(self, sampler, batch: int, steps: int) -> None:

@@ -130,7 +130,8 @@ def test_cpp_log_likelihood_equals_python(host, tmp_path, model, divergence, bat
         assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     for name, bad, message in [("nan", np.where(np.arange(len(points))[:, None] == 3, np.nan, points), "row 3 holds NaN"),
                                ("shape", points[:, ..., :1], "expected float32 points [N, "),
-                               ("f64", points.astype(np.float64), "expected float32")]:
+                               ("f64", points.astype(np.float64),
+                                "expected float32 points ('<f4') or uint8 images ('|u1'), got '<f8'")]:
         np.save(tmp_path / f"{name}.npy", bad)
         r = run(host / "vpsde-sample", bundle.root, "--data", tmp_path / f"{name}.npy", "--out", tmp_path / "y.npy")
         assert r.returncode == 2 and message in r.stderr, r.stderr

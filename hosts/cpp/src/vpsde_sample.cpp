@@ -129,8 +129,11 @@ int main(int argc, char** argv) {
     }
     vpsde::NpyArray data;
     vpsde::NpyPixels pixels;
-    const bool images = !data_path.empty() && vpsde::npy_descr(data_path) == "|u1";
+    const std::string descr = data_path.empty() ? "" : vpsde::npy_descr(data_path);
+    const bool images = descr == "|u1";
     if (!data_path.empty()) {
+      if (descr != "<f4" && !images)
+        throw vpsde::Error(data_path + ": expected float32 points ('<f4') or uint8 images ('|u1'), got '" + descr + "'");
       if (num > 0) throw vpsde::Error("--data and --num: give one (the data's rows are the inputs)");
       if (!cond.empty()) throw vpsde::Error("--data and --cond: a likelihood bundle takes no conditioning");
       if (images) pixels = vpsde::load_npy_pixels(data_path);
