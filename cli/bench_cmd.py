@@ -27,9 +27,9 @@ examples:
 
 def register(sub, fmt) -> None:
     p = sub.add_parser("bench", help="time a bundle's loop per backend and batch size",
-                       description="Time the loop of a bundle (sampling or likelihood): ms/step, samples/s, loop "
-                       "overhead over bare "
-                       "graph calls, time to first call and to open the backend, peak RSS.", epilog=EPILOG,
+                       description="Time the loop of a bundle (sampling or likelihood): ms/step, samples/s (inputs/s), "
+                       "loop overhead over bare graph calls, time to first call and to open the backend, peak RSS.",
+                       epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("bundle", type=Path, help="bundle directory")
     p.add_argument("--backend", default="onnxruntime", help="comma-separated backends (default: onnxruntime)")
@@ -59,7 +59,7 @@ def _batches(text: str) -> list[int]:
 def run(args: argparse.Namespace) -> None:
     from vpsde.runtime import Bundle, Sampler
     from vpsde.runtime.atomic import atomic_path
-    from vpsde.runtime.benchmark import bench_sampler, format_table
+    from vpsde.runtime.benchmark import bench_sampler, format_table, rate_label
 
     if args.warmup < 0:
         raise UsageError(f"--warmup must be >= 0, got {args.warmup}")
@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> None:
                 rows.append(bench_sampler(sampler, backend, batch, args.steps, args.warmup, args.iters, cuda_graph))
             del sampler
     m = bundle.manifest
-    rate = "inputs/s" if m.sampler.task == "likelihood" else "samples/s"
+    rate = rate_label(m)
     print(f"{bundle.root}: {m.sampler.name}, {m.sampler.steps} steps, {m.model.name} {m.model.precision}, "
           f"{len(m.sampler.program)} graph kind(s) per step; median of {args.iters}")
     print(format_table(rows, load_s, rate))

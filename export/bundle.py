@@ -93,7 +93,8 @@ def export_bundle(model: ScoreModel, out: str | Path, *, sampler: str = "em", st
             started = time.monotonic()
             inputs, outputs = export_step_graph(step.eval(), tuple(model.sample_shape), tmp / graph_file, middle_row,
                                                 recipe.conditioning, opset, log)
-            log(f"  {graph_file}: {(tmp / graph_file).stat().st_size / 1e3:,.0f} kB in {time.monotonic() - started:.0f} s")
+            kilobytes = (tmp / graph_file).stat().st_size / 1e3
+            log(f"  {graph_file}: {kilobytes:,.0f} kB in {time.monotonic() - started:.0f} s")
             graphs[key] = GraphSpec(file=graph_file, sha256=sha256_file(tmp / graph_file), opset=opset,
                                     inputs=inputs, outputs=outputs)
         manifest = Manifest(

@@ -81,8 +81,8 @@ def trace_step_graph(step: nn.Module, sample_shape: tuple[int, ...], scalars: Ma
                      log: Callable[[str], None] = lambda _: None) -> onnx.ModelProto:
     """``step`` (``forward(*step.input_names) -> step.output_names``) as torch.onnx's dynamo exporter writes it
     (with its optimizer, :func:`linear_rewrites`), traced at batch 2 on :func:`example_inputs` with the batch
-    dimension symbolic ("batch"); full onnx.checker. A step with forward-mode derivatives (``forward_ad``) is traced through
-    :class:`~vpsde.export.polymorphic.PolymorphicStep` first; ``log`` hears each stage as it starts."""
+    dimension symbolic ("batch"); full onnx.checker. A step with forward-mode derivatives (``forward_ad``) is traced
+    through :class:`~vpsde.export.polymorphic.PolymorphicStep` first; ``log`` hears each stage as it starts."""
     def inputs_at(batch: int) -> tuple[torch.Tensor, ...]:
         return example_inputs(tuple(step.input_names), sample_shape, scalars, conditioning, batch)
 

@@ -32,8 +32,8 @@ from vpsde.runtime.loop import DeviceLoop
 @dataclass
 class BenchRow:
     """One (backend, batch) measurement. Times in ms; ``samples_per_s`` (inputs scored per second for a likelihood
-    bundle) extrapolates ms/step to the bundle's
-    full step count; ``peak_rss_mb`` is the process's high-water mark after this row (monotone over rows)."""
+    bundle: :func:`rate_label`) extrapolates ms/step to the bundle's full step count; ``peak_rss_mb`` is the
+    process's high-water mark after this row (monotone over rows)."""
 
     backend: str
     device: str
@@ -60,6 +60,11 @@ def bench_points(manifest, batch: int) -> np.ndarray:
         return rng.standard_normal(shape, dtype=np.float32)
     lo, hi = manifest.model.value_range
     return rng.uniform(lo, hi, shape).astype(np.float32)
+
+
+def rate_label(manifest) -> str:
+    """What the rate column counts: samples per second, or inputs scored per second for a likelihood bundle."""
+    return "inputs/s" if manifest.sampler.task == "likelihood" else "samples/s"
 
 
 def program_run(sampler, batch: int, steps: int) -> Callable[[], Any]:
@@ -190,7 +195,7 @@ def bench_sampler(sampler, backend: str, batch: int, steps: int, warmup: int = 1
 
 
 def format_table(rows: list[BenchRow], load_s: dict[str, float], rate: str = "samples/s") -> str:
-    """The rows as a text table; ``rate`` heads the rate column ("inputs/s" for a likelihood bundle)."""
+    """The rows as a text table; ``rate`` heads the rate column (:func:`rate_label`)."""
     lines = [f"{'backend':<18}{'device':>20}{'batch':>7}{'graph':>7}{'ms/step':>10}{'bare ms':>10}{'overhead':>10}"
              f"{rate:>11}{'1st call ms':>13}{'peak RSS MB':>13}"]
     for r in rows:

@@ -129,17 +129,20 @@ int main(int argc, char** argv) {
     }
     vpsde::NpyArray data;
     vpsde::NpyPixels pixels;
+    std::vector<std::int64_t> data_shape;
     const std::string descr = data_path.empty() ? "" : vpsde::npy_descr(data_path);
     const bool images = descr == "|u1";
     if (!data_path.empty()) {
       if (descr != "<f4" && !images)
-        throw vpsde::Error(data_path + ": expected float32 points ('<f4') or uint8 images ('|u1'), got '" + descr + "'");
+        throw vpsde::Error(data_path + ": expected float32 points ('<f4') or uint8 images ('|u1'), got '" + descr +
+                           "'");
       if (num > 0) throw vpsde::Error("--data and --num: give one (the data's rows are the inputs)");
       if (!cond.empty()) throw vpsde::Error("--data and --cond: a likelihood bundle takes no conditioning");
       if (images) pixels = vpsde::load_npy_pixels(data_path);
       else data = vpsde::load_npy(data_path);
-      const auto& data_shape = images ? pixels.shape : data.shape;
-      if (data_shape.empty() || data_shape[0] < 1) throw vpsde::Error(data_path + ": expected points [N >= 1, *sample_shape]");
+      data_shape = images ? pixels.shape : data.shape;
+      if (data_shape.empty() || data_shape[0] < 1)
+        throw vpsde::Error(data_path + ": expected points [N >= 1, *sample_shape]");
       num = data_shape[0];
     }
     if (bundle.empty() || out.empty() || num < 1)
@@ -162,7 +165,7 @@ int main(int argc, char** argv) {
     for (auto s : sampler.manifest().sample_shape) shape.push_back(s);
     if (!data_path.empty()) {
       const auto& m = sampler.manifest();
-      if ((images ? pixels.shape : data.shape) != shape) {
+      if (data_shape != shape) {
         std::string want = "[N";
         for (auto s : m.sample_shape) want += ", " + std::to_string(s);
         throw vpsde::Error(data_path + ": expected " + (images ? "uint8 images " : "float32 points ") + want +

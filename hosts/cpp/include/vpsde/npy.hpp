@@ -9,6 +9,7 @@
 #include <fstream>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "vpsde/files.hpp"
@@ -35,16 +36,14 @@ inline void write_npy(AtomicFile& out, const std::vector<T>& data, const std::ve
   out.commit();
 }
 
-struct NpyArray {
+/// An array read from a .npy file: its shape and its elements in C order.
+template <typename T>
+struct Npy {
   std::vector<std::int64_t> shape;
-  std::vector<float> data;
+  std::vector<T> data;
 };
-
-/// uint8 images (a likelihood bundle's --data; dequantize.hpp makes them points).
-struct NpyPixels {
-  std::vector<std::int64_t> shape;
-  std::vector<std::uint8_t> data;
-};
+using NpyArray = Npy<float>;
+using NpyPixels = Npy<std::uint8_t>;  ///< uint8 images (a likelihood bundle's --data; dequantize.hpp makes them points)
 
 namespace detail {
 
@@ -98,8 +97,12 @@ inline NpyHeader read_npy_header(std::ifstream& f, const std::string& path) {
   return h;
 }
 
+/// The array of `path` if its dtype is `descr`, else an Error naming the file and `expected`.
 template <typename T>
-inline std::vector<T> read_npy_data(std::ifstream& f, const NpyHeader& h, const std::string& path) {
+inline Npy<T> load_npy_as(const std::string& path, const std::string& descr, const std::string& expected) {
+  std::ifstream f;
+  const auto h = read_npy_header(f, path);
+  if (h.descr != descr) throw Error(path + ": expected " + expected);
   const auto at = f.tellg();
   f.seekg(0, std::ios::end);
   const auto left = static_cast<std::uint64_t>(f.tellg() - at);
@@ -108,7 +111,7 @@ inline std::vector<T> read_npy_data(std::ifstream& f, const NpyHeader& h, const 
   std::vector<T> data(static_cast<std::size_t>(h.count));
   f.read(reinterpret_cast<char*>(data.data()), static_cast<std::streamsize>(data.size() * sizeof(T)));
   if (!f) throw Error(path + ": truncated .npy data");
-  return data;
+  return {h.shape, std::move(data)};
 }
 
 }  // namespace detail
@@ -121,18 +124,12 @@ inline std::string npy_descr(const std::string& path) {
 
 /// float32 [shape] (little-endian, C order); anything else is an error naming the file.
 inline NpyArray load_npy(const std::string& path) {
-  std::ifstream f;
-  const auto h = detail::read_npy_header(f, path);
-  if (h.descr != "<f4") throw Error(path + ": expected float32 ('<f4') data; save it with numpy as float32");
-  return {h.shape, detail::read_npy_data<float>(f, h, path)};
+  return detail::load_npy_as<float>(path, "<f4", "float32 ('<f4') data; save it with numpy as float32");
 }
 
 /// uint8 [shape]; anything else is an error naming the file.
 inline NpyPixels load_npy_pixels(const std::string& path) {
-  std::ifstream f;
-  const auto h = detail::read_npy_header(f, path);
-  if (h.descr != "|u1") throw Error(path + ": expected uint8 ('|u1') images");
-  return {h.shape, detail::read_npy_data<std::uint8_t>(f, h, path)};
+  return detail::load_npy_as<std::uint8_t>(path, "|u1", "uint8 ('|u1') images");
 }
 
 }  // namespace vpsde
