@@ -4,11 +4,18 @@
 # vpsde doctor, the GPU-marked tests, vpsde parity on the CUDA provider against eager torch (digits EM and
 # DPM-Solver++, the CIFAR-scale DDPM++ with random weights) and the benchmarks, with figures under $OUT.
 #   bash bench/gpu_check.sh [PARTS]              # on the device (default PARTS: /tmp/gpucheck)
+#   bash bench/gpu_check.sh --from STEP [PARTS]  # a rerun on the same machine: skip the steps before STEP
+#                                                # (tests, export, parity, bench, gpu_loop); exports are kept
 #   bash bench/gpu_check.sh --dry-run PARTS      # anywhere: unpack and import check only (CI runs it on the CPU)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-dry=0
+dry=0 from=tests
 if [ "${1:-}" = "--dry-run" ]; then dry=1; shift; fi
+if [ "${1:-}" = "--from" ]; then from=$2; shift 2; fi
+case "$from" in
+  tests|export|parity|bench|gpu_loop) ;;
+  *) echo "--from: expected tests, export, parity, bench or gpu_loop, got '$from'" >&2; exit 2;;
+esac
 parts=${1:-/tmp/gpucheck}
 out=${OUT:-$parts/out}
 py=${PYTHON:-python3}
@@ -31,20 +38,38 @@ step doctor
 vpsde doctor 2>&1 | tee -a "$log"
 if [ "$dry" = 1 ]; then echo "dry run: unpacked, imported, doctor ran" | tee -a "$log"; exit 0; fi
 
-work=$(mktemp -d)
-step tests
-"$py" -m pytest -q -rs -m gpu tests/test_gpu.py -p no:cacheprovider 2>&1 | tee -a "$log"
-step export
-vpsde export --model digits --steps 200 --grid uniform --out "$work/em" 2>&1 | tee -a "$log"
-vpsde export --model digits --sampler dpmpp-2m --steps 20 --out "$work/dpm" 2>&1 | tee -a "$log"
-vpsde export --model score_sde-random --sampler dpmpp-2m --steps 10 --out "$work/cifar" 2>&1 | tee -a "$log"
-step parity
-vpsde parity "$work/em" --against eager --device cuda --num 8 2>&1 | tee -a "$log"
-vpsde parity "$work/dpm" --against eager --device cuda --num 8 2>&1 | tee -a "$log"
-vpsde parity "$work/cifar" --against eager --model score_sde-random --device cuda --num 2 2>&1 | tee -a "$log"
-step bench
-vpsde bench "$work/em" --device cuda --batch 1,16,64 --steps 50 --iters 5 --json "$out/bench-em.json" 2>&1 | tee -a "$log"
-vpsde bench "$work/dpm" --device cuda --batch 1,16,64 --steps 20 --iters 5 --json "$out/bench-dpm.json" 2>&1 | tee -a "$log"
-step gpu_loop
-"$py" bench/gpu_loop.py --steps 200 --batch 64 2>&1 | tee "$out/gpu_loop.txt" | tee -a "$log"
+work=$parts/work  # kept, so a rerun with --from finds the exports
+mkdir -p "$work"
+order=(tests export parity bench gpu_loop)
+runs() {  # runs STEP: whether STEP comes at or after --from
+  local s; for s in "${order[@]}"; do [ "$s" = "$from" ] && return 0; [ "$s" = "$1" ] && return 1; done
+}
+if runs tests; then
+  step tests
+  "$py" -m pytest -q -rs -m gpu tests/test_gpu.py -p no:cacheprovider 2>&1 | tee -a "$log"
+fi
+if runs export || [ ! -f "$work/cifar/manifest.json" ]; then
+  step export
+  rm -rf "$work"/{em,dpm,cifar}
+  vpsde export --model digits --steps 200 --grid uniform --out "$work/em" 2>&1 | tee -a "$log"
+  vpsde export --model digits --sampler dpmpp-2m --steps 20 --out "$work/dpm" 2>&1 | tee -a "$log"
+  vpsde export --model score_sde-random --sampler dpmpp-2m --steps 10 --out "$work/cifar" 2>&1 | tee -a "$log"
+fi
+if runs parity; then
+  step parity
+  vpsde parity "$work/em" --against eager --device cuda --num 8 2>&1 | tee -a "$log"
+  vpsde parity "$work/dpm" --against eager --device cuda --num 8 2>&1 | tee -a "$log"
+  vpsde parity "$work/cifar" --against eager --model score_sde-random --device cuda --num 2 2>&1 | tee -a "$log"
+fi
+if runs bench; then
+  step bench
+  vpsde bench "$work/em" --device cuda --batch 1,16,64 --steps 50 --iters 5 --json "$out/bench-em.json" 2>&1 \
+    | tee -a "$log"
+  vpsde bench "$work/dpm" --device cuda --batch 1,16,64 --steps 20 --iters 5 --json "$out/bench-dpm.json" 2>&1 \
+    | tee -a "$log"
+fi
+step gpu_loop  # TensorRT cannot reach the device: its loops are left out
+"$py" bench/gpu_loop.py --steps 200 --batch 1,16,64 --loop-timeout 150 --json "$out/gpu_loop.json" \
+  --loops diffusers-eager vpsde-ort-cuda vpsde-ort-cuda-graph torch-cudagraphs torch-compile 2>&1 \
+  | tee "$out/gpu_loop.txt" | tee -a "$log"
 step done

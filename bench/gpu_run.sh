@@ -19,5 +19,5 @@ fi
 $PY -m pip install -q --no-deps -e .
 $PY -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.get_available_providers())"
 $PY -m pytest -q -rs -s -m gpu tests/test_gpu.py tests/test_gpu_tensorrt.py || true
-$PY bench/gpu_loop.py --steps 200 --batch 64
-$PY bench/gpu_loop.py --steps 200 --batch 64 --precision fp16
+$PY bench/gpu_loop.py --steps 200 --batch 1,16,64
+$PY bench/gpu_loop.py --steps 200 --batch 1,16,64 --precision fp16

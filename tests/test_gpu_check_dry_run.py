@@ -51,3 +51,11 @@ def test_a_part_copied_wrong_is_refused(packed, tmp_path):
                        text=True, timeout=300)
     assert r.returncode != 0 and "part01/chunk: sha256 differs" in r.stderr
     assert not (tmp_path / "site").exists()
+
+
+def test_a_rerun_from_an_unknown_step_is_one_line(tmp_path):
+    r = subprocess.run(["bash", "bench/gpu_check.sh", "--from", "parityy", str(tmp_path)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert r.stderr.strip() == "--from: expected tests, export, parity, bench or gpu_loop, got 'parityy'"
+    assert not any(tmp_path.iterdir())  # refused before anything was unpacked or written
