@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import itertools
 import logging
 import warnings
 from pathlib import Path
 from typing import Callable, Collection, Mapping
 
 import onnx
+import onnx_ir as ir
 import torch
 from torch import nn
 
@@ -97,11 +99,11 @@ def trace_step_graph(step: nn.Module, sample_shape: tuple[int, ...], scalars: Ma
     with warnings.catch_warnings(), torch.no_grad(), linear_rewrites():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            step, args, input_names=list(step.input_names), output_names=list(step.output_names),
-            opset_version=opset, dynamo=True, dynamic_shapes=_dynamic_batch(step, len(args)),
+            step, args, opset_version=opset, dynamo=True, dynamic_shapes=_dynamic_batch(step, len(args)),
             verbose=False, optimize=True,
         )
     registry_log.setLevel(level)
+    name_io(program.model.graph, step.input_names, step.output_names)
     model = program.model_proto
     for value in [*model.graph.input, *model.graph.output]:
         dim0 = value.type.tensor_type.shape.dim[0]
@@ -111,6 +113,26 @@ def trace_step_graph(step: nn.Module, sample_shape: tuple[int, ...], scalars: Ma
     drop_provenance(model)
     onnx.checker.check_model(model, full_check=True)
     return model
+
+
+def name_io(graph, input_names: Collection[str], output_names: Collection[str]) -> None:
+    """Give an exported graph (onnx_ir) its inputs' and outputs' names, first renaming any other value that holds
+    one of them. torch.onnx's own ``input_names`` renames the inputs only, and a traced value named after its op
+    (aten.t's "t": a Linear layer's transposed weight) then shares its name with the time input: a ``*inputs``
+    step's placeholders are inputs_0, inputs_1, ..., so nothing reserved "t" while it was traced."""
+    io = [*zip(graph.inputs, input_names, strict=True), *zip(graph.outputs, output_names, strict=True)]
+    io_values = {id(value) for value, _ in io}
+    others = [*graph.initializers.values(), *(out for node in ir.traversal.RecursiveGraphIterator(graph)
+                                              for out in node.outputs)]
+    taken = {value.name for value in [*graph.inputs, *others]}
+    wanted = {name for _, name in io}
+    for value in others:
+        if id(value) not in io_values and value.name in wanted:
+            fresh = next(f"{value.name}_{k}" for k in itertools.count(1) if f"{value.name}_{k}" not in taken | wanted)
+            taken.add(fresh)
+            value.name = fresh
+    for value, name in io:
+        value.name = name
 
 
 def drop_provenance(model: onnx.ModelProto) -> None:
