@@ -11,7 +11,7 @@
     score_sde:PATH[,config=NAME|JSON][,ema=true]   a score_sde_pytorch checkpoint_*.pth (DDPM++ / DDPM; config:
                                               a preset, default cifar10_ddpmpp_continuous, or a JSON object;
                                               ema=false: the raw weights); opened with torch.load(weights_only)
-    score_sde-random[:config=NAME,seed=0]     that network with random weights (benchmarks)
+    score_sde-random[:config=NAME|JSON,seed=0]  that network with random weights (benchmarks)
     py:package.module:factory                 any callable returning a ScoreModel, or an nn.Module
     py:path/to/file.py:factory                net(x, label) (then --sample-shape is required; label = S t with S
                                               from --time-label-scale, default 999); docs/python-api.md
@@ -59,9 +59,23 @@ def self_contained(spec: str) -> bool:
     return 1 <= o.get("dim", 2) <= SELF_CONTAINED_GMM_LIMIT and 1 <= o.get("components", 3) <= SELF_CONTAINED_GMM_LIMIT
 
 
+def _split_options(text: str) -> list[str]:
+    """'a=1,config={"ch_mult":[1,2]},b=2' -> the non-empty items between the commas outside JSON braces and
+    brackets."""
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += (ch in "{[") - (ch in "}]")
+        if ch == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    if depth != 0:
+        raise ModelSpecError(f"model options {text[:40]!r}: unbalanced braces in a JSON value")
+    return [item for item in [*items, text[start:]] if item]
+
+
 def _options(text: str, allowed: dict[str, type]) -> dict[str, Any]:
     opts: dict[str, Any] = {}
-    for item in filter(None, text.split(",")):
+    for item in _split_options(text):
         key, sep, value = item.partition("=")
         if not sep or key not in allowed:
             raise ModelSpecError(f"model option {item!r}: expected key=value with key in {sorted(allowed)}")
@@ -74,32 +88,18 @@ def _options(text: str, allowed: dict[str, type]) -> dict[str, Any]:
 
 def parse_score_sde_spec(rest: str) -> tuple[str, str, bool]:
     """'PATH[,config=NAME|JSON][,ema=true|false]' -> (path, config text, ema). A JSON config may hold commas."""
-    path, sep, tail = rest.partition(",")
+    path, _, tail = rest.partition(",")
     config, ema = "cifar10_ddpmpp_continuous", True
-    while sep and tail:
-        key, eq, value = tail.partition("=")
+    for item in _split_options(tail):
+        key, eq, value = item.partition("=")
         if not eq or key not in ("config", "ema"):
-            raise ModelSpecError(f"score_sde option {tail[:40]!r}: expected config=NAME|JSON or ema=true|false")
-        if key == "config" and value.startswith("{"):
-            depth, end = 0, None
-            for i, ch in enumerate(value):
-                depth += (ch == "{") - (ch == "}")
-                if depth == 0:
-                    end = i + 1
-                    break
-            if end is None:
-                raise ModelSpecError("score_sde option config=: unbalanced braces in the JSON")
-            item, rest_tail = value[:end], value[end:]
-        else:
-            item, _, rest_tail = value.partition(",")
-            rest_tail = "," + rest_tail if rest_tail else ""
+            raise ModelSpecError(f"score_sde option {item[:40]!r}: expected config=NAME|JSON or ema=true|false")
         if key == "config":
-            config = item
-        elif item.lower() in ("true", "false"):
-            ema = item.lower() == "true"
+            config = value
+        elif value.lower() in ("true", "false"):
+            ema = value.lower() == "true"
         else:
-            raise ModelSpecError(f"score_sde option ema={item!r}: expected true or false")
-        sep, tail = rest_tail[:1], rest_tail[1:]
+            raise ModelSpecError(f"score_sde option ema={value!r}: expected true or false")
     if not path:
         raise ModelSpecError("score_sde:PATH: the checkpoint path is missing")
     return path, config, ema
