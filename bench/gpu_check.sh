@@ -2,7 +2,9 @@
 # The GPU check, on the device, in one call (docs/gpu.md, "The GPU check in one lease"): unpack what earlier calls
 # copied to PARTS (bench/gpu_pack.py's parts and manifest.json), make torch's CUDA libraries visible, then run
 # vpsde doctor, the GPU-marked tests, vpsde parity on the CUDA provider against eager torch (digits EM and
-# DPM-Solver++, the CIFAR-scale DDPM++ with random weights) and the benchmarks, with figures under $OUT.
+# DPM-Solver++, the CIFAR-scale DDPM++ with random weights) and the benchmarks, with figures under $OUT: the
+# device tool returns at most 8 files, and this writes 8 (gpu_check.log, tests.xml, parity-{em,dpm,cifar}.json,
+# bench-{em,dpm}.json, gpu_loop.json).
 #   bash bench/gpu_check.sh [PARTS]              # on the device (default PARTS: /tmp/gpucheck)
 #   bash bench/gpu_check.sh --from STEP [PARTS]  # a rerun on the same machine: skip the steps before STEP
 #                                                # (tests, export, parity, bench, gpu_loop); exports are kept
@@ -46,7 +48,7 @@ runs() {  # runs STEP: whether STEP comes at or after --from
 }
 if runs tests; then
   step tests
-  "$py" -m pytest -q -rs -m gpu tests/test_gpu.py -p no:cacheprovider 2>&1 | tee -a "$log"
+  "$py" -m pytest -q -rs -m gpu tests/test_gpu.py -p no:cacheprovider --junitxml "$out/tests.xml" 2>&1 | tee -a "$log"
 fi
 if runs export || [ ! -f "$work/cifar/manifest.json" ]; then
   step export
@@ -57,9 +59,13 @@ if runs export || [ ! -f "$work/cifar/manifest.json" ]; then
 fi
 if runs parity; then
   step parity
-  vpsde parity "$work/em" --against eager --device cuda --num 8 2>&1 | tee -a "$log"
-  vpsde parity "$work/dpm" --against eager --device cuda --num 8 2>&1 | tee -a "$log"
-  vpsde parity "$work/cifar" --against eager --model score_sde-random --device cuda --num 2 2>&1 | tee -a "$log"
+  for b in em dpm cifar; do
+    model=(); num=8
+    if [ "$b" = cifar ]; then model=(--model score_sde-random); num=2; fi
+    vpsde parity "$work/$b" --against eager "${model[@]}" --device cuda --num "$num" --report "$work/parity-$b" 2>&1 \
+      | tee -a "$log"
+    cp "$work/parity-$b/report.json" "$out/parity-$b.json" 2>/dev/null
+  done
 fi
 if runs bench; then
   step bench
@@ -70,6 +76,5 @@ if runs bench; then
 fi
 step gpu_loop  # TensorRT cannot reach the device: its loops are left out
 "$py" bench/gpu_loop.py --steps 200 --batch 1,16,64 --loop-timeout 150 --json "$out/gpu_loop.json" \
-  --loops diffusers-eager vpsde-ort-cuda vpsde-ort-cuda-graph torch-cudagraphs torch-compile 2>&1 \
-  | tee "$out/gpu_loop.txt" | tee -a "$log"
+  --loops diffusers-eager vpsde-ort-cuda vpsde-ort-cuda-graph torch-cudagraphs torch-compile 2>&1 | tee -a "$log"
 step done
