@@ -9,10 +9,15 @@
 #   bash bench/gpu_check.sh --from STEP [PARTS]  # a rerun on the same machine: skip the steps before STEP
 #                                                # (tests, export, parity, bench, gpu_loop); exports are kept
 #   bash bench/gpu_check.sh --dry-run PARTS      # anywhere: unpack and import check only (CI runs it on the CPU)
+#   bash bench/gpu_check.sh --rehearse PARTS     # every step on the CPU, fewer steps and batches (CI runs it)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 dry=0 from=tests
+device=cuda em_steps=200 batches=1,16,64 loops="vpsde-ort-cuda vpsde-ort-cuda-graph torch-cudagraphs torch-compile"
 if [ "${1:-}" = "--dry-run" ]; then dry=1; shift; fi
+if [ "${1:-}" = "--rehearse" ]; then
+  device=cpu em_steps=20 batches=1,4 loops="vpsde-ort-cpu torch-cudagraphs"; shift
+fi
 if [ "${1:-}" = "--from" ]; then from=$2; shift 2; fi
 case "$from" in
   tests|export|parity|bench|gpu_loop) ;;
@@ -26,10 +31,9 @@ log="$out/gpu_check.log"
 step() { echo "== $* ($(date +%T))" | tee -a "$log"; }
 
 step unpack
-"$py" bench/gpu_unpack.py --parts "$parts" --manifest "$parts/manifest.json" --site "$parts/site" 2>&1 | tee -a "$log"
+"$py" bench/gpu_unpack.py --parts "$parts" --manifest "$parts/manifest.json" --site "$parts/site" \
+  --namespace "$parts/ns" 2>&1 | tee -a "$log"  # ns: the repository as the vpsde package
 [ "${PIPESTATUS[0]}" -eq 0 ] || exit 2
-mkdir -p "$parts/ns/vpsde"  # the repository as the vpsde namespace, as the editable install maps it
-for d in export runtime models cli scale serving; do ln -sfn "$PWD/$d" "$parts/ns/vpsde/$d"; done
 export PYTHONPATH="$parts/site:$parts/ns" PYTHONUNBUFFERED=1
 nvidia_libs=$("$py" -c "import glob, os, nvidia; print(':'.join(sorted(glob.glob(os.path.join(list(nvidia.__path__)[0], '*', 'lib')))))" 2>/dev/null)
 export LD_LIBRARY_PATH="${nvidia_libs:+$nvidia_libs:}${LD_LIBRARY_PATH:-}"
@@ -53,7 +57,7 @@ fi
 if runs export || [ ! -f "$work/cifar/manifest.json" ]; then
   step export
   rm -rf "$work"/{em,dpm,cifar}
-  vpsde export --model digits --steps 200 --grid uniform --out "$work/em" 2>&1 | tee -a "$log"
+  vpsde export --model digits --steps "$em_steps" --grid uniform --out "$work/em" 2>&1 | tee -a "$log"
   vpsde export --model digits --sampler dpmpp-2m --steps 20 --out "$work/dpm" 2>&1 | tee -a "$log"
   vpsde export --model score_sde-random --sampler dpmpp-2m --steps 10 --out "$work/cifar" 2>&1 | tee -a "$log"
 fi
@@ -62,19 +66,19 @@ if runs parity; then
   for b in em dpm cifar; do
     model=(); num=8
     if [ "$b" = cifar ]; then model=(--model score_sde-random); num=2; fi
-    vpsde parity "$work/$b" --against eager "${model[@]}" --device cuda --num "$num" --report "$work/parity-$b" 2>&1 \
-      | tee -a "$log"
+    vpsde parity "$work/$b" --against eager "${model[@]}" --device "$device" --num "$num" \
+      --report "$work/parity-$b" 2>&1 | tee -a "$log"
     cp "$work/parity-$b/report.json" "$out/parity-$b.json" 2>/dev/null
   done
 fi
 if runs bench; then
   step bench
-  vpsde bench "$work/em" --device cuda --batch 1,16,64 --steps 50 --iters 5 --json "$out/bench-em.json" 2>&1 \
+  vpsde bench "$work/em" --device "$device" --batch "$batches" --steps 20 --iters 5 --json "$out/bench-em.json" 2>&1 \
     | tee -a "$log"
-  vpsde bench "$work/dpm" --device cuda --batch 1,16,64 --steps 20 --iters 5 --json "$out/bench-dpm.json" 2>&1 \
+  vpsde bench "$work/dpm" --device "$device" --batch "$batches" --steps 20 --iters 5 --json "$out/bench-dpm.json" 2>&1 \
     | tee -a "$log"
 fi
 step gpu_loop  # TensorRT cannot reach the device: its loops are left out
-"$py" bench/gpu_loop.py --steps 200 --batch 1,16,64 --loop-timeout 150 --json "$out/gpu_loop.json" \
-  --loops diffusers-eager vpsde-ort-cuda vpsde-ort-cuda-graph torch-cudagraphs torch-compile 2>&1 | tee -a "$log"
+"$py" bench/gpu_loop.py --device "$device" --steps "$em_steps" --batch "$batches" --loop-timeout 150 \
+  --json "$out/gpu_loop.json" --loops diffusers-eager $loops 2>&1 | tee -a "$log"
 step done

@@ -1,10 +1,12 @@
 """The GPU check's preparation cannot rot: bench/gpu_pack.py packs a wheel set into parts (here this Python's CPU
 onnxruntime stands in for onnxruntime-gpu), bench/gpu_check.sh --dry-run reassembles them, checks every sha256,
-unpacks into a private site, imports onnxruntime from there and runs vpsde doctor, as the device would; a part
-copied wrong is refused. The device steps themselves run only where a GPU is lent (docs/gpu.md)."""
+unpacks into a private site, maps the repository as the vpsde package, imports onnxruntime from there and runs
+vpsde doctor, as the device would; a part copied wrong is refused; --rehearse runs every step of the check on the
+CPU. The device steps themselves run on CUDA only where a GPU is lent (docs/gpu.md)."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -40,8 +42,6 @@ def test_parts_reassemble_unpack_and_import_from_the_private_site(packed, tmp_pa
 
 
 def test_a_part_copied_wrong_is_refused(packed, tmp_path):
-    import shutil
-
     parts = tmp_path / "parts"
     shutil.copytree(packed, parts, ignore=shutil.ignore_patterns("site", "ns", "out"))
     chunk = parts / "part01" / "chunk"
@@ -59,3 +59,31 @@ def test_a_rerun_from_an_unknown_step_is_one_line(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip() == "--from: expected tests, export, parity, bench or gpu_loop, got 'parityy'"
     assert not any(tmp_path.iterdir())  # refused before anything was unpacked or written
+
+
+@pytest.mark.slow
+def test_every_step_rehearsed_on_the_cpu_writes_the_figures(packed, tmp_path):
+    """The whole check with --device cpu, fewer steps and batches: the exports (the CIFAR-scale DDPM++'s
+    DPM-Solver++ failed onnx.checker until 0.5.8), parity against eager, the benches and the loop benchmark each
+    write their file, and the files are at most the 8 the device tool returns."""
+    parts = tmp_path / "parts"
+    shutil.copytree(packed, parts, ignore=shutil.ignore_patterns("site", "ns", "out", "work"))
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable}
+    r = subprocess.run(["bash", "bench/gpu_check.sh", "--rehearse", str(parts)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=900, env=env)
+    log = (out / "gpu_check.log").read_text()
+    assert r.returncode == 0 and "== done" in log and "Traceback" not in log, log[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == sorted([
+        "gpu_check.log", "tests.xml", "parity-em.json", "parity-dpm.json", "parity-cifar.json", "bench-em.json",
+        "bench-dpm.json", "gpu_loop.json"])
+    for bundle in ("em", "dpm", "cifar"):
+        comparisons = json.loads((out / f"parity-{bundle}.json").read_text())["comparisons"]
+        assert comparisons and all(c["passed"] for c in comparisons), bundle
+    for bundle in ("em", "dpm"):
+        rows = json.loads((out / f"bench-{bundle}.json").read_text())["rows"]
+        assert sorted(row["batch"] for row in rows) == [1, 4] and all(row["ms_per_step"] > 0 for row in rows)
+    loops = json.loads((out / "gpu_loop.json").read_text())["loops"]
+    assert sorted(loops) == ["diffusers-eager", "torch-cudagraphs", "vpsde-ort-cpu"]
+    for kind, loop in loops.items():
+        assert "error" not in loop and sorted(loop["batches"]) == ["1", "4"], (kind, loop.get("error"))
