@@ -14,7 +14,7 @@ With ``batching`` "continuous" (the default) a bundle is served by the step sche
 the request's one response goes through its response sender when its last row finishes, so rows of all requests
 share graph calls step by step and responses are still bit-identical to offline sampling (and to
 ``Sampler.log_likelihood``). Served per request instead, with one log line saying why: the batch-dependent 'torch'
-noise generator, and backends that fail the row-invariance probe as the model loads (the mixture's small GEMMs do).
+noise generator, and backends that fail the row-invariance probe as the model loads (the mixture's graphs do).
 The scheduler's rows in flight and waiting are Triton gauges (``vpsde_rows_running``, ``vpsde_rows_waiting``,
 ``vpsde_slots``) on the metrics port when the server has one (``vpsde serve --metrics-port``).
 

@@ -29,7 +29,7 @@ class SmallConv(torch.nn.Module):
 
 def small_conv(seed: int = 0) -> TimeLabelAdapter:
     """A random-weight convolutional model whose Hutchinson likelihood graph exports in seconds (a UNet's takes
-    minutes) and, unlike the mixture's GEMMs, is row-invariant on ONNX Runtime's CPU kernels: continuous batching's
+    minutes) and, unlike the mixture's graphs, is row-invariant on ONNX Runtime's CPU kernels: continuous batching's
     likelihood tests."""
     torch.manual_seed(seed)
     return TimeLabelAdapter(SmallConv(), (1, 8, 8), name=f"small-conv:{seed}")

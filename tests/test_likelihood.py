@@ -84,8 +84,8 @@ def test_hutchinson_is_unbiased_within_its_standard_error(hutchinson_bundle, mix
 
 def test_probes_follow_seed_and_sample_index_not_batch(hutchinson_bundle, mixture_points):
     """Row i's probes are noise of sample first_sample + i: the same at any batch size and shard, another seed gives
-    other probes. Rows agree across batch sizes to float32 rounding (ONNX Runtime's GEMM rounds a row by its
-    position in the batch: measured 2e-6 nats), far below what another probe changes (the estimator's sd, ~0.7)."""
+    other probes. Rows agree across batch sizes to float32 rounding (ONNX Runtime rounds a mixture row by the batch
+    around it: measured 2e-6 nats), far below what another probe changes (the estimator's sd, ~0.7)."""
     x = mixture_points[1].astype(np.float32)
     sampler = Sampler(hutchinson_bundle, progress=False)
     full = sampler.log_likelihood(x, seed=11)

@@ -315,3 +315,23 @@ def test_the_serving_loop_answers_each_request_once_and_a_full_queue_at_once(bun
             r = requests[k]
             np.testing.assert_array_equal(samples, sampler.sample(r.num, r.seed, first_sample=r.first_sample))
     assert ticks and max(t["busy"] for t in ticks) <= 4 and ticks[-1] == {"slots": 4, "busy": 0, "queued": 0}
+
+
+@pytest.mark.parametrize("model", ["gmm", "gmm:dim=4,components=5,full=1"])
+def test_row_invariance_diagnostic_agrees_with_the_probe(model, tmp_path):
+    """bench/row_invariance.py names the nodes where a row's bits start to depend on its batch; it finds some
+    exactly where the probe fails (the default mixture: ONNX Runtime's Log on 6 values a row), none where it
+    passes (the rotated mixture's EM graph)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("row_invariance",
+                                                  Path(__file__).parent.parent / "bench" / "row_invariance.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    bundle = export_bundle(load_model(model, VPSDE()), tmp_path / "b", steps=10, log=lambda _: None)
+    probe = probe_row_invariance(bundle.manifest, open_backend("onnxruntime", bundle, "cpu", 1), batch_shapes(8))
+    origins = module.row_variant_origins(bundle.root / bundle.manifest.graphs["em"].file, batch=8)
+    assert bool(origins) == (probe is not None), (origins, probe)
+    for origin in origins:
+        assert origin["max_abs"] > 0 and origin["shape"][0] == 8

@@ -222,7 +222,7 @@ def test_continuous_batching_serves_offline_samples(tmp_path, model, sampler):
     if model == "digits":
         assert gauges == {"vpsde_rows_running": 0.0, "vpsde_rows_waiting": 0.0, "vpsde_slots": 8.0}
         assert "continuous batching off" not in notices
-    else:  # the mixture's small GEMMs round a row by its batch-mates: served per request, never other bits
+    else:  # ONNX Runtime rounds a mixture row by its batch-mates: served per request, never other bits
         assert gauges == {}
         assert "continuous batching off, each request runs as its own batch: graph" in notices
 
