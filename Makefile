@@ -65,9 +65,11 @@ bench-serve: install
 	$(BIN)/python bench/serve_load.py --serve-env $(SERVE_VENV)
 
 # The GPU check's parts for a device that reaches no package index (docs/gpu.md, "The GPU check in one lease"):
-# onnxruntime-gpu for the device's Python and the check's packages, xz, cut into .gpucheck/partNN of 56 MiB.
+# onnxruntime-gpu for the device's Python and the check's packages, xz, cut into .gpucheck/partNN of 56 MiB; and
+# the digits likelihood bundle the check times (its export takes minutes, so it travels instead).
 gpu-pack: install
 	rm -rf .gpucheck && $(BIN)/python bench/gpu_pack.py
+	$(BIN)/vpsde export --model digits --sampler likelihood --out .gpucheck/lik
 
 clean:
 	rm -rf build out

@@ -3,11 +3,12 @@
 # copied to PARTS (bench/gpu_pack.py's parts and manifest.json), make torch's CUDA libraries visible, then run
 # vpsde doctor, the GPU-marked tests, vpsde parity on the CUDA provider against eager torch (digits EM and
 # DPM-Solver++, the CIFAR-scale DDPM++ with random weights) and the benchmarks, with figures under $OUT: the
-# device tool returns at most 8 files, and this writes 8 (gpu_check.log, tests.xml, parity-{em,dpm,cifar}.json,
-# bench-{em,dpm}.json, gpu_loop.json).
+# device tool returns at most 8 files, and this writes 8 (gpu_check.log, parity-{em,dpm,cifar}.json,
+# bench-{em,dpm,lik}.json, gpu_loop.json). The likelihood bundle timed last is carried, not exported there
+# (LIKELIHOOD_BUNDLE, default .gpucheck/lik from `make gpu-pack`).
 #   bash bench/gpu_check.sh [PARTS]              # on the device (default PARTS: /tmp/gpucheck)
 #   bash bench/gpu_check.sh --from STEP [PARTS]  # a rerun on the same machine: skip the steps before STEP
-#                                                # (tests, export, parity, bench, gpu_loop); exports are kept
+#                                                # (tests, export, parity, bench, gpu_loop, likelihood)
 #   bash bench/gpu_check.sh --dry-run PARTS      # anywhere: unpack and import check only (CI runs it on the CPU)
 #   bash bench/gpu_check.sh --rehearse PARTS     # every step on the CPU, fewer steps and batches (CI runs it)
 set -uo pipefail
@@ -20,8 +21,8 @@ if [ "${1:-}" = "--rehearse" ]; then
 fi
 if [ "${1:-}" = "--from" ]; then from=$2; shift 2; fi
 case "$from" in
-  tests|export|parity|bench|gpu_loop) ;;
-  *) echo "--from: expected tests, export, parity, bench or gpu_loop, got '$from'" >&2; exit 2;;
+  tests|export|parity|bench|gpu_loop|likelihood) ;;
+  *) echo "--from: expected tests, export, parity, bench, gpu_loop or likelihood, got '$from'" >&2; exit 2;;
 esac
 parts=${1:-/tmp/gpucheck}
 out=${OUT:-$parts/out}
@@ -46,13 +47,13 @@ if [ "$dry" = 1 ]; then echo "dry run: unpacked, imported, doctor ran" | tee -a 
 
 work=$parts/work  # kept, so a rerun with --from finds the exports
 mkdir -p "$work"
-order=(tests export parity bench gpu_loop)
+order=(tests export parity bench gpu_loop likelihood)
 runs() {  # runs STEP: whether STEP comes at or after --from
   local s; for s in "${order[@]}"; do [ "$s" = "$from" ] && return 0; [ "$s" = "$1" ] && return 1; done
 }
 if runs tests; then
   step tests
-  "$py" -m pytest -q -rs -m gpu tests/test_gpu.py -p no:cacheprovider --junitxml "$out/tests.xml" 2>&1 | tee -a "$log"
+  "$py" -m pytest -q -rs -m gpu tests/test_gpu.py -p no:cacheprovider 2>&1 | tee -a "$log"
 fi
 if runs export || [ ! -f "$work/cifar/manifest.json" ]; then
   step export
@@ -78,7 +79,17 @@ if runs bench; then
   vpsde bench "$work/dpm" --device "$device" --batch "$batches" --steps 20 --iters 5 --json "$out/bench-dpm.json" 2>&1 \
     | tee -a "$log"
 fi
-step gpu_loop  # TensorRT cannot reach the device: its loops are left out
-"$py" bench/gpu_loop.py --device "$device" --steps "$em_steps" --batch "$batches" --loop-timeout 150 \
-  --json "$out/gpu_loop.json" --loops diffusers-eager $loops 2>&1 | tee -a "$log"
+if runs gpu_loop; then
+  step gpu_loop  # TensorRT cannot reach the device: its loops are left out
+  "$py" bench/gpu_loop.py --device "$device" --steps "$em_steps" --batch "$batches" --loop-timeout 150 \
+    --json "$out/gpu_loop.json" --loops diffusers-eager $loops 2>&1 | tee -a "$log"
+fi
+step likelihood
+lik=${LIKELIHOOD_BUNDLE:-.gpucheck/lik}
+if [ -f "$lik/manifest.json" ]; then
+  vpsde bench "$lik" --device "$device" --batch "$batches" --steps 4 --iters 3 --json "$out/bench-lik.json" 2>&1 \
+    | tee -a "$log"
+else
+  echo "no likelihood bundle at $lik (carry .gpucheck/lik from make gpu-pack): not timed" | tee -a "$log"
+fi
 step done

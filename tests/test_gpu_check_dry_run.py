@@ -57,30 +57,35 @@ def test_a_rerun_from_an_unknown_step_is_one_line(tmp_path):
     r = subprocess.run(["bash", "bench/gpu_check.sh", "--from", "parityy", str(tmp_path)], cwd=ROOT,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
-    assert r.stderr.strip() == "--from: expected tests, export, parity, bench or gpu_loop, got 'parityy'"
+    assert r.stderr.strip() == "--from: expected tests, export, parity, bench, gpu_loop or likelihood, got 'parityy'"
     assert not any(tmp_path.iterdir())  # refused before anything was unpacked or written
 
 
 @pytest.mark.slow
 def test_every_step_rehearsed_on_the_cpu_writes_the_figures(packed, tmp_path):
     """The whole check with --device cpu, fewer steps and batches: the exports (the CIFAR-scale DDPM++'s
-    DPM-Solver++ failed onnx.checker until 0.5.8), parity against eager, the benches and the loop benchmark each
-    write their file, and the files are at most the 8 the device tool returns."""
+    DPM-Solver++ failed onnx.checker until 0.5.8), parity against eager, the benches, the loop benchmark and the
+    carried likelihood bundle's bench (here the mixture's, which exports in seconds) each write their file, and the
+    files are at most the 8 the device tool returns."""
+    from vpsde.export import VPSDE, export_bundle, load_model
+
     parts = tmp_path / "parts"
     shutil.copytree(packed, parts, ignore=shutil.ignore_patterns("site", "ns", "out", "work"))
+    lik = export_bundle(load_model("gmm", VPSDE()), tmp_path / "lik", sampler="likelihood", steps=4,
+                        log=lambda _: None)
     out = tmp_path / "out"
-    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable}
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "LIKELIHOOD_BUNDLE": str(lik.root)}
     r = subprocess.run(["bash", "bench/gpu_check.sh", "--rehearse", str(parts)], cwd=ROOT, capture_output=True,
                        text=True, timeout=900, env=env)
     log = (out / "gpu_check.log").read_text()
     assert r.returncode == 0 and "== done" in log and "Traceback" not in log, log[-3000:]
     assert sorted(p.name for p in out.iterdir()) == sorted([
-        "gpu_check.log", "tests.xml", "parity-em.json", "parity-dpm.json", "parity-cifar.json", "bench-em.json",
-        "bench-dpm.json", "gpu_loop.json"])
+        "gpu_check.log", "parity-em.json", "parity-dpm.json", "parity-cifar.json", "bench-em.json", "bench-dpm.json",
+        "bench-lik.json", "gpu_loop.json"])
     for bundle in ("em", "dpm", "cifar"):
         comparisons = json.loads((out / f"parity-{bundle}.json").read_text())["comparisons"]
         assert comparisons and all(c["passed"] for c in comparisons), bundle
-    for bundle in ("em", "dpm"):
+    for bundle in ("em", "dpm", "lik"):
         rows = json.loads((out / f"bench-{bundle}.json").read_text())["rows"]
         assert sorted(row["batch"] for row in rows) == [1, 4] and all(row["ms_per_step"] > 0 for row in rows)
     loops = json.loads((out / "gpu_loop.json").read_text())["loops"]
