@@ -25,6 +25,8 @@ output's --call-atol or --call-rtol); the final sample passes if max |a - b| <= 
 (--call-atol x0:1e-3 1e-5: x0 at 1e-3, every other output at 1e-5). Defaults by the lower precision of the two
 sides (docs/parity.md says why; x0 is DPM-Solver++'s data prediction, which scales rounding by 1/alpha(t)):
 {table}
+Against eager, each call's atol per output is max(its bar, the default ("") bar x the call's gain), the gain
+being max |d output / d eps| measured by the eager side: a coarse step multiplies the network's rounding by it.
 Exit status 1 when a comparison fails, 2 on an error.
 
 examples:
@@ -175,7 +177,7 @@ def _bars(items: list[tuple[str, float]] | None) -> float | dict[str, float] | N
 def _bar_text(bars: dict[str, float], outputs: list[str]) -> str:
     from vpsde.verify.tolerances import bar_for
 
-    return "/".join(f"{bar_for(bars, o):g}" for o in outputs)
+    return "/".join(f"{bar_for(bars, o):.3g}" for o in outputs)
 
 
 def _quality(m, reports, num: int) -> dict:
@@ -201,6 +203,8 @@ def _quality(m, reports, num: int) -> dict:
 
 
 def _print_table(m, reports) -> None:
+    from vpsde.verify.parity import call_bars
+
     print(f"{m.sampler.name}, {m.sampler.steps} steps, {reports[0].num} samples, seed {reports[0].seed}; "
           f"reference: {reports[0].reference}")
     print(f"{'test side':<28}{'final max|d|':>13}{'final relL2':>12}{'worst step relL2':>18}{'call atol req':>15}"
@@ -212,8 +216,9 @@ def _print_table(m, reports) -> None:
             verdict = "ok"
         elif first is not None:
             outs = first.failed_outputs
+            atol = call_bars(r.call_atol, first.gain, first.max_abs)  # this call's, its gain applied
             verdict = (f"FAIL: call at step {first.step} ({first.graph}), output {'/'.join(outs)}: max |d| "
-                       f"{'/'.join(f'{first.max_abs[o]:.3g}' for o in outs)} past atol {_bar_text(r.call_atol, outs)}"
+                       f"{'/'.join(f'{first.max_abs[o]:.3g}' for o in outs)} past atol {_bar_text(atol, outs)}"
                        f" and rtol {_bar_text(r.call_rtol, outs)}")
         else:
             verdict = f"FAIL: final sample past atol {r.atol:g} / rtol {r.rtol:g}"

@@ -18,6 +18,10 @@ from vpsde.export.sources import ModelSpecError, load_model, self_contained
 from vpsde.models.sde import VPSDE
 from vpsde.runtime.errors import InputError
 
+GAIN_SHIFT = 2.0**-10
+"""The network-output shift :meth:`EagerSide.gains` differences by: small against eps (order 1), large against
+float32 rounding of the outputs it moves."""
+
 SAMPLER_OPTIONS = ("snr", "corrector_steps", "coupling", "denoise_final", "order", "variant", "divergence", "probes",
                    "probe")
 
@@ -63,12 +67,26 @@ class EagerSide:
         options = {k: params[k] for k in SAMPLER_OPTIONS if k in params}
         if "denoise_final" in options:
             options["denoise_final"] = bool(options["denoise_final"])
+        self._shift = 0.0  # added to every network output while gains() measures them
+        model.register_forward_hook(lambda module, args, out: out + self._shift if self._shift else None)
         recipe = build_sampler(sampler, model, sde, m.sampler.steps, m.sampler.grid, **options)
         self.dtype = dtype
         self.graphs = {key: step.eval().to(dtype) for key, step in recipe.graphs.items()}
         self.inputs = {key: [s.name for s in g.inputs] for key, g in m.graphs.items()}
         self.outputs = {key: [s.name for s in g.outputs] for key, g in m.graphs.items()}
         self.name = f"eager torch {str(dtype).removeprefix('torch.')} ({spec})"
+
+    def gains(self, key: str, feed: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> dict[str, float]:
+        """Per output of this call (``outputs``: its unshifted outputs on ``feed``): max |d output / d eps| when every
+        network output of the call moves by the same amount, by a difference of :data:`GAIN_SHIFT`. The step's
+        amplification of the network's rounding: its per-call bars scale by it (``verify/parity.py``)."""
+        self._shift = GAIN_SHIFT
+        try:
+            shifted = self(key, feed)
+        finally:
+            self._shift = 0.0
+        return {name: float(np.abs(shifted[name].astype(np.float64) - outputs[name]).max(initial=0.0)) / GAIN_SHIFT
+                for name in outputs}
 
     @torch.no_grad()
     def __call__(self, key: str, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

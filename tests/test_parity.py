@@ -217,6 +217,53 @@ def test_conditioned_samplers_pass_parity_against_eager_with_the_defaults(sample
     assert report.passed, (report.first_failing_call, report.final_rel_l2)
 
 
+def test_eager_gains_are_the_steps_derivative_in_eps(digits, tmp_path):
+    """EagerSide.gains of an Euler-Maruyama call is d x_next / d eps = beta(t) |dt| / sigma(t) (drift = -beta x / 2 +
+    beta eps / sigma), written here from the VP-SDE in float64; within 1e-3 (a float32 difference over a 2^-10 shift
+    of every network output)."""
+    from vpsde.export.eager import EagerSide
+
+    bundle = export_bundle(digits, tmp_path / "em", steps=10, grid="uniform", log=lambda _: None)
+    m = bundle.manifest
+    side = EagerSide(Bundle.load(bundle.root))
+    rng = np.random.default_rng()
+    shape = (3, *m.model.sample_shape)
+    for i in range(m.sampler.steps):
+        feed = {name: rng.standard_normal(shape).astype(np.float32) for name in ("x", "noise")}
+        feed |= {k: np.full(3, m.schedule[k][i], np.float32) for k in ("t", "dt", "sqrt_neg_dt")}
+        t, dt = float(m.schedule["t"][i]), float(m.schedule["dt"][i])
+        beta = m.sde.beta_min + t * (m.sde.beta_max - m.sde.beta_min)
+        sigma = np.sqrt(-np.expm1(2 * (-0.25 * t**2 * (m.sde.beta_max - m.sde.beta_min) - 0.5 * t * m.sde.beta_min)))
+        gains = side.gains("em", feed, side("em", feed))
+        for name in ("x_next", "x_mean"):
+            assert gains[name] == pytest.approx(beta * -dt / sigma, rel=1e-3), (i, name, gains)
+
+
+@pytest.mark.slow
+def test_coarse_steps_of_a_deeper_network_pass_against_eager(tmp_path):
+    """A 4-step DPM-Solver++(2M) bundle of a small DDPM++ FAILed per call against eager (x_next off by 3e-5, bar
+    1e-5) while its trajectory agreed to 5e-7 relative: its first step multiplies the network's rounding by about
+    10. Per-call bars scale by the eager side's measured gain, so it passes; the same bundle with eps x 1.0001 from
+    t < 0.5 on still fails."""
+    from vpsde.export.eager import EagerSide
+    from vpsde.models.score_sde import ScoreSdeConfig
+
+    config = ScoreSdeConfig(nf=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), image_size=16)
+    spec = f"score_sde-random:config={json.dumps(config.to_dict()).replace(' ', '')},seed=1"
+    model = load_model(spec, VPSDE())
+    seed = int(np.random.default_rng().integers(2**32))
+    good = export_bundle(model, tmp_path / "good", sampler="dpmpp-2m", steps=4, log=lambda _: None)
+    report = compare(good.manifest, EagerSide(good, spec), BackendSide(good), num=3, seed=seed, progress=False)
+    assert report.passed, (report.first_failing_call, report.final_rel_l2)
+    first = report.calls[0]
+    assert first.gain["x_next"] > 5 and first.max_abs["x_next"] > 1e-5  # what the flat bar refused
+    late = ScaledLate(model, 1.0001, below=0.5)
+    late.weights_sha256 = model.weights_sha256
+    bad = export_bundle(late, tmp_path / "bad", sampler="dpmpp-2m", steps=4, log=lambda _: None)
+    report = compare(bad.manifest, EagerSide(bad, spec), BackendSide(bad), num=3, seed=seed, progress=False)
+    assert not report.passed and report.first_failing_call.step > 0
+
+
 @pytest.mark.slow
 def test_a_perturbed_dpmpp_bundle_still_fails_against_eager_and_names_the_output(digits, tmp_path, capsys):
     """The x0 bar is wider, not blind: eps x 1.001 from t < 0.5 on fails, naming the call and its outputs."""

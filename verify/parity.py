@@ -7,7 +7,8 @@ A *side* is anything that runs one graph call on host arrays: ``side(key, feed) 
 - **per call** (polygraphy's question: does one call agree?): the test side is fed the *reference's* inputs
   (x, state, schedule row, noise, conditioning) and its outputs are compared with the reference's by
   polygraphy's ``SimpleCompareFunc`` (max statistic): max |a - b|, max |a - b| / |b|, and the smallest atol and
-  rtol that would have passed;
+  rtol that would have passed; where a side measures the call's gain (``side.gains(key, feed, outputs)``, the
+  eager side), the atol bars scale by it (:func:`call_bars`);
 - **trajectory** (what polygraphy cannot see): each side runs freely from the same prior and noise, carrying its
   own x and state, and after every step the two x's are compared (max abs, relative L2), then the final samples.
 
@@ -28,7 +29,7 @@ from vpsde.runtime.manifest import Manifest
 from vpsde.runtime.noise import PHILOX_ID, make_noise
 from vpsde.runtime.program import HostTrajectory, Program
 from vpsde.runtime.progress import progress as progress_bar
-from vpsde.verify.tolerances import TOLERANCES, resolve_bars
+from vpsde.verify.tolerances import TOLERANCES, bar_for, resolve_bars
 
 
 class Side(Protocol):
@@ -65,6 +66,8 @@ class CallRecord:
     rel_l2: dict[str, float]
     passed: bool
     failed_outputs: list[str] = field(default_factory=list)
+    gain: dict[str, float] = field(default_factory=dict)
+    """Per output, max |d output / d eps| where a side measures it (the eager side): its atol was scaled by it."""
 
 
 @dataclass
@@ -104,19 +107,21 @@ class ParityReport:
 
     @property
     def required_call_atol(self) -> float:
-        """The smallest per-call atol under which every call passes on max |a - b| alone."""
-        return max((max(c.max_abs.values()) for c in self.calls), default=0.0)
+        """The smallest per-call atol, before each call's gain, under which every call passes on max |a - b| alone."""
+        return max((max(c.max_abs[k] / max(1.0, c.gain.get(k, 1.0)) for k in c.max_abs) for c in self.calls),
+                   default=0.0)
 
     @property
     def required_call_rtol(self) -> float:
         return max((max(c.max_rel.values()) for c in self.calls), default=0.0)
 
     def required_call_atol_by_output(self) -> dict[str, float]:
-        """Per output name: the largest max |a - b| of any call (the smallest atol under which it passes)."""
+        """Per output name: the largest max |a - b| of any call, before its gain (the smallest atol under which it
+        passes)."""
         worst: dict[str, float] = {}
         for c in self.calls:
             for k, v in c.max_abs.items():
-                worst[k] = max(worst.get(k, 0.0), v)
+                worst[k] = max(worst.get(k, 0.0), v / max(1.0, c.gain.get(k, 1.0)))
         return worst
 
     @property
@@ -134,7 +139,8 @@ class ParityReport:
                 "final": {"max_abs": self.final_max_abs, "rel_l2": self.final_rel_l2, "atol": self.atol,
                           "rtol": self.rtol, "passed": self.final_passed},
                 "per_call": {"atol": self.call_atol, "rtol": self.call_rtol, "rule": "polygraphy elemwise, per output "
-                             "(\"\": every output not named)",
+                             "(\"\": every output not named); where a side measures the call's gain G (max |d out / "
+                             "d eps|), an output's atol is max(its bar, the \"\" bar x G)",
                              "required_atol": self.required_call_atol, "required_rtol": self.required_call_rtol,
                              "required_atol_by_output": self.required_call_atol_by_output(),
                              "first_failing": None if first is None else asdict(first)},
@@ -180,7 +186,7 @@ def compare(manifest: Manifest, reference: Side, test: Side, num: int = 4, seed:
     report = ParityReport(reference.name, test.name, num, seed, bars.final_atol if atol is None else atol,
                           bars.final_rtol if rtol is None else rtol, resolve_bars(bars.call_atol, call_atol),
                           resolve_bars(bars.call_rtol, call_rtol))
-    check = SimpleCompareFunc(atol=report.call_atol, rtol=report.call_rtol, check_error_stat="elemwise")
+    gain_side = next((side for side in (reference, test) if hasattr(side, "gains")), None)
     noise = make_noise(PHILOX_ID, seed)  # portable, and the same for both sides whatever the manifest names
     program = Program.compile(manifest)
     x_T = noise(0, 0, num, shape)
@@ -192,12 +198,16 @@ def compare(manifest: Manifest, reference: Side, test: Side, num: int = 4, seed:
                 feed = ref.feed(i, call, drawn)
                 out_ref = reference(call.graph, feed)
                 out_forced = test(call.graph, feed)
+                gain = {} if gain_side is None else gain_side.gains(call.graph, feed,
+                                                                     out_ref if gain_side is reference else out_forced)
+                check = SimpleCompareFunc(atol=call_bars(report.call_atol, gain, out_ref), rtol=report.call_rtol,
+                                          check_error_stat="elemwise")
                 result = check(IterationResult(out_forced, runner_name=test.name),
                                IterationResult(out_ref, runner_name=reference.name))
                 max_abs = {k: _max_abs(out_ref[k], out_forced[k]) for k in out_ref}
                 failed = [k for k in out_ref if not (bool(result[k]) and np.isfinite(max_abs[k]))]
                 record = CallRecord(i, call.graph, max_abs, {k: _nan_as_inf(v.max_reldiff) for k, v in result.items()},
-                                    {k: _rel_l2(out_ref[k], out_forced[k]) for k in out_ref}, not failed, failed)
+                                    {k: _rel_l2(out_ref[k], out_forced[k]) for k in out_ref}, not failed, failed, gain)
                 report.calls.append(record)
                 if report.captured is None or (not record.passed and report.first_failing_call is record):
                     report.captured = (i, call.graph, {k: v.copy() for k, v in feed.items()})
@@ -213,6 +223,14 @@ def compare(manifest: Manifest, reference: Side, test: Side, num: int = 4, seed:
     report.final_max_abs = _max_abs(report.reference_sample, report.test_sample)
     report.final_rel_l2 = _rel_l2(report.reference_sample, report.test_sample)
     return report
+
+
+def call_bars(bars: Mapping[str, float], gain: Mapping[str, float],
+              outputs: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """One call's atol per output: the output's bar, or the precision's network-level bar (key "") times the call's
+    gain for that output (max |d output / d eps|) where that is larger: a step that multiplies the network's
+    rounding by G is held to G times the bar its network is held to."""
+    return {"": bars[""], **{k: max(bar_for(bars, k), bars[""] * gain.get(k, 0.0)) for k in outputs}}
 
 
 def _nan_as_inf(v: float | None) -> float:
