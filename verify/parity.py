@@ -18,6 +18,7 @@ device loop walks.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Mapping, Protocol
 
@@ -69,6 +70,11 @@ class CallRecord:
     gain: dict[str, float] = field(default_factory=dict)
     """Per output, max |d output / d eps| where a side measures it (the eager side): its atol was scaled by it."""
 
+    def atol_scale(self, output: str) -> float:
+        """max(1, the output's finite gain): what its max |a - b| is divided by to compare with a bar."""
+        g = self.gain.get(output, 1.0)
+        return max(1.0, g) if math.isfinite(g) else 1.0
+
 
 @dataclass
 class StepRecord:
@@ -108,8 +114,7 @@ class ParityReport:
     @property
     def required_call_atol(self) -> float:
         """The smallest per-call atol, before each call's gain, under which every call passes on max |a - b| alone."""
-        return max((max(c.max_abs[k] / max(1.0, c.gain.get(k, 1.0)) for k in c.max_abs) for c in self.calls),
-                   default=0.0)
+        return max((max(c.max_abs[k] / c.atol_scale(k) for k in c.max_abs) for c in self.calls), default=0.0)
 
     @property
     def required_call_rtol(self) -> float:
@@ -121,7 +126,7 @@ class ParityReport:
         worst: dict[str, float] = {}
         for c in self.calls:
             for k, v in c.max_abs.items():
-                worst[k] = max(worst.get(k, 0.0), v / max(1.0, c.gain.get(k, 1.0)))
+                worst[k] = max(worst.get(k, 0.0), v / c.atol_scale(k))
         return worst
 
     @property
@@ -230,7 +235,8 @@ def call_bars(bars: Mapping[str, float], gain: Mapping[str, float],
     """One call's atol per output: the output's bar, or the precision's network-level bar (key "") times the call's
     gain for that output (max |d output / d eps|) where that is larger: a step that multiplies the network's
     rounding by G is held to G times the bar its network is held to."""
-    return {"": bars[""], **{k: max(bar_for(bars, k), bars[""] * gain.get(k, 0.0)) for k in outputs}}
+    finite = {k: g for k, g in gain.items() if math.isfinite(g)}  # a gain that overflowed widens nothing
+    return {"": bars[""], **{k: max(bar_for(bars, k), bars[""] * finite.get(k, 0.0)) for k in outputs}}
 
 
 def _nan_as_inf(v: float | None) -> float:
