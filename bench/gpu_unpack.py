@@ -24,8 +24,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def unpack(parts: Path, manifest_path: Path, site: Path) -> dict:
+def unpack(parts: Path, manifest_path: Path, site: Path) -> tuple[dict, bool]:
+    """Reassemble, check and extract into ``site`` -> (the manifest, whether it extracted). A site this manifest
+    already filled (its marker file holds the manifest's sha256) is kept as it is: a rerun on the same machine
+    skips the work."""
     manifest = json.loads(manifest_path.read_text())
+    marker = site / ".vpsde-unpacked"
+    if marker.is_file() and marker.read_text() == manifest["sha256"]:
+        return manifest, False
     blob = bytearray()
     for part in manifest["parts"]:
         path = parts / part["name"] / "chunk"
@@ -40,7 +46,8 @@ def unpack(parts: Path, manifest_path: Path, site: Path) -> dict:
     site.mkdir(parents=True, exist_ok=True)
     with tarfile.open(fileobj=io.BytesIO(lzma.decompress(bytes(blob))), mode="r") as tar:
         tar.extractall(site, filter="data")
-    return manifest
+    marker.write_text(manifest["sha256"])
+    return manifest, True
 
 
 def map_repository(ns: Path) -> list[str]:
@@ -72,9 +79,10 @@ def main() -> None:
     parser.add_argument("--site", type=Path, required=True, help="where to unpack (put it first on PYTHONPATH)")
     parser.add_argument("--namespace", type=Path, help="map this repository as the vpsde package here (PYTHONPATH)")
     args = parser.parse_args()
-    manifest = unpack(args.parts, args.manifest, args.site)
-    print(f"unpacked {len(manifest['wheels'])} wheels into {args.site} (sha256 {manifest['sha256'][:16]}... checked)",
-          file=sys.stderr)
+    manifest, extracted = unpack(args.parts, args.manifest, args.site)
+    sha = manifest["sha256"][:16]
+    print(f"unpacked {len(manifest['wheels'])} wheels into {args.site} (sha256 {sha}... checked)" if extracted else
+          f"{args.site} already holds these {len(manifest['wheels'])} wheels (sha256 {sha}...): kept", file=sys.stderr)
     if args.namespace:
         packages = map_repository(args.namespace)
         print(f"mapped {', '.join(packages)} under {args.namespace}", file=sys.stderr)

@@ -39,6 +39,10 @@ def test_parts_reassemble_unpack_and_import_from_the_private_site(packed, tmp_pa
     log = (tmp_path / "out" / "gpu_check.log").read_text()
     assert f"{packed}/site/onnxruntime/__init__.py" in log  # imported from the unpacked site, not the venv's
     assert "dry run: unpacked, imported, doctor ran" in log
+    again = subprocess.run(["bash", "bench/gpu_check.sh", "--dry-run", str(packed)], cwd=ROOT, capture_output=True,
+                           text=True, timeout=600, env={**env, "OUT": str(tmp_path / "again")})
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert "already holds these" in (tmp_path / "again" / "gpu_check.log").read_text()  # a rerun skips the unpacking
 
 
 def test_a_part_copied_wrong_is_refused(packed, tmp_path):
