@@ -177,9 +177,10 @@ def collect(kind: str, args: argparse.Namespace, bundle: Path) -> dict:
         if msg.get("done"):
             break
         if "batch" in msg:
-            result["batches"][msg.pop("batch")] = msg
-            print(f"  {kind} batch {list(result['batches'])[-1]}: median "
-                  f"{statistics.median(msg['times']):.3f} s/run", file=sys.stderr, flush=True)
+            batch = msg.pop("batch")
+            result["batches"][batch] = msg
+            print(f"  {kind} batch {batch}: median {statistics.median(msg['times']):.3f} s/run", file=sys.stderr,
+                  flush=True)
         else:
             result.update(msg)
     proc.join(timeout=30)

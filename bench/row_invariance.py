@@ -5,18 +5,22 @@ For a bundle that `vpsde serve` runs one batch per request ("continuous batching
 
     python bench/row_invariance.py BUNDLE/em.onnx [--batch 8] [--threads 1]
 
-Inputs are random: [batch] inputs (schedule values) uniform in (0.1, 0.9), every other input N(0, 1).
+Inputs are random, as bench/graph_profile.py draws them (its ``random_feed``).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import shape_inference
+
+sys.path.insert(0, str(Path(__file__).parent))
+from graph_profile import random_feed  # noqa: E402
 
 
 def row_variant_origins(path: Path, batch: int = 8, threads: int = 1, seed: int = 0) -> list[dict]:
@@ -33,12 +37,7 @@ def row_variant_origins(path: Path, batch: int = 8, threads: int = 1, seed: int 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    rng = np.random.default_rng(seed)
-    feed = {}
-    for spec in session.get_inputs():
-        shape = [batch if not isinstance(d, int) else d for d in spec.shape]
-        values = rng.uniform(0.1, 0.9, shape) if len(shape) == 1 else rng.standard_normal(shape)
-        feed[spec.name] = values.astype(np.float32)
+    feed = random_feed(session, batch, seed)
     names = [o.name for o in session.get_outputs()]
     together = dict(zip(names, session.run(None, feed)))
     alone = [dict(zip(names, session.run(None, {k: v[i:i + 1] for k, v in feed.items()}))) for i in range(batch)]

@@ -71,9 +71,8 @@ class CallRecord:
     """Per output, max |d output / d eps| where a side measures it (the eager side): its atol was scaled by it."""
 
     def atol_scale(self, output: str) -> float:
-        """max(1, the output's finite gain): what its max |a - b| is divided by to compare with a bar."""
-        g = self.gain.get(output, 1.0)
-        return max(1.0, g) if math.isfinite(g) else 1.0
+        """max(1, the output's gain): what its max |a - b| is divided by to compare with a bar."""
+        return max(1.0, finite_gain(self.gain, output))
 
 
 @dataclass
@@ -235,8 +234,13 @@ def call_bars(bars: Mapping[str, float], gain: Mapping[str, float],
     """One call's atol per output: the output's bar, or the precision's network-level bar (key "") times the call's
     gain for that output (max |d output / d eps|) where that is larger: a step that multiplies the network's
     rounding by G is held to G times the bar its network is held to."""
-    finite = {k: g for k, g in gain.items() if math.isfinite(g)}  # a gain that overflowed widens nothing
-    return {"": bars[""], **{k: max(bar_for(bars, k), bars[""] * finite.get(k, 0.0)) for k in outputs}}
+    return {"": bars[""], **{k: max(bar_for(bars, k), bars[""] * finite_gain(gain, k)) for k in outputs}}
+
+
+def finite_gain(gain: Mapping[str, float], output: str) -> float:
+    """The output's measured gain; 0 where none was measured or it overflowed (it then widens nothing)."""
+    g = gain.get(output, 0.0)
+    return g if math.isfinite(g) else 0.0
 
 
 def _nan_as_inf(v: float | None) -> float:
