@@ -3,8 +3,7 @@
 
     .venv/bin/python bench/export_rewrites.py [--cases digits:likelihood digits:em unet-random:pc ...] [--json F]
 
-A case is MODEL:SAMPLER (a ``vpsde export --model`` spec without colons of its own, or ``small-conv``, the tests'
-row-invariant convolutional model); each is exported twice in turn (which goes first alternates by case, after
+A case is MODEL:SAMPLER (a ``vpsde export --model`` spec without colons of its own); each is exported twice in turn (which goes first alternates by case, after
 one untimed warm-up export), with every rule (as torch.onnx alone does) and without the quadratic ones (what
 vpsde does), into temporary bundles. Printed per case: seconds each way, the
 ratio, and whether the graphs' sha256 agree (they must: the left-out rules only regroup slices).
@@ -24,16 +23,7 @@ from vpsde.export import onnx_export
 from vpsde.runtime.bundle import sha256_file
 
 DEFAULT_CASES = ("gmm:em", "digits:em", "digits:pc", "digits:dpmpp-2m", "unet-random:unipc",
-                 "small-conv:likelihood", "unet-random:likelihood", "digits:likelihood")
-
-
-def model_of(spec: str):
-    if spec == "small-conv":
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-        from conftest import small_conv
-
-        return small_conv()
-    return load_model(spec, VPSDE())
+                 "conv-random:likelihood", "unet-random:likelihood", "digits:likelihood")
 
 
 def export_graphs(spec: str, sampler: str, out: Path, rules: tuple[str, ...]) -> tuple[float, dict[str, str]]:
@@ -41,7 +31,7 @@ def export_graphs(spec: str, sampler: str, out: Path, rules: tuple[str, ...]) ->
     onnx_export.QUADRATIC_REWRITES = rules
     steps = {"em": 20, "pc": 50, "likelihood": 4}.get(sampler, 10)
     t0 = time.perf_counter()
-    bundle = export_bundle(model_of(spec), out, sampler=sampler, steps=steps, log=lambda _: None)
+    bundle = export_bundle(load_model(spec, VPSDE()), out, sampler=sampler, steps=steps, log=lambda _: None)
     seconds = time.perf_counter() - t0
     return seconds, {p.name: sha256_file(p) for p in sorted(bundle.root.glob("*.onnx"))}
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from vpsde.runtime.benchmark import bare_step_seconds
+from vpsde.runtime.benchmark import bare_step_seconds, program_run
 
 EAGER = "diffusers-eager"
 # torch.compile of one whole EM step (network and update): "reduce-overhead" is inductor with CUDA graphs (on a
@@ -138,7 +138,7 @@ def worker(kind: str, args: dict, bundle: str, out) -> None:
         for batch in args["batches"]:
             t_start = time.perf_counter()
             if kind in VPSDE_LOOPS:
-                run = lambda b=batch: sampler.sample(b, seed=0)  # noqa: E731
+                run = program_run(sampler, batch, args["steps"])
             else:
                 run = torch_loop(kind, model, batch, args["steps"], args["device"])
             sample = run()  # warm-up: session buffers, CUDA-graph capture, compilation

@@ -36,7 +36,7 @@ def register(sub, fmt) -> None:
                        "and write a bundle directory (graphs + manifest.json).")
     p.add_argument("--model", required=True,
                    help="model spec: digits (shipped) | weights:PATH.json | diffusers:DIR | "
-                        "gmm[:dim=2,components=3,seed=0,full=0] | unet-random[:seed=0,channels=16] | "
+                        "gmm[:dim=2,components=3,seed=0,full=0] | unet-random[:seed=0,channels=16] | conv-random[:seed=0] | "
                         "score_sde:CHECKPOINT.pth[,config=NAME|JSON][,ema=true] | py:package.module:factory | "
                         "py:path/to/file.py:factory")
     p.add_argument("--out", required=True, type=Path, help="bundle directory to write")

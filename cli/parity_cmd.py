@@ -91,6 +91,7 @@ def register(sub, fmt) -> None:
                    help="also score both sides' final samples with the model's yardstick (the shipped digits "
                         "model: classifier Fréchet distance and confidence; gmm: the exact-truth figures); use "
                         "--num 200 or more for figures that mean something (needs vpsde[export])")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_expect_digest(p)
 
 
@@ -150,7 +151,8 @@ def run(args: argparse.Namespace) -> int:
     for backend in backends:
         test = BackendSide(bundle, backend, args.device, args.threads)
         report = compare(m, reference, test, args.num, args.seed, atol=args.atol, rtol=args.rtol,
-                         call_atol=_bars(args.call_atol), call_rtol=_bars(args.call_rtol), precision=precision)
+                         call_atol=_bars(args.call_atol), call_rtol=_bars(args.call_rtol), precision=precision,
+                         progress=not args.no_progress)
         reports.append(report)
     _print_table(m, reports)
     quality = _quality(m, reports, args.num) if args.quality else None

@@ -68,7 +68,9 @@ class EagerSide:
         if "denoise_final" in options:
             options["denoise_final"] = bool(options["denoise_final"])
         self._shift = 0.0  # added to every network output while gains() measures them
-        model.register_forward_hook(lambda module, args, out: out + self._shift if self._shift else None)
+        self._last: tuple[str, dict[str, np.ndarray], list[torch.Tensor]] | None = None  # key, feed, network outputs
+        model.register_forward_hook(self._network_output)
+        self._model = model
         recipe = build_sampler(sampler, model, sde, m.sampler.steps, m.sampler.grid, **options)
         self.dtype = dtype
         self.graphs = {key: step.eval().to(dtype) for key, step in recipe.graphs.items()}
@@ -79,17 +81,41 @@ class EagerSide:
     def gains(self, key: str, feed: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> dict[str, float]:
         """Per output of this call (``outputs``: its unshifted outputs on ``feed``): max |d output / d eps| when every
         network output of the call moves by the same amount, by a difference of :data:`GAIN_SHIFT`. The step's
-        amplification of the network's rounding: its per-call bars scale by it (``verify/parity.py``)."""
+        amplification of the network's rounding: its per-call bars scale by it (``verify/parity.py``). Where the
+        last call ran this key on this feed and called the network once, its output is replayed, shifted, instead of
+        being computed again (the same numbers: a step's one network call sees only the feed)."""
+        replay = self._replayable(key, feed)
         self._shift = GAIN_SHIFT
         try:
+            if replay is not None:
+                self._model.forward = lambda *args, **kwargs: replay
             shifted = self(key, feed)
         finally:
             self._shift = 0.0
+            self._model.__dict__.pop("forward", None)
         return {name: float(np.abs(shifted[name].astype(np.float64) - outputs[name]).max(initial=0.0)) / GAIN_SHIFT
                 for name in outputs}
 
+    def _network_output(self, module, args, out: torch.Tensor) -> torch.Tensor | None:
+        """Forward hook on the model: keeps the call's network outputs; shifts them while gains() measures."""
+        if self._last is not None and not self._shift:
+            self._last[2].append(out)
+        return out + self._shift if self._shift else None
+
+    def _replayable(self, key: str, feed: Mapping[str, np.ndarray]) -> torch.Tensor | None:
+        """The network output of the last call if it ran ``key`` on values equal to ``feed`` and called the network
+        exactly once; None otherwise."""
+        if self._last is None:
+            return None
+        last_key, last_feed, outputs = self._last
+        same = last_key == key and len(outputs) == 1 and all(
+            np.array_equal(feed[name], last_feed[name]) for name in self.inputs[key])
+        return outputs[0] if same else None
+
     @torch.no_grad()
     def __call__(self, key: str, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if not self._shift:
+            self._last = (key, {name: np.array(feed[name]) for name in self.inputs[key]}, [])
         args = [torch.from_numpy(np.ascontiguousarray(feed[name])).to(self.dtype) for name in self.inputs[key]]
         outs = self.graphs[key](*args)
         outs = outs if isinstance(outs, tuple) else (outs,)

@@ -8,6 +8,8 @@
     gmm[:dim=2,components=3,seed=0,full=0]    analytic Gaussian-mixture score (exact, known ground truth);
                                               full=1: rotated full covariances, stds 0.1-2, |mu| <= 9
     unet-random[:seed=0,channels=16,...]      small DDPM++-style UNet with random weights, sample [1, 16, 16]
+    conv-random[:seed=0,hidden=8]             two 3x3 convolutions with random weights, sample [1, 8, 8] (its
+                                              likelihood graph exports in seconds: smoke checks)
     score_sde:PATH[,config=NAME|JSON][,ema=true]   a score_sde_pytorch checkpoint_*.pth (DDPM++ / DDPM; config:
                                               a preset, default cifar10_ddpmpp_continuous, or a JSON object;
                                               ema=false: the raw weights); opened with torch.load(weights_only)
@@ -196,6 +198,12 @@ def load_model(spec: str, sde: VPSDE, sample_shape: tuple[int, ...] | None = Non
         cfg = UNetConfig(channels=o.get("channels", 16), num_res_blocks=o.get("num_res_blocks", 1))
         model = TimeLabelAdapter(SmallUNet(cfg), (cfg.in_channels, cfg.resolution, cfg.resolution),
                                  scale=label_scale, name=spec)
+    elif kind == "conv-random":
+        from vpsde.models.small_conv import SmallConv
+
+        o = _options(rest, {"seed": int, "hidden": int})
+        torch.manual_seed(o.get("seed", 0))
+        model = TimeLabelAdapter(SmallConv(o.get("hidden", 8)), (1, 8, 8), name=spec)
     elif kind == "py":
         module_name, _, attr = rest.rpartition(":")
         if not module_name or not attr:
@@ -212,12 +220,12 @@ def load_model(spec: str, sde: VPSDE, sample_shape: tuple[int, ...] | None = Non
             raise ModelSpecError(f"--model {spec!r}: factory returned {type(net).__name__}, expected an nn.Module")
     else:
         raise ModelSpecError(f"unknown model {spec!r}; expected digits, weights:PATH.json, diffusers:DIR, gmm[:...], "
-                             "unet-random[:...], score_sde:PATH[,...], score_sde-random[:...] or "
+                             "unet-random[:...], conv-random[:...], score_sde:PATH[,...], score_sde-random[:...] or "
                              "py:package.module:factory (vpsde export --help lists them)")
     model.spec = spec  # export records it as model.source (shown by vpsde inspect; never run from a bundle unless
     # self_contained)
     if model.weights_sha256 is None and model.state_dict():
         from vpsde.models.shipped import state_bytes
 
-        model.weights_sha256 = hashlib.sha256(state_bytes(model)).hexdigest()  # py:, diffusers:, unet-random, gmm
+        model.weights_sha256 = hashlib.sha256(state_bytes(model)).hexdigest()  # py:, diffusers:, *-random, gmm
     return model.eval()

@@ -120,6 +120,13 @@ def test_diffusers_unet_adapter_parity(diffusers_unet_dir, tmp_path, rng):
         assert np.abs(out["x_mean"] - ref[1].numpy()).max() <= 1e-5
 
 
+def test_conv_random_spec_names_its_options():
+    model = load_model("conv-random:seed=2,hidden=4", VPSDE())
+    assert model.sample_shape == (1, 8, 8) and model.net.inp.out_channels == 4
+    with pytest.raises(ModelSpecError, match="width"):
+        load_model("conv-random:width=4", VPSDE())
+
+
 def test_diffusers_spec_without_a_directory_is_a_clear_error(tmp_path):
     with pytest.raises(ModelSpecError, match="neither a diffusers UNet directory"):
         load_model(f"diffusers:{tmp_path}", VPSDE())

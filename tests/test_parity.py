@@ -299,3 +299,32 @@ def test_the_tolerance_table_covers_every_precision_in_order():
 
     assert tuple(TOLERANCES) == PRECISIONS
     assert lower_precision("fp32", "int8", "fp16") == "int8" and lower_precision("bf16", "fp16") == "bf16"
+
+
+def test_replayed_gains_equal_recomputed_gains_for_every_sampler(tmp_path):
+    """EagerSide.gains replays a call's one network output instead of running the network again; for every
+    sampler, on fresh random feeds, the gains equal those of running the whole step again with the shift (as
+    before the replay): NaN where that has NaN (repr compares them), and a step that calls the network several times
+    (Heun, RK4 likelihood) is never replayed."""
+    from vpsde.export.eager import EagerSide
+
+    spec = "gmm:dim=3,components=2"
+    model = load_model(spec, VPSDE(std_formula="diffusers"))
+    rng = np.random.default_rng()
+    replayed = {}
+    for sampler in SAMPLERS:
+        bundle = export_bundle(model, tmp_path / sampler, sampler=sampler, steps=4, grid="uniform",
+                               log=lambda _: None)
+        side = EagerSide(Bundle.load(bundle.root))
+        for key, graph in bundle.manifest.graphs.items():
+            feed = {s.name: (rng.uniform(0.1, 0.9, [3 if not isinstance(d, int) else d for d in s.shape])
+                             if s.name.startswith(("t", "dt", "h")) else
+                             rng.standard_normal([3 if not isinstance(d, int) else d for d in s.shape]))
+                    .astype(np.float32) for s in graph.inputs}
+            outputs = side(key, feed)
+            replayed[f"{sampler}/{key}"] = side._replayable(key, feed) is not None
+            gains = side.gains(key, feed, outputs)
+            side._last = None  # nothing to replay: the step runs again, network included
+            assert repr(gains) == repr(side.gains(key, feed, outputs)), (sampler, key)
+    assert replayed["em/em"] and replayed["dpmpp-2m/dpmpp_2m"] and replayed["pc/langevin"], replayed
+    assert not replayed["ode-heun/ode_heun"] and not replayed["likelihood/likelihood"], replayed

@@ -47,7 +47,7 @@ def test_readme_cli_examples_run(tmp_path):
         (tmp_path / "docs" / "examples" / name).write_bytes((README.parent / "docs" / "examples" / name).read_bytes())
     for cmd in commands:
         args = shlex.split(cmd)[1:]
-        r = subprocess.run([sys.executable, "-m", "vpsde.cli.main", *args, *(["--no-progress"] if args[0] == "sample" else [])],
+        r = subprocess.run([sys.executable, "-m", "vpsde.cli.main", *args, *(["--no-progress"] if args[0] in ("sample", "parity") else [])],
                            cwd=tmp_path, capture_output=True, text=True, timeout=900)
         assert r.returncode == 0, f"{cmd}\n{r.stderr[-2000:]}"
     assert (tmp_path / "out" / "digits" / "grid.png").is_file()

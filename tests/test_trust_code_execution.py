@@ -65,7 +65,7 @@ def test_every_model_spec_records_a_weights_digest():
     sde = VPSDE()
     digests = {spec: load_model(spec, sde).weights_sha256 for spec in
                ("digits", GMM, "gmm:dim=3,components=2,seed=5", "unet-random:seed=1,channels=8",
-                "unet-random:seed=2,channels=8")}
+                "unet-random:seed=2,channels=8", "conv-random", "conv-random:seed=1,hidden=4")}
     assert all(isinstance(d, str) and len(d) == 64 for d in digests.values()), digests
     assert len(set(digests.values())) == len(digests)  # different weights, different digests
     assert load_model(GMM, sde).weights_sha256 == digests[GMM]  # and the same weights, the same digest
