@@ -10,14 +10,17 @@
 #   bash bench/gpu_check.sh --from STEP [PARTS]  # a rerun on the same machine: skip the steps before STEP
 #                                                # (tests, export, parity, bench, gpu_loop, likelihood)
 #   bash bench/gpu_check.sh --dry-run PARTS      # anywhere: unpack and import check only (CI runs it on the CPU)
-#   bash bench/gpu_check.sh --rehearse PARTS     # every step on the CPU, fewer steps and batches (CI runs it)
+#   bash bench/gpu_check.sh --rehearse PARTS     # every step on the CPU, fewer steps and batches, the DDPM++ at
+#                                                # 16x16 (CI runs it)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 dry=0 from=tests
 device=cuda em_steps=200 batches=1,16,64 loops="vpsde-ort-cuda vpsde-ort-cuda-graph torch-cudagraphs torch-compile"
+cifar=score_sde-random  # CIFAR-scale DDPM++ (61.8 M parameters, random weights)
 if [ "${1:-}" = "--dry-run" ]; then dry=1; shift; fi
 if [ "${1:-}" = "--rehearse" ]; then
   device=cpu em_steps=20 batches=1,4 loops="vpsde-ort-cpu torch-cudagraphs"; shift
+  cifar='score_sde-random:config={"nf":32,"ch_mult":[1,2],"num_res_blocks":1,"attn_resolutions":[8],"image_size":16}'
 fi
 if [ "${1:-}" = "--from" ]; then from=$2; shift 2; fi
 case "$from" in
@@ -60,13 +63,13 @@ if runs export || [ ! -f "$work/cifar/manifest.json" ]; then
   rm -rf "$work"/{em,dpm,cifar}
   vpsde export --model digits --steps "$em_steps" --grid uniform --out "$work/em" 2>&1 | tee -a "$log"
   vpsde export --model digits --sampler dpmpp-2m --steps 20 --out "$work/dpm" 2>&1 | tee -a "$log"
-  vpsde export --model score_sde-random --sampler dpmpp-2m --steps 10 --out "$work/cifar" 2>&1 | tee -a "$log"
+  vpsde export --model "$cifar" --sampler dpmpp-2m --steps 10 --out "$work/cifar" 2>&1 | tee -a "$log"
 fi
 if runs parity; then
   step parity
   for b in em dpm cifar; do
     model=(); num=8
-    if [ "$b" = cifar ]; then model=(--model score_sde-random); num=2; fi
+    if [ "$b" = cifar ]; then model=(--model "$cifar"); num=2; fi
     vpsde parity "$work/$b" --against eager "${model[@]}" --device "$device" --num "$num" \
       --report "$work/parity-$b" 2>&1 | tee -a "$log"
     cp "$work/parity-$b/report.json" "$out/parity-$b.json" 2>/dev/null

@@ -25,8 +25,10 @@ output's --call-atol or --call-rtol); the final sample passes if max |a - b| <= 
 (--call-atol x0:1e-3 1e-5: x0 at 1e-3, every other output at 1e-5). Defaults by the lower precision of the two
 sides (docs/parity.md says why; x0 is DPM-Solver++'s data prediction, which scales rounding by 1/alpha(t)):
 {table}
-Against eager, each call's atol per output is max(its bar, the default ("") bar x the call's gain), the gain
-being max |d output / d eps| measured by the eager side: a coarse step multiplies the network's rounding by it.
+Each call's atol per output is max(its bar, the default ("") bar x the call's gain), the gain being
+max |d output / d eps| measured in eager torch: a coarse step multiplies the network's rounding by it. Against
+another backend or bundle the eager model measures it too where torch is installed and the model is at hand
+(--model, or a self-contained model.source); otherwise the bars are the table's alone.
 Exit status 1 when a comparison fails, 2 on an error.
 
 examples:
@@ -71,8 +73,8 @@ def register(sub, fmt) -> None:
     p.add_argument("--against", required=True, metavar="REF", help="eager | eager64 | backend:NAME | PATH (below)")
     p.add_argument("--backends", default="onnxruntime", help="comma-separated backends to test (default: onnxruntime)")
     p.add_argument("--device", default=None, help="cpu | cuda for the onnxruntime sides (default: each backend's)")
-    p.add_argument("--model", default=None, help="eager references: the model spec, as for export (default: the "
-                   "manifest's model.source if it is digits or gmm)")
+    p.add_argument("--model", default=None, help="the eager model (the eager references; the gain meter for "
+                   "the others), a spec as for export (default: the manifest's model.source if it is digits or gmm)")
     p.add_argument("--num", type=positive, default=4, help="samples (one batch; default: 4)")
     p.add_argument("--seed", type=u64("--seed"), default=0, help="noise seed (default: 0)")
     p.add_argument("--threads", type=threads_arg, default=None, help="intra-op CPU threads of ONNX Runtime")
@@ -117,6 +119,21 @@ def _reference(args, bundle):
                        name=f"{other.root.name} onnxruntime[{other.manifest.model.precision}]"), other.manifest
 
 
+def _gain_meter(args, bundle):
+    """For a backend or bundle reference: the eager side that measures each call's gain, or None (with a line
+    saying so) where torch or the model is not at hand. A --model the bundle does not hold is an error."""
+    try:
+        from vpsde.export.eager import EagerSide
+        from vpsde.export.sources import self_contained
+    except ImportError:
+        print("per-call bars: the table's (measuring the steps' gains needs torch: pip install 'vpsde[export]')")
+        return None
+    if args.model is None and not self_contained(bundle.manifest.model.source):
+        print("per-call bars: the table's (no eager model to measure the steps' gains: name it with --model)")
+        return None
+    return EagerSide(bundle, args.model)
+
+
 def _check_same_program(bundle, other) -> None:
     """Two bundles compare only if they run the same program on the same schedule and noise."""
     a, b = bundle.manifest, other.manifest
@@ -146,13 +163,14 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"{bundle.root}: this bundle takes conditioning ({', '.join(m.sampler.conditioning)}); parity "
                          "of conditioned samplers runs from Python (vpsde.verify.parity.compare(conditioning=...))")
     reference, ref_manifest = _reference(args, bundle)
+    meter = None if hasattr(reference, "gains") else _gain_meter(args, bundle)
     precision = lower_precision(m.model.precision, ref_manifest.model.precision)
     reports = []
     for backend in backends:
         test = BackendSide(bundle, backend, args.device, args.threads)
         report = compare(m, reference, test, args.num, args.seed, atol=args.atol, rtol=args.rtol,
                          call_atol=_bars(args.call_atol), call_rtol=_bars(args.call_rtol), precision=precision,
-                         progress=not args.no_progress)
+                         progress=not args.no_progress, gain_meter=meter)
         reports.append(report)
     _print_table(m, reports)
     quality = _quality(m, reports, args.num) if args.quality else None

@@ -51,6 +51,8 @@ class EagerSide:
         try:
             model = load_model(spec, sde, sample_shape=tuple(m.model.sample_shape), label_scale=label_scale)
         except ModelSpecError as e:
+            if model_spec is not None:
+                raise InputError(str(e)) from None
             raise InputError(f"{bundle.root / 'manifest.json'}: model.source {spec!r} cannot be rebuilt for the eager "
                              f"reference ({e}); name the model with --model") from None
         if tuple(model.sample_shape) != tuple(m.model.sample_shape):

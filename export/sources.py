@@ -160,7 +160,23 @@ def _py_factory(spec: str, module_name: str, attr: str):
 
 def load_model(spec: str, sde: VPSDE, sample_shape: tuple[int, ...] | None = None,
                label_scale: float = 999.0) -> ScoreModel:
-    """Build the model a spec names, in eval mode."""
+    """Build the model a spec names, in eval mode. Raises ModelSpecError (one line) for anything wrong with it."""
+    try:
+        model = _build(spec, sde, sample_shape, label_scale)
+    except ModelSpecError:
+        raise
+    except ValueError as e:  # an option the network refuses (channels not divisible into groups, ...)
+        raise ModelSpecError(f"--model {spec!r}: {str(e).strip().splitlines()[0]}") from None
+    model.spec = spec  # export records it as model.source (shown by vpsde inspect; never run from a bundle unless
+    # self_contained)
+    if model.weights_sha256 is None and model.state_dict():
+        from vpsde.models.shipped import state_bytes
+
+        model.weights_sha256 = hashlib.sha256(state_bytes(model)).hexdigest()  # py:, diffusers:, *-random, gmm
+    return model.eval()
+
+
+def _build(spec: str, sde: VPSDE, sample_shape: tuple[int, ...] | None, label_scale: float) -> ScoreModel:
     kind, _, rest = spec.partition(":")
     if kind in ("digits", "weights"):
         from vpsde.models.shipped import WeightsError, load_shipped
@@ -202,6 +218,8 @@ def load_model(spec: str, sde: VPSDE, sample_shape: tuple[int, ...] | None = Non
         from vpsde.models.small_conv import SmallConv
 
         o = _options(rest, {"seed": int, "hidden": int})
+        if not 1 <= o.get("hidden", 8) <= 4096:
+            raise ModelSpecError(f"--model {spec!r}: hidden: expected an integer in 1..4096, got {o['hidden']}")
         torch.manual_seed(o.get("seed", 0))
         model = TimeLabelAdapter(SmallConv(o.get("hidden", 8)), (1, 8, 8), name=spec)
     elif kind == "py":
@@ -222,10 +240,4 @@ def load_model(spec: str, sde: VPSDE, sample_shape: tuple[int, ...] | None = Non
         raise ModelSpecError(f"unknown model {spec!r}; expected digits, weights:PATH.json, diffusers:DIR, gmm[:...], "
                              "unet-random[:...], conv-random[:...], score_sde:PATH[,...], score_sde-random[:...] or "
                              "py:package.module:factory (vpsde export --help lists them)")
-    model.spec = spec  # export records it as model.source (shown by vpsde inspect; never run from a bundle unless
-    # self_contained)
-    if model.weights_sha256 is None and model.state_dict():
-        from vpsde.models.shipped import state_bytes
-
-        model.weights_sha256 = hashlib.sha256(state_bytes(model)).hexdigest()  # py:, diffusers:, *-random, gmm
-    return model.eval()
+    return model

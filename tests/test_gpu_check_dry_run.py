@@ -67,8 +67,8 @@ def test_a_rerun_from_an_unknown_step_is_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_every_step_rehearsed_on_the_cpu_writes_the_figures(packed, tmp_path):
-    """The whole check with --device cpu, fewer steps and batches: the exports (the CIFAR-scale DDPM++'s
-    DPM-Solver++ failed onnx.checker until 0.5.8), parity against eager, the benches, the loop benchmark and the
+    """The whole check with --device cpu, fewer steps and batches: the exports (a 16x16 DDPM++ stands in for the
+    CIFAR-scale one, whose export test_score_sde covers), parity against eager, the benches, the loop benchmark and the
     carried likelihood bundle's bench (here the mixture's, which exports in seconds) each write their file, and the
     files are at most the 8 the device tool returns."""
     from vpsde.export import VPSDE, export_bundle, load_model

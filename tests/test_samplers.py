@@ -360,3 +360,35 @@ def test_a_grid_the_sampler_cannot_take_is_refused_before_tuning(gmm, tmp_path):
 
     with pytest.raises(ValueError, match="computed from the model at export"):
         build_sampler("unipc", gmm, VPSDE(), 10, "tuned")
+
+
+def test_replayed_gains_equal_recomputed_gains_for_every_sampler(bundles, gmm, tmp_path):
+    """EagerSide.gains (parity's per-call bars) replays a call's one network output instead of running the network
+    again; for every sampler, on fresh random feeds, the gains equal those of running the whole step again with the
+    shift (as before the replay), NaN where that gives NaN (repr compares them); a step that calls the network
+    several times (Heun, the likelihood's RK4) is never replayed."""
+    from vpsde.export.eager import EagerSide
+    from vpsde.export.samplers import SAMPLERS
+    from vpsde.runtime import Bundle
+
+    likelihood = export_bundle(gmm, tmp_path / "likelihood", sampler="likelihood", steps=2, log=lambda _: None)
+    cases = {**bundles, "likelihood": likelihood}
+    assert set(SAMPLERS) == {b.manifest.sampler.params["id"] for b in cases.values()}
+    rng = np.random.default_rng()
+    replayed = {}
+    for case, bundle in cases.items():
+        side = EagerSide(Bundle.load(bundle.root))
+        for key, graph in bundle.manifest.graphs.items():
+            feed = {}
+            for spec in graph.inputs:
+                shape = [3 if not isinstance(d, int) else d for d in spec.shape]
+                draw = rng.uniform(0.1, 0.9, shape) if spec.name.startswith(("t", "dt", "h")) else \
+                    rng.standard_normal(shape)
+                feed[spec.name] = draw.astype(np.float32)
+            outputs = side(key, feed)
+            replayed[f"{case}/{key}"] = side._replayable(key, feed) is not None
+            gains = side.gains(key, feed, outputs)
+            side._last = None  # nothing to replay: the step runs again, network included
+            assert repr(gains) == repr(side.gains(key, feed, outputs)), (case, key)
+    assert replayed["em-uniform/em"] and replayed["dpmpp-2m/dpmpp_2m"] and replayed["pc/langevin"], replayed
+    assert not replayed["ode-heun/ode_heun"] and not replayed["likelihood/likelihood"], replayed

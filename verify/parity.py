@@ -8,7 +8,8 @@ A *side* is anything that runs one graph call on host arrays: ``side(key, feed) 
   (x, state, schedule row, noise, conditioning) and its outputs are compared with the reference's by
   polygraphy's ``SimpleCompareFunc`` (max statistic): max |a - b|, max |a - b| / |b|, and the smallest atol and
   rtol that would have passed; where a side measures the call's gain (``side.gains(key, feed, outputs)``, the
-  eager side), the atol bars scale by it (:func:`call_bars`);
+  eager side), or a third, eager ``gain_meter`` does for two backends, the atol bars scale by it
+  (:func:`call_bars`);
 - **trajectory** (what polygraphy cannot see): each side runs freely from the same prior and noise, carrying its
   own x and state, and after every step the two x's are compared (max abs, relative L2), then the final samples.
 
@@ -143,8 +144,8 @@ class ParityReport:
                 "final": {"max_abs": self.final_max_abs, "rel_l2": self.final_rel_l2, "atol": self.atol,
                           "rtol": self.rtol, "passed": self.final_passed},
                 "per_call": {"atol": self.call_atol, "rtol": self.call_rtol, "rule": "polygraphy elemwise, per output "
-                             "(\"\": every output not named); where a side measures the call's gain G (max |d out / "
-                             "d eps|), an output's atol is max(its bar, the \"\" bar x G)",
+                             "(\"\": every output not named); where the call's gain G (max |d out / d eps|) is measured "
+                             "(eager torch), an output's atol is max(its bar, the \"\" bar x G)",
                              "required_atol": self.required_call_atol, "required_rtol": self.required_call_rtol,
                              "required_atol_by_output": self.required_call_atol_by_output(),
                              "first_failing": None if first is None else asdict(first)},
@@ -168,11 +169,12 @@ def compare(manifest: Manifest, reference: Side, test: Side, num: int = 4, seed:
             call_atol: float | Mapping[str, float] | None = None,
             call_rtol: float | Mapping[str, float] | None = None, precision: str | None = None,
             conditioning: Mapping[str, np.ndarray] | None = None, progress: bool = True,
-            on_step: Callable[[StepRecord], None] | None = None) -> ParityReport:
+            on_step: Callable[[StepRecord], None] | None = None, gain_meter=None) -> ParityReport:
     """Run ``manifest``'s program for ``num`` samples (sample indices 0..num-1, portable noise of ``seed``) on
     both sides; see the module docstring. Tolerances default by ``precision`` (the lower of the two sides';
     default: the manifest's), from :data:`TOLERANCES`; ``call_atol``/``call_rtol`` take a number (every output)
-    or a mapping of output name to bar applied over the defaults (see :func:`resolve_bars`)."""
+    or a mapping of output name to bar applied over the defaults (see :func:`resolve_bars`). Gains come from
+    whichever side has ``gains``, else from ``gain_meter`` (an eager side of the same program), else none."""
     try:
         from polygraphy.comparator.compare import SimpleCompareFunc
         from polygraphy.comparator.struct import IterationResult
@@ -190,7 +192,7 @@ def compare(manifest: Manifest, reference: Side, test: Side, num: int = 4, seed:
     report = ParityReport(reference.name, test.name, num, seed, bars.final_atol if atol is None else atol,
                           bars.final_rtol if rtol is None else rtol, resolve_bars(bars.call_atol, call_atol),
                           resolve_bars(bars.call_rtol, call_rtol))
-    gain_side = next((side for side in (reference, test) if hasattr(side, "gains")), None)
+    gain_side = next((side for side in (reference, test) if hasattr(side, "gains")), gain_meter)
     noise = make_noise(PHILOX_ID, seed)  # portable, and the same for both sides whatever the manifest names
     program = Program.compile(manifest)
     x_T = noise(0, 0, num, shape)
@@ -202,8 +204,8 @@ def compare(manifest: Manifest, reference: Side, test: Side, num: int = 4, seed:
                 feed = ref.feed(i, call, drawn)
                 out_ref = reference(call.graph, feed)
                 out_forced = test(call.graph, feed)
-                gain = {} if gain_side is None else gain_side.gains(call.graph, feed,
-                                                                     out_ref if gain_side is reference else out_forced)
+                gain = {} if gain_side is None else gain_side.gains(call.graph, feed, _own_outputs(
+                    gain_side, reference, test, call.graph, feed, out_ref, out_forced))
                 check = SimpleCompareFunc(atol=call_bars(report.call_atol, gain, out_ref), rtol=report.call_rtol,
                                           check_error_stat="elemwise")
                 result = check(IterationResult(out_forced, runner_name=test.name),
@@ -227,6 +229,13 @@ def compare(manifest: Manifest, reference: Side, test: Side, num: int = 4, seed:
     report.final_max_abs = _max_abs(report.reference_sample, report.test_sample)
     report.final_rel_l2 = _rel_l2(report.reference_sample, report.test_sample)
     return report
+
+
+def _own_outputs(gain_side, reference, test, key: str, feed, out_ref, out_forced) -> Mapping[str, np.ndarray]:
+    """The gain side's unshifted outputs on ``feed``: one of the two already computed, or a run of the meter."""
+    if gain_side is reference:
+        return out_ref
+    return out_forced if gain_side is test else gain_side(key, feed)
 
 
 def call_bars(bars: Mapping[str, float], gain: Mapping[str, float],
