@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from vpsde.cli.common import UsageError, add_expect_digest, positive, threads_arg, u64
+from vpsde.cli.conditioning import add_conditioning_args, conditioning_from_args
 
 EPILOG = """references (--against):
   eager            the bundle's step modules in eager torch, float32 (needs vpsde[export]) around the model
@@ -94,6 +95,7 @@ def register(sub, fmt) -> None:
                         "model: classifier Fréchet distance and confidence; gmm: the exact-truth figures); use "
                         "--num 200 or more for figures that mean something (needs vpsde[export])")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_conditioning_args(p)
     add_expect_digest(p)
 
 
@@ -159,9 +161,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--polygraphy-cmd saves the call's inputs under --report DIR: give --report")
     bundle = Bundle.load(args.bundle, expect_digest=args.expect_digest)
     m = bundle.manifest
-    if m.sampler.conditioning:
-        raise UsageError(f"{bundle.root}: this bundle takes conditioning ({', '.join(m.sampler.conditioning)}); parity "
-                         "of conditioned samplers runs from Python (vpsde.verify.parity.compare(conditioning=...))")
+    conditioning = conditioning_from_args(args, bundle)
     reference, ref_manifest = _reference(args, bundle)
     meter = None if hasattr(reference, "gains") else _gain_meter(args, bundle)
     precision = lower_precision(m.model.precision, ref_manifest.model.precision)
@@ -170,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
         test = BackendSide(bundle, backend, args.device, args.threads)
         report = compare(m, reference, test, args.num, args.seed, atol=args.atol, rtol=args.rtol,
                          call_atol=_bars(args.call_atol), call_rtol=_bars(args.call_rtol), precision=precision,
-                         progress=not args.no_progress, gain_meter=meter)
+                         progress=not args.no_progress, gain_meter=meter, conditioning=conditioning)
         reports.append(report)
     _print_table(m, reports)
     quality = _quality(m, reports, args.num) if args.quality else None

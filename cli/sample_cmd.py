@@ -9,6 +9,7 @@ from pathlib import Path
 
 from vpsde.cli.common import (UsageError, add_expect_digest, add_ray_args, check_last_index, noise_id, positive,
                                prepare_out_dir, ray_options, threads_arg, u64)
+from vpsde.cli.conditioning import add_conditioning_args, conditioning_from_args
 from vpsde.runtime.backends import BACKENDS, DEVICES
 from vpsde.runtime.loop import NAN_GUARD_CHOICES
 
@@ -43,11 +44,7 @@ def register(sub, fmt) -> None:
                         "output, so the error names the step (the CPU default: no cost per step); step = every "
                         "graph output as it is made; final = the result only (the GPU default); off")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--known", type=Path, default=None,
-                   help="inpainting and colorization bundles: known data, an image file (pixels 0..255 map to the model's value "
-                        "range) or .npy [*sample_shape] / [num, *sample_shape] in the value range")
-    p.add_argument("--mask", type=Path, default=None,
-                   help="inpainting bundles: 1 where --known is kept; image (pixel > 127 = known) or .npy")
+    add_conditioning_args(p)
     add_ray_args(p, "samples", 1024, "--ray writes OUT/shards/*.npy and OUT/index.json (read them with "
                  "vpsde.scale.load_samples); rerunning the same command resumes")
 
@@ -62,7 +59,7 @@ def run(args: argparse.Namespace) -> None:
     if bundle.manifest.sampler.task != "sample":
         raise UsageError(f"{args.bundle} computes likelihoods (sampler.task {bundle.manifest.sampler.task!r}), it does "
                          "not sample: use vpsde likelihood")
-    conditioning = _conditioning(args, bundle)
+    conditioning = conditioning_from_args(args, bundle)
     prepare_out_dir(args.out)  # before any graph call: a bad --out must not cost a sampling run
     if args.ray is not None:
         return _sample_on_ray(args, bundle, conditioning)
@@ -111,30 +108,3 @@ def _sample_on_ray(args: argparse.Namespace, bundle, conditioning) -> None:
         png = args.out / "grid.png"
         save_png(png, image_grid(first_samples(args.out, 64), tuple(m.model.value_range)))
         print(f"wrote {png}")
-
-
-def _conditioning(args: argparse.Namespace, bundle) -> dict | None:
-    """--known/--mask -> the conditioning arrays an inpainting (known, mask) or colorization (known) bundle takes
-    (clear errors otherwise)."""
-    from vpsde.runtime.images import load_image, load_mask
-
-    m = bundle.manifest
-    wanted = set(m.sampler.conditioning)
-    given = {k for k in ("known", "mask") if getattr(args, k) is not None}
-    if not wanted:
-        if given:
-            raise UsageError(f"{args.bundle} ({m.sampler.name}) takes no --known/--mask; export with --sampler inpaint "
-                             "or colorize")
-        return None
-    if wanted not in ({"known", "mask"}, {"known"}):
-        raise UsageError(f"{args.bundle}: conditioning inputs {sorted(wanted)} are not supported by this CLI")
-    if given != wanted:
-        what = "an inpainting bundle: pass --known and --mask" if "mask" in wanted else \
-            "a colorization bundle: pass --known (the gray image; its channel mean is kept) and no --mask"
-        raise UsageError(f"{args.bundle} is {what} ({m.sampler.name})")
-    shape = tuple(m.model.sample_shape)
-    value_range = tuple(m.model.value_range) if m.model.value_range else None
-    cond = {"known": load_image(args.known, shape, value_range, "known data")}
-    if "mask" in wanted:
-        cond["mask"] = load_mask(args.mask, shape)
-    return cond

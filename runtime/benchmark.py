@@ -4,7 +4,7 @@ Per batch size, in one process: ``iters`` timed loops of ``steps`` steps (after 
 the runtime's own loop (host noise, schedule uploads, NaN guard as configured), and ``iters`` rounds of the
 same number of *bare* graph calls (no noise, no uploads, no read-back until the end). Medians are reported; the
 loop overhead is loop time / bare time - 1. A likelihood bundle's loop starts from :func:`bench_points` and its
-rate counts inputs scored per second.
+rate counts inputs scored per second; a conditioned bundle's loop gets :func:`bench_conditioning`.
 
 The bare calls must do the loop's own work: on a CPU a call's time depends on its inputs (denormal floats cost
 extra: the digits int8 step takes 1.045 ms on the prior sample and 1.095 ms half-way down the trajectory), so
@@ -62,18 +62,33 @@ def bench_points(manifest, batch: int) -> np.ndarray:
     return rng.uniform(lo, hi, shape).astype(np.float32)
 
 
+def bench_conditioning(manifest) -> dict[str, np.ndarray] | None:
+    """What a conditioned bundle is timed with, shared by every row: ``known`` one :func:`bench_points` sample and
+    (inpainting) ``mask`` keeping the first half of the last axis; None for a bundle that takes none."""
+    names = manifest.sampler.conditioning
+    if not names:
+        return None
+    shape = tuple(manifest.model.sample_shape)
+    mask = np.zeros(shape, np.float32)
+    mask[..., : shape[-1] // 2] = 1.0
+    given = {"known": bench_points(manifest, 1)[0], "mask": mask}
+    return {name: given[name] for name in names}
+
+
 def rate_label(manifest) -> str:
     """What the rate column counts: samples per second, or inputs scored per second for a likelihood bundle."""
     return "inputs/s" if manifest.sampler.task == "likelihood" else "samples/s"
 
 
 def program_run(sampler, batch: int, steps: int) -> Callable[[], Any]:
-    """The runtime's own loop over the first ``steps`` steps of ``batch`` rows, seed 0: sampling from the prior,
-    or a likelihood program from :func:`bench_points`."""
+    """The runtime's own loop over the first ``steps`` steps of ``batch`` rows, seed 0: sampling from the prior
+    (given :func:`bench_conditioning` where the bundle takes some), or a likelihood program from
+    :func:`bench_points`."""
     if sampler.loop.program.task == "likelihood":
         points = bench_points(sampler.manifest, batch)
         return lambda: sampler.log_likelihood(points, seed=0, stop_after_steps=steps)
-    return lambda: sampler.sample(batch, seed=0, stop_after_steps=steps)
+    conditioning = bench_conditioning(sampler.manifest)
+    return lambda: sampler.sample(batch, seed=0, stop_after_steps=steps, conditioning=conditioning)
 
 
 def bare_step_seconds(sampler, batch: int, steps: int) -> float:

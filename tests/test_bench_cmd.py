@@ -88,3 +88,27 @@ def test_bench_times_a_likelihood_program(tmp_path, capsys):
     replay = ReplayedCalls(sampler, 4, 3)
     assert len(replay.launches) == 3 and replay.seconds() > 0
     np.testing.assert_array_equal(row_log_likelihood(replay.device.peek(replay.sync)), want)
+
+
+def test_bench_times_a_conditioned_bundle(gmm_bundle, tmp_path, capsys):
+    """Inpainting and colorization bundles are timed with bench_conditioning (one known sample in the value range;
+    inpainting keeps the first half of the last axis): the conditioning the loop gets steers the samples."""
+    import numpy as np
+
+    from vpsde.export import VPSDE, export_bundle, load_model
+    from vpsde.runtime import Sampler
+    from vpsde.runtime.benchmark import bench_conditioning, program_run
+
+    model = load_model("gmm:dim=4,components=2,seed=3", VPSDE())
+    bundle = export_bundle(model, tmp_path / "inpaint", sampler="inpaint", steps=30, log=lambda _: None)
+    out = tmp_path / "bench.json"
+    assert cli(["bench", str(bundle.root), "--batch", "1,3", "--steps", "4", "--iters", "2", "--threads", "1",
+                "--json", str(out)]) == 0, capsys.readouterr().err
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["batch"] for r in rows] == [1, 3] and all(math.isfinite(r["ms_per_step"]) for r in rows)
+    cond = bench_conditioning(bundle.manifest)
+    assert sorted(cond) == ["known", "mask"] and cond["mask"].tolist() == [1, 1, 0, 0]
+    assert np.isfinite(cond["known"]).all() and cond["known"].std() > 0.1
+    samples = program_run(Sampler(bundle, progress=False, threads=1), 5, 30)()
+    np.testing.assert_allclose(samples[:, :2], np.broadcast_to(cond["known"][:2], (5, 2)), atol=0.05)
+    assert bench_conditioning(gmm_bundle.manifest) is None  # an unconditioned bundle gets none

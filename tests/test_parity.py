@@ -323,3 +323,22 @@ def test_the_tolerance_table_covers_every_precision_in_order():
     assert tuple(TOLERANCES) == PRECISIONS
     assert lower_precision("fp32", "int8", "fp16") == "int8" and lower_precision("bf16", "fp16") == "bf16"
 
+
+
+def test_parity_of_an_inpainting_bundle_from_the_command_line(tmp_path, capsys):
+    """--known/--mask as for sample (.npy here); a conditioned bundle without them, or with the wrong shape, is
+    one line."""
+    bundle = export_bundle(load_model("gmm:dim=4,components=2,seed=3", VPSDE()), tmp_path / "inpaint",
+                           sampler="inpaint", steps=12, log=lambda _: None)
+    rng = np.random.default_rng()
+    np.save(tmp_path / "known.npy", rng.uniform(-1, 1, 4).astype(np.float32))
+    np.save(tmp_path / "mask.npy", np.array([1, 0, 1, 0], np.float32))
+    np.save(tmp_path / "known3.npy", rng.uniform(-1, 1, (3, 4)).astype(np.float32))
+    known, mask = ["--known", str(tmp_path / "known.npy")], ["--mask", str(tmp_path / "mask.npy")]
+    argv = ["parity", str(bundle.root), "--against", "eager64", "--num", "4", "--no-progress"]
+    assert cli([*argv, *known, *mask]) == 0
+    assert "  ok" in capsys.readouterr().out
+    assert cli(argv) == 2
+    assert "pass --known and --mask" in capsys.readouterr().err
+    assert cli([*argv, "--known", str(tmp_path / "known3.npy"), *mask]) == 2
+    assert "conditioning input 'known': expected shape [4] or [4, 4], got [3, 4]" in capsys.readouterr().err

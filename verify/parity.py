@@ -30,6 +30,7 @@ from vpsde.runtime.loop import infer_once
 from vpsde.runtime.manifest import Manifest
 from vpsde.runtime.noise import PHILOX_ID, make_noise
 from vpsde.runtime.program import HostTrajectory, Program
+from vpsde.runtime.request import check_conditioning
 from vpsde.runtime.progress import progress as progress_bar
 from vpsde.verify.tolerances import TOLERANCES, bar_for, resolve_bars
 
@@ -184,10 +185,8 @@ def compare(manifest: Manifest, reference: Side, test: Side, num: int = 4, seed:
 
     G_LOGGER.module_severity = G_LOGGER.CRITICAL  # its per-call failure lines: the report has them
     shape = tuple(manifest.model.sample_shape)
-    cond = {k: np.broadcast_to(np.asarray(v, np.float32), (num, *shape)).copy() for k, v in (conditioning or {}).items()}
-    if sorted(cond) != sorted(manifest.sampler.conditioning):
-        raise InputError(f"this bundle takes conditioning {list(manifest.sampler.conditioning) or 'none'}, got "
-                         f"{sorted(cond) or 'none'}")
+    cond = {k: np.broadcast_to(v, (num, *shape)).copy()
+            for k, v in check_conditioning(manifest, conditioning, num).items()}  # the request gate's rules
     bars = TOLERANCES[precision or manifest.model.precision]
     report = ParityReport(reference.name, test.name, num, seed, bars.final_atol if atol is None else atol,
                           bars.final_rtol if rtol is None else rtol, resolve_bars(bars.call_atol, call_atol),
