@@ -29,7 +29,7 @@ sides (docs/parity.md says why; x0 is DPM-Solver++'s data prediction, which scal
 Each call's atol per output is max(its bar, the default ("") bar x the call's gain), the gain being
 max |d output / d eps| measured in eager torch: a coarse step multiplies the network's rounding by it. Against
 another backend or bundle the eager model measures it too where torch is installed and the model is at hand
-(--model, or a self-contained model.source); otherwise the bars are the table's alone.
+(--model, or a self-contained model.source); otherwise, or with --no-gains, the bars are the table's alone.
 Exit status 1 when a comparison fails, 2 on an error.
 
 examples:
@@ -94,6 +94,10 @@ def register(sub, fmt) -> None:
                    help="also score both sides' final samples with the model's yardstick (the shipped digits "
                         "model: classifier Fréchet distance and confidence; gmm: the exact-truth figures); use "
                         "--num 200 or more for figures that mean something (needs vpsde[export])")
+    p.add_argument("--no-gains", action="store_true",
+                   help="per-call bars from the table alone, no gain measured (saves an eager network call per "
+                        "graph call against another backend or bundle; a few-step bundle may then FAIL on rounding "
+                        "its steps amplify)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_conditioning_args(p)
     add_expect_digest(p)
@@ -163,14 +167,15 @@ def run(args: argparse.Namespace) -> int:
     m = bundle.manifest
     conditioning = conditioning_from_args(args, bundle)
     reference, ref_manifest = _reference(args, bundle)
-    meter = None if hasattr(reference, "gains") else _gain_meter(args, bundle)
+    meter = None if args.no_gains or hasattr(reference, "gains") else _gain_meter(args, bundle)
     precision = lower_precision(m.model.precision, ref_manifest.model.precision)
     reports = []
     for backend in backends:
         test = BackendSide(bundle, backend, args.device, args.threads)
         report = compare(m, reference, test, args.num, args.seed, atol=args.atol, rtol=args.rtol,
                          call_atol=_bars(args.call_atol), call_rtol=_bars(args.call_rtol), precision=precision,
-                         progress=not args.no_progress, gain_meter=meter, conditioning=conditioning)
+                         progress=not args.no_progress, gain_meter=meter, gains=not args.no_gains,
+                         conditioning=conditioning)
         reports.append(report)
     _print_table(m, reports)
     quality = _quality(m, reports, args.num) if args.quality else None

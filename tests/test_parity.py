@@ -134,6 +134,8 @@ def test_few_step_fp16_against_fp32_scales_its_bars_by_the_eager_gain(digits, tm
                 "--no-progress"]) == 0, capsys.readouterr().out
     calls = json.loads((out / "report.json").read_text())["comparisons"][0]["calls"]
     assert calls[0]["gain"]["x_next"] > 2, calls[0]
+    assert cli(["parity", str(fp16.root), "--against", str(fp32.root), "--num", "3", "--no-gains",
+                "--no-progress"]) == 1  # the table's bars alone: what it did before
     late = ScaledLate(digits, 1.02, below=0.5)
     late.weights_sha256 = digits.weights_sha256  # the right weights around a wrong graph
     bad = export_bundle(late, tmp_path / "bad", precision="fp16", **kwargs)

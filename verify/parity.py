@@ -170,12 +170,14 @@ def compare(manifest: Manifest, reference: Side, test: Side, num: int = 4, seed:
             call_atol: float | Mapping[str, float] | None = None,
             call_rtol: float | Mapping[str, float] | None = None, precision: str | None = None,
             conditioning: Mapping[str, np.ndarray] | None = None, progress: bool = True,
-            on_step: Callable[[StepRecord], None] | None = None, gain_meter=None) -> ParityReport:
+            on_step: Callable[[StepRecord], None] | None = None, gain_meter=None,
+            gains: bool = True) -> ParityReport:
     """Run ``manifest``'s program for ``num`` samples (sample indices 0..num-1, portable noise of ``seed``) on
     both sides; see the module docstring. Tolerances default by ``precision`` (the lower of the two sides';
     default: the manifest's), from :data:`TOLERANCES`; ``call_atol``/``call_rtol`` take a number (every output)
     or a mapping of output name to bar applied over the defaults (see :func:`resolve_bars`). Gains come from
-    whichever side has ``gains``, else from ``gain_meter`` (an eager side of the same program), else none."""
+    whichever side has ``gains``, else from ``gain_meter`` (an eager side of the same program), else none;
+    ``gains=False``: none (the table's bars alone)."""
     try:
         from polygraphy.comparator.compare import SimpleCompareFunc
         from polygraphy.comparator.struct import IterationResult
@@ -191,7 +193,7 @@ def compare(manifest: Manifest, reference: Side, test: Side, num: int = 4, seed:
     report = ParityReport(reference.name, test.name, num, seed, bars.final_atol if atol is None else atol,
                           bars.final_rtol if rtol is None else rtol, resolve_bars(bars.call_atol, call_atol),
                           resolve_bars(bars.call_rtol, call_rtol))
-    gain_side = next((side for side in (reference, test) if hasattr(side, "gains")), gain_meter)
+    gain_side = next((side for side in (reference, test) if hasattr(side, "gains")), gain_meter) if gains else None
     noise = make_noise(PHILOX_ID, seed)  # portable, and the same for both sides whatever the manifest names
     program = Program.compile(manifest)
     x_T = noise(0, 0, num, shape)
