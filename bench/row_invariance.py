@@ -47,6 +47,8 @@ def row_variant_origins(path: Path, batch: int = 8, threads: int = 1, seed: int 
         if value is None or value.ndim == 0 or value.shape[0] != batch:
             return True  # a constant, or not batched
         rows = np.concatenate([a[name] if name in a else feed[name][i:i + 1] for i, a in enumerate(alone)])
+        if rows.shape != value.shape:
+            return True  # not one row per sample (a shape, or a value whose first axis happens to equal the batch)
         return np.array_equal(value, rows)
 
     origins = []
