@@ -30,8 +30,8 @@ from vpsde.runtime.loop import infer_once
 from vpsde.runtime.manifest import Manifest
 from vpsde.runtime.noise import PHILOX_ID, make_noise
 from vpsde.runtime.program import HostTrajectory, Program
-from vpsde.runtime.progress import progress as progress_bar
 from vpsde.runtime.request import check_conditioning
+from vpsde.runtime.progress import progress as progress_bar
 from vpsde.verify.tolerances import TOLERANCES, bar_for, resolve_bars
 
 
