@@ -17,6 +17,7 @@ from vpsde.cli import (bench_cmd, build_cmd, convert_cmd, doctor_cmd, export_cmd
                        sample_cmd, serve_cmd)
 from vpsde.cli.common import HelpFormatter, printable
 from vpsde.cli.export_cmd import SAMPLER_IDS  # noqa: F401  (re-exported: the CLI's sampler ids)
+from vpsde.runtime.atomic import STOPPING, Stopped
 from vpsde.runtime.errors import VpsdeError
 
 
@@ -98,12 +99,11 @@ def _version() -> str:
         return "(not installed)"
 
 
-class Terminated(BaseException):
-    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt, so that every temporary is removed."""
-
-
 def _on_sigterm(signum, frame) -> None:
-    raise Terminated()
+    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt, so that every temporary is removed; and
+    remembered, so that nothing is committed after it even where the code it lands in swallows or converts it."""
+    STOPPING.set()
+    raise Stopped()
 
 
 OS_HINTS = {errno.ENOSPC: "the disk is full: free space and run again (nothing half-written was left)",
@@ -131,7 +131,14 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if threading.current_thread() is threading.main_thread() \
         else None
     try:
-        status = COMMANDS[args.command](args)  # None: success; an int: the exit status (parity: 1 = differs)
+        try:
+            status = COMMANDS[args.command](args)  # None: success; an int: the exit status (parity: 1 = differs)
+        except BaseException:
+            if STOPPING.is_set():  # whatever the signal turned into where it landed (torch wraps it in its own errors)
+                raise Stopped() from None
+            raise
+        if STOPPING.is_set():  # swallowed where it landed; no commit ran after it
+            raise Stopped()
     except BrokenPipeError:  # `vpsde inspect | head`: the reader left; say nothing more
         try:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -148,12 +155,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Terminated:
+    except Stopped:
         print("terminated", file=sys.stderr)
         return 143
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        STOPPING.clear()  # main() may run again in this process (tests, embedding hosts)
     return status or 0
 
 

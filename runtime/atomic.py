@@ -17,10 +17,24 @@ import os
 import shutil
 import stat
 import tempfile
+import threading
 from pathlib import Path
 from typing import Iterator
 
 TMP_TAG = ".vpsde-tmp-"
+
+STOPPING = threading.Event()
+"""Set when the process was asked to stop (the CLI's SIGTERM handler): from then on no temporary is committed."""
+
+
+class Stopped(BaseException):
+    """The process was asked to stop: raised where SIGTERM lands and again by any commit after it, since code the
+    signal interrupts may swallow the first (a bare ``except:`` around an optional import)."""
+
+
+def _refuse_if_stopping() -> None:
+    if STOPPING.is_set():
+        raise Stopped()
 
 
 def _temp_prefix(name: str) -> str:
@@ -87,7 +101,7 @@ def _name_the_target(e: OSError, tmp: Path, path: Path) -> None:
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
     """Yield a temporary path in ``path``'s directory; on success rename it to ``path`` (mode 0644), on any
-    error (a signal included) remove it. ``suffix`` keeps the extension some writers insist on (np.savez adds
+    error (a signal included) remove it; nothing is renamed once :data:`STOPPING` is set. ``suffix`` keeps the extension some writers insist on (np.savez adds
     ".npz"). Stale temporaries of ``path`` left by dead writers are swept first."""
     path = Path(path)
     sweep_stale(path.parent, path.name)
@@ -95,6 +109,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
     try:
         yield tmp
         os.chmod(tmp, 0o644)
+        _refuse_if_stopping()
         os.replace(tmp, path)
     except OSError as e:
         _name_the_target(e, tmp, path)
@@ -155,6 +170,7 @@ def exchange(a: Path, b: Path) -> bool:
 def replace_dir(new: Path, target: Path) -> None:
     """Move the directory ``new`` to ``target``; if ``target`` exists, swap them atomically so ``new`` then holds
     the old directory (which the caller removes). Hold :func:`directory_lock` on the parent around this."""
+    _refuse_if_stopping()
     if not os.path.lexists(target):
         os.rename(new, target)
     elif not exchange(new, target):  # no atomic exchange here: two renames, with a moment where none exists
