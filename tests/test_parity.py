@@ -302,6 +302,60 @@ def test_a_perturbed_dpmpp_bundle_still_fails_against_eager_and_names_the_output
     assert f"FAIL: call at step {first_late} (dpmpp_2m), output " in out and "x_next" in out, out
 
 
+class OffBy:
+    """A reference that is ``BackendSide`` plus ``offset`` on x_next: a backend that rounds worse, or is wrong."""
+
+    name = "off by"
+
+    def __init__(self, bundle, offset: float) -> None:
+        self.side, self.offset = BackendSide(bundle), offset
+
+    def __call__(self, key, feed):
+        out = self.side(key, feed)
+        return {**out, "x_next": out["x_next"] + np.float32(self.offset)}
+
+
+@pytest.mark.parametrize("test_scale, passes", [(1.0, True), (1.001, False)])
+def test_a_call_past_its_bar_is_judged_against_float64(gmm_em, tmp_path, test_scale, passes):
+    """A reference 5e-5 off (5x the fp32 bar), the eager model measuring: the correct test side passes against
+    float64, every call re-judged; eps x 1.001 from t < 0.5 still fails at its first step there (the reference's
+    error widens nothing: the floor is the eager model's own float32 rounding)."""
+    from vpsde.export.eager import EagerSide
+
+    sde = VPSDE()
+    test = export_bundle(ScaledLate(load_model(GMM, sde), test_scale, below=0.5), tmp_path / "t", steps=40,
+                         grid="uniform", sde=sde, log=lambda _: None)
+    report = compare(gmm_em.manifest, OffBy(gmm_em, 5e-5), BackendSide(test), num=4, gain_meter=EagerSide(gmm_em),
+                     seed=int(np.random.default_rng().integers(2**32)), progress=False)
+    x_next = [call for call, output in report.float64_judged if output == "x_next"]
+    assert [call.step for call in x_next] == list(range(40))  # every call missed 1e-5 against the reference
+    assert all(4e-5 < call.ref_vs_float64["x_next"] < 6e-5 and 0 < call.floor["x_next"] < 2e-6 for call in x_next)
+    assert report.passed is passes
+    if not passes:
+        first_late = int(np.argmax(np.asarray(gmm_em.manifest.schedule["t"]) < 0.5))
+        assert report.first_failing_call.step == first_late
+    else:
+        assert report.required_call_atol < 1e-5  # every call within the bar of float64
+
+
+def test_the_rounding_floor_is_what_float32_inputs_leave_undetermined():
+    """(x - 1) x 1e6 near x = 1 in float32: one ulp of x (6e-8 below 1, 1.2e-7 above) moves it by 0.06 to 0.12;
+    the floor sees that, where the float32 call on the exact inputs alone is off float64 by nothing."""
+    from vpsde.verify.parity import rounding_floor
+
+    class Cancels:
+        def __call__(self, key, feed):
+            return {"y": (feed["x"] - np.float32(1)) * np.float32(1e6)}
+
+        def float64(self, key, feed):
+            return {"y": (feed["x"].astype(np.float64) - 1) * 1e6}
+
+    x = (1 + np.random.default_rng().integers(-20, 20, 64) * 2.0**-23).astype(np.float32)
+    exact, floor = rounding_floor(Cancels(), "k", {"x": x}, np.random.default_rng())
+    assert np.abs(Cancels()("k", {"x": x})["y"] - exact["y"]).max() == 0
+    assert 0.05 < floor["y"] <= 2.0**-23 * 1e6 * 1.001
+
+
 def test_per_output_call_tolerances_from_the_command_line(gmm_em, tmp_path, capsys):
     """polygraphy's convention: NAME:VALUE items and a bare default; a lone number bars every output."""
     out = tmp_path / "r"

@@ -35,6 +35,17 @@ up to 150 at t = 1 on the default VP-SDE, so its per-call atol is the precision'
 
 
 
+FLOOR_RUNS = 8
+"""An output past its bar against the reference is re-judged against the same call in float64, with the call's
+float32 rounding floor measured: the largest distance from float64 of the eager float32 call on its inputs and on
+this many copies of them each moved by one ulp in random directions (Monte Carlo arithmetic's estimate of what
+inputs known to float32 precision leave undetermined)."""
+
+FLOOR_MARGIN = 4.0
+"""A re-judged output passes within its bar of float64 or within this many times the floor (a maximum over few
+elements, so a noisy one: docs/parity.md, "Ill-conditioned calls", has the measurements)."""
+
+
 def tolerance_help() -> str:
     """The default bars as the CLI's help prints them (one line per precision)."""
     def per_output(bars: Mapping[str, float]) -> str:
