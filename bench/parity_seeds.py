@@ -1,12 +1,12 @@
-"""How often `vpsde parity` passes a correct bundle over random seeds, and which calls it judged against float64
-(docs/parity.md, "Ill-conditioned calls"): a bundle compared with its eager float32 reference, ``--seeds`` seeds
+"""How often `vpsde parity` passes a correct bundle over random seeds, and which calls it re-judged by their float32
+rounding spread (docs/parity.md, "Ill-conditioned calls"): a bundle compared with its eager float32 reference, ``--seeds`` seeds
 drawn from ``--draw``.
 
     python bench/parity_seeds.py BUNDLE [--seeds 200] [--draw 7] [--num 3]
 
-One line per seed that judged a call against float64 or failed: seed, verdict, and per judged output (step, name,
-the reference's and the test side's max |d| from float64, the float32 rounding floor); then the totals: seeds
-past the fixed bars (what failed before 0.5.10) and seeds that fail now.
+One line per seed that re-judged a call or failed: seed, verdict, and per re-judged output (step, name, max |d|
+between the sides, the float32 rounding spread, their ratio); then the totals: seeds past the fixed bars (what
+failed before 0.5.10) and seeds that fail now.
 """
 
 from __future__ import annotations
@@ -36,13 +36,13 @@ def main() -> None:
     for _ in range(args.seeds):
         seed = int(draw.integers(2**32))
         report = compare(bundle.manifest, reference, test, num=args.num, seed=seed, progress=False)
-        judged = report.float64_judged
+        judged = report.spread_judged
         past_bars += bool(judged) or not report.passed
         failed += not report.passed
         if judged or not report.passed:
             print(seed, "ok" if report.passed else "FAIL", " ".join(
-                f"[step {c.step} {k}: reference {c.ref_vs_float64[k]:.2e}, test {c.test_vs_float64[k]:.2e}, "
-                f"floor {c.floor[k]:.2e}]" for c, k in judged), flush=True)
+                f"[step {c.step} {k}: max |d| {c.max_abs[k]:.2e}, spread {c.spread[k]:.2e}, ratio "
+                f"{c.max_abs[k] / c.spread[k]:.2f}]" for c, k in judged), flush=True)
     print(f"{args.seeds} seeds: {past_bars} past the fixed bars, {failed} fail; {time.monotonic() - started:.0f} s")
 
 

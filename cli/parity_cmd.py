@@ -28,9 +28,9 @@ sides (docs/parity.md says why; x0 is DPM-Solver++'s data prediction, which scal
 {table}
 Each call's atol per output is max(its bar, the default ("") bar x the call's gain), the gain being
 max |d output / d eps| measured in eager torch: a coarse step multiplies the network's rounding by it. An output
-past its bar is re-judged against the same call in eager float64: it passes within its bar of that, or within
-{margin:g}x the call's float32 rounding floor (the eager float32 call's largest distance from float64 on its inputs
-and on {runs} copies moved by one ulp: an ill-conditioned call is only determined to that).
+past its bar is re-judged: it passes if the sides differ by at most {margin:g}x the call's float32 rounding
+spread, how far apart the eager call's float32 - float64 errors lie on its inputs and on {runs} copies moved by
+one ulp (wide where the call is ill-conditioned, narrow where float32 errs the same way everywhere).
 Against another backend or bundle the eager model measures both too where torch is installed and the model is
 at hand (--model, or a self-contained model.source); otherwise, or with --no-gains, the bars are the table's
 alone.
@@ -67,13 +67,13 @@ def finite_tolerance(text: str) -> float:
 
 
 def register(sub, fmt) -> None:
-    from vpsde.verify.tolerances import FLOOR_MARGIN, FLOOR_RUNS, tolerance_help
+    from vpsde.verify.tolerances import SPREAD_MARGIN, SPREAD_RUNS, tolerance_help
 
     p = sub.add_parser("parity", help="compare a bundle's trajectory across backends, precisions or eager torch",
                        description="Run a bundle's sampler on each --backends side and on a reference with the same "
                        "seeds and host noise; compare every graph call (the test side fed the reference's inputs) "
                        "and the two free-running trajectories step by step; print a table and exit 1 past the "
-                       "tolerances.", epilog=EPILOG.format(table=tolerance_help(), margin=FLOOR_MARGIN, runs=FLOOR_RUNS),
+                       "tolerances.", epilog=EPILOG.format(table=tolerance_help(), margin=SPREAD_MARGIN, runs=SPREAD_RUNS),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("bundle", type=Path, help="bundle directory (the side under test)")
     p.add_argument("--against", required=True, metavar="REF", help="eager | eager64 | backend:NAME | PATH (below)")
@@ -100,7 +100,7 @@ def register(sub, fmt) -> None:
                         "model: classifier Fréchet distance and confidence; gmm: the exact-truth figures); use "
                         "--num 200 or more for figures that mean something (needs vpsde[export])")
     p.add_argument("--no-gains", action="store_true",
-                   help="per-call bars from the table alone: no gain measured, no float64 re-judging (saves an "
+                   help="per-call bars from the table alone: no gain or rounding spread measured (saves an "
                         "eager network call per graph call against another backend or bundle; a few-step bundle "
                         "may then FAIL on rounding its steps amplify)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -234,6 +234,7 @@ def _quality(m, reports, num: int) -> dict:
 
 def _print_table(m, reports) -> None:
     from vpsde.verify.parity import call_bars
+    from vpsde.verify.tolerances import SPREAD_MARGIN
 
     print(f"{m.sampler.name}, {m.sampler.steps} steps, {reports[0].num} samples, seed {reports[0].seed}; "
           f"reference: {reports[0].reference}")
@@ -249,29 +250,29 @@ def _print_table(m, reports) -> None:
             atol = call_bars(r.call_atol, first.gain, first.max_abs)  # this call's, its gain applied
             verdict = (f"FAIL: call at step {first.step} ({first.graph}), output {'/'.join(outs)}: max |d| "
                        f"{'/'.join(f'{first.max_abs[o]:.3g}' for o in outs)} past atol {_bar_text(atol, outs)}"
-                       f" and rtol {_bar_text(r.call_rtol, outs)}{_float64_text(first, outs)}")
+                       f" and rtol {_bar_text(r.call_rtol, outs)}{_spread_text(first, outs)}")
         else:
             verdict = f"FAIL: final sample past atol {r.atol:g} / rtol {r.rtol:g}"
         print(f"{r.test:<28}{r.final_max_abs:>13.3g}{r.final_rel_l2:>12.3g}{worst.rel_l2:>11.3g} @{worst.step:<5}"
               f"{r.required_call_atol:>15.3g}{r.required_call_rtol:>15.3g}  {verdict}")
     for r in reports:
-        judged = [(c, k) for c, k in r.float64_judged if k not in c.failed_outputs]
+        judged = [(c, k) for c, k in r.spread_judged if k not in c.failed_outputs]
         if judged:
-            c, k = max(judged, key=lambda ck: ck[0].floor[ck[1]])
-            print(f"{r.test}: {len(judged)} call output(s) past the bar against the reference passed against float64; "
-                  f"worst: step {c.step} ({c.graph}) {k}, the test side {c.test_vs_float64[k]:.3g} off float64, the "
-                  f"reference {c.ref_vs_float64[k]:.3g}, float32 rounding floor {c.floor[k]:.3g}")
+            c, k = max(judged, key=lambda ck: ck[0].max_abs[ck[1]] / ck[0].spread_atol(ck[1], 0.0))
+            print(f"{r.test}: {len(judged)} call output(s) past the bar passed within {SPREAD_MARGIN:g}x their float32 "
+                  f"rounding spread; closest: step {c.step} ({c.graph}) {k}, max |d| {c.max_abs[k]:.3g}, spread "
+                  f"{c.spread[k]:.3g}")
 
 
-def _float64_text(call, outputs: list[str]) -> str:
-    """Where the failing outputs were re-judged against float64: how far the test side was off it, past what."""
-    from vpsde.verify.tolerances import FLOOR_MARGIN
+def _spread_text(call, outputs: list[str]) -> str:
+    """Where the failing outputs were re-judged by their rounding spread: the atol that gave them."""
+    from vpsde.verify.tolerances import SPREAD_MARGIN
 
-    judged = [o for o in outputs if o in call.test_vs_float64]
+    judged = [o for o in outputs if o in call.spread]
     if not judged:
         return ""
-    return (f"; against float64 {'/'.join(f'{call.test_vs_float64[o]:.3g}' for o in judged)} off, past "
-            f"{'/'.join(f'{call.float64_atol(o, 0.0):.3g}' for o in judged)} ({FLOOR_MARGIN:g}x its float32 rounding floor)")
+    return (f" (nor {'/'.join(f'{call.spread_atol(o, 0.0):.3g}' for o in judged)}, {SPREAD_MARGIN:g}x the float32 "
+            f"rounding spread)")
 
 
 def _polygraphy_cmd(bundle, report, out: Path) -> str:

@@ -70,8 +70,8 @@ class EagerSide:
         if "denoise_final" in options:
             options["denoise_final"] = bool(options["denoise_final"])
         self._shift = 0.0  # added to every network output while gains() measures them
-        self._rebuild = (bundle, spec)  # for the float64 twin float64() builds on first use
-        self._twin: EagerSide | None = None
+        self._rebuild = (bundle, spec)  # for the twins rounding_error() builds on first use
+        self._twins: dict[torch.dtype, EagerSide] = {}
         self._last: tuple[str, dict[str, np.ndarray], list[torch.Tensor]] | None = None  # key, feed, network outputs
         model.register_forward_hook(self._network_output)
         self._model = model
@@ -100,13 +100,14 @@ class EagerSide:
         return {name: float(np.abs(shifted[name].astype(np.float64) - outputs[name]).max(initial=0.0)) / GAIN_SHIFT
                 for name in outputs}
 
-    def float64(self, key: str, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """The same call in float64 arithmetic (this side itself where it computes in float64): the yardstick
-        ``vpsde parity`` re-judges a call against when it misses its bar against a float32 reference. Outputs
-        float64, unrounded."""
-        if self._twin is None:
-            self._twin = self if self.dtype == torch.float64 else EagerSide(*self._rebuild, dtype=torch.float64)
-        return {name: v.detach().numpy() for name, v in self._twin._run(key, feed).items()}
+    def rounding_error(self, key: str, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Per output, float64 [B, ...]: the call in float32 arithmetic minus the same call in float64 (twins of this
+        side built on first use; this side itself where its dtype is one of them)."""
+        if not self._twins:
+            self._twins = {dtype: self if self.dtype == dtype else EagerSide(*self._rebuild, dtype=dtype)
+                           for dtype in (torch.float32, torch.float64)}
+        f32, f64 = (self._twins[dtype]._run(key, feed) for dtype in (torch.float32, torch.float64))
+        return {name: f32[name].detach().double().numpy() - f64[name].detach().numpy() for name in f64}
 
     def _network_output(self, module, args, out: torch.Tensor) -> torch.Tensor | None:
         """Forward hook on the model: keeps the call's network outputs; shifts them while gains() measures."""
@@ -116,8 +117,9 @@ class EagerSide:
 
     def _replayable(self, key: str, feed: Mapping[str, np.ndarray]) -> torch.Tensor | None:
         """The network output of the last call if it ran ``key`` on values equal to ``feed`` and called the network
-        exactly once; None otherwise."""
-        if self._last is None:
+        exactly once, outside any derivative of it (a ``forward_ad`` step also uses the network's tangents, which a
+        replayed value does not carry); None otherwise."""
+        if self._last is None or getattr(self.graphs[key], "forward_ad", False):
             return None
         last_key, last_feed, outputs = self._last
         same = last_key == key and len(outputs) == 1 and all(

@@ -16,6 +16,7 @@ from vpsde.export.lean import lean_graph, static_reshapes
 from vpsde.export import onnx_export
 from vpsde.export.onnx_export import trace_step_graph
 from vpsde.export.samplers import build_sampler
+from vpsde.verify.tolerances import TOLERANCES
 
 
 def _run(model: onnx.ModelProto, feed: dict) -> list[np.ndarray]:
@@ -65,12 +66,16 @@ def test_the_digits_step_loses_its_shape_nodes_and_computes_the_same(digits_em_r
     back = next(n.output[0] for n in lean.graph.node if n.op_type == "Reshape" and n.input[0] == first_norm)
     assert dims(raw, back)[1:] == [0, 0, 0] and dims(lean, back)[1:] == [32, 16, 16]
     assert all(d.dim_value > 0 for v in lean.graph.value_info for d in v.type.tensor_type.shape.dim[1:])
+    # the same arithmetic in another order (merged Gemms, 1/s folded into weights): held to parity's fp32 per-call
+    # bar, the one TensorRT's reordered kernels are held to. Measured over 300 random feeds: at most 1.55e-6 (x_mean
+    # where the step's gain beta |dt| / sigma is 1.6); the 1e-6 bar this test had failed about one draw in 100
+    bar = TOLERANCES["fp32"].call_atol[""]
     rng = np.random.default_rng()
     for batch in (1, 5):
         feed = _em_feed(batch, rng)
         for ref, got in zip(_run(raw, feed), _run(lean, feed)):
             assert np.isfinite(got).all()
-            assert np.abs(got - ref).max() <= 1e-6 * max(1.0, np.abs(ref).max())
+            assert np.abs(got - ref).max() <= bar * max(1.0, np.abs(ref).max())
 
 
 def _value(name, dims):

@@ -171,22 +171,21 @@ def test_likelihood_bundle_passes_parity_against_eager(hutchinson_bundle, capsys
 
 
 @pytest.mark.parametrize("seed", [1740735704, 3580503874])
-def test_an_ill_conditioned_call_is_judged_by_its_float32_rounding_floor(hutchinson_bundle, seed):
-    """These seeds reach a switch of the mixture's responsibilities (steps 14 and 7), where logdet is determined by
-    float32 inputs only to about 1e-4 and 1.5e-5 (the floor): eager float32 torch was 1.2e-4 off float64 at the
-    first and ONNX Runtime 6e-6, ONNX Runtime 2.3e-5 at the second and eager 7e-7; both FAILed against the fixed,
-    gain-scaled bar before 0.5.10 (7 of 200 random seeds did)."""
+def test_an_ill_conditioned_call_is_judged_by_its_float32_rounding_spread(hutchinson_bundle, seed):
+    """These seeds reach a switch of the mixture's responsibilities (steps 14 and 7), where ONNX Runtime and eager
+    float32 torch differ on logdet by 1.2e-4 and 2.4e-5, past the gain-scaled bar (both FAILed before 0.5.10, as 7
+    of 200 random seeds did): float32 rounding there varies by 2.5e-4 and 1.5e-5 between inputs one ulp apart."""
     from vpsde.export.eager import EagerSide
     from vpsde.verify.parity import BackendSide, compare
 
     report = compare(hutchinson_bundle.manifest, EagerSide(hutchinson_bundle), BackendSide(hutchinson_bundle), num=3,
                      seed=seed, progress=False)
     assert report.passed
-    judged = report.float64_judged
+    judged = report.spread_judged
     assert judged, "the seed no longer reaches a call past its bar: the regression it pins is not exercised"
     for call, output in judged:
-        assert call.max_abs[output] > report.call_atol[""]  # it did miss the bar against the reference
-        assert call.floor[output] > report.call_atol[""]  # the call is ill-conditioned: float32 leaves more open
+        assert call.max_abs[output] > report.call_atol[""]  # it did miss the bar
+        assert call.spread[output] > report.call_atol[""]  # float32 arithmetic there varies by more than the bar
 
 
 def test_batch_polymorphic_trace_refuses_a_value_that_depends_on_the_batch():

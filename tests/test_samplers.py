@@ -366,7 +366,7 @@ def test_replayed_gains_equal_recomputed_gains_for_every_sampler(bundles, gmm, t
     """EagerSide.gains (parity's per-call bars) replays a call's one network output instead of running the network
     again; for every sampler, on fresh random feeds, the gains equal those of running the whole step again with the
     shift (as before the replay), NaN where that gives NaN (repr compares them); a step that calls the network
-    several times (Heun, the likelihood's RK4) is never replayed."""
+    several times (Heun, the likelihood's RK4), or differentiates it (``forward_ad``), is never replayed."""
     from vpsde.export.eager import EagerSide
     from vpsde.export.samplers import SAMPLERS
     from vpsde.runtime import Bundle
@@ -375,7 +375,7 @@ def test_replayed_gains_equal_recomputed_gains_for_every_sampler(bundles, gmm, t
     cases = {**bundles, "likelihood": likelihood}
     assert set(SAMPLERS) == {b.manifest.sampler.params["id"] for b in cases.values()}
     rng = np.random.default_rng()
-    replayed = {}
+    replayed, feeds = {}, {}
     for case, bundle in cases.items():
         side = EagerSide(Bundle.load(bundle.root))
         for key, graph in bundle.manifest.graphs.items():
@@ -386,9 +386,14 @@ def test_replayed_gains_equal_recomputed_gains_for_every_sampler(bundles, gmm, t
                     rng.standard_normal(shape)
                 feed[spec.name] = draw.astype(np.float32)
             outputs = side(key, feed)
+            feeds[f"{case}/{key}"] = feed
             replayed[f"{case}/{key}"] = side._replayable(key, feed) is not None
             gains = side.gains(key, feed, outputs)
             side._last = None  # nothing to replay: the step runs again, network included
             assert repr(gains) == repr(side.gains(key, feed, outputs)), (case, key)
     assert replayed["em-uniform/em"] and replayed["dpmpp-2m/dpmpp_2m"] and replayed["pc/langevin"], replayed
     assert not replayed["ode-heun/ode_heun"] and not replayed["likelihood/likelihood"], replayed
+    side = EagerSide(Bundle.load(bundles["em-uniform"].root))
+    side.graphs["em"].forward_ad = True  # as if the step differentiated its one network call
+    side("em", feeds["em-uniform/em"])
+    assert len(side._last[2]) == 1 and side._replayable("em", feeds["em-uniform/em"]) is None

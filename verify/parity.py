@@ -9,11 +9,12 @@ A *side* is anything that runs one graph call on host arrays: ``side(key, feed) 
   polygraphy's ``SimpleCompareFunc`` (max statistic): max |a - b|, max |a - b| / |b|, and the smallest atol and
   rtol that would have passed; where a side measures the call's gain (``side.gains(key, feed, outputs)``, the
   eager side), or a third, eager ``gain_meter`` does for two backends, the atol bars scale by it
-  (:func:`call_bars`); an output that still misses its bar is re-judged against the same call in float64 (where
-  one of those eager sides can run it, ``side.float64(key, feed)``): it passes within its bar of the float64
-  values, or within ``FLOOR_MARGIN`` times the call's float32 rounding floor (:func:`rounding_floor`): where the
-  computation is ill-conditioned (a mixture's likelihood where its responsibilities switch) two correct float32
-  implementations differ by more than any fixed bar;
+  (:func:`call_bars`); an output that still misses its bar is re-judged by the call's float32 rounding spread
+  (:func:`rounding_spread`, where one of those eager sides measures it): it passes if the two sides differ by no
+  more than ``SPREAD_MARGIN`` times how far apart the eager call's float32 rounding errors lie on its inputs and
+  on copies of them one ulp away. Where a call is ill-conditioned (a mixture's likelihood where its
+  responsibilities switch) that spread is wider than any fixed bar; where float32 merely errs the same way
+  everywhere (a systematic error both sides share) it is not, and a small model change still fails;
 - **trajectory** (what polygraphy cannot see): each side runs freely from the same prior and noise, carrying its
   own x and state, and after every step the two x's are compared (max abs, relative L2), then the final samples.
 
@@ -36,7 +37,7 @@ from vpsde.runtime.noise import PHILOX_ID, make_noise
 from vpsde.runtime.program import HostTrajectory, Program
 from vpsde.runtime.request import check_conditioning
 from vpsde.runtime.progress import progress as progress_bar
-from vpsde.verify.tolerances import FLOOR_MARGIN, FLOOR_RUNS, TOLERANCES, bar_for, resolve_bars
+from vpsde.verify.tolerances import SPREAD_MARGIN, SPREAD_RUNS, TOLERANCES, bar_for, resolve_bars
 
 
 class Side(Protocol):
@@ -75,21 +76,16 @@ class CallRecord:
     failed_outputs: list[str] = field(default_factory=list)
     gain: dict[str, float] = field(default_factory=dict)
     """Per output, max |d output / d eps| where a side measures it (the eager side): its atol was scaled by it."""
-    ref_vs_float64: dict[str, float] = field(default_factory=dict)
-    """Per output re-judged against float64 (it missed its bar against the reference): the reference's max |d|
-    from the float64 call."""
-    test_vs_float64: dict[str, float] = field(default_factory=dict)
-    """The same for the test side: what was judged."""
-    floor: dict[str, float] = field(default_factory=dict)
-    """The same outputs' float32 rounding floor (:func:`rounding_floor`)."""
-
-    def float64_atol(self, output: str, atol: float) -> float:
-        """A re-judged output's atol against float64: its bar ``atol`` or the floor's margin, the larger."""
-        return max(atol, FLOOR_MARGIN * self.floor[output])
+    spread: dict[str, float] = field(default_factory=dict)
+    """Per output re-judged (it missed its bar): the call's float32 rounding spread (:func:`rounding_spread`)."""
 
     def atol_scale(self, output: str) -> float:
         """max(1, the output's gain): what its max |a - b| is divided by to compare with a bar."""
         return max(1.0, finite_gain(self.gain, output))
+
+    def spread_atol(self, output: str, atol: float) -> float:
+        """A re-judged output's atol: its bar ``atol`` or the spread's margin, the larger."""
+        return max(atol, SPREAD_MARGIN * self.spread[output])
 
 
 @dataclass
@@ -130,19 +126,17 @@ class ParityReport:
     @property
     def required_call_atol(self) -> float:
         """The smallest per-call atol, before each call's gain, under which every call passes on max |a - b| alone
-        (from float64, for an output re-judged against it)."""
+        (or 0 for an output re-judged within its spread's margin)."""
         return max((max(self._required_atol(c, k) for k in c.max_abs) for c in self.calls), default=0.0)
 
     def _required_atol(self, call: CallRecord, output: str) -> float:
-        if output not in call.test_vs_float64:
-            return call.max_abs[output] / call.atol_scale(output)
-        off = call.test_vs_float64[output]
-        return 0.0 if off <= call.float64_atol(output, 0.0) else off / call.atol_scale(output)
+        off = call.max_abs[output]
+        return 0.0 if output in call.spread and off <= call.spread_atol(output, 0.0) else off / call.atol_scale(output)
 
     @property
-    def float64_judged(self) -> list[tuple[CallRecord, str]]:
-        """(call, output) of every output re-judged against float64, in call order."""
-        return [(c, k) for c in self.calls for k in c.test_vs_float64]
+    def spread_judged(self) -> list[tuple[CallRecord, str]]:
+        """(call, output) of every output re-judged by its rounding spread, in call order."""
+        return [(c, k) for c in self.calls for k in c.spread]
 
     @property
     def required_call_rtol(self) -> float:
@@ -174,10 +168,10 @@ class ParityReport:
                 "per_call": {"atol": self.call_atol, "rtol": self.call_rtol, "rule": "polygraphy elemwise, per output "
                              "(\"\": every output not named); where the call's gain G (max |d out / d eps|) is measured "
                              "(eager torch), an output's atol is max(its bar, the \"\" bar x G); an output past it is "
-                             "re-judged against the call in float64: within its atol (or rtol) of it, or within "
-                             "floor_margin x the call's float32 rounding floor (floor: the largest distance from "
-                             "float64 of the eager float32 call on its inputs and on floor_runs copies moved by one "
-                             "ulp in random directions)", "floor_margin": FLOOR_MARGIN, "floor_runs": FLOOR_RUNS,
+                             "re-judged: it passes within spread_margin x the call's float32 rounding spread (the "
+                             "largest difference between the eager call's float32 - float64 errors on its inputs and "
+                             "on spread_runs copies moved by one ulp in random directions)",
+                             "spread_margin": SPREAD_MARGIN, "spread_runs": SPREAD_RUNS,
                              "required_atol": self.required_call_atol, "required_rtol": self.required_call_rtol,
                              "required_atol_by_output": self.required_call_atol_by_output(),
                              "first_failing": None if first is None else asdict(first)},
@@ -225,7 +219,7 @@ def compare(manifest: Manifest, reference: Side, test: Side, num: int = 4, seed:
                           bars.final_rtol if rtol is None else rtol, resolve_bars(bars.call_atol, call_atol),
                           resolve_bars(bars.call_rtol, call_rtol))
     gain_side = next((side for side in (reference, test) if hasattr(side, "gains")), gain_meter) if gains else None
-    exact_side = gain_side if hasattr(gain_side, "float64") else None
+    spread_side = gain_side if hasattr(gain_side, "rounding_error") else None
     noise = make_noise(PHILOX_ID, seed)  # portable, and the same for both sides whatever the manifest names
     program = Program.compile(manifest)
     x_T = noise(0, 0, num, shape)
@@ -247,9 +241,9 @@ def compare(manifest: Manifest, reference: Side, test: Side, num: int = 4, seed:
                 failed = [k for k in out_ref if not (bool(result[k]) and np.isfinite(max_abs[k]))]
                 record = CallRecord(i, call.graph, max_abs, {k: _nan_as_inf(v.max_reldiff) for k, v in result.items()},
                                     {k: _rel_l2(out_ref[k], out_forced[k]) for k in out_ref}, not failed, failed, gain)
-                if failed and exact_side is not None:
-                    floor = rounding_floor(exact_side, call.graph, feed, np.random.default_rng([seed, len(report.calls)]))
-                    _judge_against_float64(record, *floor, out_ref, out_forced, atol, report.call_rtol)
+                if failed and spread_side is not None:
+                    spread = rounding_spread(spread_side, call.graph, feed, np.random.default_rng([seed, len(report.calls)]))
+                    _judge_by_spread(record, spread, out_ref, out_forced, atol, report.call_rtol)
                 report.calls.append(record)
                 if report.captured is None or (not record.passed and report.first_failing_call is record):
                     report.captured = (i, call.graph, {k: v.copy() for k, v in feed.items()})
@@ -267,33 +261,31 @@ def compare(manifest: Manifest, reference: Side, test: Side, num: int = 4, seed:
     return report
 
 
-def rounding_floor(side, key: str, feed: Mapping[str, np.ndarray],
-                   rng: np.random.Generator) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-    """The call in float64 (``side.float64``) and, per output, its float32 rounding floor: the largest max |d| from
-    it of ``side``'s own call on ``feed`` and on :data:`FLOOR_RUNS` copies of ``feed``, every element moved by one
-    ulp up or down at random (inf where any is not finite)."""
-    exact = side.float64(key, feed)
-    floor = dict.fromkeys(exact, 0.0)
-    for run in range(FLOOR_RUNS + 1):
-        moved = feed if run == 0 else {name: np.nextafter(v, np.where(rng.random(v.shape) < 0.5, np.inf, -np.inf)
-                                                          .astype(v.dtype)) for name, v in feed.items()}
-        for k, v in side(key, moved).items():
-            floor[k] = max(floor[k], _max_abs(exact[k], v))
-    return exact, floor
+def rounding_spread(side, key: str, feed: Mapping[str, np.ndarray], rng: np.random.Generator) -> dict[str, float]:
+    """Per output, the call's float32 rounding spread: over ``feed`` and :data:`SPREAD_RUNS` copies of it with every
+    element moved by one ulp up or down at random, the largest difference between two of ``side.rounding_error``'s
+    float32 - float64 errors (an element's max minus its min; inf where one is not finite). The inputs' own
+    sensitivity cancels in each error: the spread is what float32 arithmetic varies by near these inputs."""
+    feeds = [feed] + [{name: np.nextafter(v, np.where(rng.random(v.shape) < 0.5, np.inf, -np.inf).astype(v.dtype))
+                       for name, v in feed.items()} for _ in range(SPREAD_RUNS)]
+    errors = [side.rounding_error(key, f) for f in feeds]
+    spread = {}
+    for k in errors[0]:
+        stacked = np.stack([e[k] for e in errors])
+        spread[k] = float(np.ptp(stacked, axis=0).max(initial=0.0)) if np.isfinite(stacked).all() else float("inf")
+    return spread
 
 
-def _judge_against_float64(record: CallRecord, exact: Mapping[str, np.ndarray], floor: Mapping[str, float], out_ref,
-                           out_test, atol: Mapping[str, float], rtol: Mapping[str, float]) -> None:
-    """Re-judge ``record``'s failed outputs against ``exact`` (the call in float64): an element passes within its
-    output's :meth:`CallRecord.float64_atol` or rtol of |exact| (never where ``floor`` is not finite); ``record``
-    is updated in place."""
+def _judge_by_spread(record: CallRecord, spread: Mapping[str, float], out_ref, out_test,
+                     atol: Mapping[str, float], rtol: Mapping[str, float]) -> None:
+    """Re-judge ``record``'s failed outputs: an element passes within its output's :meth:`CallRecord.spread_atol`
+    or rtol of |reference| (never where the spread is not finite); ``record`` is updated in place."""
     for k in list(record.failed_outputs):
-        record.ref_vs_float64[k], record.test_vs_float64[k] = _max_abs(exact[k], out_ref[k]), _max_abs(exact[k], out_test[k])
-        record.floor[k] = floor[k]
-        if not (math.isfinite(floor[k]) and math.isfinite(record.test_vs_float64[k])):
+        record.spread[k] = spread[k]
+        if not (math.isfinite(spread[k]) and math.isfinite(record.max_abs[k])):
             continue
-        diff = np.abs(out_test[k].astype(np.float64) - exact[k])
-        if np.all(diff <= np.maximum(record.float64_atol(k, bar_for(atol, k)), bar_for(rtol, k) * np.abs(exact[k]))):
+        diff = np.abs(out_test[k].astype(np.float64) - out_ref[k])
+        if np.all(diff <= np.maximum(record.spread_atol(k, bar_for(atol, k)), bar_for(rtol, k) * np.abs(out_ref[k]))):
             record.failed_outputs.remove(k)
     record.passed = not record.failed_outputs
 
