@@ -279,10 +279,11 @@ def rounding_spread(side, key: str, feed: Mapping[str, np.ndarray], rng: np.rand
 def _judge_by_spread(record: CallRecord, spread: Mapping[str, float], out_ref, out_test,
                      atol: Mapping[str, float], rtol: Mapping[str, float]) -> None:
     """Re-judge ``record``'s failed outputs: an element passes within its output's :meth:`CallRecord.spread_atol`
-    or rtol of |reference| (never where the spread is not finite); ``record`` is updated in place."""
+    or rtol of |reference| (never where the spread is not finite or the shapes differ); ``record`` is updated in
+    place."""
     for k in list(record.failed_outputs):
         record.spread[k] = spread[k]
-        if not (math.isfinite(spread[k]) and math.isfinite(record.max_abs[k])):
+        if out_test[k].shape != out_ref[k].shape or not (math.isfinite(spread[k]) and math.isfinite(record.max_abs[k])):
             continue
         diff = np.abs(out_test[k].astype(np.float64) - out_ref[k])
         if np.all(diff <= np.maximum(record.spread_atol(k, bar_for(atol, k)), bar_for(rtol, k) * np.abs(out_ref[k]))):
