@@ -101,8 +101,9 @@ def _name_the_target(e: OSError, tmp: Path, path: Path) -> None:
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
     """Yield a temporary path in ``path``'s directory; on success rename it to ``path`` (mode 0644), on any
-    error (a signal included) remove it; nothing is renamed once :data:`STOPPING` is set. ``suffix`` keeps the extension some writers insist on (np.savez adds
-    ".npz"). Stale temporaries of ``path`` left by dead writers are swept first."""
+    error (a signal included) remove it; nothing is renamed once :data:`STOPPING` is set. ``suffix`` keeps the
+    extension some writers insist on (np.savez adds ".npz"). Stale temporaries of ``path`` left by dead writers
+    are swept first."""
     path = Path(path)
     sweep_stale(path.parent, path.name)
     tmp, fd = locked_temp(path.parent, path.name, suffix, make_dir=False)

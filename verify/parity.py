@@ -242,7 +242,8 @@ def compare(manifest: Manifest, reference: Side, test: Side, num: int = 4, seed:
                 record = CallRecord(i, call.graph, max_abs, {k: _nan_as_inf(v.max_reldiff) for k, v in result.items()},
                                     {k: _rel_l2(out_ref[k], out_forced[k]) for k in out_ref}, not failed, failed, gain)
                 if failed and spread_side is not None:
-                    spread = rounding_spread(spread_side, call.graph, feed, np.random.default_rng([seed, len(report.calls)]))
+                    rng = np.random.default_rng([seed, len(report.calls)])
+                    spread = rounding_spread(spread_side, call.graph, feed, rng)
                     _judge_by_spread(record, spread, out_ref, out_forced, atol, report.call_rtol)
                 report.calls.append(record)
                 if report.captured is None or (not record.passed and report.first_failing_call is record):
@@ -283,7 +284,8 @@ def _judge_by_spread(record: CallRecord, spread: Mapping[str, float], out_ref, o
     place."""
     for k in list(record.failed_outputs):
         record.spread[k] = spread[k]
-        if out_test[k].shape != out_ref[k].shape or not (math.isfinite(spread[k]) and math.isfinite(record.max_abs[k])):
+        comparable = out_test[k].shape == out_ref[k].shape
+        if not (comparable and math.isfinite(spread[k]) and math.isfinite(record.max_abs[k])):
             continue
         diff = np.abs(out_test[k].astype(np.float64) - out_ref[k])
         if np.all(diff <= np.maximum(record.spread_atol(k, bar_for(atol, k)), bar_for(rtol, k) * np.abs(out_ref[k]))):

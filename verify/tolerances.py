@@ -34,7 +34,6 @@ prediction, carried as state) is (x - sigma eps) / alpha: it scales every roundi
 up to 150 at t = 1 on the default VP-SDE, so its per-call atol is the precision's times 150."""
 
 
-
 SPREAD_RUNS = 8
 """An output past its bar is re-judged by the call's float32 rounding spread: how far apart the eager call's
 float32 - float64 errors lie on its inputs and on this many copies of them each moved by one ulp in random
