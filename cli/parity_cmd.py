@@ -30,7 +30,8 @@ Each call's atol per output is max(its bar, the default ("") bar x the call's ga
 max |d output / d eps| measured in eager torch: a coarse step multiplies the network's rounding by it. An output
 past its bar is re-judged: it passes if the sides differ by at most {margin:g}x the call's float32 rounding
 spread, how far apart the eager call's float32 - float64 errors lie on its inputs and on {runs} copies moved by
-one ulp (wide where the call is ill-conditioned, narrow where float32 errs the same way everywhere).
+one ulp (wide where the call is ill-conditioned, narrow where float32 errs the same way everywhere). A bar
+of 0 asks for equality: neither widens it.
 Against another backend or bundle the eager model measures both too where torch is installed and the model is
 at hand (--model, or a self-contained model.source); otherwise, or with --no-gains, the bars are the table's
 alone.

@@ -340,6 +340,17 @@ def test_a_wrong_shape_is_never_excused_by_the_spread():
     assert record.passed  # the same spread does excuse a same-shaped difference within 8 x 1e3
 
 
+def test_a_zero_bar_is_never_widened_by_the_spread():
+    """--call-atol 0 asks for equality (the gain cannot widen it: 0 x G = 0); the spread must not either."""
+    from vpsde.verify.parity import CallRecord, _judge_by_spread
+
+    ref = np.random.default_rng().standard_normal((4, 4)).astype(np.float32)
+    record = CallRecord(0, "em", {"x_next": 1e-7}, {"x_next": 0.0}, {"x_next": 0.0}, False, ["x_next"])
+    _judge_by_spread(record, {"x_next": 1e-3}, {"x_next": ref}, {"x_next": np.nextafter(ref, np.inf)}, {"": 0.0},
+                     {"": 0.0})
+    assert not record.passed and record.failed_outputs == ["x_next"]
+
+
 def test_the_rounding_spread_sees_float32_arithmetic_not_the_inputs_sensitivity():
     """(x - 1) x 1e6 near x = 1 moves by 0.06 to 0.12 per ulp of x, but float32 computes it to its last bit: spread
     under 3e-7. sin(1e7 x) near x = 1 rounds 1e7 x to an integer in float32, differently one ulp of x away (1.2 apart):

@@ -280,11 +280,11 @@ def rounding_spread(side, key: str, feed: Mapping[str, np.ndarray], rng: np.rand
 def _judge_by_spread(record: CallRecord, spread: Mapping[str, float], out_ref, out_test,
                      atol: Mapping[str, float], rtol: Mapping[str, float]) -> None:
     """Re-judge ``record``'s failed outputs: an element passes within its output's :meth:`CallRecord.spread_atol`
-    or rtol of |reference| (never where the spread is not finite or the shapes differ); ``record`` is updated in
-    place."""
+    or rtol of |reference|; never where the spread is not finite, the shapes differ or the output's atol is 0 (a
+    zero bar asks for equality, which no spread widens). ``record`` is updated in place."""
     for k in list(record.failed_outputs):
         record.spread[k] = spread[k]
-        comparable = out_test[k].shape == out_ref[k].shape
+        comparable = out_test[k].shape == out_ref[k].shape and bar_for(atol, k) > 0
         if not (comparable and math.isfinite(spread[k]) and math.isfinite(record.max_abs[k])):
             continue
         diff = np.abs(out_test[k].astype(np.float64) - out_ref[k])
