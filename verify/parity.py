@@ -284,11 +284,13 @@ def _judge_by_spread(record: CallRecord, spread: Mapping[str, float], out_ref, o
     zero bar asks for equality, which no spread widens). ``record`` is updated in place."""
     for k in list(record.failed_outputs):
         record.spread[k] = spread[k]
-        comparable = out_test[k].shape == out_ref[k].shape and bar_for(atol, k) > 0
-        if not (comparable and math.isfinite(spread[k]) and math.isfinite(record.max_abs[k])):
+        bar = bar_for(atol, k)
+        excusable = (out_test[k].shape == out_ref[k].shape and bar > 0 and math.isfinite(spread[k])
+                     and math.isfinite(record.max_abs[k]))
+        if not excusable:
             continue
         diff = np.abs(out_test[k].astype(np.float64) - out_ref[k])
-        if np.all(diff <= np.maximum(record.spread_atol(k, bar_for(atol, k)), bar_for(rtol, k) * np.abs(out_ref[k]))):
+        if np.all(diff <= np.maximum(record.spread_atol(k, bar), bar_for(rtol, k) * np.abs(out_ref[k]))):
             record.failed_outputs.remove(k)
     record.passed = not record.failed_outputs
 
