@@ -9,7 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from vpsde.cli.common import UsageError, add_expect_digest, positive, threads_arg
+from vpsde.cli.common import UsageError, add_expect_digest, backend_list, positive, report_not_run, threads_arg
+from vpsde.runtime.errors import VpsdeError
 
 EPILOG = """Each figure is the median of --iters loops of --steps steps (after --warmup untimed loops), each
 followed by the same number of bare graph calls, so that load on the machine hits both alike. On the CPU the
@@ -18,6 +19,8 @@ its data); on a GPU, the program's graphs on buffers bound once. samples/s
 extrapolates ms/step to the bundle's full step count. A likelihood bundle scores seeded points (uniform in the
 model's value range, or N(0, 1)) and reports inputs/s. On a GPU (--device cuda) every batch runs with CUDA
 graphs off and on. Compare figures only within one run (ratios): on a shared machine absolute times drift.
+A --backend that cannot open (not installed here, or refused by OpenVINO's open check) gets a line saying why,
+under the others' rows, and the exit status is 1; with none that opens, 2.
 
 examples:
   vpsde bench build/digits-em --batch 1,16,64
@@ -56,7 +59,7 @@ def _batches(text: str) -> list[int]:
     return sizes
 
 
-def run(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace) -> int | None:
     from vpsde.runtime import Bundle, Sampler
     from vpsde.runtime.atomic import atomic_path
     from vpsde.runtime.benchmark import bench_sampler, format_table, rate_label
@@ -65,10 +68,8 @@ def run(args: argparse.Namespace) -> None:
         raise UsageError(f"--warmup must be >= 0, got {args.warmup}")
     batches = _batches(args.batch)
     bundle = Bundle.load(args.bundle, expect_digest=args.expect_digest)
-    rows, load_s = [], {}
-    backends = [b.strip() for b in args.backend.split(",") if b.strip()]
-    if not backends:
-        raise UsageError(f"--backend {args.backend!r}: expected one or more backend names, comma-separated")
+    rows, load_s, not_run = [], {}, {}
+    backends = backend_list(args.backend, "--backend")
     for flag, path in (("--json", args.json), ("--plot", args.plot)):
         if path is not None and path.is_dir():
             raise UsageError(f"{flag} {path}: is a directory; give the path of a file to write")
@@ -76,24 +77,33 @@ def run(args: argparse.Namespace) -> None:
         graph_modes = (False, True) if (args.device or "").startswith("cuda") or backend == "tensorrt" else (False,)
         for cuda_graph in graph_modes:
             t0 = time.perf_counter()
-            sampler = Sampler(bundle, backend=backend, device=args.device, progress=False, threads=args.threads,
-                              cuda_graph=cuda_graph)
+            try:
+                sampler = Sampler(bundle, backend=backend, device=args.device, progress=False, threads=args.threads,
+                                  cuda_graph=cuda_graph)
+            except VpsdeError as e:  # not installed here, or refused by its open check: the others still run
+                not_run[backend + (" with CUDA graphs" if cuda_graph else "")] = e
+                break
             load_s.setdefault(backend, time.perf_counter() - t0)
             for batch in batches:
                 rows.append(bench_sampler(sampler, backend, batch, args.steps, args.warmup, args.iters, cuda_graph))
             del sampler
+    if not rows:  # no backend opened: the first one's error is the command's
+        raise next(iter(not_run.values()))
     m = bundle.manifest
     rate = rate_label(m)
     print(f"{bundle.root}: {m.sampler.name}, {m.sampler.steps} steps, {m.model.name} {m.model.precision}, "
           f"{len(m.sampler.program)} graph kind(s) per step; median of {args.iters}")
     print(format_table(rows, load_s, rate))
+    status = report_not_run(not_run)
     if args.json is not None:
         with atomic_path(args.json, suffix=".json") as tmp:
             tmp.write_text(json.dumps({"bundle": str(bundle.root), "digest": bundle.digest, "iters": args.iters,
-                                       "load_s": load_s, "rows": [r.to_json() for r in rows]}, indent=1) + "\n")
+                                       "load_s": load_s, "rows": [r.to_json() for r in rows],
+                                       "not_run": {b: str(e) for b, e in not_run.items()}}, indent=1) + "\n")
         print(f"wrote {args.json}", file=sys.stderr)
     if args.plot is not None:
         from vpsde.runtime.benchmark import plot_rows
 
         plot_rows(rows, args.plot, f"{bundle.root.name}: {m.sampler.name}, {m.model.precision}", rate)
         print(f"wrote {args.plot}", file=sys.stderr)
+    return status

@@ -141,3 +141,25 @@ def ray_options(args: argparse.Namespace) -> dict:
     """The keyword arguments of vpsde.scale's drivers from the options :func:`add_ray_args` added."""
     return {"shard_size": args.shard_size, "workers": args.workers, "worker_cpus": args.worker_cpus,
             "worker_gpus": args.worker_gpus, "address": None if args.ray == "local" else args.ray}
+
+
+def backend_list(text: str, flag: str) -> list[str]:
+    """``--backend(s) a,b``: the names in order, each once; a list naming none, or a name no backend has, is a usage
+    error before anything runs."""
+    from vpsde.runtime.backends import BACKENDS
+
+    names = list(dict.fromkeys(b.strip() for b in text.split(",") if b.strip()))
+    if not names:
+        raise UsageError(f"{flag} {text!r}: expected one or more backend names, comma-separated")
+    unknown = [b for b in names if b not in BACKENDS]
+    if unknown:
+        raise UsageError(f"{flag}: unknown backend {unknown[0]!r}; expected names from: {', '.join(BACKENDS)}")
+    return names
+
+
+def report_not_run(not_run: dict[str, VpsdeError]) -> int | None:
+    """Under the results of a command that opened several backends: one line per backend that could not open, and
+    exit status 1 if there was one (a command where none opened raises the first one's error instead)."""
+    for backend, error in not_run.items():
+        print(f"{backend}: not run: {error}")
+    return 1 if not_run else None

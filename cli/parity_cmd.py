@@ -8,8 +8,9 @@ import shlex
 import sys
 from pathlib import Path
 
-from vpsde.cli.common import UsageError, add_expect_digest, positive, threads_arg, u64
+from vpsde.cli.common import UsageError, add_expect_digest, backend_list, positive, report_not_run, threads_arg, u64
 from vpsde.cli.conditioning import add_conditioning_args, conditioning_from_args
+from vpsde.runtime.errors import VpsdeError
 
 EPILOG = """references (--against):
   eager            the bundle's step modules in eager torch, float32 (needs vpsde[export]) around the model
@@ -35,7 +36,9 @@ of 0 asks for equality: neither widens it.
 Against another backend or bundle the eager model measures both too where torch is installed and the model is
 at hand (--model, or a self-contained model.source); otherwise, or with --no-gains, the bars are the table's
 alone.
-Exit status 1 when a comparison fails, 2 on an error.
+A --backends side that cannot open (not installed here, or refused by OpenVINO's open check) gets a line saying
+why, under the others' rows. Exit status 1 when a comparison fails or a side was not run, 2 on an error (no side
+opened, a bad argument).
 
 examples:
   vpsde parity build/digits-em --against eager --num 4 --report out/parity
@@ -164,9 +167,7 @@ def run(args: argparse.Namespace) -> int:
     from vpsde.verify.parity import BackendSide, compare
     from vpsde.verify.tolerances import lower_precision
 
-    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    if not backends:
-        raise UsageError(f"--backends {args.backends!r}: expected one or more backend names, comma-separated")
+    backends = backend_list(args.backends, "--backends")
     if args.polygraphy_cmd and args.report is None:
         raise UsageError("--polygraphy-cmd saves the call's inputs under --report DIR: give --report")
     bundle = Bundle.load(args.bundle, expect_digest=args.expect_digest)
@@ -175,26 +176,33 @@ def run(args: argparse.Namespace) -> int:
     reference, ref_manifest = _reference(args, bundle)
     meter = None if args.no_gains or hasattr(reference, "gains") else _gain_meter(args, bundle)
     precision = lower_precision(m.model.precision, ref_manifest.model.precision)
-    reports = []
+    reports, not_run = [], {}
     for backend in backends:
-        test = BackendSide(bundle, backend, args.device, args.threads)
+        try:
+            test = BackendSide(bundle, backend, args.device, args.threads)
+        except VpsdeError as e:  # not installed here, or refused by its open check: the others are still compared
+            not_run[backend] = e
+            continue
         report = compare(m, reference, test, args.num, args.seed, atol=args.atol, rtol=args.rtol,
                          call_atol=_bars(args.call_atol), call_rtol=_bars(args.call_rtol), precision=precision,
                          progress=not args.no_progress, gain_meter=meter, gains=not args.no_gains,
                          conditioning=conditioning)
         reports.append(report)
+    if not reports:  # no backend opened: the first one's error is the command's
+        raise next(iter(not_run.values()))
     _print_table(m, reports)
+    status = report_not_run(not_run)
     quality = _quality(m, reports, args.num) if args.quality else None
     if args.report is not None:
         from vpsde.verify.report import write_report
 
         extra = {"bundle": str(bundle.root), "digest": bundle.digest, "against": args.against, "precision": precision,
-                 "quality": quality}
+                 "quality": quality, "not_run": {b: str(e) for b, e in not_run.items()}}
         for path in write_report(reports, args.report, m.model.value_range, extra):
             print(f"wrote {path}", file=sys.stderr)
         if args.polygraphy_cmd:
             print(_polygraphy_cmd(bundle, reports[0], args.report))
-    return 0 if all(r.passed for r in reports) else 1
+    return 0 if all(r.passed for r in reports) and status is None else 1
 
 
 def _bars(items: list[tuple[str, float]] | None) -> float | dict[str, float] | None:

@@ -112,3 +112,27 @@ def test_bench_times_a_conditioned_bundle(gmm_bundle, tmp_path, capsys):
     samples = program_run(Sampler(bundle, progress=False, threads=1), 5, 30)()
     np.testing.assert_allclose(samples[:, :2], np.broadcast_to(cond["known"][:2], (5, 2)), atol=0.05)
     assert bench_conditioning(gmm_bundle.manifest) is None  # an unconditioned bundle gets none
+
+
+def test_a_backend_that_cannot_open_does_not_hide_the_others(gmm_bundle, tmp_path, capsys):
+    """`--backend onnxruntime,tensorrt` where TensorRT cannot open (no GPU here; no engines built on a GPU): the
+    onnxruntime rows still come, the tensorrt line says why it did not run, the JSON records it, exit status 1.
+    With no backend that opens, the first one's error is the command's (exit 2); a misspelled name is refused
+    before anything runs."""
+    out = tmp_path / "bench.json"
+    assert cli(["bench", str(gmm_bundle.root), "--backend", "onnxruntime,tensorrt", "--batch", "1,2", "--steps", "3",
+                "--iters", "1", "--threads", "1", "--json", str(out)]) == 1
+    text = capsys.readouterr().out
+    assert "onnxruntime/cpu" in text
+    not_run = [line for line in text.splitlines() if line.startswith("tensorrt")]
+    assert len(not_run) == 1 and not_run[0].startswith("tensorrt: not run: ") and len(not_run[0]) > 40, text
+    data = json.loads(out.read_text())
+    assert [r["backend"] for r in data["rows"]] == ["onnxruntime", "onnxruntime"]
+    assert list(data["not_run"]) == ["tensorrt"] and data["not_run"]["tensorrt"] in not_run[0]
+
+    assert cli(["bench", str(gmm_bundle.root), "--backend", "tensorrt", "--batch", "1", "--steps", "2"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith("vpsde bench: error: ")
+    assert cli(["bench", str(gmm_bundle.root), "--backend", "onnxruntime,onnxruntim", "--batch", "1"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "unknown backend 'onnxruntim'" in captured.err

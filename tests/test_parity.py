@@ -165,6 +165,30 @@ def test_bad_requests_are_clear_errors(gmm_em, argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_a_backend_that_cannot_open_is_reported_and_the_others_are_compared(gmm_em, tmp_path, capsys):
+    """`--backends onnxruntime,tensorrt` where TensorRT cannot open (no GPU here; no engines built on a GPU): the
+    onnxruntime side is still compared and passes, the tensorrt line says why it was not run, report.json records
+    it, and the exit status is 1 (not every side verified). With no side that opens, the error is the command's
+    (exit 2); a misspelled name is refused before anything runs."""
+    out = tmp_path / "report"
+    assert cli(["parity", str(gmm_em.root), "--against", "eager", "--backends", "onnxruntime,tensorrt",
+                "--no-progress", "--report", str(out)]) == 1
+    text = capsys.readouterr().out
+    (ort_row,) = [line for line in text.splitlines() if line.startswith("onnxruntime[fp32]")]
+    assert ort_row.endswith("  ok")
+    (not_run,) = [line for line in text.splitlines() if line.startswith("tensorrt")]
+    assert not_run.startswith("tensorrt: not run: ") and len(not_run) > 40
+    data = json.loads((out / "report.json").read_text())
+    assert len(data["comparisons"]) == 1 and data["comparisons"][0]["passed"] is True
+    assert list(data["not_run"]) == ["tensorrt"] and data["not_run"]["tensorrt"] in not_run
+
+    assert cli(["parity", str(gmm_em.root), "--against", "eager", "--backends", "tensorrt", "--no-progress"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith("vpsde parity: error: ")
+    assert cli(["parity", str(gmm_em.root), "--against", "eager", "--backends", "onnxruntime,openvin"]) == 2
+    assert "unknown backend 'openvin'" in capsys.readouterr().err
+
+
 def test_bundles_of_different_programs_are_refused(gmm_em, tmp_path, capsys):
     other = export_bundle(load_model(GMM, VPSDE()), tmp_path / "o", steps=41, grid="uniform", log=lambda _: None)
     assert cli(["parity", str(gmm_em.root), "--against", str(other.root)]) == 2
