@@ -13,8 +13,9 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from vpsde.export.samplers import SAMPLERS, build_sampler
+from vpsde.export.samplers import SAMPLERS, build_sampler, tuned_edges_in
 from vpsde.export.sources import ModelSpecError, load_model, self_contained
+from vpsde.export.tuning import TUNED
 from vpsde.models.sde import VPSDE
 from vpsde.runtime.errors import InputError
 
@@ -75,7 +76,15 @@ class EagerSide:
         self._last: tuple[str, dict[str, np.ndarray], list[torch.Tensor]] | None = None  # key, feed, network outputs
         model.register_forward_hook(self._network_output)
         self._model = model
+        if m.sampler.grid == TUNED:  # tuned to the model at export: the bundle's schedule holds the grid
+            options["edges"] = tuned_edges_in(m.schedule, options.get("denoise_final", False), sde)
         recipe = build_sampler(sampler, model, sde, m.sampler.steps, m.sampler.grid, **options)
+        rebuilt = {name: values.float().tolist() for name, values in recipe.schedule.items()}
+        if rebuilt != {name: list(values) for name, values in m.schedule.items()}:
+            differs = sorted(set(rebuilt) ^ set(m.schedule)) or [k for k in rebuilt if rebuilt[k] != list(m.schedule[k])]
+            raise InputError(f"{bundle.root / 'manifest.json'}: field 'schedule.{differs[0]}' is not what sampler "
+                             f"{sampler!r} on the {m.sampler.grid!r} grid ({m.sampler.steps} steps, sampler.params) "
+                             "gives: the eager reference would run another schedule")
         self.dtype = dtype
         self.graphs = {key: step.eval().to(dtype) for key, step in recipe.graphs.items()}
         self.inputs = {key: [s.name for s in g.inputs] for key, g in m.graphs.items()}

@@ -24,7 +24,7 @@ host-carried state and the conditioning inputs. The runtime executes it without 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -189,6 +189,13 @@ def edges_of(grid: str, steps: int, sde: VPSDE, denoise_final: bool = False,
     else:
         edges = grid_edges(grid, steps - int(denoise_final), sde).float().double()
     return torch.cat([edges, torch.zeros(1, dtype=torch.float64)]) if denoise_final else edges
+
+
+def tuned_edges_in(schedule: Mapping[str, Sequence[float]], denoise_final: bool, sde: VPSDE) -> torch.Tensor:
+    """The tuned edges (float64, 1 down to eps) a bundle exported on the "tuned" grid holds: its schedule row ``t``
+    is every edge but the last (eps), or with ``denoise_final`` every one (the jump to t = 0 follows them)."""
+    t = torch.tensor(list(schedule["t"]), dtype=torch.float64)
+    return t if denoise_final else torch.cat([t, torch.tensor([sde.sampling_eps], dtype=torch.float64)])
 
 
 def ode(order: int) -> Build:

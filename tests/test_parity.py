@@ -17,7 +17,7 @@ from vpsde.export import export_bundle, load_model
 from vpsde.models.base import ScoreModel
 from vpsde.models.sde import VPSDE
 from vpsde.runtime import Bundle
-from vpsde.export.samplers import SAMPLERS
+from vpsde.export.samplers import DEFINITIONS, SAMPLERS
 from vpsde.verify.parity import BackendSide, compare
 
 pytest.importorskip("polygraphy", reason="vpsde[parity] (polygraphy) not installed")
@@ -229,6 +229,38 @@ def test_same_model_check_uses_the_weights_hash(tmp_path):
     bundle = export_bundle(load_model("digits", VPSDE()), tmp_path / "d", steps=5, grid="uniform", log=lambda _: None)
     with pytest.raises(InputError, match="weights"):
         EagerSide(Bundle.load(bundle.root), "unet-random:channels=8")
+
+
+TUNABLE = [s for s in SAMPLERS if "tuned" in DEFINITIONS[s].grids]
+
+
+@pytest.mark.parametrize("sampler", TUNABLE)
+def test_a_bundle_on_the_tuned_grid_passes_parity_against_eager(sampler, tmp_path, capsys):
+    """`vpsde parity --against eager` on a bundle exported with --grid tuned died with a traceback (0.5.10): the
+    eager rebuild asked for the tuning's edges, which only the bundle's schedule holds. Each sampler that takes the
+    grid, with its final jump to t = 0 where it has one, must pass with the defaults (fresh seed)."""
+    from vpsde.export.tuning import Tuning
+
+    denoise_final = DEFINITIONS[sampler].denoise_final
+    bundle = export_bundle(load_model("gmm:dim=3,components=2,seed=4", VPSDE()), tmp_path / sampler, sampler=sampler,
+                           steps=5, grid="tuned", tuning=Tuning(samples=16, seed=3), denoise_final=denoise_final,
+                           log=lambda _: None)
+    seed = int(np.random.default_rng().integers(1 << 31))
+    assert cli(["parity", str(bundle.root), "--against", "eager", "--seed", str(seed), "--no-progress"]) == 0, seed
+    assert "onnxruntime[fp32]" in capsys.readouterr().out
+
+
+def test_the_eager_reference_refuses_a_schedule_its_rebuild_does_not_give(gmm_em):
+    """The eager side rebuilds the sampler from sampler.params and grid: a schedule that differs from what that
+    gives (here one t moved by 1e-3 after loading) is named, not compared against another schedule."""
+    from vpsde.export.eager import EagerSide
+    from vpsde.runtime.errors import InputError
+
+    bundle = Bundle.load(gmm_em.root)
+    EagerSide(bundle)  # the bundle as exported is accepted
+    bundle.manifest.schedule["t"][3] += 1e-3
+    with pytest.raises(InputError, match=r"field 'schedule.t' is not what sampler 'em' on the 'uniform' grid"):
+        EagerSide(bundle)
 
 
 CONDITIONED = {"inpaint": ("digits", {"known", "mask"}), "colorize": ("gmm:dim=3,components=2,seed=4", {"known"})}
