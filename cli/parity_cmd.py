@@ -102,7 +102,8 @@ def register(sub, fmt) -> None:
     p.add_argument("--quality", action="store_true",
                    help="also score both sides' final samples with the model's yardstick (the shipped digits "
                         "model: classifier Fréchet distance and confidence; gmm: the exact-truth figures); use "
-                        "--num 200 or more for figures that mean something (needs vpsde[export])")
+                        "--num 200 or more for figures that mean something (needs vpsde[export]; sampling "
+                        "bundles only)")
     p.add_argument("--no-gains", action="store_true",
                    help="per-call bars from the table alone: no gain or rounding spread measured (saves an "
                         "eager network call per graph call against another backend or bundle; a few-step bundle "
@@ -172,6 +173,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--polygraphy-cmd saves the call's inputs under --report DIR: give --report")
     bundle = Bundle.load(args.bundle, expect_digest=args.expect_digest)
     m = bundle.manifest
+    if args.quality and m.sampler.task != "sample":
+        raise UsageError(f"--quality scores sampled outputs; {bundle.root} is a {m.sampler.task} bundle "
+                         "(sampler.task), whose output is log p: `vpsde likelihood` reports its figures")
     conditioning = conditioning_from_args(args, bundle)
     reference, ref_manifest = _reference(args, bundle)
     meter = None if args.no_gains or hasattr(reference, "gains") else _gain_meter(args, bundle)

@@ -168,6 +168,10 @@ def test_likelihood_bundle_passes_parity_against_eager(hutchinson_bundle, capsys
     seed = int(np.random.default_rng().integers(2**32))
     assert cli(["parity", str(hutchinson_bundle.root), "--against", "eager", "--num", "3", "--seed", str(seed)]) == 0
     assert "  ok" in capsys.readouterr().out
+    # --quality scores samples: a likelihood bundle's log p would be scored as points (0.5.10 printed such figures)
+    assert cli(["parity", str(hutchinson_bundle.root), "--against", "eager", "--num", "3", "--quality"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "--quality scores sampled outputs" in captured.err and "likelihood" in captured.err
 
 
 @pytest.mark.parametrize("seed", [1740735704, 3580503874])
