@@ -18,7 +18,7 @@ import torch
 from vpsde.export.onnx_export import DEFAULT_OPSET, export_step_graph
 from vpsde.export.precision import MIN_OPSET, with_precision
 from vpsde.export.quantize import DEFAULT_CALIBRATION_SAMPLES
-from vpsde.export.samplers import SAMPLERS, SamplerRecipe, build_sampler, check_grid, default_grid
+from vpsde.export.samplers import SAMPLERS, SamplerRecipe, build_sampler, check_options, default_grid
 from vpsde.export.tuning import TUNED, Tuning, tuned_edges
 from vpsde.models.base import ScoreModel
 from vpsde.models.sde import VPSDE
@@ -71,7 +71,7 @@ def export_bundle(model: ScoreModel, out: str | Path, *, sampler: str = "em", st
     if precision == "int8" and not 1 <= calibration_samples <= 4096:
         raise ValueError(f"calibration_samples: expected 1..4096 trajectories, got {calibration_samples}")
     if grid == TUNED:
-        check_grid(sampler, grid)  # before the tuning's cost
+        check_options(sampler, steps, grid, **sampler_options)  # before the tuning's cost
         tuning = tuning or Tuning()
         log(f"tuning a {steps}-step grid to {model.name} ({tuning.samples} teacher trajectories, seed {tuning.seed})...")
         sampler_options["edges"] = tuned_edges(model, sde, steps - int(sampler_options.get("denoise_final", False)),

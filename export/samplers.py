@@ -180,8 +180,6 @@ def edges_of(grid: str, steps: int, sde: VPSDE, denoise_final: bool = False,
     """The N + 1 edges of a deterministic sampler, float64: the model sees the float32-rounded times, and every
     coefficient is computed in float64 from those rounded times; ``denoise_final`` adds a last jump to t = 0.
     The "tuned" grid's edges are ``tuned`` (``export/tuning.py``: they depend on the model)."""
-    if denoise_final and steps < 2:
-        raise ValueError("denoise_final needs steps >= 2 (the last step is the jump to t = 0)")
     if grid == TUNED:
         if tuned is None or tuned.numel() != steps - int(denoise_final) + 1:
             raise ValueError("the tuned grid is computed from the model at export: export_bundle(..., grid='tuned')")
@@ -302,6 +300,27 @@ def check_grid(sampler: str, grid: str | None) -> str:
     return grid
 
 
+def check_options(sampler: str, steps: int, grid: str | None = None, *, denoise_final: bool = False,
+                  order: int | None = None, variant: str | None = None, divergence: str | None = None,
+                  probes: int | None = None, probe: str | None = None, **built_options) -> str:
+    """The grid (:func:`check_grid`) once ``steps`` and the options suit ``sampler``, else ValueError naming what
+    does not: what :func:`build_sampler` checks first, and export checks before a tuned grid's cost. The other
+    options of :func:`build_sampler` (``built_options``: snr, corrector_steps, coupling, edges) are checked as
+    the steps are built."""
+    grid = check_grid(sampler, grid)
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if denoise_final and not DEFINITIONS[sampler].denoise_final:
+        raise ValueError(f"denoise_final is an option of {', '.join(k for k, d in DEFINITIONS.items() if d.denoise_final)}")
+    if denoise_final and steps < 2:
+        raise ValueError("denoise_final needs steps >= 2 (the last step is the jump to t = 0)")
+    if (order is not None or variant is not None) and sampler != "unipc":
+        raise ValueError("order and variant are options of unipc")
+    if (divergence is not None or probes is not None or probe is not None) and sampler != "likelihood":
+        raise ValueError("divergence, probes and probe are options of likelihood")
+    return grid
+
+
 def build_sampler(sampler: str, model: ScoreModel, sde: VPSDE, steps: int, grid: str | None = None, *,
                   snr: float | None = None, corrector_steps: int = 1, coupling: str = "expected",
                   denoise_final: bool = False, order: int | None = None, variant: str | None = None,
@@ -320,16 +339,9 @@ def build_sampler(sampler: str, model: ScoreModel, sde: VPSDE, steps: int, grid:
     them). ``divergence`` ("exact" or "hutchinson", default), ``probes`` (default 1) and ``probe`` ("rademacher",
     default, or "gaussian") are the likelihood's (``export/likelihood.py``).
     """
-    definition, grid = DEFINITIONS[sampler], check_grid(sampler, grid)
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    if denoise_final and not definition.denoise_final:
-        raise ValueError(f"denoise_final is an option of {', '.join(k for k, d in DEFINITIONS.items() if d.denoise_final)}")
-    if (order is not None or variant is not None) and sampler != "unipc":
-        raise ValueError("order and variant are options of unipc")
-    if (divergence is not None or probes is not None or probe is not None) and sampler != "likelihood":
-        raise ValueError("divergence, probes and probe are options of likelihood")
-    defaults = Options()
+    grid = check_options(sampler, steps, grid, denoise_final=denoise_final, order=order, variant=variant,
+                         divergence=divergence, probes=probes, probe=probe)
+    definition, defaults = DEFINITIONS[sampler], Options()
     common = dict(sampler=sampler, name=definition.name, grid=grid, steps=steps)
     return definition.build(common, model, sde, grid, steps,
                             Options(snr, corrector_steps, coupling, denoise_final, order or defaults.order,

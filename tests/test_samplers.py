@@ -324,6 +324,25 @@ def test_ipndm_and_unipc_options_are_checked(gmm, tmp_path):
             build_sampler(sampler, gmm, VPSDE(), 10, **kwargs)
 
 
+def test_a_tuned_export_checks_its_options_before_tuning(gmm, tmp_path, monkeypatch):
+    """`--grid tuned --steps 1 --denoise-final` said "a tuned grid of 0 steps needs more candidates than 120" (the
+    tuning ran before the options were checked); each bad option must get its own message, as on other grids, and
+    no tuning start."""
+    import vpsde.export.bundle
+
+    def no_tuning(*args, **kwargs):
+        raise AssertionError("the grid was tuned before the options were checked")
+
+    monkeypatch.setattr(vpsde.export.bundle, "tuned_edges", no_tuning)
+    for kwargs, msg in [({"sampler": "unipc", "steps": 1, "denoise_final": True}, "denoise_final needs steps >= 2"),
+                        ({"sampler": "ode-heun", "steps": 2, "denoise_final": True}, "denoise_final is an option of"),
+                        ({"sampler": "ipndm", "steps": 4, "order": 2}, "options of unipc")]:
+        for grid in ("logsnr", "tuned"):
+            with pytest.raises(ValueError, match=msg):
+                export_bundle(gmm, tmp_path / "b", grid=grid, log=lambda _: None, **kwargs)
+    assert not (tmp_path / "b").exists()
+
+
 def test_the_tuned_grid_is_reproducible_recorded_and_beats_logsnr_for_unipc_at_10_nfe(tmp_path):
     """UniPC-3 at 10 NFE on the rotated 4-D mixture, worst ratio to the largest exact draw (20 000 samples).
     Measured (sample seeds 0, 1, 2): logsnr 19.0 / 16.9 / 17.9, tuned 3.90 / 3.96 / 4.02 (tuning seeds 0, 1, 2 within
