@@ -17,7 +17,7 @@ from vpsde.export.samplers import SAMPLERS, build_sampler, tuned_edges_in
 from vpsde.export.sources import ModelSpecError, load_model, self_contained
 from vpsde.export.tuning import TUNED
 from vpsde.models.sde import VPSDE
-from vpsde.runtime.errors import InputError
+from vpsde.runtime.errors import InputError, first_line
 
 GAIN_SHIFT = 2.0**-10
 """The network-output shift :meth:`EagerSide.gains` differences by: small against eps (order 1), large against
@@ -33,17 +33,21 @@ class EagerSide:
     weights hash must equal the manifest's when the manifest records one."""
 
     def __init__(self, bundle, model_spec: str | None = None, dtype: torch.dtype = torch.float32) -> None:
-        m = bundle.manifest
+        m, manifest = bundle.manifest, bundle.root / "manifest.json"
         spec = model_spec
         if spec is None:  # a bundle never chooses code to run or files to read: only a self-contained model
             if not self_contained(m.model.source):
-                raise InputError(f"{bundle.root / 'manifest.json'}: model.source is {m.model.source[:120]!r}; "
+                raise InputError(f"{manifest}: model.source is {m.model.source[:120]!r}; "
                                  "a bundle's model is rebuilt on its own only if it is the shipped digits model or an "
                                  "analytic gmm: name the eager model yourself with --model (its weights are checked "
                                  "against model.weights_sha256)")
             spec = m.model.source
-        sde = VPSDE(beta_min=m.sde.beta_min, beta_max=m.sde.beta_max, sampling_eps=m.sde.sampling_eps,
-                    num_train_timesteps=m.sde.num_train_timesteps, std_formula=m.sde.std_formula)
+        try:
+            sde = VPSDE(beta_min=m.sde.beta_min, beta_max=m.sde.beta_max, sampling_eps=m.sde.sampling_eps,
+                        num_train_timesteps=m.sde.num_train_timesteps, std_formula=m.sde.std_formula)
+        except (ValueError, TypeError) as e:  # a bundle is untrusted input: its values are checked where used
+            raise InputError(f"{manifest}: field 'sde': the eager reference cannot rebuild the SDE: {first_line(e)}") \
+                from None
         label = m.model.time_label  # "<S>t" for a network fed label S t (TimeLabelAdapter); "t" otherwise
         try:
             label_scale = float(label[:-1]) if label.endswith("t") and label != "t" else 999.0
@@ -54,18 +58,18 @@ class EagerSide:
         except ModelSpecError as e:
             if model_spec is not None:
                 raise InputError(str(e)) from None
-            raise InputError(f"{bundle.root / 'manifest.json'}: model.source {spec!r} cannot be rebuilt for the eager "
+            raise InputError(f"{manifest}: model.source {spec!r} cannot be rebuilt for the eager "
                              f"reference ({e}); name the model with --model") from None
         if tuple(model.sample_shape) != tuple(m.model.sample_shape):
-            raise InputError(f"{bundle.root / 'manifest.json'}: model.sample_shape is {m.model.sample_shape}, but "
+            raise InputError(f"{manifest}: model.sample_shape is {m.model.sample_shape}, but "
                              f"{spec!r} makes {list(model.sample_shape)}")
         if m.model.weights_sha256 and m.model.weights_sha256 != model.weights_sha256:
-            raise InputError(f"{bundle.root / 'manifest.json'}: model.weights_sha256 is {m.model.weights_sha256}, but "
+            raise InputError(f"{manifest}: model.weights_sha256 is {m.model.weights_sha256}, but "
                              f"--model {spec!r} has weights {model.weights_sha256}: not the model this bundle holds")
         params = dict(m.sampler.params)
         sampler = params.get("id")
         if sampler not in SAMPLERS:
-            raise InputError(f"{bundle.root / 'manifest.json'}: sampler.params.id {sampler!r} is not a sampler this "
+            raise InputError(f"{manifest}: sampler.params.id {sampler!r} is not a sampler this "
                              f"vpsde can rebuild ({', '.join(SAMPLERS)})")
         options = {k: params[k] for k in SAMPLER_OPTIONS if k in params}
         if "denoise_final" in options:
@@ -78,11 +82,15 @@ class EagerSide:
         self._model = model
         if m.sampler.grid == TUNED:  # tuned to the model at export: the bundle's schedule holds the grid
             options["edges"] = tuned_edges_in(m.schedule, options.get("denoise_final", False), sde)
-        recipe = build_sampler(sampler, model, sde, m.sampler.steps, m.sampler.grid, **options)
+        try:
+            recipe = build_sampler(sampler, model, sde, m.sampler.steps, m.sampler.grid, **options)
+        except (ValueError, TypeError) as e:
+            raise InputError(f"{manifest}: fields 'sampler.grid' and 'sampler.params': the eager reference cannot "
+                             f"rebuild sampler {sampler!r}: {first_line(e)}") from None
         rebuilt = {name: values.float().tolist() for name, values in recipe.schedule.items()}
         if rebuilt != {name: list(values) for name, values in m.schedule.items()}:
             differs = sorted(set(rebuilt) ^ set(m.schedule)) or [k for k in rebuilt if rebuilt[k] != list(m.schedule[k])]
-            raise InputError(f"{bundle.root / 'manifest.json'}: field 'schedule.{differs[0]}' is not what sampler "
+            raise InputError(f"{manifest}: field 'schedule.{differs[0]}' is not what sampler "
                              f"{sampler!r} on the {m.sampler.grid!r} grid ({m.sampler.steps} steps, sampler.params) "
                              "gives: the eager reference would run another schedule")
         self.dtype = dtype

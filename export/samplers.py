@@ -342,11 +342,15 @@ def build_sampler(sampler: str, model: ScoreModel, sde: VPSDE, steps: int, grid:
     grid = check_options(sampler, steps, grid, denoise_final=denoise_final, order=order, variant=variant,
                          divergence=divergence, probes=probes, probe=probe)
     definition, defaults = DEFINITIONS[sampler], Options()
+
+    def given(value, default):  # None means the default; 0 or "" is a value, checked as the step is built
+        return default if value is None else value
+
     common = dict(sampler=sampler, name=definition.name, grid=grid, steps=steps)
     return definition.build(common, model, sde, grid, steps,
-                            Options(snr, corrector_steps, coupling, denoise_final, order or defaults.order,
-                                    variant or defaults.variant, edges, divergence or defaults.divergence,
-                                    probes or defaults.probes, probe or defaults.probe))
+                            Options(snr, corrector_steps, coupling, denoise_final, given(order, defaults.order),
+                                    given(variant, defaults.variant), edges, given(divergence, defaults.divergence),
+                                    given(probes, defaults.probes), given(probe, defaults.probe)))
 
 
 def edm_heun_schedule(sde: VPSDE, edges: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -250,3 +250,35 @@ def test_an_output_dtype_the_graph_does_not_have_is_refused_by_both_hosts(bundle
     assert "do not match 'graphs.em.outputs'" in capsys.readouterr().err
     r = run_host(host / "vpsde-sample", bundle, "--num", 2, "--out", tmp_path / "x.npy", timeout=60)
     assert r.returncode == 2 and "graphs.em.outputs[0].dtype" in r.stderr and "float32 graph IO" in r.stderr, r.stderr
+
+
+@pytest.fixture(scope="module")
+def rebuildable(tmp_path_factory):
+    """Small bundles whose sampler options the eager reference rebuilds from sampler.params."""
+    from vpsde.export import export_bundle
+
+    root, gmm = tmp_path_factory.mktemp("rebuild"), load_model("gmm:dim=2,components=2", VPSDE())
+    return {sampler: export_bundle(gmm, root / sampler, sampler=sampler, steps=4, grid="uniform", log=lambda _: None)
+            for sampler in ("unipc", "pc", "likelihood")}
+
+
+@pytest.mark.parametrize("sampler, edit, expect", [
+    ("unipc", lambda d: d["sampler"]["params"].update(order=7), "order must be one of"),
+    ("unipc", lambda d: d["sampler"]["params"].update(order=0), "order must be one of"),
+    ("unipc", lambda d: d["sampler"].update(grid="bogus"), "runs on the grids"),
+    ("pc", lambda d: d["sampler"]["params"].update(snr="a"), "'sampler.params'"),
+    ("pc", lambda d: d["sampler"]["params"].update(coupling="zzz"), "coupling must be one of"),
+    ("likelihood", lambda d: d["sampler"]["params"].update(probes=0), "probes must be 1.."),
+    ("likelihood", lambda d: d["sampler"]["params"].update(divergence="q"), "divergence must be one of"),
+    ("unipc", lambda d: d["sde"].update(std_formula="zz"), "field 'sde'"),
+])
+def test_sampler_options_the_eager_reference_cannot_rebuild_are_one_line(rebuildable, tmp_path, capsys, sampler,
+                                                                         edit, expect):
+    """`vpsde parity --against eager` rebuilds the steps from sampler.params and sde: a (resealed) bundle whose
+    values the builders refuse ended in a ValueError or TypeError traceback; probes=0 and order=0 were even taken
+    as the defaults. Now: exit 2, one line naming the manifest and the field, the builder's reason."""
+    bundle = copy_bundle(rebuildable[sampler], tmp_path / "b")
+    edit_manifest(bundle, edit)
+    assert main(["parity", str(bundle), "--against", "eager", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and expect in err and str(bundle / "manifest.json") in err, err
