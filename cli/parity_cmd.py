@@ -176,6 +176,7 @@ def run(args: argparse.Namespace) -> int:
     if args.quality and m.sampler.task != "sample":
         raise UsageError(f"--quality scores sampled outputs; {bundle.root} is a {m.sampler.task} bundle "
                          "(sampler.task), whose output is log p: `vpsde likelihood` reports its figures")
+    yardstick = _yardstick(bundle) if args.quality else None
     conditioning = conditioning_from_args(args, bundle)
     reference, ref_manifest = _reference(args, bundle)
     meter = None if args.no_gains or hasattr(reference, "gains") else _gain_meter(args, bundle)
@@ -196,7 +197,7 @@ def run(args: argparse.Namespace) -> int:
         raise next(iter(not_run.values()))
     _print_table(m, reports)
     status = report_not_run(not_run)
-    quality = _quality(m, reports, args.num) if args.quality else None
+    quality = _quality(m, yardstick, reports, args.num) if args.quality else None
     if args.report is not None:
         from vpsde.verify.report import write_report
 
@@ -223,13 +224,17 @@ def _bar_text(bars: dict[str, float], outputs: list[str]) -> str:
     return "/".join(f"{bar_for(bars, o):.3g}" for o in outputs)
 
 
-def _quality(m, reports, num: int) -> dict:
-    """Both sides' final samples scored by the model's yardstick (printed; returned for report.json)."""
+def _yardstick(bundle):
+    """The bundle's quality yardstick (export/quality.py), built before the comparison runs; None: there is none."""
     try:
         from vpsde.export.quality import quality_yardstick
     except ImportError:
         raise UsageError("--quality needs torch: pip install 'vpsde[export]'") from None
-    score = quality_yardstick(m)
+    return quality_yardstick(bundle)
+
+
+def _quality(m, score, reports, num: int) -> dict:
+    """Both sides' final samples scored by the model's yardstick ``score`` (printed; returned for report.json)."""
     if score is None:
         print(f"quality: no yardstick for model {m.model.name!r} (the shipped digits model and gmm have one)")
         return {}

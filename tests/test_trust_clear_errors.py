@@ -282,3 +282,17 @@ def test_sampler_options_the_eager_reference_cannot_rebuild_are_one_line(rebuild
     assert main(["parity", str(bundle), "--against", "eager", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and expect in err and str(bundle / "manifest.json") in err, err
+
+
+@pytest.mark.parametrize("source", ["gmm:dim=4,components=100000000", "gmm:dim=2,zz=1", "gmmx", "gmm:dim=2,seed=9"])
+def test_the_quality_yardstick_rebuilds_only_the_mixture_the_bundle_holds(gmm_bundle, tmp_path, capsys, source):
+    """`vpsde parity --quality` built its mixture from model.source without the eager side's checks: a component
+    count of 1e8 tried to allocate it (out of memory), a bad spec was a ModelSpecError traceback, and another seed
+    would have scored against the wrong mixture. Now: one line naming the field, before any comparison runs."""
+    bundle = copy_bundle(gmm_bundle, tmp_path / "b")
+    edit_manifest(bundle, lambda d: d["model"].update(source=source))
+    assert main(["parity", str(bundle), "--against", str(gmm_bundle.root), "--no-gains", "--quality",
+                 "--no-progress"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and len(captured.err.strip().splitlines()) == 1, captured
+    assert "field 'model.source'" in captured.err and "--quality has no yardstick" in captured.err
