@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import io
 import itertools
 import logging
+import sys
 import warnings
 from pathlib import Path
 from typing import Callable, Collection, Mapping
@@ -17,6 +19,7 @@ from torch import nn
 
 from vpsde.export.lean import lean_graph
 from vpsde.export.polymorphic import TRACE_BATCHES, PolymorphicStep
+from vpsde.runtime.errors import ExportError, VpsdeError, first_line
 from vpsde.runtime.manifest import TensorSpec
 
 BATCH = "batch"
@@ -68,6 +71,35 @@ def linear_rewrites():
         rewriter._DEFAULT_REWRITE_RULES = rules
 
 
+TORCH_EXPORT_LOGGERS = ("torch", "torch.onnx._internal.exporter._registration")
+"""Loggers torch's exporter writes to while it traces (the second sets its own level): "torchvision is not
+installed" notices, and a failing model's graphs and traces, which ExportError sums up in one line (the trace
+stays on the exception: --verbose)."""
+
+
+@contextlib.contextmanager
+def _quiet(*names: str):
+    """The named loggers silenced (above CRITICAL) and what Python code writes to sys.stderr held back inside the
+    block: written out after it if the block succeeds, kept as a note on the exception (--verbose) if it fails."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL + 1)
+    held = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(held):
+            yield
+    except BaseException as e:
+        if held.getvalue().strip() and hasattr(e, "add_note"):  # Python 3.11+
+            e.add_note(held.getvalue())
+        raise
+    else:
+        sys.stderr.write(held.getvalue())
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
 def _dynamic_batch(step: nn.Module, n_args: int) -> dict[str, object]:
     """dynamic_shapes for torch.export: dim 0 of every input is the symbolic batch, by parameter name (a
     ``*inputs`` parameter takes a tuple)."""
@@ -88,21 +120,24 @@ def trace_step_graph(step: nn.Module, sample_shape: tuple[int, ...], scalars: Ma
     def inputs_at(batch: int) -> tuple[torch.Tensor, ...]:
         return example_inputs(tuple(step.input_names), sample_shape, scalars, conditioning, batch)
 
-    if getattr(step, "forward_ad", False):
-        log(f"  tracing the forward-mode derivatives at batch {' and '.join(map(str, TRACE_BATCHES))} (make_fx)...")
-        step = PolymorphicStep(step, inputs_at)
-        log("  torch.onnx: export, decompositions, optimizer...")
-    args = inputs_at(2)
-    registry_log = logging.getLogger("torch.onnx._internal.exporter._registration")
-    level = registry_log.level
-    registry_log.setLevel(logging.ERROR)  # "torchvision is not installed" notices: irrelevant here
-    with warnings.catch_warnings(), torch.no_grad(), linear_rewrites():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            step, args, opset_version=opset, dynamo=True, dynamic_shapes=_dynamic_batch(step, len(args)),
-            verbose=False, optimize=True,
-        )
-    registry_log.setLevel(level)
+    try:
+        if getattr(step, "forward_ad", False):
+            log(f"  tracing the forward-mode derivatives at batch {' and '.join(map(str, TRACE_BATCHES))} (make_fx)...")
+            step = PolymorphicStep(step, inputs_at)
+            log("  torch.onnx: export, decompositions, optimizer...")
+        args = inputs_at(2)
+        with warnings.catch_warnings(), torch.no_grad(), linear_rewrites(), _quiet(*TORCH_EXPORT_LOGGERS):
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                step, args, opset_version=opset, dynamo=True, dynamic_shapes=_dynamic_batch(step, len(args)),
+                verbose=False, optimize=True,
+            )
+    except VpsdeError:
+        raise
+    except Exception as e:  # the model's code, as torch traced it: the cause is the user's to see, in one line
+        cause = e.__cause__ or e
+        raise ExportError(f"torch could not export the model inside the sampler step: {type(cause).__name__}: "
+                          f"{first_line(cause)} (--verbose shows torch's trace)") from e
     name_io(program.model.graph, step.input_names, step.output_names)
     model = program.model_proto
     for value in [*model.graph.input, *model.graph.output]:

@@ -149,10 +149,10 @@ class GaussianMixtureScore(ScoreModel):
         cov = a * a * self.var + s * s  # [B, K, D]: the marginal's variances along each component's axes
         diff = x[:, None, :] - a * self.mu  # [B, K, D]
         if self.rotate:  # into each component's axes: y_k = R_k^T diff_k
-            diff = (diff[:, :, None, :] @ self.rot)[:, :, 0, :]
+            diff = (diff[:, :, None, :] @ self.rot.to(diff.dtype))[:, :, 0, :]  # fp16 copies: diff is float32
         log_n = -0.5 * ((diff * diff / cov) + torch.log(cov)).sum(-1) - 0.5 * self.mu.shape[1] * math.log(2 * math.pi)
         resp = torch.softmax(self.log_w + log_n, dim=-1)  # [B, K]
         v = diff / cov
         if self.rotate:  # back: R_k v_k
-            v = (v[:, :, None, :] @ self.rot.transpose(1, 2))[:, :, 0, :]
+            v = (v[:, :, None, :] @ self.rot.transpose(1, 2).to(v.dtype))[:, :, 0, :]
         return s[:, 0] * (resp[:, :, None] * v).sum(1)  # eps = -s * score

@@ -17,6 +17,10 @@ class NonFiniteError(VpsdeError):
     """A graph produced NaN or Inf (raised by the sampler's NaN guard)."""
 
 
+class ExportError(VpsdeError):
+    """torch could not trace or export the model inside a sampler step (``vpsde export``)."""
+
+
 class BackendUnavailable(VpsdeError):
     """The requested backend or device is not installed or not present on this machine."""
 

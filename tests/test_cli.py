@@ -196,3 +196,28 @@ def test_py_models_from_the_working_directory_or_a_file_with_their_time_label(tm
         run = subprocess.run([vpsde, "parity", str(out), "--against", "eager", "--model", spec, "--num", "2"],
                              cwd=tmp_path, capture_output=True, text=True, timeout=600)
         assert run.returncode == 0 and "  ok" in run.stdout, run.stdout + run.stderr[-1500:]
+
+
+def test_a_model_torch_cannot_export_is_one_line_and_leaves_nothing(tmp_path):
+    """A model whose forward branches on its data cannot be traced by torch.export: `vpsde export` printed some
+    300 lines of torch's logging and traceback, exit 1. Now the last line says what torch refused, exit 2, no
+    traceback, no bundle directory; --verbose still shows torch's trace."""
+    from pathlib import Path
+
+    (tmp_path / "branchy.py").write_text(
+        "import torch\nfrom torch import nn\n\n\nclass Branchy(nn.Module):\n"
+        "    def __init__(self):\n        super().__init__()\n        self.conv = nn.Conv2d(1, 1, 3, padding=1)\n\n"
+        "    def forward(self, x, label):\n"
+        "        return self.conv(x) if float(x.sum()) > 0 else -self.conv(x)\n\n\n"
+        "def make_net():\n    return Branchy()\n")
+    vpsde = str(Path(sys.executable).parent / "vpsde")
+    argv = [vpsde, "export", "--model", f"py:{tmp_path / 'branchy.py'}:make_net", "--sample-shape", "1,8,8",
+            "--steps", "4", "--grid", "uniform", "--out", str(tmp_path / "b")]
+    run = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    lines = run.stderr.strip().splitlines()
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    assert lines[-1].startswith("vpsde export: error: torch could not export the model inside the sampler step: ")
+    assert len(lines) <= 3, lines  # the "exporting ..." progress line and the error
+    assert not (tmp_path / "b").exists()
+    run = subprocess.run([vpsde, "--verbose", *argv[1:]], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 1 and "Traceback" in run.stderr and "ExportError" in run.stderr
