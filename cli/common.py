@@ -100,17 +100,33 @@ def printable(text: str) -> str:
     return "".join(ch if ch == "\n" or ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
 
 
+CREATED_DIRS: list[Path] = []
+"""The directories :func:`prepare_out_dir` created in this command, deepest first: the error boundary
+(``cli/main.py``) removes those still empty when the command fails (:func:`remove_empty_created_dirs`)."""
+
+
 def prepare_out_dir(out: Path) -> None:
     """Create ``out`` and prove it writable (a file is made and removed there), so that a bad --out fails
     before sampling, not after."""
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: exists and is not a directory; --out names the directory for samples.npz")
+    CREATED_DIRS[:0] = [p for p in (out, *out.parents) if not p.exists() and not p.is_symlink()]
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out, prefix=".vpsde-probe-"):
             pass
     except OSError as e:  # name --out, not the probe file
         raise OSError(e.errno, e.strerror, str(out)) from None
+
+
+def remove_empty_created_dirs() -> None:
+    """After a failed command: remove the directories it created that hold nothing, deepest first (a failed run
+    leaves no empty --out behind; one that holds anything, such as resumable Ray shards, stays)."""
+    while CREATED_DIRS:
+        try:
+            CREATED_DIRS.pop(0).rmdir()
+        except OSError:  # not empty, or gone: nothing above it is empty either
+            CREATED_DIRS.clear()
 
 
 def resources_arg(text: str) -> float:

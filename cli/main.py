@@ -15,7 +15,7 @@ import threading
 
 from vpsde.cli import (bench_cmd, build_cmd, convert_cmd, doctor_cmd, export_cmd, inspect_cmd, likelihood_cmd, parity_cmd,
                        sample_cmd, serve_cmd)
-from vpsde.cli.common import HelpFormatter, printable
+from vpsde.cli.common import CREATED_DIRS, HelpFormatter, printable, remove_empty_created_dirs
 from vpsde.cli.export_cmd import SAMPLER_IDS  # noqa: F401  (re-exported: the CLI's sampler ids)
 from vpsde.runtime.atomic import STOPPING, Stopped
 from vpsde.runtime.errors import VpsdeError
@@ -122,6 +122,10 @@ def _os_error_message(e: OSError) -> str:
     return f"{where}: {e.strerror or e}" + (f"; {hint}" if hint else "")
 
 
+SMALLER = {"bench": "smaller --batch sizes", "parity": "a smaller --num"}
+"""What to make smaller when a command runs out of memory, where it is not --num or --batch-size."""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extras = parser.parse_known_args(argv)
@@ -130,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.commands[args.command].error(f"unrecognized arguments: {' '.join(extras)}")
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if threading.current_thread() is threading.main_thread() \
         else None
+    CREATED_DIRS.clear()
+    completed = False
     try:
         try:
             status = COMMANDS[args.command](args)  # None: success; an int: the exit status (parity: 1 = differs)
@@ -139,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         if STOPPING.is_set():  # swallowed where it landed; no commit ran after it
             raise Stopped()
+        completed = True
     except BrokenPipeError:  # `vpsde inspect | head`: the reader left; say nothing more
         try:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -149,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose:
             raise
         message = _os_error_message(e) if isinstance(e, OSError) and not isinstance(e, VpsdeError) else \
-            "out of memory: use a smaller --num or --batch-size" if isinstance(e, MemoryError) else str(e)
+            f"out of memory: use {SMALLER.get(args.command, 'a smaller --num or --batch-size')}" \
+            if isinstance(e, MemoryError) else str(e)
         print(printable(f"vpsde {args.command}: error: {message}"), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -159,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         print("terminated", file=sys.stderr)
         return 143
     finally:
+        if not completed:  # a failed command leaves no empty --out behind
+            remove_empty_created_dirs()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
         STOPPING.clear()  # main() may run again in this process (tests, embedding hosts)

@@ -207,6 +207,25 @@ def test_bad_out_fails_before_sampling_cpp(host, nan_bundle, tmp_path):
         assert r.returncode == 2 and expect in r.stderr and "NaN" not in r.stderr, r.stderr
 
 
+def test_a_failed_run_removes_the_empty_out_it_created_and_nothing_else(nan_bundle, tmp_path, capsys):
+    """--out is created (and proved writable) before sampling; a run that then fails (here NaN at step 0) left it
+    behind empty. The directories the command created are removed if still empty; a directory that existed, or
+    that holds anything, stays."""
+    out = tmp_path / "new" / "deeper"
+    assert main(["sample", str(nan_bundle.root), "--num", "2", "--no-progress", "--out", str(out)]) == 2
+    assert "NaN" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # both levels it created are gone
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    assert main(["sample", str(nan_bundle.root), "--num", "2", "--no-progress", "--out", str(existing / "o")]) == 2
+    assert list(tmp_path.iterdir()) == [existing] and list(existing.iterdir()) == []
+    kept = existing / "kept"
+    kept.mkdir()
+    (kept / "mine.txt").write_text("not vpsde's")
+    assert main(["sample", str(nan_bundle.root), "--num", "2", "--no-progress", "--out", str(kept)]) == 2
+    assert (kept / "mine.txt").read_text() == "not vpsde's" and len(list(kept.iterdir())) == 1
+
+
 def test_first_sample_beyond_int64_is_valid(gmm_bundle, tmp_path):
     """--first-sample 2^63 is a valid index (< 2^64): it samples and records it (it used to fail after
     sampling, in np.int64)."""

@@ -118,6 +118,17 @@ def test_cpp_memory_errors_are_exit_2(host, gmm_bundle, tmp_path):
     assert r.returncode == 2 and "more than this machine's" in r.stderr, r.stderr
 
 
+def test_a_bench_batch_past_memory_is_one_line(gmm_bundle):
+    """`vpsde bench --batch 100000000` under a 6 GB address-space limit: ONNX Runtime's allocator failed inside a
+    graph call (RuntimeError "std::bad_alloc"), a traceback. Now, wherever the allocation fails (numpy or ONNX
+    Runtime), one line naming what to make smaller, exit 2."""
+    r = subprocess.run(["bash", "-c", 'ulimit -v 6000000 && exec "$@"', "_", *CLI, "bench", str(gmm_bundle.root),
+                        "--batch", "100000000", "--steps", "2", "--iters", "1", "--warmup", "0", "--threads", "1"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1] == "vpsde bench: error: out of memory: use smaller --batch sizes"
+
+
 @pytest.mark.parametrize("edit, expect", [
     (lambda m: m.update(weights=5), "field 'weights': expected a string"),
     (lambda m: m.update(weights="../../etc/passwd"), "field 'weights': expected a file name beside the config"),

@@ -136,7 +136,12 @@ class OnnxRuntimeRunner:
         session = self.session
 
         def launch() -> None:
-            session.run_with_iobinding(binding, options)
+            try:
+                session.run_with_iobinding(binding, options)
+            except RuntimeError as e:  # ONNX Runtime reports its allocator's failure as text
+                if "bad_alloc" in str(e) or "Failed to allocate memory" in str(e):
+                    raise MemoryError(first_line(e)) from e
+                raise
 
         return launch
 
