@@ -16,6 +16,7 @@ import torch
 from vpsde.export.samplers import SAMPLERS, build_sampler, tuned_edges_in
 from vpsde.export.sources import ModelSpecError, load_model, self_contained
 from vpsde.export.tuning import TUNED
+from vpsde.models.base import ScoreModel
 from vpsde.models.sde import VPSDE
 from vpsde.runtime.errors import InputError, first_line
 
@@ -27,45 +28,55 @@ SAMPLER_OPTIONS = ("snr", "corrector_steps", "coupling", "denoise_final", "order
                    "probe")
 
 
+def bundle_model(bundle, model_spec: str | None = None) -> tuple[ScoreModel, VPSDE]:
+    """The model ``bundle`` was exported from and its SDE, rebuilt from the manifest: ``model_spec`` is the user's;
+    it defaults to ``model.source`` only where that is self-contained (a bundle never chooses code to run or files
+    to read). The model must make ``model.sample_shape`` and, where the manifest records them, have
+    ``model.weights_sha256``; else InputError naming the field."""
+    m, manifest = bundle.manifest, bundle.root / "manifest.json"
+    spec = model_spec
+    if spec is None:
+        if not self_contained(m.model.source):
+            raise InputError(f"{manifest}: model.source is {m.model.source[:120]!r}; "
+                             "a bundle's model is rebuilt on its own only if it is the shipped digits model or an "
+                             "analytic gmm: name the eager model yourself with --model (its weights are checked "
+                             "against model.weights_sha256)")
+        spec = m.model.source
+    try:
+        sde = VPSDE(beta_min=m.sde.beta_min, beta_max=m.sde.beta_max, sampling_eps=m.sde.sampling_eps,
+                    num_train_timesteps=m.sde.num_train_timesteps, std_formula=m.sde.std_formula)
+    except (ValueError, TypeError) as e:  # a bundle is untrusted input: its values are checked where used
+        raise InputError(f"{manifest}: field 'sde': the eager reference cannot rebuild the SDE: {first_line(e)}") \
+            from None
+    label = m.model.time_label  # "<S>t" for a network fed label S t (TimeLabelAdapter); "t" otherwise
+    try:
+        label_scale = float(label[:-1]) if label.endswith("t") and label != "t" else 999.0
+    except ValueError:
+        label_scale = 999.0
+    try:
+        model = load_model(spec, sde, sample_shape=tuple(m.model.sample_shape), label_scale=label_scale)
+    except ModelSpecError as e:
+        if model_spec is not None:
+            raise InputError(str(e)) from None
+        raise InputError(f"{manifest}: model.source {spec!r} cannot be rebuilt for the eager "
+                         f"reference ({e}); name the model with --model") from None
+    if tuple(model.sample_shape) != tuple(m.model.sample_shape):
+        raise InputError(f"{manifest}: model.sample_shape is {m.model.sample_shape}, but "
+                         f"{spec!r} makes {list(model.sample_shape)}")
+    if m.model.weights_sha256 and m.model.weights_sha256 != model.weights_sha256:
+        raise InputError(f"{manifest}: model.weights_sha256 is {m.model.weights_sha256}, but "
+                         f"--model {spec!r} has weights {model.weights_sha256}: not the model this bundle holds")
+    return model, sde
+
+
 class EagerSide:
-    """Runs a bundle's graphs as eager torch modules. ``model_spec`` is the user's; it defaults to the manifest's
-    ``model.source`` only where that is self-contained (:func:`~vpsde.export.sources.self_contained`). The model's
-    weights hash must equal the manifest's when the manifest records one."""
+    """Runs a bundle's graphs as eager torch modules around the model :func:`bundle_model` rebuilds (``model_spec``:
+    the user's, else a self-contained ``model.source``)."""
 
     def __init__(self, bundle, model_spec: str | None = None, dtype: torch.dtype = torch.float32) -> None:
         m, manifest = bundle.manifest, bundle.root / "manifest.json"
-        spec = model_spec
-        if spec is None:  # a bundle never chooses code to run or files to read: only a self-contained model
-            if not self_contained(m.model.source):
-                raise InputError(f"{manifest}: model.source is {m.model.source[:120]!r}; "
-                                 "a bundle's model is rebuilt on its own only if it is the shipped digits model or an "
-                                 "analytic gmm: name the eager model yourself with --model (its weights are checked "
-                                 "against model.weights_sha256)")
-            spec = m.model.source
-        try:
-            sde = VPSDE(beta_min=m.sde.beta_min, beta_max=m.sde.beta_max, sampling_eps=m.sde.sampling_eps,
-                        num_train_timesteps=m.sde.num_train_timesteps, std_formula=m.sde.std_formula)
-        except (ValueError, TypeError) as e:  # a bundle is untrusted input: its values are checked where used
-            raise InputError(f"{manifest}: field 'sde': the eager reference cannot rebuild the SDE: {first_line(e)}") \
-                from None
-        label = m.model.time_label  # "<S>t" for a network fed label S t (TimeLabelAdapter); "t" otherwise
-        try:
-            label_scale = float(label[:-1]) if label.endswith("t") and label != "t" else 999.0
-        except ValueError:
-            label_scale = 999.0
-        try:
-            model = load_model(spec, sde, sample_shape=tuple(m.model.sample_shape), label_scale=label_scale)
-        except ModelSpecError as e:
-            if model_spec is not None:
-                raise InputError(str(e)) from None
-            raise InputError(f"{manifest}: model.source {spec!r} cannot be rebuilt for the eager "
-                             f"reference ({e}); name the model with --model") from None
-        if tuple(model.sample_shape) != tuple(m.model.sample_shape):
-            raise InputError(f"{manifest}: model.sample_shape is {m.model.sample_shape}, but "
-                             f"{spec!r} makes {list(model.sample_shape)}")
-        if m.model.weights_sha256 and m.model.weights_sha256 != model.weights_sha256:
-            raise InputError(f"{manifest}: model.weights_sha256 is {m.model.weights_sha256}, but "
-                             f"--model {spec!r} has weights {model.weights_sha256}: not the model this bundle holds")
+        model, sde = bundle_model(bundle, model_spec)
+        spec = m.model.source if model_spec is None else model_spec
         params = dict(m.sampler.params)
         sampler = params.get("id")
         if sampler not in SAMPLERS:

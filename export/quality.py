@@ -17,19 +17,19 @@ from vpsde.runtime.errors import InputError
 
 def quality_yardstick(bundle):
     """A function samples -> {figure: value} for the bundle's model, or None when there is none. A mixture is
-    rebuilt from ``model.source`` (untrusted) only where that is self-contained and gives ``model.weights_sha256``."""
+    rebuilt as the eager reference rebuilds it (:func:`~vpsde.export.eager.bundle_model`: a self-contained
+    ``model.source`` with the bundle's weights digest)."""
     manifest = bundle.manifest
     source = manifest.model.source or ""
     if source.startswith("gmm"):
-        from vpsde.export.sources import load_model, self_contained
+        from vpsde.export.eager import bundle_model
         from vpsde.models.gmm_eval import mixture_errors
-        from vpsde.models.sde import VPSDE
 
-        model = load_model(source, VPSDE()) if self_contained(source) else None
-        if model is None or model.weights_sha256 != manifest.model.weights_sha256:
-            raise InputError(f"{bundle.root / 'manifest.json'}: field 'model.source' {source[:120]!r} is not a "
-                             "mixture vpsde can rebuild with this bundle's model.weights_sha256, so --quality has no "
-                             "yardstick for it")
+        try:
+            model, _ = bundle_model(bundle)
+        except InputError as e:
+            raise InputError(f"{bundle.root / 'manifest.json'}: field 'model.source' {source[:120]!r}: --quality has "
+                             f"no yardstick for it ({e})") from None
         return lambda x: mixture_errors(model.mixture, x, np.random.default_rng(0))
     import json
 
