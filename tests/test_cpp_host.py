@@ -122,6 +122,14 @@ def test_cpp_log_likelihood_equals_python(host, tmp_path, model, divergence, bat
     cpp = np.load(out)
     assert cpp.dtype == np.float64 and np.isfinite(py).all()
     np.testing.assert_array_equal(cpp, py)
+    wide = points.astype(np.float64) + np.random.default_rng().uniform(-1e-9, 1e-9, points.shape)  # between floats
+    np.save(tmp_path / "wide.npy", wide)
+    r = run(host / "vpsde-sample", bundle.root, "--data", tmp_path / "wide.npy", "--seed", 6, "--first-sample", 9,
+            "--batch", batch, "--threads", 1, "--out", out)
+    assert r.returncode == 0, r.stderr
+    narrowed = Sampler(bundle, progress=False, threads=1).log_likelihood(wide.astype(np.float32), 6, first_sample=9,
+                                                                          batch_size=batch)
+    np.testing.assert_array_equal(np.load(out), narrowed)  # float64 points: rounded to float32 as numpy rounds them
     for args, message in [
         (["--num", 2], "computes likelihoods"),
         (["--data", tmp_path / "points.npy", "--num", 2], "--data and --num"),
@@ -129,9 +137,10 @@ def test_cpp_log_likelihood_equals_python(host, tmp_path, model, divergence, bat
         r = run(host / "vpsde-sample", bundle.root, *args, "--out", tmp_path / "y.npy")
         assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     for name, bad, message in [("nan", np.where(np.arange(len(points))[:, None] == 3, np.nan, points), "row 3 holds NaN"),
-                               ("shape", points[:, ..., :1], "expected float32 points [N, "),
-                               ("f64", points.astype(np.float64),
-                                "expected float32 points ('<f4') or uint8 images ('|u1'), got '<f8'")]:
+                               ("shape", points[:, ..., :1], "expected points [N, "),
+                               ("huge", np.where(np.arange(len(points))[:, None] == 2, 1e300, points), "row 2 holds NaN"),
+                               ("i64", np.arange(points.size).reshape(points.shape),
+                                "expected float32 or float64 points ('<f4', '<f8') or uint8 images ('|u1'), got '<i8'")]:
         np.save(tmp_path / f"{name}.npy", bad)
         r = run(host / "vpsde-sample", bundle.root, "--data", tmp_path / f"{name}.npy", "--out", tmp_path / "y.npy")
         assert r.returncode == 2 and message in r.stderr, r.stderr

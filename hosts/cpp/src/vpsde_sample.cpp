@@ -30,8 +30,8 @@ const char* kUsage =
     "--cond gives a conditioning input the bundle names (inpainting: --cond known=k.npy --cond mask=m.npy),\n"
     "float32 [*sample_shape] (shared) or [N, *sample_shape].\n"
     "--expect-digest refuses a bundle whose digest (sha256 of its SHA256SUMS; `vpsde inspect` prints it) differs.\n"
-    "A likelihood bundle (vpsde export --sampler likelihood): --data POINTS.npy instead of --num, float32 points\n"
-    "[N, *sample_shape] in the model's space or uint8 images [N, *sample_shape] (dequantized with noise call 0 of\n"
+    "A likelihood bundle (vpsde export --sampler likelihood): --data POINTS.npy instead of --num, float32 or\n"
+    "float64 points [N, *sample_shape] in the model's space (float64 rounded to float32, as `vpsde likelihood`) or uint8 images [N, *sample_shape] (dequantized with noise call 0 of\n"
     "each input's sample index into the bundle's model.value_range, as `vpsde likelihood`); writes log p in nats,\n"
     "float64 [N], to --out.\n";
 
@@ -133,13 +133,13 @@ int main(int argc, char** argv) {
     const std::string descr = data_path.empty() ? "" : vpsde::npy_descr(data_path);
     const bool images = descr == "|u1";
     if (!data_path.empty()) {
-      if (descr != "<f4" && !images)
-        throw vpsde::Error(data_path + ": expected float32 points ('<f4') or uint8 images ('|u1'), got '" + descr +
-                           "'");
+      if (descr != "<f4" && descr != "<f8" && !images)
+        throw vpsde::Error(data_path + ": expected float32 or float64 points ('<f4', '<f8') or uint8 images ('|u1'), "
+                           "got '" + descr + "'");
       if (num > 0) throw vpsde::Error("--data and --num: give one (the data's rows are the inputs)");
       if (!cond.empty()) throw vpsde::Error("--data and --cond: a likelihood bundle takes no conditioning");
       if (images) pixels = vpsde::load_npy_pixels(data_path);
-      else data = vpsde::load_npy(data_path);
+      else data = vpsde::load_npy_points(data_path);
       data_shape = images ? pixels.shape : data.shape;
       if (data_shape.empty() || data_shape[0] < 1)
         throw vpsde::Error(data_path + ": expected points [N >= 1, *sample_shape]");
@@ -168,12 +168,12 @@ int main(int argc, char** argv) {
       if (data_shape != shape) {
         std::string want = "[N";
         for (auto s : m.sample_shape) want += ", " + std::to_string(s);
-        throw vpsde::Error(data_path + ": expected " + (images ? "uint8 images " : "float32 points ") + want +
+        throw vpsde::Error(data_path + ": expected " + (images ? "uint8 images " : "points ") + want +
                            "] for this bundle");
       }
       if (images && m.value_range.empty())
         throw vpsde::Error(data_path + ": images need the model's value range, and this bundle has none "
-                           "(model.value_range is null): pass real-valued points as a float32 .npy");
+                           "(model.value_range is null): pass real-valued points as a float .npy");
       if (images) data.data = vpsde::dequantize(pixels.data.data(), num, m.sample_numel(), m.value_range[0],
                                                 m.value_range[1], seed, first);
       const std::vector<double> logp = sampler.log_likelihood(data.data.data(), num, seed, batch, first);

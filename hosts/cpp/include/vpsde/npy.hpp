@@ -1,8 +1,10 @@
 /// @file
 /// Minimal .npy (format 1.0): a writer of float32 or float64 arrays (locked temporary file renamed into place) and
-/// readers of float32 and uint8 ones (little-endian, C order; anything else is an error naming the file).
+/// readers of float32, float64 (rounded to float32 as numpy's astype does) and uint8 ones (little-endian, C order;
+/// anything else is an error naming the file).
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <filesystem>
@@ -125,6 +127,16 @@ inline std::string npy_descr(const std::string& path) {
 /// float32 [shape] (little-endian, C order); anything else is an error naming the file.
 inline NpyArray load_npy(const std::string& path) {
   return detail::load_npy_as<float>(path, "<f4", "float32 ('<f4') data; save it with numpy as float32");
+}
+
+/// float32 or float64 [shape] as float32 (each element rounded to nearest, as numpy's astype(float32): values past
+/// float32's range become infinities, which the caller's finite check refuses); anything else is an error.
+inline NpyArray load_npy_points(const std::string& path) {
+  if (npy_descr(path) != "<f8") return load_npy(path);
+  auto wide = detail::load_npy_as<double>(path, "<f8", "float64 ('<f8') data");
+  NpyArray narrow{std::move(wide.shape), std::vector<float>(wide.data.size())};
+  std::transform(wide.data.begin(), wide.data.end(), narrow.data.begin(), [](double v) { return static_cast<float>(v); });
+  return narrow;
 }
 
 /// uint8 [shape]; anything else is an error naming the file.
