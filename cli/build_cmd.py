@@ -28,9 +28,8 @@ def register(sub, fmt) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from tqdm.auto import tqdm
-
     from vpsde.runtime import Bundle
+    from vpsde.runtime.progress import tracked
     from vpsde.runtime.tensorrt.build import BatchProfile
     from vpsde.runtime.tensorrt.cache import build_cached
     from vpsde.runtime.tensorrt.flavor import load_flavor
@@ -46,7 +45,8 @@ def run(args: argparse.Namespace) -> None:
         flavor.set_targets(None, targets)  # a --target-cc other than this GPU: the "needs TensorRT for RTX" error
     print(f"TensorRT flavour {flavor.name} {flavor.version}, targets {','.join(targets)}, batch {profile}, "
           f"precision {bundle.manifest.model.precision}")
-    for key in tqdm(list(bundle.manifest.graphs), desc="building engines", unit="graph", leave=False):
+    keys = list(bundle.manifest.graphs)
+    for key in tracked(keys, len(keys), "building engines", "graph"):
         engine = build_cached(bundle, key, flavor, profile, targets, args.opt_level, args.force,
                               log=lambda msg: print(msg, file=sys.stderr))
         state = f"built in {engine.seconds:.1f} s" if engine.built else "cached (valid, reused)"

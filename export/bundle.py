@@ -127,17 +127,15 @@ def export_bundle(model: ScoreModel, out: str | Path, *, sampler: str = "em", st
 def _quantize(manifest: Manifest, root: Path, samples: int, log) -> Manifest:
     """Replace the fp32 graphs under ``root`` by their int8 versions (``export/quantize.py``); the manifest with
     their new digests."""
-    from tqdm.auto import tqdm
-
     from vpsde.export.quantize import calibration_feeds, int8_convs, quantize_graph
+    from vpsde.runtime.progress import tracked
 
     for spec in manifest.graphs.values():
         int8_convs(root / spec.file, manifest.model.sample_shape[0])  # refuse before calibrating
     manifest.write(root / "manifest.json")  # the fp32 graphs, read back as a bundle: calibration opens it as any host does
     write_sums(root)
     log(f"calibrating int8 on {samples} fp32 trajectories of {manifest.sampler.steps} steps...")
-    bar = lambda it, total: tqdm(it, total=total, desc="calibration", unit="step", leave=False,  # noqa: E731
-                                 disable=not sys.stderr.isatty())
+    bar = lambda it, total: tracked(it, total, "calibration", "step")  # noqa: E731
     feeds = calibration_feeds(Bundle.load(root), samples, progress=bar)
     graphs = {}
     for key, spec in manifest.graphs.items():

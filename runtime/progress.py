@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import TextIO
+from typing import Iterable, Iterator, TextIO, TypeVar
+
+T = TypeVar("T")
 
 LINE_INTERVAL_S = 10.0
 
@@ -17,7 +19,7 @@ class LineProgress:
     def __init__(self, total: int, desc: str, unit: str, stream: TextIO, interval: float = LINE_INTERVAL_S) -> None:
         self.total, self.desc, self.unit, self.stream, self.interval = max(1, total), desc, unit, stream, interval
         self.n, self.start = 0, time.monotonic()
-        self.last, self.lines = self.start, 0
+        self.last, self.lines, self.reported = self.start, 0, 0
 
     def update(self, n: int = 1) -> None:
         self.n += n
@@ -30,10 +32,10 @@ class LineProgress:
         left = elapsed * (self.total - self.n) / self.n if self.n else float("nan")
         print(f"{self.desc}: {self.n}/{self.total} {self.unit}s ({100 * self.n / self.total:.0f}%), "
               f"{elapsed:.0f} s elapsed, about {left:.0f} s left", file=self.stream, flush=True)
-        self.last, self.lines = now, self.lines + 1
+        self.last, self.lines, self.reported = now, self.lines + 1, self.n
 
     def close(self) -> None:
-        if self.lines:  # a run long enough to report ends with its last figure
+        if self.lines and self.reported != self.n:  # a run long enough to report ends with its last figure, once
             self._line(time.monotonic())
 
     def __enter__(self) -> "LineProgress":
@@ -69,3 +71,11 @@ def progress(total: int, desc: str, unit: str, enabled: bool = True, initial: in
     bar = LineProgress(total, desc, unit, sys.stderr)
     bar.n = initial
     return bar
+
+
+def tracked(items: Iterable[T], total: int, desc: str, unit: str, enabled: bool = True) -> Iterator[T]:
+    """``items`` one by one, with :func:`progress` advanced by one after each."""
+    with progress(total, desc, unit, enabled) as bar:
+        for item in items:
+            yield item
+            bar.update(1)

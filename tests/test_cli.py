@@ -170,8 +170,26 @@ def test_long_runs_report_progress_off_a_terminal():
     finally:
         progress_module.time.monotonic = real
     lines = loud.getvalue().splitlines()
-    assert len(lines) == 6 and lines[0] == "sampling: 20/100 steps (20%), 10 s elapsed, about 40 s left", lines
+    assert len(lines) == 5 and lines[0] == "sampling: 20/100 steps (20%), 10 s elapsed, about 40 s left", lines
     assert lines[-1].startswith("sampling: 100/100 steps (100%), 50 s elapsed")
+
+
+def test_engine_builds_and_calibration_report_progress_as_lines_off_a_terminal(monkeypatch, capsys):
+    """`tracked` (vpsde build's graphs, export's int8 calibration) goes through the same progress as sampling: off a
+    TTY plain lines, never tqdm's carriage-return bar in a log; every item comes through, in order."""
+    import vpsde.runtime.progress as progress_module
+
+    clock = [0.0]
+    monkeypatch.setattr(progress_module.time, "monotonic", lambda: clock[0])
+    seen = []
+    for item in progress_module.tracked(iter("abcd"), 4, "building engines", "graph"):
+        clock[0] += 6.0  # 24 s in all
+        seen.append(item)
+    err = capsys.readouterr().err
+    assert seen == list("abcd") and "\r" not in err
+    assert err.splitlines() == ["building engines: 2/4 graphs (50%), 12 s elapsed, about 12 s left",
+                                "building engines: 4/4 graphs (100%), 24 s elapsed, about 0 s left"], err
+    assert list(progress_module.tracked(range(3), 3, "calibration", "step", enabled=False)) == [0, 1, 2]
 
 
 def test_py_models_from_the_working_directory_or_a_file_with_their_time_label(tmp_path):
