@@ -31,6 +31,8 @@ class RequestGate:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="vpsde-gate", daemon=True)
         self._server: asyncio.base_events.Server | None = None
+        self._idle: set[asyncio.Task] = set()  # connections waiting for their client's next request
+        self._closing = False
 
     def start(self) -> None:
         """Bind the public port (OSError if taken) and start relaying."""
@@ -38,26 +40,43 @@ class RequestGate:
         self._server = asyncio.run_coroutine_threadsafe(
             asyncio.start_server(self._client, self.host, self.port, limit=MAX_HEAD), self._loop).result()
 
+    def close(self) -> None:
+        """Stop taking connections and close the idle ones (tritonserver waits for every open connection before it
+        exits); a request in flight still gets its response, then its connection closes."""
+        if self._thread.is_alive():
+            asyncio.run_coroutine_threadsafe(self._close(), self._loop).result(timeout=5)
+
     def stop(self) -> None:
+        """Close every connection and end the relay's thread."""
+        if self._thread.is_alive():
+            self.close()
+            asyncio.run_coroutine_threadsafe(_cancel_others(), self._loop).result(timeout=5)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=5)
+
+    async def _close(self) -> None:
+        self._closing = True
         if self._server is not None:
             self._server.close()
             self._server = None
-        if self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=5)
+        for task in self._idle:
+            task.cancel()
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         upstream: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
         try:
-            while True:
+            while not self._closing:
+                self._idle.add(asyncio.current_task())
                 try:
                     head = await reader.readuntil(b"\r\n\r\n")
                 except asyncio.IncompleteReadError:
                     return  # the client closed between requests
                 except asyncio.LimitOverrunError:
                     return await _refuse(reader, writer, 431, f"request head over {MAX_HEAD} bytes")
+                finally:
+                    self._idle.discard(asyncio.current_task())
                 headers = _headers(head)
-                if headers is None:
+                if headers is None or len(head.split(b"\r\n", 1)[0].split(b" ")) != 3:  # METHOD TARGET VERSION
                     return await _refuse(reader, writer, 400, "malformed HTTP request head")
                 if "transfer-encoding" in headers:
                     return await _refuse(reader, writer, 411, "send the body with a Content-Length (chunked uploads are "
@@ -88,15 +107,23 @@ class RequestGate:
                     return
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             return
+        except asyncio.CancelledError:  # closed by close() or stop(); ending quietly (Python 3.11's stream callback
+            return                      # calls exception() on a cancelled task and logs the CancelledError)
         finally:
             for w in ((upstream[1],) if upstream else ()) + (writer,):
                 w.close()
 
 
+async def _cancel_others() -> None:
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
 def _headers(head: bytes) -> dict[str, str] | None:
+    """A request's or response's header fields (names lower-cased) after its start line; None if one is malformed."""
     lines = head.decode("latin-1").split("\r\n")
-    if len(lines[0].split(" ")) != 3:
-        return None
     headers = {}
     for line in lines[1:]:
         if line:

@@ -202,6 +202,7 @@ class TritonServer:
         return text.strip().splitlines()[-1] if text.strip() else "(empty log)"
 
     def stop(self, grace: float = 30) -> int:
+        self.gate.close()  # an idle keep-alive client would hold tritonserver for its whole exit timeout
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:

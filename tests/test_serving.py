@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -31,8 +32,6 @@ SERVE_ENV = Path(os.environ.get("VPSDE_SERVE_ENV", ROOT / ".venv-serve"))
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -374,8 +373,6 @@ def test_a_bad_bundle_fails_the_model_load_with_vpsdes_message(bundles, tmp_path
 
 def _raw_http(url: str, request: bytes) -> tuple[int, str]:
     """One raw HTTP/1.1 exchange (no client library: some of these requests are malformed on purpose)."""
-    import socket
-
     host, port = url.split(":")
     with socket.create_connection((host, int(port)), timeout=120) as s:
         def send() -> None:
@@ -418,39 +415,68 @@ def test_hostile_http_requests_are_refused_in_front_of_the_server_and_it_keeps_s
 
 
 def test_the_gate_relays_keep_alive_and_100_continue(server, bundles):
-    """Two requests on one connection (the second with Expect: 100-continue, as curl sends for large bodies) both
-    answered by tritonserver through the gate."""
-    import socket
+    """Requests on one connection, as a client library's pooled connection sends them: a refused one (400 Bad
+    Request from tritonserver) and one for a model that is not there (404 Not Found), then two samples requests (the
+    second with Expect: 100-continue, as curl sends for large bodies), all answered through the gate. Before 0.5.12
+    a reason phrase with a space made the gate wait for tritonserver to close the connection, so the next request
+    on it hung."""
 
-    body = json.dumps({"inputs": _triple(seed=3, num=2)}).encode()
+    def post(path: str, inputs: list, extra: bytes = b"") -> bytes:
+        body = json.dumps({"inputs": inputs}).encode()
+        return (b"POST " + path.encode() + b" HTTP/1.1\r\nHost: x\r\n" + extra + b"Content-Length: " +
+                str(len(body)).encode() + b"\r\n\r\n" + body)
+
+    def response(f) -> tuple[bytes, bytes]:
+        status = f.readline()
+        length = 0
+        while (line := f.readline()) != b"\r\n":
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":")[1])
+        return status, f.read(length)
+
+    want = Sampler(bundles["em"], progress=False, threads=1).sample(2, 3)
     host, port = server.http_url.split(":")
-    with socket.create_connection((host, int(port)), timeout=120) as s:
+    with socket.create_connection((host, int(port)), timeout=60) as s:
         f = s.makefile("rb")
+        s.sendall(post("/v2/models/vpsde/infer", _triple(num=65)))
+        status, body = response(f)
+        assert status.startswith(b"HTTP/1.1 400 ") and b"num must be in [1, 64]" in body, (status, body)
+        s.sendall(post("/v2/models/nothing-here/infer", _triple()))
+        status, body = response(f)
+        assert status.startswith(b"HTTP/1.1 4") and b"nothing-here" in body, (status, body)
         for extra in (b"", b"Expect: 100-continue\r\n"):
-            s.sendall(b"POST /v2/models/vpsde/infer HTTP/1.1\r\nHost: x\r\n" + extra +
-                      b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-            status = f.readline()
+            s.sendall(post("/v2/models/vpsde/infer", _triple(seed=3, num=2), extra))
             if extra:
-                assert b"100" in status
+                assert b"100" in f.readline()
                 f.readline()
-                status = f.readline()
+            status, body = response(f)
             assert b" 200 " in status, status
-            length = 0
-            while (line := f.readline()) != b"\r\n":
-                if line.lower().startswith(b"content-length:"):
-                    length = int(line.split(b":")[1])
-            out = json.loads(f.read(length))["outputs"][0]
-            want = Sampler(bundles["em"], progress=False, threads=1).sample(2, 3)
+            out = json.loads(body)["outputs"][0]
             np.testing.assert_array_equal(np.asarray(out["data"], np.float32).reshape(want.shape), want)
 
 
 def test_sigterm_stops_the_server_and_leaves_no_process(bundles, tmp_path):
+    """SIGTERM with clients still connected (a keep-alive HTTP connection and a gRPC channel, idle, as pooled
+    clients leave them): tritonserver waits for every open HTTP connection before it exits, so before 0.5.12 it was
+    killed after its 30 s exit timeout; now the gate closes idle connections first and the server exits cleanly."""
+    import tritonclient.grpc as grpcclient
+
     served = Served(str(bundles["em"].root), tmpdir=tmp_path)
     children = served.children()
     assert children, "vpsde serve has no tritonserver child"
+    host, port = served.http_url.split(":")
+    idle_http = socket.create_connection((host, int(port)), timeout=60)
+    body = json.dumps({"inputs": _triple(seed=3, num=2)}).encode()
+    idle_http.sendall(b"POST /v2/models/vpsde/infer HTTP/1.1\r\nHost: x\r\nContent-Length: " + str(len(body)).encode()
+                      + b"\r\n\r\n" + body)
+    assert idle_http.recv(1 << 16).startswith(b"HTTP/1.1 200 ")
+    idle_grpc = grpcclient.InferenceServerClient(served.grpc_url)
+    assert idle_grpc.is_server_ready()
     t0 = time.monotonic()
     assert served.stop() == 143
-    assert time.monotonic() - t0 < 60
+    assert time.monotonic() - t0 < 20
+    assert "tritonserver stopped (exit 0)" in served.process.stderr.read()
+    idle_http.close()
     for pid in children:
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
     assert list(tmp_path.iterdir()) == []  # no repository, backend copy or tritonserver.log left behind
