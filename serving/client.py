@@ -69,9 +69,9 @@ def _infer(url: str, protocol: str, model: str, inputs: list[tuple[str, np.ndarr
         result = client.infer(model, tensors, outputs=[tc.InferRequestedOutput(output)],
                               **({"client_timeout": timeout} if protocol == "grpc" else {}))
     except InferenceServerException as e:
-        raise ServerError(f"{url} ({protocol}): {e.message() or e}") from None
+        raise ServerError(_with_hint(f"{url} ({protocol}): {e.message() or e}")) from None
     except OSError as e:
-        raise ServerError(f"{url} ({protocol}): {e}") from None
+        raise ServerError(_with_hint(f"{url} ({protocol}): {e}")) from None
     except Exception as e:  # noqa: BLE001 - e.g. geventhttpclient's HTTPParseError: not an HTTP server
         raise ServerError(f"{url} ({protocol}): {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}; "
                           f"is this the server's {protocol} port? (--protocol http|grpc)") from None
@@ -79,6 +79,13 @@ def _infer(url: str, protocol: str, model: str, inputs: list[tuple[str, np.ndarr
         if client is not None:
             client.close()
     return result.as_numpy(output)
+
+
+def _with_hint(message: str) -> str:
+    """``message``, with what to check when nothing listens at the address (both protocols say "Connection refused")."""
+    if "Connection refused" in message:
+        return message + "; nothing listens there: start the server (vpsde serve) or check HOST:PORT"
+    return message
 
 
 def split_url(url: str, protocol: str) -> tuple[str, str]:
@@ -118,7 +125,7 @@ def served_model(url: str, model: str = "vpsde", protocol: str = "http") -> Serv
             client.get_model_config(model, as_json=True)["config"]
     except Exception as e:  # noqa: BLE001 - tritonclient's own errors, refused connections, not a Triton port
         message = (e.message() if callable(getattr(e, "message", None)) else str(e)) or type(e).__name__
-        raise ServerError(f"{url} ({protocol}): model {model!r}'s config: {message.splitlines()[0]}") from None
+        raise ServerError(_with_hint(f"{url} ({protocol}): model {model!r}'s config: {message.splitlines()[0]}")) from None
     finally:
         if client is not None:
             client.close()

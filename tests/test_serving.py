@@ -147,6 +147,12 @@ def _triple(seed=1, first=0, num=2, seed_type="UINT64", batch=1):
             {"name": "num", "shape": [batch, 1], "datatype": "INT32", "data": [num] * batch}]
 
 
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_a_request_to_an_address_where_nothing_listens_says_what_to_check(protocol):
+    with pytest.raises(ServerError, match=r"Connection refused; nothing listens there: start the server \(vpsde serve\)"):
+        request_samples(f"127.0.0.1:{_free_port()}", 0, 1, protocol=protocol, timeout=30)
+
+
 @pytest.mark.parametrize("inputs, expect", [
     (_triple()[1:], "seed"),                                   # missing input: Triton's check
     (_triple(seed_type="INT64"), "seed"),                      # wrong dtype: Triton's check
