@@ -60,12 +60,13 @@ def register(sub, fmt) -> None:
     p.add_argument("--snr", type=float, default=None,
                    help="pc: Langevin corrector signal-to-noise ratio (default: 0.10 with --coupling expected, 0.16 "
                         "(score_sde's) with batch or per-sample)")
-    p.add_argument("--corrector-steps", type=positive, default=1, help="pc: Langevin steps before each predictor step")
-    p.add_argument("--coupling", default="expected", choices=["expected", "batch", "per-sample"],
+    p.add_argument("--corrector-steps", type=positive, default=None,
+                   help="pc: Langevin steps before each predictor step (default: 1)")
+    p.add_argument("--coupling", default=None, choices=["expected", "batch", "per-sample"],
                    help="pc: Langevin step size 2 alpha (snr |z| / |score|)^2 with the norms' expectations "
                         "(expected: 2 alpha (snr sigma_t)^2, each sample independent of its batch; at the exact-truth "
                         "floor, docs/samplers.md), batch-averaged norms (batch: score_sde exactly; samples depend on "
-                        "their batch) or each sample's own norms (per-sample: unstable in low dimensions)")
+                        "their batch) or each sample's own norms (per-sample: unstable in low dimensions) (default: expected)")
     p.add_argument("--noise", default="philox", choices=["philox", "torch"],
                    help="default noise generator recorded in the manifest (philox = portable spec)")
     p.add_argument("--denoise-final", action="store_true",
@@ -115,7 +116,9 @@ def run(args: argparse.Namespace) -> None:
         raise UsageError(f"{args.out} exists; pass --force to replace the bundle there")
     if args.steps and args.nfe:
         raise UsageError("give --steps or --nfe, not both")
-    steps = (steps_for_nfe(args.sampler, args.nfe, args.corrector_steps) if args.nfe
+    corrector = {k: v for k, v in (("snr", args.snr), ("corrector_steps", args.corrector_steps),
+                                   ("coupling", args.coupling)) if v is not None}
+    steps = (steps_for_nfe(args.sampler, args.nfe, args.corrector_steps or 1) if args.nfe
              else args.steps or DEFAULT_STEPS.get(args.sampler, 1000))
     try:
         sde = VPSDE(args.beta_min, args.beta_max, args.sampling_eps,
@@ -128,8 +131,7 @@ def run(args: argparse.Namespace) -> None:
     value_range = args.value_range or getattr(model, "value_range", None)
     if value_range is None and len(model.sample_shape) == 3:
         value_range = (-1.0, 1.0)
-    options = {"snr": args.snr, "corrector_steps": args.corrector_steps, "coupling": args.coupling} \
-        if args.sampler == "pc" else {}
+    options = dict(corrector)
     if args.denoise_final:
         options["denoise_final"] = True
     options.update({k: v for k, v in (("order", args.order), ("variant", args.variant), ("divergence", args.divergence),

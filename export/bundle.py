@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -61,11 +62,10 @@ def export_bundle(model: ScoreModel, out: str | Path, *, sampler: str = "em", st
     if noise not in GENERATORS:
         raise ValueError(f"unknown noise generator {noise!r}; expected one of {GENERATORS}")
     sde = sde or VPSDE(std_formula=default_std_formula(sampler, grid))
-    min_opset = MIN_OPSET.get(precision, DEFAULT_OPSET)
-    opset = opset or max(DEFAULT_OPSET, min_opset)
-    if opset < min_opset:
-        raise ValueError(f"--precision {precision} needs --opset {min_opset} or later (ONNX Conv has no "
-                         f"{precision} before it), got {opset}")
+    opset = check_opset(opset, precision)
+    if value_range is not None and not (len(value_range) == 2 and all(map(math.isfinite, value_range))
+                                        and value_range[0] < value_range[1]):
+        raise ValueError(f"value_range: expected finite LO < HI, got {list(value_range)}")
     if sampler == "likelihood" and precision != "fp32":
         raise ValueError(f"likelihood bundles are fp32 (the divergence's JVP is checked in fp32 only), not {precision}")
     if precision == "int8" and not 1 <= calibration_samples <= 4096:
@@ -146,6 +146,21 @@ def _quantize(manifest: Manifest, root: Path, samples: int, log) -> Manifest:
         log(f"graph {key!r}: {count} convolutions in int8 ({len(feeds[key])} calibration calls)")
         graphs[key] = dataclasses.replace(spec, sha256=sha256_file(path))
     return dataclasses.replace(manifest, graphs=graphs)
+
+
+def check_opset(opset: int | None, precision: str) -> int:
+    """The opset to export ``precision`` graphs at (``opset``, or the default for ``precision``) once torch.onnx
+    writes it (18 or later), the precision has it (bf16 Conv: 22) and the installed onnx knows it; else ValueError."""
+    least, newest = MIN_OPSET.get(precision, DEFAULT_OPSET), onnx.defs.onnx_opset_version()
+    opset = opset or max(DEFAULT_OPSET, least)
+    if opset < DEFAULT_OPSET:
+        raise ValueError(f"opset {opset}: torch.onnx exports opset {DEFAULT_OPSET} or later")
+    if opset < least:
+        raise ValueError(f"precision {precision} needs opset {least} or later (ONNX Conv has no {precision} before "
+                         f"it), got {opset}")
+    if opset > newest:
+        raise ValueError(f"opset {opset}: the installed onnx {onnx.__version__} knows opsets up to {newest}")
+    return opset
 
 
 def check_replaceable(out: Path, overwrite: bool) -> None:

@@ -300,13 +300,13 @@ def check_grid(sampler: str, grid: str | None) -> str:
     return grid
 
 
-def check_options(sampler: str, steps: int, grid: str | None = None, *, denoise_final: bool = False,
+def check_options(sampler: str, steps: int, grid: str | None = None, *, snr: float | None = None,
+                  corrector_steps: int | None = None, coupling: str | None = None, denoise_final: bool = False,
                   order: int | None = None, variant: str | None = None, divergence: str | None = None,
                   probes: int | None = None, probe: str | None = None, **built_options) -> str:
     """The grid (:func:`check_grid`) once ``steps`` and the options suit ``sampler``, else ValueError naming what
-    does not: what :func:`build_sampler` checks first, and export checks before a tuned grid's cost. The other
-    options of :func:`build_sampler` (``built_options``: snr, corrector_steps, coupling, edges) are checked as
-    the steps are built."""
+    does not: what :func:`build_sampler` checks first, and export checks before a tuned grid's cost. The options'
+    values (and ``built_options``: edges) are checked as the steps are built."""
     grid = check_grid(sampler, grid)
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -314,6 +314,8 @@ def check_options(sampler: str, steps: int, grid: str | None = None, *, denoise_
         raise ValueError(f"denoise_final is an option of {', '.join(k for k, d in DEFINITIONS.items() if d.denoise_final)}")
     if denoise_final and steps < 2:
         raise ValueError("denoise_final needs steps >= 2 (the last step is the jump to t = 0)")
+    if (snr is not None or corrector_steps is not None or coupling is not None) and sampler != "pc":
+        raise ValueError("snr, corrector_steps and coupling are options of pc")
     if (order is not None or variant is not None) and sampler != "unipc":
         raise ValueError("order and variant are options of unipc")
     if (divergence is not None or probes is not None or probe is not None) and sampler != "likelihood":
@@ -322,7 +324,7 @@ def check_options(sampler: str, steps: int, grid: str | None = None, *, denoise_
 
 
 def build_sampler(sampler: str, model: ScoreModel, sde: VPSDE, steps: int, grid: str | None = None, *,
-                  snr: float | None = None, corrector_steps: int = 1, coupling: str = "expected",
+                  snr: float | None = None, corrector_steps: int | None = None, coupling: str | None = None,
                   denoise_final: bool = False, order: int | None = None, variant: str | None = None,
                   edges: torch.Tensor | None = None, divergence: str | None = None, probes: int | None = None,
                   probe: str | None = None) -> SamplerRecipe:
@@ -339,8 +341,9 @@ def build_sampler(sampler: str, model: ScoreModel, sde: VPSDE, steps: int, grid:
     them). ``divergence`` ("exact" or "hutchinson", default), ``probes`` (default 1) and ``probe`` ("rademacher",
     default, or "gaussian") are the likelihood's (``export/likelihood.py``).
     """
-    grid = check_options(sampler, steps, grid, denoise_final=denoise_final, order=order, variant=variant,
-                         divergence=divergence, probes=probes, probe=probe)
+    grid = check_options(sampler, steps, grid, snr=snr, corrector_steps=corrector_steps, coupling=coupling,
+                         denoise_final=denoise_final, order=order, variant=variant, divergence=divergence,
+                         probes=probes, probe=probe)
     definition, defaults = DEFINITIONS[sampler], Options()
 
     def given(value, default):  # None means the default; 0 or "" is a value, checked as the step is built
@@ -348,7 +351,8 @@ def build_sampler(sampler: str, model: ScoreModel, sde: VPSDE, steps: int, grid:
 
     common = dict(sampler=sampler, name=definition.name, grid=grid, steps=steps)
     return definition.build(common, model, sde, grid, steps,
-                            Options(snr, corrector_steps, coupling, denoise_final, given(order, defaults.order),
+                            Options(snr, given(corrector_steps, defaults.corrector_steps),
+                                    given(coupling, defaults.coupling), denoise_final, given(order, defaults.order),
                                     given(variant, defaults.variant), edges, given(divergence, defaults.divergence),
                                     given(probes, defaults.probes), given(probe, defaults.probe)))
 

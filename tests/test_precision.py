@@ -140,8 +140,15 @@ def test_bf16_bundle_is_refused_by_ort_cpu_with_the_reason(bf16_bundle):
 def test_unknown_precision_and_low_opset_are_refused(digits, tmp_path):
     with pytest.raises(ValueError, match="unknown precision 'int4'"):
         export_bundle(digits, tmp_path / "b", steps=4, precision="int4", log=lambda _: None)
-    with pytest.raises(ValueError, match="bf16 needs --opset 22"):
+    with pytest.raises(ValueError, match="bf16 needs opset 22"):
         export_bundle(digits, tmp_path / "b", steps=4, precision="bf16", opset=18, log=lambda _: None)
+    with pytest.raises(ValueError, match="opset 7: torch.onnx exports opset 18 or later"):  # said "Conv has no fp32"
+        export_bundle(digits, tmp_path / "b", steps=4, opset=7, log=lambda _: None)
+    with pytest.raises(ValueError, match=r"opset 99: the installed onnx .* knows opsets up to \d+"):  # was written
+        export_bundle(digits, tmp_path / "b", steps=4, opset=99, log=lambda _: None)
+    for bad in ((1.0, 0.0), (float("nan"), 1.0), (0.0,)):  # named the temporary manifest's field
+        with pytest.raises(ValueError, match=r"value_range: expected finite LO < HI, got \["):
+            export_bundle(digits, tmp_path / "b", steps=4, value_range=bad, log=lambda _: None)
     assert not (tmp_path / "b").exists()
 
 

@@ -318,6 +318,9 @@ def test_ipndm_and_unipc_options_are_checked(gmm, tmp_path):
     for kwargs, msg in [({"sampler": "unipc", "order": 4}, "order must be one of"),
                         ({"sampler": "unipc", "variant": "bh3"}, "variant one of"),
                         ({"sampler": "ipndm", "order": 2}, "options of unipc"),
+                        ({"sampler": "em", "snr": 0.2}, "options of pc"),  # were dropped without a word
+                        ({"sampler": "dpmpp-2m", "coupling": "batch"}, "options of pc"),
+                        ({"sampler": "ancestral", "corrector_steps": 2}, "options of pc"),
                         ({"sampler": "ipndm", "grid": "diffusers"}, "runs on the grids")]:
         sampler = kwargs.pop("sampler")
         with pytest.raises(ValueError, match=msg):
