@@ -105,11 +105,11 @@ CREATED_DIRS: list[Path] = []
 (``cli/main.py``) removes those still empty when the command fails (:func:`remove_empty_created_dirs`)."""
 
 
-def prepare_out_dir(out: Path) -> None:
-    """Create ``out`` and prove it writable (a file is made and removed there), so that a bad --out fails
-    before sampling, not after."""
+def prepare_out_dir(out: Path, holds: str = "samples.npz", flag: str = "--out") -> None:
+    """Create ``out`` (the ``flag`` directory that will hold ``holds``) and prove it writable (a file is made and
+    removed there), so that a bad directory fails before the work, not after."""
     if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out}: exists and is not a directory; --out names the directory for samples.npz")
+        raise UsageError(f"{flag} {out}: exists and is not a directory; {flag} names the directory for {holds}")
     CREATED_DIRS[:0] = [p for p in (out, *out.parents) if not p.exists() and not p.is_symlink()]
     try:
         out.mkdir(parents=True, exist_ok=True)

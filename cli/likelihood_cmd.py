@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> None:
     value_range = tuple(m.model.value_range) if m.model.value_range else None
     data = load_data(args.data, m.model.sample_shape, value_range)
     check_last_index(args.first_sample, len(data), f"{len(data)} inputs")
-    prepare_out_dir(args.out)
+    prepare_out_dir(args.out, "likelihood.json")
     points = data.model_points(value_range, args.seed, args.first_sample, m.noise.generator)
     t0 = time.perf_counter()
     if args.ray is not None:

@@ -8,7 +8,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from vpsde.cli.common import UsageError, add_expect_digest, backend_list, positive, report_not_run, threads_arg, u64
+from vpsde.cli.common import (UsageError, add_expect_digest, backend_list, positive, prepare_out_dir, report_not_run,
+                              threads_arg, u64)
 from vpsde.cli.conditioning import add_conditioning_args, conditioning_from_args
 from vpsde.runtime.errors import VpsdeError
 
@@ -173,6 +174,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--polygraphy-cmd saves the call's inputs under --report DIR: give --report")
     bundle = Bundle.load(args.bundle, expect_digest=args.expect_digest)
     m = bundle.manifest
+    if args.report is not None:  # before the comparison: a bad --report must not cost the run
+        prepare_out_dir(args.report, "report.json", "--report")
     if args.quality and m.sampler.task != "sample":
         raise UsageError(f"--quality scores sampled outputs; {bundle.root} is a {m.sampler.task} bundle "
                          "(sampler.task), whose output is log p: `vpsde likelihood` reports its figures")

@@ -218,7 +218,7 @@ def _request_log_likelihood(args: argparse.Namespace) -> None:
         raise UsageError(f"--data {args.data}: images are dequantized with the served bundle's noise generator, and "
                          f"{where} does not say which (a repository written before vpsde 0.5.6: write it again)")
     points = data.model_points(served.value_range, args.seed, args.first_sample, served.noise_generator)
-    prepare_out_dir(args.out)
+    prepare_out_dir(args.out, "likelihood.json")
     t0 = time.perf_counter()
     logp = request_log_likelihood(args.url, points, args.seed, args.first_sample, model=args.name,
                                   protocol=args.protocol)

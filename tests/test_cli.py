@@ -47,6 +47,27 @@ def test_errors_are_messages_not_tracebacks(args, message, tmp_path):
     assert not (tmp_path / "x").exists()  # nothing half-written
 
 
+def test_an_output_directory_that_is_a_file_is_named_with_what_it_would_hold(gmm_bundle, tmp_path):
+    """Each command's directory flag names what goes there; parity checks --report before comparing (a file there
+    failed only once the comparison had run)."""
+    from vpsde.export import VPSDE, export_bundle, load_model
+
+    (tmp_path / "file").write_text("mine")
+    lik = tmp_path / "lik"
+    export_bundle(load_model("gmm", VPSDE()), lik, sampler="likelihood", steps=2, log=lambda _: None)
+    np.save(tmp_path / "points.npy", np.random.default_rng().standard_normal((3, 2)).astype(np.float32))
+    for args, said in [(["sample", gmm_bundle.root, "--num", "2", "--out"], "--out {}: exists and is not a directory; "
+                        "--out names the directory for samples.npz"),
+                       (["likelihood", lik, "--data", tmp_path / "points.npy", "--out"],
+                        "--out {}: exists and is not a directory; --out names the directory for likelihood.json"),
+                       (["parity", gmm_bundle.root, "--against", "eager", "--no-progress", "--report"],
+                        "--report {}: exists and is not a directory; --report names the directory for report.json")]:
+        r = run_cli(*map(str, args), str(tmp_path / "file"))
+        assert r.returncode == 2 and r.stderr.strip().endswith(said.format(tmp_path / "file")), r.stderr
+        assert r.stdout == ""  # nothing sampled, scored or compared
+    assert (tmp_path / "file").read_text() == "mine"
+
+
 def test_help_shows_defaults():
     r = run_cli("sample", "--help")
     assert r.returncode == 0 and "(default: 64)" in r.stdout
@@ -95,6 +116,9 @@ def test_inpainting_from_the_command_line(tmp_path, capsys):
     (["--sampler", "ode-heun", "--grid", "diffusers"], "runs on the grids"),
     (["--steps", "10", "--nfe", "10"], "not both"),
     (["--sampler", "em", "--denoise-final"], "denoise_final is an option of dpmpp-2m"),
+    (["--sampler", "em", "--snr", "0.2"], "snr, corrector_steps and coupling are options of pc"),
+    (["--opset", "30"], "opset 30: the installed onnx"),
+    (["--value-range", "1", "0"], "value_range: expected finite LO < HI, got [1.0, 0.0]"),
 ])
 def test_export_option_errors(tmp_path, args, message):
     r = run_cli("export", "--model", "gmm", "--out", str(tmp_path / "b"), *args)
