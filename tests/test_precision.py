@@ -13,6 +13,8 @@ graph is run with ``onnx.reference.ReferenceEvaluator`` (numpy, bfloat16 tensors
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnx
 import pytest
@@ -135,6 +137,22 @@ def test_bf16_graph_per_call_bound_on_the_whole_grid(bf16_bundle, digits, rng):
 def test_bf16_bundle_is_refused_by_ort_cpu_with_the_reason(bf16_bundle):
     with pytest.raises(BackendUnavailable, match=r"bf16 bundle .*no bfloat16 kernels.*--backend openvino .*or tensorrt"):
         Sampler(bf16_bundle, progress=False)
+
+
+def test_a_triton_repository_the_server_could_not_load_is_refused_as_it_is_written(bf16_bundle, tmp_path):
+    """vpsde triton / vpsde serve apply the sampler's placement rule (runtime/backends: check_placement) when they
+    write the repository: a bf16 bundle on ONNX Runtime's CPU provider, or tensorrt on the CPU, failed only as
+    every model instance loaded on the server."""
+    from vpsde.runtime.errors import InputError
+    from vpsde.serving.repository import write_repository
+
+    for backend, device, said in [("onnxruntime", "cpu", "no bfloat16 kernels"),
+                                  ("tensorrt", "cpu", "tensorrt backend runs on an NVIDIA GPU (--device cuda), not 'cpu'")]:
+        with pytest.raises(InputError, match=re.escape(said)):
+            write_repository(bf16_bundle, tmp_path / "repo", backend=backend, device=device)
+        assert not (tmp_path / "repo").exists()
+    write_repository(bf16_bundle, tmp_path / "repo", backend="onnxruntime", device="cuda")  # a GPU host's repository
+    assert (tmp_path / "repo" / "vpsde" / "config.pbtxt").is_file()
 
 
 def test_unknown_precision_and_low_opset_are_refused(digits, tmp_path):

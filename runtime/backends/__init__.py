@@ -22,12 +22,8 @@ def open_backend(backend: str, bundle, device: str | None = None, threads: int |
     cached in the bundle; "openvino" on "cpu", OpenVINO's CPU plugin, which also runs bf16 bundles, each graph
     checked against ONNX Runtime once as it opens). ``threads`` caps the intra-op CPU threads; ``cuda_graph``
     replays each binding as a CUDA graph (GPU only)."""
-    device = device or DEFAULT_DEVICE.get(backend, "cpu")
+    device = check_placement(bundle, backend, device)
     if backend in ("onnxruntime", "onnxruntime-trt"):
-        if device == "cpu" and bundle.manifest.model.precision == "bf16":
-            raise BackendUnavailable(f"{bundle.root}: a bf16 bundle ('model.precision'); ONNX Runtime's CPU provider "
-                                     "has no bfloat16 kernels: sample it with --backend openvino (CPU, vpsde[openvino]) "
-                                     "or tensorrt, or export with --precision fp16 or fp32 for the CPU")
         from vpsde.runtime.backends.onnxruntime import OnnxRuntimeRunner, OrtDevice, session_from_bundle
 
         trt_ep = backend == "onnxruntime-trt"
@@ -36,16 +32,29 @@ def open_backend(backend: str, bundle, device: str | None = None, threads: int |
                                                                             trt_ep), bundle, key, dev)
                                  for key in bundle.manifest.graphs})
     if backend == "openvino":
-        if device != "cpu":
-            raise BackendUnavailable(f"the openvino backend runs on the CPU (--device cpu), not {device!r}")
         from vpsde.runtime.backends.openvino import HostDevice, open_graph
 
         dev = HostDevice()
         return OpenBackend(dev, {key: open_graph(bundle, key, dev, threads) for key in bundle.manifest.graphs})
-    if backend == "tensorrt":
-        if device != "cuda":
-            raise BackendUnavailable(f"the tensorrt backend runs on an NVIDIA GPU (--device cuda), not {device!r}")
-        from vpsde.runtime.tensorrt.runner import open_engines
+    from vpsde.runtime.tensorrt.runner import open_engines
 
-        return open_engines(bundle, cuda_graph=cuda_graph)
-    raise BackendUnavailable(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
+    return open_engines(bundle, cuda_graph=cuda_graph)
+
+
+def check_placement(bundle, backend: str, device: str | None) -> str:
+    """The device ``backend`` runs ``bundle`` on (``device``, or the backend's default) where the pair can run it,
+    else :class:`BackendUnavailable` saying what can: the rule every host of a bundle (sampling, serving) applies."""
+    if backend not in BACKENDS:
+        raise BackendUnavailable(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
+    device = device or DEFAULT_DEVICE[backend]
+    if device not in DEVICES:
+        raise BackendUnavailable(f"unknown device {device!r}; expected {' or '.join(DEVICES)}")
+    if backend in ("onnxruntime", "onnxruntime-trt") and device == "cpu" and bundle.manifest.model.precision == "bf16":
+        raise BackendUnavailable(f"{bundle.root}: a bf16 bundle ('model.precision'); ONNX Runtime's CPU provider "
+                                 "has no bfloat16 kernels: sample it with --backend openvino (CPU, vpsde[openvino]) "
+                                 "or tensorrt, or export with --precision fp16 or fp32 for the CPU")
+    if backend == "openvino" and device != "cpu":
+        raise BackendUnavailable(f"the openvino backend runs on the CPU (--device cpu), not {device!r}")
+    if backend == "tensorrt" and device != "cuda":
+        raise BackendUnavailable(f"the tensorrt backend runs on an NVIDIA GPU (--device cuda), not {device!r}")
+    return device
