@@ -106,6 +106,24 @@ def test_not_a_bundle(tmp_path):
         Bundle.load(tmp_path)
 
 
+def test_a_gpu_provider_onnx_runtime_cannot_start_is_an_error_not_a_silent_cpu_run(gmm_bundle, monkeypatch):
+    """ONNX Runtime falls back to the CPU when its CUDA provider is listed but cannot start (missing CUDA or cuDNN
+    libraries: the commonest GPU deployment failure), logging one line. Here the CPU build is made to list the
+    provider, so the real session falls back exactly so; vpsde must refuse, not sample on the CPU as 'cuda'."""
+    import onnxruntime as ort
+
+    from vpsde.runtime.errors import BackendUnavailable
+
+    listed = ort.get_available_providers()
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", *listed])
+    with pytest.raises(BackendUnavailable, match=r"could not start its CUDAExecutionProvider \(it fell back to "
+                                                 r"CPUExecutionProvider\)"):
+        session_from_bundle(gmm_bundle, "em", device="cuda")
+    with pytest.raises(BackendUnavailable, match="could not start its CUDAExecutionProvider"):
+        Sampler(gmm_bundle, device="cuda", progress=False)
+    assert session_from_bundle(gmm_bundle, "em").get_providers() == ["CPUExecutionProvider"]  # the CPU is unchanged
+
+
 def test_wrong_dtype_and_shape_are_refused(gmm_bundle):
     runner = OnnxRuntimeRunner(session_from_bundle(gmm_bundle, "em"), gmm_bundle, "em")
     rs = np.random.default_rng(0)

@@ -65,11 +65,18 @@ def session_from_bundle(bundle: Bundle, graph_key: str, device: str = "cpu", thr
                      *providers]
     data = bundle.graph_bytes(graph_key) if data is None else data
     try:
-        return ort.InferenceSession(data, sess_options=options, providers=providers)
+        session = ort.InferenceSession(data, sess_options=options, providers=providers)
     except BackendUnavailable:
         raise
     except Exception as e:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
         raise BundleError(f"{path}: ONNX Runtime could not load graph {graph_key!r}: {first_line(e)}") from e
+    started = session.get_providers()
+    for wanted in [p if isinstance(p, str) else p[0] for p in providers[:-1]]:  # all but the CPU, the last resort
+        if wanted not in started:  # ONNX Runtime logs why and falls back to the CPU: never run there unasked
+            raise BackendUnavailable(f"ONNX Runtime could not start its {wanted} (it fell back to {', '.join(started)}); "
+                                     "its error line above says why, most often CUDA, cuDNN or TensorRT libraries it "
+                                     "cannot find: `vpsde doctor` shows what this machine has")
+    return session
 
 
 class OrtDevice:
