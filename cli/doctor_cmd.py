@@ -29,6 +29,8 @@ def run(args: argparse.Namespace) -> None:
     import onnxruntime as ort
 
     print(f"onnxruntime {ort.__version__}  providers {', '.join(ort.get_available_providers())}")
+    for provider in [p for p in ort.get_available_providers() if p in GPU_PROVIDERS]:
+        print(f"            {provider}: {_starts(provider)}")
     openvino = version("openvino")
     print(f"openvino    {openvino}  (--backend openvino: CPU, runs bf16 bundles)" if openvino else
           "openvino    not installed: --backend openvino needs pip install 'vpsde[openvino]'")
@@ -51,3 +53,26 @@ def run(args: argparse.Namespace) -> None:
     torch = version("torch")
     print(f"export      torch {torch}, onnx {version('onnx')}" if torch else
           "export      torch not installed: `vpsde export` needs pip install 'vpsde[export]' after torch")
+
+
+GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+
+
+def _starts(provider: str) -> str:
+    """Whether ONNX Runtime's ``provider`` starts on a one-node graph: listed is not enough (without its CUDA,
+    cuDNN or TensorRT libraries ONNX Runtime logs why and falls back to the CPU)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe", [x],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    try:
+        session = ort.InferenceSession(model.SerializeToString(), providers=[provider, "CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - onnxruntime's own exception types
+        return f"cannot start: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}"
+    if provider not in session.get_providers():
+        return "listed, but cannot start (ONNX Runtime fell back to the CPU; its line above says why)"
+    return "starts"

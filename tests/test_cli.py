@@ -135,6 +135,17 @@ def test_doctor_reports_what_this_machine_can_run(capsys):
     assert all(f"\n{k}" in out for k in ("tensorrt ", "gpu ", "export "))
 
 
+def test_doctor_says_when_a_listed_gpu_provider_cannot_start(capsys, monkeypatch):
+    """A provider ONNX Runtime lists but cannot start (here the CPU build made to list CUDA: the real session falls
+    back as it does without cuDNN) is reported as such, not as available."""
+    import onnxruntime
+
+    listed = onnxruntime.get_available_providers()
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", *listed])
+    assert main(["doctor"]) == 0
+    assert "CUDAExecutionProvider: listed, but cannot start (ONNX Runtime fell back to the CPU" in capsys.readouterr().out
+
+
 def test_typos_get_the_subcommands_usage_and_the_nearest_name(capsys):
     import pytest
 
