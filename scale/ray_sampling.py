@@ -36,7 +36,8 @@ from vpsde.runtime.likelihood import check_points
 from vpsde.runtime.noise import TORCH_ID
 from vpsde.runtime.progress import progress as progress_bar
 from vpsde.runtime.request import check_request, count
-from vpsde.scale.shards import RunKey, Shard, ShardedSamples, data_digest, open_run, write_shard
+from vpsde.scale.shards import (INDEX_NAME, Index, RunKey, Shard, ShardedSamples, data_digest, discard_empty_run,
+                                open_run, write_shard)
 
 
 def bundle_payload(bundle: Bundle) -> dict[str, bytes]:
@@ -209,19 +210,41 @@ def _run_shards(bundle: Bundle, key: RunKey, run_dir: Path, call: Callable[[Any,
             raise InputError(f"{name} must be a finite number >= 0, got {value!r}")
     if worker_cpus == 0 and worker_gpus == 0:
         raise InputError("worker_cpus and worker_gpus are both 0: a worker needs a CPU or a GPU")
+    fresh = not os.path.lexists(run_dir / INDEX_NAME)
     index, todo = open_run(run_dir, key)
+    try:
+        return _compute_shards(bundle, key, run_dir, index, todo, call, shared, workers=workers,
+                               worker_cpus=worker_cpus, worker_gpus=worker_gpus, address=address, backend=backend,
+                               device=device, threads=threads, batch_size=batch_size, progress=progress,
+                               on_shard=on_shard, unit=unit)
+    except BaseException:
+        if fresh and not index.done:  # nothing computed: no index or shard directory left behind
+            discard_empty_run(run_dir)
+        raise
+
+
+def _compute_shards(bundle: Bundle, key: RunKey, run_dir: Path, index: Index, todo: list[Shard],
+                    call: Callable[[Any, Shard, Mapping[str, Any]], Any], shared: Mapping[str, Any], *, workers: int,
+                    worker_cpus: float, worker_gpus: float, address: str | None, backend: str, device: str | None,
+                    threads: int | None, batch_size: int | None, progress: bool,
+                    on_shard: Callable[[dict[str, Any]], None] | None, unit: str) -> RayRunReport:
+    import ray
+
     reused = len(key.shards()) - len(todo)
     per_worker: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
     torch_seen = False
     started = False
     if todo:
         if not ray.is_initialized():
-            if address and "://" not in address and address != "auto":
+            if address and address != "auto":
                 check_reachable(address)
             sigterm = signal.getsignal(signal.SIGTERM)
-            ray.init(address=address, num_cpus=None if address else max(1, int(workers * worker_cpus)),
-                     num_gpus=None if address or not worker_gpus else int(np.ceil(workers * worker_gpus)),
-                     include_dashboard=False, log_to_driver=False, configure_logging=False)
+            try:
+                ray.init(address=address, num_cpus=None if address else max(1, int(workers * worker_cpus)),
+                         num_gpus=None if address or not worker_gpus else int(np.ceil(workers * worker_gpus)),
+                         include_dashboard=False, log_to_driver=False, configure_logging=False)
+            except ConnectionError as e:  # Ray client: "ray client connection timeout"
+                raise BackendUnavailable(f"--ray {address}: no Ray cluster answers there ({e})") from None
             if threading.current_thread() is threading.main_thread():
                 signal.signal(signal.SIGTERM, sigterm)  # ray.init installs its own (exit 15): the caller's again
             started = True
@@ -277,10 +300,19 @@ def _run_shards(bundle: Bundle, key: RunKey, run_dir: Path, call: Callable[[Any,
                         unit)
 
 
+RAY_CLIENT_PORT = 10001
+"""Ray's client server port (ray://HOST without a port)."""
+
+
 def check_reachable(address: str, timeout: float = 5.0) -> None:
-    """A Ray GCS address "HOST:PORT" must accept a TCP connection within ``timeout`` seconds: ray.init retries an
-    unreachable address for minutes."""
-    host, _, port = address.rpartition(":")
+    """A Ray address "HOST:PORT" (the GCS) or "ray://HOST[:PORT]" (the client server, port 10001 by default) must
+    accept a TCP connection within ``timeout`` seconds: ray.init retries an unreachable one for minutes."""
+    scheme, sep, rest = address.rpartition("://")
+    if sep and scheme != "ray":
+        raise InputError(f"--ray {address}: expected HOST:PORT, ray://HOST:PORT or local")
+    if sep and ":" not in rest:
+        rest += f":{RAY_CLIENT_PORT}"
+    host, _, port = (rest if sep else address).rpartition(":")
     try:
         with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout):
             pass

@@ -269,6 +269,16 @@ def open_run(run_dir: Path, key: RunKey) -> tuple[Index, list[Shard]]:
     return index, [s for s in key.shards() if s.first not in kept]
 
 
+def discard_empty_run(run_dir: Path) -> None:
+    """Remove what :func:`open_run` created for a new run that then wrote no shard: its index and its (empty) shard
+    directory, so that a run that failed to start leaves nothing behind."""
+    (run_dir / INDEX_NAME).unlink(missing_ok=True)
+    try:
+        (run_dir / SHARD_DIR).rmdir()
+    except OSError:  # not empty or not there: not ours to remove
+        pass
+
+
 def write_shard(run_dir: Path, shard: Shard, samples: np.ndarray, dtype: str = "float32") -> str:
     """Write one shard's results (``dtype`` [num, *shape]) atomically; return the sha256 of the file."""
     if samples.dtype != np.dtype(dtype) or samples.ndim < 1 or samples.shape[0] != shard.num:

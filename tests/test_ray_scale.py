@@ -203,13 +203,24 @@ def test_sigterm_to_a_ray_driver_exits_143(bundles, tmp_path):
             pass
 
 
-def test_an_address_with_nothing_listening_is_one_line_at_once(bundles, tmp_path):
+@pytest.mark.parametrize("address", ["127.0.0.1:1", "ray://127.0.0.1:1"])
+def test_an_address_with_nothing_listening_is_one_line_at_once_and_leaves_nothing(bundles, tmp_path, address):
+    """A GCS address and a Ray client address (ray://: "a file: ray client connection timeout" and a warning, after
+    ray.init's own wait, before 0.5.12) with nothing listening: one line at once, and no index.json or shard
+    directory left in --out (it held both)."""
     t0 = time.monotonic()
     r = subprocess.run([sys.executable, "-m", "vpsde.cli.main", "sample", str(bundles["em"].root), "--num", "4",
-                        "--ray", "127.0.0.1:1", "--out", str(tmp_path / "o")], capture_output=True, text=True,
+                        "--ray", address, "--out", str(tmp_path / "o")], capture_output=True, text=True,
                        timeout=120, env=_env())
-    assert r.returncode == 2 and "no Ray cluster answers there" in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
+    assert r.returncode == 2 and f"--ray {address}: no Ray cluster answers there" in r.stderr \
+        and len(r.stderr.splitlines()) == 1, r.stderr
     assert time.monotonic() - t0 < 60  # ray.init alone did not answer in 300 s
+    assert not (tmp_path / "o").exists()
+    (tmp_path / "o").mkdir()  # an --out the user made stays, empty
+    r = subprocess.run([sys.executable, "-m", "vpsde.cli.main", "sample", str(bundles["em"].root), "--num", "4",
+                        "--ray", address, "--out", str(tmp_path / "o")], capture_output=True, text=True,
+                       timeout=120, env=_env())
+    assert r.returncode == 2 and list((tmp_path / "o").iterdir()) == []
 
 
 @pytest.mark.parametrize("flag, value", [("--worker-cpus", "-1"), ("--worker-cpus", "nan"), ("--worker-cpus", "inf"),
