@@ -106,6 +106,7 @@ def test_not_a_bundle(tmp_path):
         Bundle.load(tmp_path)
 
 
+@pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider' is not in available")  # the fall-back
 def test_a_gpu_provider_onnx_runtime_cannot_start_is_an_error_not_a_silent_cpu_run(gmm_bundle, monkeypatch):
     """ONNX Runtime falls back to the CPU when its CUDA provider is listed but cannot start (missing CUDA or cuDNN
     libraries: the commonest GPU deployment failure), logging one line. Here the CPU build is made to list the

@@ -135,6 +135,7 @@ def test_doctor_reports_what_this_machine_can_run(capsys):
     assert all(f"\n{k}" in out for k in ("tensorrt ", "gpu ", "export "))
 
 
+@pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider' is not in available")  # the fall-back
 def test_doctor_says_when_a_listed_gpu_provider_cannot_start(capsys, monkeypatch):
     """A provider ONNX Runtime lists but cannot start (here the CPU build made to list CUDA: the real session falls
     back as it does without cuDNN) is reported as such, not as available."""

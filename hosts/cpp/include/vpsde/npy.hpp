@@ -5,10 +5,12 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -135,7 +137,15 @@ inline NpyArray load_npy_points(const std::string& path) {
   if (npy_descr(path) != "<f8") return load_npy(path);
   auto wide = detail::load_npy_as<double>(path, "<f8", "float64 ('<f8') data");
   NpyArray narrow{std::move(wide.shape), std::vector<float>(wide.data.size())};
-  std::transform(wide.data.begin(), wide.data.end(), narrow.data.begin(), [](double v) { return static_cast<float>(v); });
+  constexpr float kMax = std::numeric_limits<float>::max();
+  constexpr double kOverflow = 0x1.ffffffp127;  // 2^128 - 2^103, halfway from kMax to 2^128: rounds to infinity
+  std::transform(wide.data.begin(), wide.data.end(), narrow.data.begin(), [](double v) {
+    const double a = std::fabs(v);
+    if (a <= kMax || !std::isfinite(v)) return static_cast<float>(v);
+    // beyond float's range a plain cast is undefined: round to nearest explicitly, as IEEE 754 (and numpy) does
+    const float r = a >= kOverflow ? std::numeric_limits<float>::infinity() : kMax;
+    return v > 0 ? r : -r;
+  });
   return narrow;
 }
 
