@@ -9,7 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from vpsde.cli.common import UsageError, add_expect_digest, backend_list, positive, report_not_run, threads_arg
+from vpsde.cli.common import (UsageError, add_expect_digest, backend_list, positive, prepare_out_file, report_not_run,
+                              threads_arg)
 from vpsde.runtime.errors import VpsdeError
 
 EPILOG = """Each figure is the median of --iters loops of --steps steps (after --warmup untimed loops), each
@@ -71,8 +72,8 @@ def run(args: argparse.Namespace) -> int | None:
     rows, load_s, not_run = [], {}, {}
     backends = backend_list(args.backend, "--backend")
     for flag, path in (("--json", args.json), ("--plot", args.plot)):
-        if path is not None and path.is_dir():
-            raise UsageError(f"{flag} {path}: is a directory; give the path of a file to write")
+        if path is not None:
+            prepare_out_file(path, flag)
     for backend in backends:
         graph_modes = (False, True) if (args.device or "").startswith("cuda") or backend == "tensorrt" else (False,)
         for cuda_graph in graph_modes:

@@ -119,6 +119,16 @@ def prepare_out_dir(out: Path, holds: str = "samples.npz", flag: str = "--out") 
         raise OSError(e.errno, e.strerror, str(out)) from None
 
 
+def prepare_out_file(path: Path, flag: str) -> None:
+    """Make the directory of the file ``path`` (the ``flag`` output, written after the work) as
+    :func:`prepare_out_dir` makes one, so that a bad path fails before the work, not after."""
+    if path.is_dir():
+        raise UsageError(f"{flag} {path}: is a directory; give the path of a file to write")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise UsageError(f"{flag} {path}: {path.parent} is a file, not a directory")
+    prepare_out_dir(path.parent, path.name, flag)
+
+
 def remove_empty_created_dirs() -> None:
     """After a failed command: remove the directories it created that hold nothing, deepest first (a failed run
     leaves no empty --out behind; one that holds anything, such as resumable Ray shards, stays)."""

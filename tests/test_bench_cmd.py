@@ -10,6 +10,25 @@ import math
 from vpsde.cli.main import main as cli
 
 
+def test_bench_makes_the_json_directory_first_and_refuses_a_path_it_cannot_write_before_timing(gmm_bundle, tmp_path,
+                                                                                                  capsys):
+    """--json out/sub/bench.json: the directories are made (it failed after the whole bench, naming a temporary
+    file); a file where a directory must be is one line before anything is timed; a failed run leaves no
+    directory it made."""
+    out = tmp_path / "new" / "sub" / "bench.json"
+    assert cli(["bench", str(gmm_bundle.root), "--batch", "1", "--steps", "2", "--iters", "1", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["rows"][0]["batch"] == 1
+    capsys.readouterr()
+    (tmp_path / "file").write_text("mine")
+    assert cli(["bench", str(gmm_bundle.root), "--batch", "1", "--json", str(tmp_path / "file" / "b.json")]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip() == f"vpsde bench: error: --json {tmp_path / 'file' / 'b.json'}: {tmp_path / 'file'} " \
+        "is a file, not a directory" and captured.out == ""
+    assert cli(["bench", str(gmm_bundle.root), "--batch", "1", "--backend", "tensorrt", "--json",
+                str(tmp_path / "gone" / "b.json")]) == 2
+    assert not (tmp_path / "gone").exists()
+
+
 def test_bench_writes_rows_for_each_batch(gmm_bundle, tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert cli(["bench", str(gmm_bundle.root), "--batch", "1,8", "--steps", "5", "--iters", "2", "--threads", "1",
