@@ -103,6 +103,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def check_listenable(host: str, port: int, flag: str) -> None:
+    """One line naming ``flag`` if ``host:port`` cannot be listened on (taken, or not an address here), before
+    tritonserver is started: it says so in a gRPC status dump, after loading its models."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as tritonserver binds: TIME_WAIT is no conflict
+        try:
+            s.bind((host, port))
+            s.listen()
+        except OSError as e:
+            raise BackendUnavailable(f"{flag} {port}: cannot listen on {host}:{port} ({_why(e)})") from None
+
+
+def _why(e: OSError) -> str:
+    """The system's words for ``e`` (asyncio's bind error puts a long message where strerror goes)."""
+    return os.strerror(e.errno) if e.errno else e.strerror or str(e)
+
+
 DEFAULT_MAX_REQUEST_MIB = 64
 
 
@@ -127,7 +144,14 @@ class TritonServer:
         except OSError as e:
             self.gate.stop()
             raise BackendUnavailable(f"--http-port {self.http_port}: cannot listen on {host}:{self.http_port} "
-                                     f"({e.strerror or e})") from None
+                                     f"({_why(e)})") from None
+        try:
+            for flag, port in (("--grpc-port", self.grpc_port), ("--metrics-port", metrics_port)):
+                if port:
+                    check_listenable(host, port, flag)
+        except BackendUnavailable:
+            self.gate.stop()
+            raise
         self._work, self._work_lock = owned_temp_dir("vpsde-triton")
         self.log_path = log or self._work / "tritonserver.log"
         args = [str(install.binary), f"--model-repository={self.repository}", "--http-address=127.0.0.1",

@@ -147,6 +147,25 @@ def _triple(seed=1, first=0, num=2, seed_type="UINT64", batch=1):
             {"name": "num", "shape": [batch, 1], "datatype": "INT32", "data": [num] * batch}]
 
 
+@pytest.mark.parametrize("flag", ["--http-port", "--grpc-port", "--metrics-port"])
+def test_a_port_already_taken_is_one_line_before_tritonserver_starts(bundles, flag):
+    """gRPC and metrics ports were found taken by tritonserver itself, after loading the models, and reported as a
+    gRPC status dump; now each port is one line naming its flag, at once."""
+    if not (SERVE_ENV / "bin" / "vpsde").is_file():
+        pytest.skip(f"no serving environment at {SERVE_ENV} (make install creates it; VPSDE_SERVE_ENV=DIR)")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        ports = {"--http-port": _free_port(), "--grpc-port": _free_port(), flag: port}
+        t0 = time.monotonic()
+        r = subprocess.run([str(SERVE_ENV / "bin" / "vpsde"), "serve", str(bundles["em"].root),
+                            *[str(a) for kv in ports.items() for a in kv]], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == \
+        f"vpsde serve: error: {flag} {port}: cannot listen on 127.0.0.1:{port} (Address already in use)", r.stderr
+    assert time.monotonic() - t0 < 30 and "tritonserver" not in r.stderr
+
+
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 def test_a_request_to_an_address_where_nothing_listens_says_what_to_check(protocol):
     with pytest.raises(ServerError, match=r"Connection refused; nothing listens there: start the server \(vpsde serve\)"):
