@@ -126,6 +126,10 @@ def run(args: argparse.Namespace) -> None:
         if not (args.time_label_scale > 0 and args.time_label_scale < float("inf")):
             raise ValueError(f"--time-label-scale: expected a positive number, got {args.time_label_scale}")
         model = load_model(args.model, sde, sample_shape=args.sample_shape, label_scale=args.time_label_scale)
+        if args.sample_shape is not None and tuple(args.sample_shape) != tuple(model.sample_shape):  # was ignored
+            raise ValueError(f"--sample-shape {','.join(map(str, args.sample_shape))}: --model {args.model!r} makes "
+                             f"samples {list(model.sample_shape)}; --sample-shape is for a py: model that is a plain "
+                             "nn.Module")
     except (ModelSpecError, ValueError) as e:
         raise UsageError(str(e)) from e
     value_range = args.value_range or getattr(model, "value_range", None)

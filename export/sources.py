@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
+import inspect
 from typing import Any
 
 import torch
@@ -42,6 +43,10 @@ class ModelSpecError(ValueError):
 SELF_CONTAINED_GMM_LIMIT = 64
 """Largest ``dim`` and ``components`` of a self-contained ``gmm`` spec (a rotated mixture holds components x dim^2
 floats)."""
+
+
+GMM_ELEMENTS = 1 << 26
+"""Largest components x dim^2 of a ``gmm`` spec: the mixture holds a rotation per component (512 MiB in float64)."""
 
 
 def self_contained(spec: str) -> bool:
@@ -194,7 +199,16 @@ def _build(spec: str, sde: VPSDE, sample_shape: tuple[int, ...] | None, label_sc
             raise ModelSpecError(f"--model {spec!r}: {e}") from None
     elif kind == "gmm":
         o = _options(rest, {"dim": int, "components": int, "seed": int, "full": int})
-        mixture = (GaussianMixture.rotated if o.pop("full", 0) else GaussianMixture.default)(**o)
+        make = GaussianMixture.rotated if o.pop("full", 0) else GaussianMixture.default
+        size = inspect.signature(make).parameters
+        dim, components = o.get("dim", size["dim"].default), o.get("components", size["components"].default)
+        if dim * dim * components > GMM_ELEMENTS:
+            raise ModelSpecError(f"--model {spec!r}: components x dim^2 = {components * dim * dim} floats (the "
+                                 f"mixture's rotations); at most {GMM_ELEMENTS}")
+        try:
+            mixture = make(**o)
+        except ValueError as e:
+            raise ModelSpecError(f"--model {spec!r}: {e}") from None
         model: ScoreModel = GaussianMixtureScore(mixture, sde, name=f"gmm:{rest}" if rest else "gmm")
     elif kind == "score_sde":
         model = _score_sde_model(spec, rest)

@@ -80,6 +80,8 @@ class GaussianMixture:
     @classmethod
     def default(cls, dim: int = 2, components: int = 3, seed: int = 0) -> "GaussianMixture":
         """A well-separated mixture: means on a circle (first two dims) of radius 2, unequal weights."""
+        if dim < 1 or components < 1:
+            raise ValueError(f"GaussianMixture.default needs dim >= 1 and components >= 1, got {dim}, {components}")
         rng = np.random.default_rng(seed)
         angles = 2 * np.pi * np.arange(components) / components
         means = np.zeros((components, dim))

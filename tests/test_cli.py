@@ -38,6 +38,8 @@ def test_sample_writes_png_grid_for_images(unet_bundle, tmp_path):
     (["sample", ".", "--num", "0"], "expected an integer >= 1"),
     (["export", "--model", "nope", "--out", "{tmp}/x"], "unknown model 'nope'"),
     (["export", "--model", "gmm:dims=3", "--out", "{tmp}/x"], "model option 'dims=3'"),
+    (["export", "--model", "gmm:dim=0", "--out", "{tmp}/x"], "needs dim >= 1 and components >= 1, got 0, 3"),  # was an IndexError
+    (["export", "--model", "gmm:dim=100000", "--out", "{tmp}/x"], "components x dim^2 = 30000000000 floats"),  # "out of memory"
     (["sample", ".", "--seed", "-1"], "expected 0 <= seed < 2^64"),
 ])
 def test_errors_are_messages_not_tracebacks(args, message, tmp_path):
@@ -119,6 +121,7 @@ def test_inpainting_from_the_command_line(tmp_path, capsys):
     (["--sampler", "em", "--snr", "0.2"], "snr, corrector_steps and coupling are options of pc"),
     (["--opset", "30"], "opset 30: the installed onnx"),
     (["--value-range", "1", "0"], "value_range: expected finite LO < HI, got [1.0, 0.0]"),
+    (["--sample-shape", "3"], "--sample-shape 3: --model 'gmm' makes samples [2]"),  # was ignored
 ])
 def test_export_option_errors(tmp_path, args, message):
     r = run_cli("export", "--model", "gmm", "--out", str(tmp_path / "b"), *args)
