@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import sys
 import time
@@ -27,7 +26,7 @@ from vpsde.runtime.atomic import TMP_TAG, atomic_dir, directory_lock, replace_di
 from vpsde.runtime.bundle import Bundle, sha256_file, write_sums
 from vpsde.runtime.digest import SUMS_NAME
 from vpsde.runtime.manifest import (FORMAT, SCHEMA_VERSION, TASKS, GraphSpec, Manifest, ModelSpec, NoiseSpec,
-                                    SamplerSpec, SDESpec)
+                                    SamplerSpec, SDESpec, valid_value_range)
 from vpsde.runtime.noise import GENERATORS, PHILOX_ID
 
 
@@ -63,8 +62,7 @@ def export_bundle(model: ScoreModel, out: str | Path, *, sampler: str = "em", st
         raise ValueError(f"unknown noise generator {noise!r}; expected one of {GENERATORS}")
     sde = sde or VPSDE(std_formula=default_std_formula(sampler, grid))
     opset = check_opset(opset, precision)
-    if value_range is not None and not (len(value_range) == 2 and all(map(math.isfinite, value_range))
-                                        and value_range[0] < value_range[1]):
+    if value_range is not None and not valid_value_range(value_range):
         raise ValueError(f"value_range: expected finite LO < HI, got {list(value_range)}")
     if sampler == "likelihood" and precision != "fp32":
         raise ValueError(f"likelihood bundles are fp32 (the divergence's JVP is checked in fp32 only), not {precision}")

@@ -86,6 +86,11 @@ class SDESpec:
     std_formula: str
 
 
+def valid_value_range(value_range) -> bool:
+    """Whether ``value_range`` is a data range [lo, hi]: two finite numbers, lo < hi (``model.value_range``)."""
+    return len(value_range) == 2 and all(math.isfinite(v) for v in value_range) and value_range[0] < value_range[1]
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """The score model fused into the graphs. ``sample_shape`` excludes the batch dimension; ``value_range``
@@ -210,7 +215,7 @@ class Manifest:
         if self.noise.generator not in GENERATORS:
             raise fail("noise.generator", f"expected one of {', '.join(map(repr, GENERATORS))}, got {self.noise.generator!r:.80}")
         vr = self.model.value_range
-        if vr is not None and not (len(vr) == 2 and all(math.isfinite(v) for v in vr) and vr[0] < vr[1]):
+        if vr is not None and not valid_value_range(vr):
             raise fail("model.value_range", f"expected [lo, hi] with finite lo < hi, or null, got {vr!r:.80}")
         if self.model.precision not in PRECISIONS:
             raise fail("model.precision", f"expected one of {', '.join(map(repr, PRECISIONS))}, got "
