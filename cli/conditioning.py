@@ -1,5 +1,5 @@
 """--known/--mask: the conditioning an inpainting (known, mask) or colorization (known) bundle takes, for the
-commands that run one (sample, parity)."""
+commands that run one (sample, parity) or ask a server for samples (request)."""
 
 from __future__ import annotations
 
@@ -20,24 +20,31 @@ def add_conditioning_args(p: argparse.ArgumentParser) -> None:
 def conditioning_from_args(args: argparse.Namespace, bundle) -> dict | None:
     """--known/--mask -> the conditioning arrays an inpainting (known, mask) or colorization (known) bundle takes
     (clear errors otherwise)."""
+    m = bundle.manifest
+    return conditioning_for(args, m.sampler.conditioning, m.model.sample_shape, m.model.value_range,
+                            f"{args.bundle} ({m.sampler.name})")
+
+
+def conditioning_for(args: argparse.Namespace, conditioning, sample_shape, value_range, what: str,
+                     noun: str = "bundle") -> dict | None:
+    """--known/--mask -> the arrays of the ``conditioning`` inputs (names) of ``what`` (a ``noun``: a bundle, or a
+    served model) for samples of ``sample_shape`` in ``value_range``: [*sample_shape] or [num, *sample_shape] each."""
     from vpsde.runtime.images import load_image, load_mask
 
-    m = bundle.manifest
-    wanted = set(m.sampler.conditioning)
+    wanted = set(conditioning)
     given = {k for k in ("known", "mask") if getattr(args, k) is not None}
     if not wanted:
         if given:
-            raise UsageError(f"{args.bundle} ({m.sampler.name}) takes no --known/--mask; export with --sampler inpaint "
-                             "or colorize")
+            raise UsageError(f"{what} takes no --known/--mask; export with --sampler inpaint or colorize")
         return None
     if wanted not in ({"known", "mask"}, {"known"}):
-        raise UsageError(f"{args.bundle}: conditioning inputs {sorted(wanted)} are not supported by this CLI")
+        raise UsageError(f"{what}: conditioning inputs {sorted(wanted)} are not supported by this CLI")
     if given != wanted:
-        what = "an inpainting bundle: pass --known and --mask" if "mask" in wanted else \
-            "a colorization bundle: pass --known (the gray image; its channel mean is kept) and no --mask"
-        raise UsageError(f"{args.bundle} is {what} ({m.sampler.name})")
-    shape = tuple(m.model.sample_shape)
-    value_range = tuple(m.model.value_range) if m.model.value_range else None
+        kind = f"an inpainting {noun}: pass --known and --mask" if "mask" in wanted else \
+            f"a colorization {noun}: pass --known (the gray image; its channel mean is kept) and no --mask"
+        raise UsageError(f"{what} is {kind}")
+    shape = tuple(sample_shape)
+    value_range = tuple(value_range) if value_range else None
     cond = {"known": load_image(args.known, shape, value_range, "known data")}
     if "mask" in wanted:
         cond["mask"] = load_mask(args.mask, shape)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from vpsde.cli.common import (UsageError, add_expect_digest, check_last_index, port_arg, positive, prepare_out_dir,
                                threads_arg, u64)
+from vpsde.cli.conditioning import add_conditioning_args
 from vpsde.runtime.errors import BackendUnavailable, VpsdeError
 
 
@@ -70,6 +71,7 @@ def register_request(sub, fmt) -> None:
     p.add_argument("--value-range", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                    help="data range for grid.png of image samples (default: the served bundle's)")
     p.add_argument("--out", type=Path, default=Path("out"), help="output directory")
+    add_conditioning_args(p)
 
 
 def _triton_options(p: argparse.ArgumentParser) -> None:
@@ -180,14 +182,24 @@ def cmd_request(args: argparse.Namespace) -> None:
     import numpy as np
 
     from vpsde.runtime.images import image_grid, save_npz, save_png
-    from vpsde.serving.client import request_samples, served_value_range
+    from vpsde.cli.conditioning import conditioning_for
+    from vpsde.serving.client import request_samples, served_model, served_value_range
 
     if args.data is not None:
         return _request_log_likelihood(args)
+    conditioning = None
+    if args.known is not None or args.mask is not None:  # shaped and scaled as the served bundle says
+        served, where = served_model(args.url, args.name, args.protocol), f"{args.protocol}://{args.url}/{args.name}"
+        if served.sample_shape is None:
+            raise UsageError(f"--known/--mask: {where} does not say its sample shape (not a vpsde model?)")
+        shape = served.sample_shape
+        conditioning = {k: v if v.ndim > len(shape) else np.broadcast_to(v, (args.num, *shape))  # one for all
+                        for k, v in (conditioning_for(args, served.conditioning, shape, served.value_range, where, "model")
+                                     or {}).items()}
     prepare_out_dir(args.out)
     t0 = time.perf_counter()
     samples = request_samples(args.url, args.seed, args.num, args.first_sample, model=args.name,
-                              protocol=args.protocol)
+                              protocol=args.protocol, conditioning=conditioning)
     elapsed = time.perf_counter() - t0
     npz = args.out / "samples.npz"
     save_npz(npz, samples=samples, seed=np.uint64(args.seed), first_sample=np.uint64(args.first_sample),

@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -187,7 +188,7 @@ def test_bad_requests_get_one_line_errors_and_the_server_keeps_serving(server, b
     np.testing.assert_array_equal(got, Sampler(bundles["em"], progress=False, threads=1).sample(2, 3))
 
 
-def test_inpainting_takes_its_conditioning(bundles):
+def test_inpainting_takes_its_conditioning(bundles, tmp_path):
     served = Served(str(bundles["inpaint"].root), "--max-batch", "4")
     try:
         rng = np.random.default_rng(1)
@@ -199,6 +200,22 @@ def test_inpainting_takes_its_conditioning(bundles):
         np.testing.assert_array_equal(got, want)
         with pytest.raises(ServerError, match="mask"):
             request_samples(served.http_url, 5, 4, 2, conditioning={"known": known})
+        # `vpsde request --known --mask` (it had neither): per-sample known data and one mask for all, as .npy,
+        # shaped and checked by what the served model's config says
+        np.save(tmp_path / "known.npy", known)
+        np.save(tmp_path / "mask.npy", mask[0])
+        for url in (served.http_url, f"grpc://{served.grpc_url}"):
+            r = subprocess.run([sys.executable, "-m", "vpsde.cli.main", "request", url, "--num", "4", "--seed", "5",
+                                "--first-sample", "2", "--known", str(tmp_path / "known.npy"), "--mask",
+                                str(tmp_path / "mask.npy"), "--out", str(tmp_path / "out")],
+                               capture_output=True, text=True, timeout=300)
+            assert r.returncode == 0, r.stderr
+            with np.load(tmp_path / "out" / "samples.npz") as f:
+                np.testing.assert_array_equal(f["samples"], want)
+        r = subprocess.run([sys.executable, "-m", "vpsde.cli.main", "request", served.http_url, "--num", "4",
+                            "--known", str(tmp_path / "known.npy"), "--out", str(tmp_path / "out2")],
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and r.stderr.strip().endswith("is an inpainting model: pass --known and --mask"), r.stderr
     finally:
         served.stop()
 
