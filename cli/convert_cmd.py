@@ -37,8 +37,8 @@ def run(args: argparse.Namespace) -> None:
     try:
         path, _, ema = parse_score_sde_spec(rest)
         model = load_model(args.source, VPSDE())
-    except ModelSpecError as e:
-        raise UsageError(str(e)) from None
+    except ModelSpecError as e:  # the spec loader names export's flag; convert takes the checkpoint positionally
+        raise UsageError(str(e).removeprefix("--model ")) from None
     name = args.name or Path(path).stem
     if not is_plain_name(name):
         raise UsageError(f"--name {name!r}: expected a plain file stem (no '/')")
