@@ -59,20 +59,22 @@ GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 
 
 def _starts(provider: str) -> str:
-    """Whether ONNX Runtime's ``provider`` starts on a one-node graph: listed is not enough (without its CUDA,
-    cuDNN or TensorRT libraries ONNX Runtime logs why and falls back to the CPU)."""
+    """Whether ONNX Runtime's ``provider`` starts on a one-node graph (listed is not enough: see not_started)."""
     import onnxruntime as ort
     from onnx import TensorProto, helper
+
+    from vpsde.runtime.backends.onnxruntime import not_started
 
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
     graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe", [x],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 9
+    providers = [provider, "CPUExecutionProvider"]
     try:
-        session = ort.InferenceSession(model.SerializeToString(), providers=[provider, "CPUExecutionProvider"])
+        session = ort.InferenceSession(model.SerializeToString(), providers=providers)
     except Exception as e:  # noqa: BLE001 - onnxruntime's own exception types
         return f"cannot start: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}"
-    if provider not in session.get_providers():
+    if not_started(session, providers):
         return "listed, but cannot start (ONNX Runtime fell back to the CPU; its line above says why)"
     return "starts"

@@ -187,7 +187,7 @@ def cmd_request(args: argparse.Namespace) -> None:
 
     if args.data is not None:
         return _request_log_likelihood(args)
-    conditioning = None
+    conditioning, served = None, None
     if args.known is not None or args.mask is not None:  # shaped and scaled as the served bundle says
         served, where = served_model(args.url, args.name, args.protocol), f"{args.protocol}://{args.url}/{args.name}"
         if served.sample_shape is None:
@@ -206,8 +206,9 @@ def cmd_request(args: argparse.Namespace) -> None:
              server=np.str_(f"{args.protocol}://{args.url}/{args.name}"))
     print(f"received {args.num} x {list(samples.shape[1:])} from {args.url} in {elapsed:.2f} s")
     print(f"wrote {npz}")
-    value_range = args.value_range or (served_value_range(args.url, args.name, args.protocol) if samples.ndim == 4
-                                       else None)
+    value_range = args.value_range
+    if value_range is None and samples.ndim == 4:  # the served config, read once
+        value_range = served.value_range if served is not None else served_value_range(args.url, args.name, args.protocol)
     if value_range and samples.ndim == 4:
         png = args.out / "grid.png"
         save_png(png, image_grid(samples, tuple(value_range)))

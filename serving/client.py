@@ -42,9 +42,6 @@ def request_log_likelihood(url: str, data: np.ndarray, seed: int = 0, first_samp
     return _infer(url, protocol, model, inputs, "logp", timeout)[0]
 
 
-REQUEST_INPUTS = ("seed", "first_sample", "num", "data")
-"""A vpsde model's own inputs (serving/repository.py): every other input is the bundle's conditioning."""
-
 TRITON_DTYPES = {np.dtype(np.uint64): "UINT64", np.dtype(np.int32): "INT32", np.dtype(np.float32): "FP32"}
 
 
@@ -143,6 +140,8 @@ def served_model(url: str, model: str = "vpsde", protocol: str = "http") -> Serv
     except (ValueError, TypeError, IndexError, KeyError):
         raise ServerError(f"{url} ({protocol}): model {model!r}'s config is not a vpsde model's (value_range "
                           f"{params.get('value_range')!r})") from None
+    from vpsde.serving.repository import REQUEST_INPUTS
+
     conditioning = tuple(t["name"] for t in config.get("input", []) if t["name"] not in REQUEST_INPUTS)
     return ServedModel(params.get("task"), sample_shape, value_range, params.get("noise_generator"), conditioning)
 

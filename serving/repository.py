@@ -28,6 +28,10 @@ BACKENDS = tuple(b for b in ALL_BACKENDS if b != "openvino")
 """What a served model may sample on (OpenVINO is for CPU hosts outside Triton: its open check runs per instance)."""
 
 
+REQUEST_INPUTS = ("seed", "first_sample", "num", "data")
+"""A vpsde model's own inputs (:func:`config_pbtxt`): every other input is the bundle's conditioning."""
+
+
 def _dims(shape) -> str:
     return ", ".join(str(d) for d in shape)
 

@@ -70,13 +70,20 @@ def session_from_bundle(bundle: Bundle, graph_key: str, device: str = "cpu", thr
         raise
     except Exception as e:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
         raise BundleError(f"{path}: ONNX Runtime could not load graph {graph_key!r}: {first_line(e)}") from e
-    started = session.get_providers()
-    for wanted in [p if isinstance(p, str) else p[0] for p in providers[:-1]]:  # all but the CPU, the last resort
-        if wanted not in started:  # ONNX Runtime logs why and falls back to the CPU: never run there unasked
-            raise BackendUnavailable(f"ONNX Runtime could not start its {wanted} (it fell back to {', '.join(started)}); "
-                                     "its error line above says why, most often CUDA, cuDNN or TensorRT libraries it "
-                                     "cannot find: `vpsde doctor` shows what this machine has")
+    for wanted in not_started(session, providers):  # never run on the CPU unasked
+        raise BackendUnavailable(f"ONNX Runtime could not start its {wanted} (it fell back to "
+                                 f"{', '.join(session.get_providers())}); its error line above says why, most often "
+                                 "CUDA, cuDNN or TensorRT libraries it cannot find: `vpsde doctor` shows what this "
+                                 "machine has")
     return session
+
+
+def not_started(session: ort.InferenceSession, providers: list) -> list[str]:
+    """The providers asked of ``session`` (names or (name, options) pairs) that it is not running, the CPU aside:
+    listed is not started, for without its CUDA, cuDNN or TensorRT libraries ONNX Runtime logs why and falls back."""
+    started = session.get_providers()
+    return [name for name in (p if isinstance(p, str) else p[0] for p in providers)
+            if name != "CPUExecutionProvider" and name not in started]
 
 
 class OrtDevice:
