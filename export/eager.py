@@ -105,10 +105,11 @@ class EagerSide:
                              f"{sampler!r} on the {m.sampler.grid!r} grid ({m.sampler.steps} steps, sampler.params) "
                              "gives: the eager reference would run another schedule")
         self.dtype = dtype
+        self.arithmetic = str(dtype).removeprefix("torch.")  # "float64": parity knows only the other side errs
         self.graphs = {key: step.eval().to(dtype) for key, step in recipe.graphs.items()}
         self.inputs = {key: [s.name for s in g.inputs] for key, g in m.graphs.items()}
         self.outputs = {key: [s.name for s in g.outputs] for key, g in m.graphs.items()}
-        self.name = f"eager torch {str(dtype).removeprefix('torch.')} ({spec})"
+        self.name = f"eager torch {self.arithmetic} ({spec})"
 
     def gains(self, key: str, feed: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> dict[str, float]:
         """Per output of this call (``outputs``: its unshifted outputs on ``feed``): max |d output / d eps| when every

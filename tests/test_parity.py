@@ -384,6 +384,38 @@ def test_a_call_past_its_bar_is_rejudged_by_its_rounding_spread_which_excuses_no
     assert not report.passed
 
 
+def test_against_float64_a_float32_side_carries_the_programs_own_float32_error(tmp_path):
+    """diffusers' std sqrt(1 - exp(2 lmc)) (the EM bundle's, for bit parity with diffusers) cancels in float32 near
+    t = eps: at the last of 12 steps eager float32 itself is ~6e-4 off float64 on x_next, 60x the fp32 bar, and
+    ONNX Runtime with it. Against eager64 that error is the float32 side's to carry (parity FAILed the correct
+    bundle); a side 5e-5 off everywhere still fails wherever float32 errs less than that."""
+    from vpsde.export.eager import EagerSide
+
+    bundle = export_bundle(load_model("digits", VPSDE(std_formula="diffusers")), tmp_path / "em", steps=12,
+                           grid="diffusers", log=lambda _: None)
+    reference, seed = EagerSide(bundle, dtype=torch.float64), int(np.random.default_rng().integers(2**32))
+    report = compare(bundle.manifest, reference, BackendSide(bundle), num=3, seed=seed, progress=False)
+    last = report.calls[-1]
+    assert report.passed, report.first_failing_call
+    assert last.max_abs["x_next"] > 10 * report.call_atol[""] * last.atol_scale("x_next")  # far past its fixed bar
+    assert last.float32_error["x_next"] > 1e-4 and last.spread["x_next"] < 1e-5  # carried, not the spread's doing
+    off = compare(bundle.manifest, reference, OffBy(bundle, 5e-5), num=3, seed=seed, progress=False)
+    assert {c.step for c in off.calls if not c.passed} >= set(range(11)) and not off.passed
+
+
+def test_a_float32_error_that_is_not_finite_excuses_nothing():
+    from vpsde.verify.parity import CallRecord, _judge_by_spread
+
+    ref = np.random.default_rng().standard_normal((4, 4)).astype(np.float32)
+    record = CallRecord(0, "em", {"x_next": 1.0}, {"x_next": 0.0}, {"x_next": 0.0}, False, ["x_next"])
+    carried = {"x_next": np.full(ref.shape, np.inf)}
+    _judge_by_spread(record, {"x_next": 0.0}, {"x_next": ref}, {"x_next": ref + 1}, {"": 1e-5}, {"": 1e-5}, carried)
+    assert not record.passed and record.failed_outputs == ["x_next"]
+    carried = {"x_next": np.full(ref.shape, 1.5)}
+    _judge_by_spread(record, {"x_next": 0.0}, {"x_next": ref}, {"x_next": ref + 1}, {"": 1e-5}, {"": 1e-5}, carried)
+    assert record.passed  # the same difference within a finite carried error of 1.5
+
+
 def test_a_wrong_shape_is_never_excused_by_the_spread():
     """numpy would broadcast [4, 1] against [4, 4]; the re-judge must not: the output stays failed."""
     from vpsde.verify.parity import CallRecord, _judge_by_spread
