@@ -136,7 +136,7 @@ class ParityReport:
     @property
     def required_call_atol(self) -> float:
         """The smallest per-call atol, before each call's gain, under which every call passes on max |a - b| alone
-        (or 0 for an output re-judged within its spread's margin)."""
+        (or 0 for an output that passed its re-judge)."""
         return max((max(self._required_atol(c, k) for k in c.max_abs) for c in self.calls), default=0.0)
 
     def _required_atol(self, call: CallRecord, output: str) -> float:
