@@ -19,6 +19,7 @@ from vpsde.runtime.errors import BundleError, InputError, NonFiniteError
 from vpsde.runtime.likelihood import check_points, row_log_likelihood
 from vpsde.runtime.loop import NAN_GUARD_CHOICES, DeviceLoop
 from vpsde.runtime.manifest import Manifest
+from vpsde.runtime.memory import memory_limit
 from vpsde.runtime.noise import GENERATORS, TORCH_ID, make_noise
 from vpsde.runtime.prefetch import ChunkedNoise, PrefetchedNoise
 from vpsde.runtime.progress import progress
@@ -194,15 +195,13 @@ class Sampler:
 
 
 def check_memory(manifest: Manifest, num: int, batch_size: int) -> None:
-    """Refuse, before the first graph call, a request whose arrays cannot fit in this machine's memory: the
-    result [num, *sample_shape] float32 plus about a dozen batch-sized buffers."""
+    """Refuse, before the first graph call, a request whose arrays cannot fit in the memory this process may use
+    (:func:`~vpsde.runtime.memory.memory_limit`): the result [num, *sample_shape] float32 plus about a dozen
+    batch-sized buffers."""
     numel = math.prod(manifest.model.sample_shape)
     need = 4 * numel * (num + 12 * batch_size)
-    try:
-        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return
-    if need > have:
+    have = memory_limit()
+    if have is not None and need > have.bytes:
         raise InputError(f"{num} samples of {list(manifest.model.sample_shape)} in batches of {batch_size} need about "
-                         f"{need / 2**30:.1f} GiB, more than this machine's {have / 2**30:.1f} GiB: sample fewer at a "
-                         "time (--num, --batch-size) and shard with --first-sample")
+                         f"{need / 2**30:.1f} GiB, more than {have}: sample fewer at a time (--num, --batch-size) and "
+                         "shard with --first-sample")

@@ -3,7 +3,10 @@
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
+#include <fstream>
+#include <string>
 #include <utility>
+#include <vector>
 
 #include <unistd.h>
 
@@ -135,16 +138,63 @@ Sampler::~Sampler() {
   graphs_.clear();
 }
 
-void Sampler::check_memory(std::int64_t num, std::int64_t batch) const {
+namespace {
+
+// The memory this process may use, as vpsde/runtime/memory.py reads it: the smallest of the physical memory and
+// every cgroup memory limit (v1 memory.limit_in_bytes, v2 memory.max) from each hierarchy's mount point down
+// this process's cgroup path. 0 where nothing says; `file` names the cgroup file that set it ("" for the machine).
+long double memory_limit(std::string& file) {
+  namespace fs = std::filesystem;
+  long double have = 0;
   const long pages = ::sysconf(_SC_PHYS_PAGES), page = ::sysconf(_SC_PAGE_SIZE);
-  if (pages <= 0 || page <= 0) return;
-  const long double have = static_cast<long double>(pages) * page;
+  if (pages > 0 && page > 0) have = static_cast<long double>(pages) * page;
+  file.clear();
+  std::ifstream cgroups("/proc/self/cgroup");
+  for (std::string line; std::getline(cgroups, line);) {
+    const auto first = line.find(':'), second = first == std::string::npos ? first : line.find(':', first + 1);
+    if (second == std::string::npos) continue;
+    const std::string controllers = line.substr(first + 1, second - first - 1), path = line.substr(second + 1);
+    std::vector<fs::path> mounts;
+    std::string name;
+    if (controllers.empty()) {
+      mounts = {"/sys/fs/cgroup", "/sys/fs/cgroup/unified"};
+      name = "memory.max";
+    } else if (("," + controllers + ",").find(",memory,") != std::string::npos) {
+      mounts = {"/sys/fs/cgroup/memory"};
+      name = "memory.limit_in_bytes";
+    } else {
+      continue;
+    }
+    for (const auto& mount : mounts) {
+      fs::path dir = mount;
+      std::vector<fs::path> dirs{dir};
+      for (const auto& part : fs::path(path).relative_path()) dirs.push_back(dir /= part);
+      for (const auto& d : dirs) {
+        std::ifstream in(d / name);
+        long double value = 0;
+        if (in >> value && value > 0 && (have == 0 || value < have)) {  // "max" (v2: no limit) reads as no number
+          have = value;
+          file = (d / name).string();
+        }
+      }
+    }
+  }
+  return have;
+}
+
+}  // namespace
+
+void Sampler::check_memory(std::int64_t num, std::int64_t batch) const {
+  std::string file;
+  const long double have = memory_limit(file);
+  if (have <= 0) return;
   const long double need = 4.0L * manifest_.sample_numel() * (static_cast<long double>(num) + 12.0L * batch);
+  const std::string gib = std::to_string(static_cast<long long>(have / (1ull << 30))) + " GiB";
   if (need > have)
     throw Error(std::to_string(num) + " samples in batches of " + std::to_string(batch) + " need about " +
-                std::to_string(static_cast<long long>(need / (1ull << 30))) + " GiB, more than this machine's " +
-                std::to_string(static_cast<long long>(have / (1ull << 30))) +
-                " GiB: sample fewer at a time (--num, --batch) and shard with --first-sample");
+                std::to_string(static_cast<long long>(need / (1ull << 30))) + " GiB, more than " +
+                (file.empty() ? "this machine's " + gib : "the " + gib + " its cgroup allows (" + file + ")") +
+                ": sample fewer at a time (--num, --batch) and shard with --first-sample");
 }
 
 std::vector<float> Sampler::sample(std::int64_t num, std::uint64_t seed, std::int64_t batch, std::uint64_t first_sample,

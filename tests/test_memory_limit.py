@@ -1,0 +1,94 @@
+"""A request that cannot fit in the memory this process may use is refused before the first graph call, by both
+hosts: the machine's memory, or a cgroup's limit below it (a container's, a systemd slice's). Before 0.5.13 both
+read the physical memory alone, so in a container with a 4 GiB limit on a large node a 20 GiB request started,
+and the kernel killed it, without a word, once its result grew past the limit."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from vpsde.runtime.memory import MemoryLimit, memory_limit
+
+V1_MEMORY = Path("/sys/fs/cgroup/memory")
+
+
+def _tree(tmp_path: Path, proc_cgroup: str, files: dict[str, str]) -> tuple[Path, Path]:
+    """A fake /proc/self/cgroup and cgroup mount tree under ``tmp_path``."""
+    (tmp_path / "cgroup").write_text(proc_cgroup)
+    root = tmp_path / "fs"
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    return tmp_path / "cgroup", root
+
+
+def test_the_tightest_cgroup_limit_on_the_path_wins(tmp_path):
+    """v2: the process's own cgroup says "max" (no limit), its parent 3 GiB, the slice above 5 GiB."""
+    proc, root = _tree(tmp_path, "0::/kubepods/pod1/app\n", {
+        "kubepods/memory.max": str(5 << 30), "kubepods/pod1/memory.max": str(3 << 30),
+        "kubepods/pod1/app/memory.max": "max\n"})
+    limit = memory_limit(proc, root)
+    assert limit == MemoryLimit(3 << 30, root / "kubepods/pod1/memory.max")
+    assert str(limit) == f"the 3.0 GiB its cgroup allows ({root / 'kubepods/pod1/memory.max'})"
+
+
+def test_a_container_whose_cgroup_path_names_the_hosts_hierarchy_reads_its_mount_point(tmp_path):
+    """v1 without a cgroup namespace: /proc/self/cgroup says /docker/abc, which does not exist inside the
+    container; the container's limit is the mount point's. v2 on a hybrid host mounts at unified/."""
+    proc, root = _tree(tmp_path, "7:cpu,cpuacct:/docker/abc\n4:memory:/docker/abc\n0::/docker/abc\n", {
+        "memory/memory.limit_in_bytes": str(2 << 30), "unified/memory.max": str(6 << 30)})
+    assert memory_limit(proc, root) == MemoryLimit(2 << 30, root / "memory/memory.limit_in_bytes")
+
+
+def test_no_cgroup_limit_is_the_machines_memory(tmp_path):
+    """v1's "no limit" is a huge number, v2's is "max"; an unreadable /proc/self/cgroup is no limit either."""
+    proc, root = _tree(tmp_path, "4:memory:/\n0::/\n", {
+        "memory/memory.limit_in_bytes": "9223372036854771712", "memory.max": "max"})
+    machine = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert memory_limit(proc, root) == MemoryLimit(machine, None)
+    assert memory_limit(tmp_path / "absent", root) == MemoryLimit(machine, None)
+    assert str(memory_limit(proc, root)).startswith("this machine's ")
+
+
+@pytest.fixture
+def limited_cgroup():
+    """A v1 memory cgroup limited to 1 GiB, removed afterwards; commands run in it through ``in_cgroup``."""
+    if not (V1_MEMORY / "cgroup.procs").exists() or not os.access(V1_MEMORY, os.W_OK):
+        pytest.skip("needs a writable cgroup v1 memory hierarchy at /sys/fs/cgroup/memory (root, no read-only mount)")
+    group = V1_MEMORY / f"vpsde-test-{uuid.uuid4().hex[:8]}"
+    try:
+        group.mkdir()
+        (group / "memory.limit_in_bytes").write_text(str(1 << 30))
+    except OSError as e:
+        if group.exists():
+            group.rmdir()
+        pytest.skip(f"cannot make a limited memory cgroup here: {e}")
+    yield group
+    group.rmdir()  # the commands run in it have exited: it is empty
+
+
+def run_in(group: Path, *argv) -> subprocess.CompletedProcess:
+    """``argv`` run inside cgroup ``group`` (the shell moves itself in, then becomes the command)."""
+    return subprocess.run(["bash", "-c", f'echo $$ > {group}/cgroup.procs && exec "$@"', "_", *map(str, argv)],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_both_hosts_refuse_a_request_past_their_cgroups_limit(limited_cgroup, gmm_bundle, host, tmp_path):
+    """300 M two-dimensional samples need about 2.2 GiB: within the machine, past the 1 GiB cgroup; both hosts
+    refuse it naming the cgroup's file, exit 2, and a small request in the same cgroup runs."""
+    limit_file = limited_cgroup / "memory.limit_in_bytes"
+    python = run_in(limited_cgroup, sys.executable, "-m", "vpsde.cli.main", "sample", gmm_bundle.root, "--num",
+                    300_000_000, "--out", tmp_path / "py", "--no-progress")
+    assert python.returncode == 2 and f"the 1.0 GiB its cgroup allows ({limit_file})" in python.stderr, python.stderr
+    assert not (tmp_path / "py").exists()
+    cpp = run_in(limited_cgroup, host / "vpsde-sample", gmm_bundle.root, "--num", 300_000_000, "--out",
+                 tmp_path / "x.npy")
+    assert cpp.returncode == 2 and f"the 1 GiB its cgroup allows ({limit_file})" in cpp.stderr, cpp.stderr
+    small = run_in(limited_cgroup, host / "vpsde-sample", gmm_bundle.root, "--num", 3, "--out", tmp_path / "x.npy")
+    assert small.returncode == 0 and (tmp_path / "x.npy").exists(), small.stderr
