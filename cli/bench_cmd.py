@@ -42,7 +42,7 @@ def register(sub, fmt) -> None:
     p.add_argument("--steps", type=positive, default=50, help="steps timed per loop (default: 50, at most the bundle's)")
     p.add_argument("--warmup", type=int, default=1, help="untimed loops per batch size (default: 1)")
     p.add_argument("--iters", type=positive, default=5, help="timed loops per batch size (default: 5)")
-    p.add_argument("--threads", type=threads_arg, default=None, help="intra-op CPU threads (default: all cores)")
+    p.add_argument("--threads", type=threads_arg, default=None, help="intra-op CPU threads (default: the CPUs this process may use)")
     p.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
     p.add_argument("--plot", type=Path, default=None, metavar="FILE.png",
                    help="also draw ms/step and samples/s against the batch size, one line per backend (and CUDA "

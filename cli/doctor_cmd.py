@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def register(sub, fmt) -> None:
@@ -26,6 +27,11 @@ def run(args: argparse.Namespace) -> None:
 
     print(f"vpsde       {version('vpsde') or 'not installed (running from source)'}  python {platform.python_version()}"
           f"  numpy {version('numpy')}")
+    from vpsde.runtime.limits import cpu_limit, default_threads, memory_limit
+
+    threads = default_threads() or "the runtime's own"
+    print(f"host        {cpu_limit()} of {os.cpu_count()} CPUs usable (affinity, cgroup quota), default intra-op threads "
+          f"{threads}; memory: {memory_limit() or 'unknown'}")
     import onnxruntime as ort
 
     print(f"onnxruntime {ort.__version__}  providers {', '.join(ort.get_available_providers())}")

@@ -35,7 +35,7 @@ def register(sub, fmt) -> None:
     p.add_argument("--batch-size", type=positive, default=None, help="inputs per graph call (default: 64 on the CPU)")
     p.add_argument("--backend", default="onnxruntime", choices=BACKENDS, help="as for vpsde sample")
     p.add_argument("--device", default=None, choices=DEVICES, help="as for vpsde sample")
-    p.add_argument("--threads", type=threads_arg, default=None, help="intra-op CPU threads, 1..1024 (default: all cores)")
+    p.add_argument("--threads", type=threads_arg, default=None, help="intra-op CPU threads, 1..1024 (default: the CPUs this process may use)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_ray_args(p, "inputs", 256, "--ray also writes OUT/shards/*.npy (log p per input, float64) and OUT/index.json "
                  "(with the data's sha256); rerunning the same command resumes")

@@ -37,7 +37,7 @@ def register(sub, fmt) -> None:
                    help="where tensors live (default: cpu for onnxruntime, cuda for the others)")
     p.add_argument("--cuda-graph", action="store_true",
                    help="GPU only: capture each graph binding once as a CUDA graph and replay it")
-    p.add_argument("--threads", type=threads_arg, default=None, help="intra-op CPU threads, 1..1024 (default: all cores)")
+    p.add_argument("--threads", type=threads_arg, default=None, help="intra-op CPU threads, 1..1024 (default: the CPUs this process may use)")
     p.add_argument("--noise", default=None, choices=["philox", "torch"], help="override the manifest's generator")
     p.add_argument("--nan-guard", default="auto", choices=list(NAN_GUARD_CHOICES),
                    help="NaN/Inf check: locate = the result, and if it is not finite the batch again checking every "

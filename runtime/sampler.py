@@ -19,7 +19,7 @@ from vpsde.runtime.errors import BundleError, InputError, NonFiniteError
 from vpsde.runtime.likelihood import check_points, row_log_likelihood
 from vpsde.runtime.loop import NAN_GUARD_CHOICES, DeviceLoop
 from vpsde.runtime.manifest import Manifest
-from vpsde.runtime.memory import memory_limit
+from vpsde.runtime.limits import cpu_limit, memory_limit
 from vpsde.runtime.noise import GENERATORS, TORCH_ID, make_noise
 from vpsde.runtime.prefetch import ChunkedNoise, PrefetchedNoise
 from vpsde.runtime.progress import progress
@@ -55,7 +55,7 @@ class Sampler:
         noise_chunk: in-line noise: how many calls one pass draws (bit-identical values; default: as many as
             fit in 4 MiB, at most 64; 1 = one call at a time).
         progress: show a progress bar over steps (only when stderr is a terminal).
-        threads: intra-op CPU threads of the backend (default: all cores).
+        threads: intra-op CPU threads of the backend (default: the CPUs this process may use).
         cuda_graph: on a GPU, capture each graph binding once as a CUDA graph and replay it (a batch size's
             first calls capture; later calls skip the per-kernel launch cost).
         expect_digest: the bundle digest (64 hex digits, as ``vpsde inspect`` prints) the bundle must have; a
@@ -83,7 +83,7 @@ class Sampler:
         self.loop = DeviceLoop(self.manifest, self.runners, self.device,
                                describe_graph=lambda key: str(self.bundle.graph_path(key)))
         self.prefetch_noise = (not self.device.on_host) if prefetch_noise is None else bool(prefetch_noise)
-        self.noise_threads = noise_threads or (1 if self.device.on_host else max(1, min(4, (os.cpu_count() or 2) - 1)))
+        self.noise_threads = noise_threads or (1 if self.device.on_host else max(1, min(4, cpu_limit() - 1)))
         self.progress = progress
         self.sample_shape = tuple(self.manifest.model.sample_shape)
 
@@ -196,7 +196,7 @@ class Sampler:
 
 def check_memory(manifest: Manifest, num: int, batch_size: int) -> None:
     """Refuse, before the first graph call, a request whose arrays cannot fit in the memory this process may use
-    (:func:`~vpsde.runtime.memory.memory_limit`): the result [num, *sample_shape] float32 plus about a dozen
+    (:func:`~vpsde.runtime.limits.memory_limit`): the result [num, *sample_shape] float32 plus about a dozen
     batch-sized buffers."""
     numel = math.prod(manifest.model.sample_shape)
     need = 4 * numel * (num + 12 * batch_size)

@@ -85,8 +85,8 @@ def write_repository(bundle: Bundle | str | Path, out: str | Path, *, name: str 
 
     ``max_batch``: requests Triton may hand the model in one call (dynamic batching; each is still sampled on its
     own); ``max_num``: samples one request may ask for; ``instances``: model instances (each with its own
-    Sampler); ``threads``: intra-op CPU threads per instance (None: all cores; the default 1 leaves the cores to
-    the instances: scale with ``instances``); ``batching``: "continuous" (rows of all requests share graph calls step
+    Sampler); ``threads``: intra-op CPU threads per instance (None: the CPUs it may use; the default 1 leaves the
+    cores to the instances: scale with ``instances``); ``batching``: "continuous" (rows of all requests share graph calls step
     by step, ``slots`` rows in flight: ``serving/triton_model.py`` says when a bundle is served per request instead)
     or "per-request" (each request run as its own batch)."""
     bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(Path(bundle))

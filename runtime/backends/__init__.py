@@ -7,6 +7,7 @@ on host arrays, for tests and tools). Backends are imported only when asked for.
 from __future__ import annotations
 
 from vpsde.runtime.errors import BackendUnavailable
+from vpsde.runtime.limits import default_threads
 from vpsde.runtime.loop import OpenBackend
 
 BACKENDS = ("onnxruntime", "onnxruntime-trt", "tensorrt", "openvino")
@@ -20,9 +21,11 @@ def open_backend(backend: str, bundle, device: str | None = None, threads: int |
     """Open every graph of ``bundle`` on ``backend`` ("onnxruntime" on "cpu" or "cuda"; "onnxruntime-trt", ONNX
     Runtime's TensorRT execution provider, on "cuda"; "tensorrt" on "cuda", from the engines ``vpsde build``
     cached in the bundle; "openvino" on "cpu", OpenVINO's CPU plugin, which also runs bf16 bundles, each graph
-    checked against ONNX Runtime once as it opens). ``threads`` caps the intra-op CPU threads; ``cuda_graph``
-    replays each binding as a CUDA graph (GPU only)."""
+    checked against ONNX Runtime once as it opens). ``threads`` caps the intra-op CPU threads (None: the CPUs
+    this process may use where a container or affinity limits them, else the runtime's default:
+    :func:`~vpsde.runtime.limits.default_threads`); ``cuda_graph`` replays each binding as a CUDA graph (GPU only)."""
     device = check_placement(bundle, backend, device)
+    threads = default_threads() if threads is None else threads
     if backend in ("onnxruntime", "onnxruntime-trt"):
         from vpsde.runtime.backends.onnxruntime import OnnxRuntimeRunner, OrtDevice, session_from_bundle
 

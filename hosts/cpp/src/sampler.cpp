@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include "vpsde/files.hpp"
+#include "vpsde/limits.hpp"
 #include "vpsde/philox.hpp"
 
 namespace vpsde {
@@ -39,7 +40,8 @@ namespace {
 
 Ort::SessionOptions session_options(const SamplerOptions& o, const std::string& bundle_dir) {
   Ort::SessionOptions so;
-  if (o.threads > 0) so.SetIntraOpNumThreads(o.threads);
+  const int threads = o.threads > 0 ? o.threads : default_threads();  // 0: ONNX Runtime's own default
+  if (threads > 0) so.SetIntraOpNumThreads(threads);
   so.SetLogSeverityLevel(o.verbose ? 2 : 4);  // fatal only by default: vpsde reports failures itself, in one line
   if (o.provider == "cuda") {
     OrtCUDAProviderOptions cuda{};
@@ -137,52 +139,6 @@ Sampler::~Sampler() {
   allocator_.reset();
   graphs_.clear();
 }
-
-namespace {
-
-// The memory this process may use, as vpsde/runtime/memory.py reads it: the smallest of the physical memory and
-// every cgroup memory limit (v1 memory.limit_in_bytes, v2 memory.max) from each hierarchy's mount point down
-// this process's cgroup path. 0 where nothing says; `file` names the cgroup file that set it ("" for the machine).
-long double memory_limit(std::string& file) {
-  namespace fs = std::filesystem;
-  long double have = 0;
-  const long pages = ::sysconf(_SC_PHYS_PAGES), page = ::sysconf(_SC_PAGE_SIZE);
-  if (pages > 0 && page > 0) have = static_cast<long double>(pages) * page;
-  file.clear();
-  std::ifstream cgroups("/proc/self/cgroup");
-  for (std::string line; std::getline(cgroups, line);) {
-    const auto first = line.find(':'), second = first == std::string::npos ? first : line.find(':', first + 1);
-    if (second == std::string::npos) continue;
-    const std::string controllers = line.substr(first + 1, second - first - 1), path = line.substr(second + 1);
-    std::vector<fs::path> mounts;
-    std::string name;
-    if (controllers.empty()) {
-      mounts = {"/sys/fs/cgroup", "/sys/fs/cgroup/unified"};
-      name = "memory.max";
-    } else if (("," + controllers + ",").find(",memory,") != std::string::npos) {
-      mounts = {"/sys/fs/cgroup/memory"};
-      name = "memory.limit_in_bytes";
-    } else {
-      continue;
-    }
-    for (const auto& mount : mounts) {
-      fs::path dir = mount;
-      std::vector<fs::path> dirs{dir};
-      for (const auto& part : fs::path(path).relative_path()) dirs.push_back(dir /= part);
-      for (const auto& d : dirs) {
-        std::ifstream in(d / name);
-        long double value = 0;
-        if (in >> value && value > 0 && (have == 0 || value < have)) {  // "max" (v2: no limit) reads as no number
-          have = value;
-          file = (d / name).string();
-        }
-      }
-    }
-  }
-  return have;
-}
-
-}  // namespace
 
 void Sampler::check_memory(std::int64_t num, std::int64_t batch) const {
   std::string file;

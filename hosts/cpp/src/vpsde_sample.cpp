@@ -15,6 +15,7 @@
 #include <string>
 
 #include "vpsde/dequantize.hpp"
+#include "vpsde/limits.hpp"
 #include "vpsde/npy.hpp"
 #include "vpsde/sampler.hpp"
 
@@ -26,7 +27,8 @@ const char* kUsage =
     "                    [--expect-digest SHA256] [--device-id N] [--verbose] [--version] --out samples.npy\n"
     "Runs the bundle's timestep loop on ONNX Runtime with the portable Philox noise and writes the final\n"
     "samples (float32 [N, *sample_shape]) as .npy. Defaults: --seed 0, --batch 64 on the CPU (N on a GPU),\n"
-    "--first-sample 0, --provider cpu.\n"
+    "--first-sample 0, --provider cpu, --threads: the CPUs this process may use (affinity, a cgroup quota) where\n"
+    "they are fewer than the machine's, else ONNX Runtime's default.\n"
     "--cond gives a conditioning input the bundle names (inpainting: --cond known=k.npy --cond mask=m.npy),\n"
     "float32 [*sample_shape] (shared) or [N, *sample_shape].\n"
     "--expect-digest refuses a bundle whose digest (sha256 of its SHA256SUMS; `vpsde inspect` prints it) differs.\n"
@@ -153,6 +155,9 @@ int main(int argc, char** argv) {
     vpsde::SamplerOptions options;
     options.provider = provider;
     options.threads = threads;
+    const int used_threads = threads > 0 ? threads : vpsde::default_threads();  // what the sessions get
+    const std::string threads_text = provider != "cpu" || used_threads == 0 ? std::string() :
+        ", " + std::to_string(used_threads) + (used_threads == 1 ? " thread" : " threads");
     options.nan_guard = nan_guard;
     options.expect_digest = expect_digest;
     options.device_id = device_id;
@@ -179,14 +184,16 @@ int main(int argc, char** argv) {
       const std::vector<double> logp = sampler.log_likelihood(data.data.data(), num, seed, batch, first);
       const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       vpsde::write_npy(file, logp, {num});
-      std::cerr << "scored " << num << " in " << secs << " s (" << sampler.manifest().steps << " steps, " << provider << ")\n";
+      std::cerr << "scored " << num << " in " << secs << " s (" << sampler.manifest().steps << " steps, " << provider
+                << threads_text << ")\n";
       std::cout << out << "\n";
       return 0;
     }
     const std::vector<float> x = sampler.sample(num, seed, batch, first, cond);
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     vpsde::write_npy(file, x, shape);
-    std::cerr << "sampled " << num << " in " << secs << " s (" << sampler.manifest().steps << " steps, " << provider << ")\n";
+    std::cerr << "sampled " << num << " in " << secs << " s (" << sampler.manifest().steps << " steps, " << provider
+              << threads_text << ")\n";
     std::cout << out << "\n";
     return 0;
   } catch (const vpsde::Error& e) {

@@ -39,7 +39,7 @@ using ProgressFn = std::function<bool(int step, int steps)>;
 /// How a Sampler opens its sessions.
 struct SamplerOptions {
   std::string provider = "cpu";  ///< cpu | cuda | tensorrt (ONNX Runtime's execution providers)
-  int threads = 0;               ///< intra-op threads, 1..1024; 0 = ONNX Runtime's default
+  int threads = 0;               ///< intra-op threads, 1..1024; 0 = default_threads() (limits.hpp)
   bool nan_guard = true;         ///< check every output for NaN/Inf and name the step
   std::string expect_digest;     ///< 64 hex: refuse a bundle of another digest (empty: any)
   int device_id = 0;             ///< GPU for the cuda / tensorrt providers
