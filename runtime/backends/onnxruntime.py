@@ -70,8 +70,9 @@ def session_from_bundle(bundle: Bundle, graph_key: str, device: str = "cpu", thr
         raise
     except Exception as e:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
         raise BundleError(f"{path}: ONNX Runtime could not load graph {graph_key!r}: {first_line(e)}") from e
-    for wanted in not_started(session, providers):  # never run on the CPU unasked
-        raise BackendUnavailable(f"ONNX Runtime could not start its {wanted} (it fell back to "
+    missing = not_started(session, providers)
+    if missing:  # never run on the CPU unasked
+        raise BackendUnavailable(f"ONNX Runtime could not start its {missing[0]} (it fell back to "
                                  f"{', '.join(session.get_providers())}); its error line above says why, most often "
                                  "CUDA, cuDNN or TensorRT libraries it cannot find: `vpsde doctor` shows what this "
                                  "machine has")

@@ -3,12 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
-#include <fstream>
-#include <string>
 #include <utility>
-#include <vector>
-
-#include <unistd.h>
 
 #include "vpsde/files.hpp"
 #include "vpsde/limits.hpp"
@@ -145,12 +140,12 @@ void Sampler::check_memory(std::int64_t num, std::int64_t batch) const {
   const long double have = memory_limit(file);
   if (have <= 0) return;
   const long double need = 4.0L * manifest_.sample_numel() * (static_cast<long double>(num) + 12.0L * batch);
+  if (need <= have) return;
   const std::string gib = std::to_string(static_cast<long long>(have / (1ull << 30))) + " GiB";
-  if (need > have)
-    throw Error(std::to_string(num) + " samples in batches of " + std::to_string(batch) + " need about " +
-                std::to_string(static_cast<long long>(need / (1ull << 30))) + " GiB, more than " +
-                (file.empty() ? "this machine's " + gib : "the " + gib + " its cgroup allows (" + file + ")") +
-                ": sample fewer at a time (--num, --batch) and shard with --first-sample");
+  throw Error(std::to_string(num) + " samples in batches of " + std::to_string(batch) + " need about " +
+              std::to_string(static_cast<long long>(need / (1ull << 30))) + " GiB, more than " +
+              (file.empty() ? "this machine's " + gib : "the " + gib + " its cgroup allows (" + file + ")") +
+              ": sample fewer at a time (--num, --batch) and shard with --first-sample");
 }
 
 std::vector<float> Sampler::sample(std::int64_t num, std::uint64_t seed, std::int64_t batch, std::uint64_t first_sample,
