@@ -41,16 +41,24 @@ if [ $need_headers = 1 ] || [ $need_json = 1 ]; then
 fi
 
 # The library and its provider libraries, copied (not linked) so that the prefix outlives the Python environment.
+# Only when they differ, and through a rename: a host running from this prefix keeps the library mapped, and
+# overwriting it in place (cp -f truncates the same file) kills that process with SIGBUS.
+install_lib() {
+  local dst="$2/$(basename "$1")"
+  cmp -s "$1" "$dst" && return 0
+  cp "$1" "$dst.tmp.$$" && mv -f "$dst.tmp.$$" "$dst"
+}
 capi=$("$PYTHON" -c 'import os, onnxruntime as o; print(os.path.join(os.path.dirname(o.__file__), "capi"))')
 version=$("$PYTHON" -c 'import onnxruntime as o; print(o.__version__)')
 lib=$(ls "$capi"/libonnxruntime.so.* | head -1)
 mkdir -p "$ORT/lib/cmake/onnxruntime"
-cp -f "$lib" "$ORT/lib/"
+install_lib "$lib" "$ORT/lib"
 name=$(basename "$lib")
-ln -sf "$name" "$ORT/lib/libonnxruntime.so.1"  # the SONAME the loader looks for
-ln -sf "$name" "$ORT/lib/libonnxruntime.so"
+for link in libonnxruntime.so.1 libonnxruntime.so; do  # .so.1: the SONAME the loader looks for
+  [ "$(readlink "$ORT/lib/$link" 2>/dev/null)" = "$name" ] || ln -sf "$name" "$ORT/lib/$link"
+done
 for p in "$capi"/libonnxruntime_providers_*.so; do
-  [ -e "$p" ] && cp -f "$p" "$ORT/lib/"
+  [ -e "$p" ] && install_lib "$p" "$ORT/lib"
 done
 
 cat > "$ORT/lib/cmake/onnxruntime/onnxruntimeConfig.cmake" <<EOF
