@@ -8,15 +8,19 @@ batch 16 took 15.3 ms instead of 11.3 (Python) and the C++ host 14.1 s instead o
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import uuid
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
 from vpsde.runtime.limits import MemoryLimit, cpu_limit, memory_limit
+
+from conftest import run_host
 
 V1_MEMORY, V1_CPU = Path("/sys/fs/cgroup/memory"), Path("/sys/fs/cgroup/cpu")
 
@@ -32,46 +36,70 @@ def _tree(tmp_path: Path, proc_cgroup: str, files: dict[str, str]) -> tuple[Path
     return tmp_path / "cgroup", root
 
 
-def test_the_tightest_cgroup_limit_on_the_path_wins(tmp_path):
+class Limits(NamedTuple):
+    memory: MemoryLimit
+    cpus: int
+
+
+@pytest.fixture(params=["python", "cpp"])
+def limits_of(request):
+    """(fake /proc/self/cgroup, fake mount root) -> Limits, as one host reads them: the Python runtime's functions,
+    or the C++ library's through vpsde-limits-probe. Every fake tree goes through both; they must agree."""
+    if request.param == "python":
+        return lambda proc, root: Limits(memory_limit(proc, root), cpu_limit(proc, root))
+    probe = request.getfixturevalue("host") / "vpsde-limits-probe"
+
+    def read(proc: Path, root: Path) -> Limits:
+        r = run_host(probe, proc, root)
+        assert r.returncode == 0, r.stderr
+        out = json.loads(r.stdout)
+        return Limits(MemoryLimit(out["memory"], Path(out["file"]) if out["file"] else None), out["cpus"])
+    return read
+
+
+def test_the_tightest_cgroup_limit_on_the_path_wins(tmp_path, limits_of):
     """v2: the process's own cgroup says "max" (no limit), its parent 3 GiB, the slice above 5 GiB."""
     proc, root = _tree(tmp_path, "0::/kubepods/pod1/app\n", {
         "kubepods/memory.max": str(5 << 30), "kubepods/pod1/memory.max": str(3 << 30),
         "kubepods/pod1/app/memory.max": "max\n"})
-    limit = memory_limit(proc, root)
+    limit = limits_of(proc, root).memory
     assert limit == MemoryLimit(3 << 30, root / "kubepods/pod1/memory.max")
     assert str(limit) == f"the 3.0 GiB its cgroup allows ({root / 'kubepods/pod1/memory.max'})"
 
 
-def test_a_container_whose_cgroup_path_names_the_hosts_hierarchy_reads_its_mount_point(tmp_path):
+def test_a_container_whose_cgroup_path_names_the_hosts_hierarchy_reads_its_mount_point(tmp_path, limits_of):
     """v1 without a cgroup namespace: /proc/self/cgroup says /docker/abc, which does not exist inside the
     container; the container's limit is the mount point's. v2 on a hybrid host mounts at unified/."""
     proc, root = _tree(tmp_path, "7:cpu,cpuacct:/docker/abc\n4:memory:/docker/abc\n0::/docker/abc\n", {
         "memory/memory.limit_in_bytes": str(2 << 30), "unified/memory.max": str(6 << 30)})
-    assert memory_limit(proc, root) == MemoryLimit(2 << 30, root / "memory/memory.limit_in_bytes")
+    assert limits_of(proc, root).memory == MemoryLimit(2 << 30, root / "memory/memory.limit_in_bytes")
+    proc, root = _tree(tmp_path / "hybrid", "4:memory:/docker/abc\n0::/docker/abc\n", {
+        "memory/memory.limit_in_bytes": "9223372036854771712", "unified/memory.max": str(6 << 30)})
+    assert limits_of(proc, root).memory == MemoryLimit(6 << 30, root / "unified/memory.max")
 
 
-def test_no_cgroup_limit_is_the_machines_memory(tmp_path):
+def test_no_cgroup_limit_is_the_machines_memory(tmp_path, limits_of):
     """v1's "no limit" is a huge number, v2's is "max"; an unreadable /proc/self/cgroup is no limit either."""
     proc, root = _tree(tmp_path, "4:memory:/\n0::/\n", {
         "memory/memory.limit_in_bytes": "9223372036854771712", "memory.max": "max"})
     machine = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    assert memory_limit(proc, root) == MemoryLimit(machine, None)
-    assert memory_limit(tmp_path / "absent", root) == MemoryLimit(machine, None)
-    assert str(memory_limit(proc, root)).startswith("this machine's ")
+    assert limits_of(proc, root).memory == MemoryLimit(machine, None)
+    assert limits_of(tmp_path / "absent", root).memory == MemoryLimit(machine, None)
+    assert str(limits_of(proc, root).memory).startswith("this machine's ")
 
 
-def test_the_tightest_cpu_quota_on_the_path_wins_and_a_fraction_rounds_up(tmp_path):
+def test_the_tightest_cpu_quota_on_the_path_wins_and_a_fraction_rounds_up(tmp_path, limits_of):
     """v2 "150000 100000" (1.5 CPUs) under a parent's "max 100000" (no quota): 2, or the affinity where lower.
     v1 on a host that mounts cpu and cpuacct together: "-1" is no quota, 50000 / 100000 is half a CPU: 1."""
     affinity = len(os.sched_getaffinity(0))
     proc, root = _tree(tmp_path / "v2", "0::/pod/app\n", {"pod/cpu.max": "max 100000", "pod/app/cpu.max": "150000 100000"})
-    assert cpu_limit(proc, root) == min(2, affinity)
+    assert limits_of(proc, root).cpus == min(2, affinity)
     proc, root = _tree(tmp_path / "v1", "3:cpuacct,cpu:/docker/abc\n", {
         "cpu,cpuacct/cpu.cfs_quota_us": "-1", "cpu,cpuacct/cpu.cfs_period_us": "100000",
         "cpu,cpuacct/docker/abc/cpu.cfs_quota_us": "50000", "cpu,cpuacct/docker/abc/cpu.cfs_period_us": "100000"})
-    assert cpu_limit(proc, root) == 1
+    assert limits_of(proc, root).cpus == 1
     proc, root = _tree(tmp_path / "none", "0::/\n", {"cpu.max": "max 100000"})
-    assert cpu_limit(proc, root) == affinity
+    assert limits_of(proc, root).cpus == affinity
 
 
 @pytest.fixture
@@ -107,7 +135,7 @@ def test_both_hosts_refuse_a_request_past_their_cgroups_limit(limited_cgroup, gm
     assert not (tmp_path / "py").exists()
     cpp = run_in(limited_cgroup, host / "vpsde-sample", gmm_bundle.root, "--num", 300_000_000, "--out",
                  tmp_path / "x.npy")
-    assert cpp.returncode == 2 and f"the 1 GiB its cgroup allows ({limit_file})" in cpp.stderr, cpp.stderr
+    assert cpp.returncode == 2 and f"the 1.0 GiB its cgroup allows ({limit_file})" in cpp.stderr, cpp.stderr
     small = run_in(limited_cgroup, host / "vpsde-sample", gmm_bundle.root, "--num", 3, "--out", tmp_path / "x.npy")
     assert small.returncode == 0 and (tmp_path / "x.npy").exists(), small.stderr
 

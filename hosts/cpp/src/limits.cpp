@@ -19,10 +19,10 @@ namespace fs = std::filesystem;
 // Calls `visit(file, text)` for each limit file `v1_name` (the v1 hierarchy of `controller`) or `v2_name` (v2) on
 // this process's cgroup path, from each hierarchy's mount point down: inside a container the path may name the
 // host's hierarchy, and the container's own limit is then the mount point's.
-void cgroup_files(const std::string& controller, const std::string& v1_name, const std::string& v2_name,
-                  const std::function<void(const fs::path&, const std::string&)>& visit) {
-  const fs::path root = "/sys/fs/cgroup";
-  std::ifstream cgroups("/proc/self/cgroup");
+void cgroup_files(const CgroupPaths& where, const std::string& controller, const std::string& v1_name,
+                  const std::string& v2_name, const std::function<void(const fs::path&, const std::string&)>& visit) {
+  const fs::path root = where.root;
+  std::ifstream cgroups(where.proc_cgroup);
   for (std::string line; std::getline(cgroups, line);) {
     const auto first = line.find(':'), second = first == std::string::npos ? first : line.find(':', first + 1);
     if (second == std::string::npos) continue;
@@ -61,12 +61,12 @@ void cgroup_files(const std::string& controller, const std::string& v1_name, con
 
 }  // namespace
 
-long double memory_limit(std::string& file) {
+long double memory_limit(std::string& file, const CgroupPaths& where) {
   long double have = 0;
   const long pages = ::sysconf(_SC_PHYS_PAGES), page = ::sysconf(_SC_PAGE_SIZE);
   if (pages > 0 && page > 0) have = static_cast<long double>(pages) * page;
   file.clear();
-  cgroup_files("memory", "memory.limit_in_bytes", "memory.max", [&](const fs::path& f, const std::string& text) {
+  cgroup_files(where, "memory", "memory.limit_in_bytes", "memory.max", [&](const fs::path& f, const std::string& text) {
     std::istringstream in(text);
     long double value = 0;
     if (in >> value && value > 0 && (have == 0 || value < have)) {  // "max" (v2: no limit) reads as no number
@@ -77,11 +77,11 @@ long double memory_limit(std::string& file) {
   return have;
 }
 
-int cpu_limit() {
+int cpu_limit(const CgroupPaths& where) {
   long cpus = ::sysconf(_SC_NPROCESSORS_ONLN);
   cpu_set_t set;
   if (::sched_getaffinity(0, sizeof(set), &set) == 0) cpus = CPU_COUNT(&set);
-  cgroup_files("cpu", "cpu.cfs_quota_us", "cpu.max", [&](const fs::path& f, const std::string& text) {
+  cgroup_files(where, "cpu", "cpu.cfs_quota_us", "cpu.max", [&](const fs::path& f, const std::string& text) {
     long long quota = 0, period = 0;
     std::istringstream in(text);
     if (f.filename() == "cpu.max") {

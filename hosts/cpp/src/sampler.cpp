@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <filesystem>
 #include <utility>
 
@@ -141,10 +142,14 @@ void Sampler::check_memory(std::int64_t num, std::int64_t batch) const {
   if (have <= 0) return;
   const long double need = 4.0L * manifest_.sample_numel() * (static_cast<long double>(num) + 12.0L * batch);
   if (need <= have) return;
-  const std::string gib = std::to_string(static_cast<long long>(have / (1ull << 30))) + " GiB";
-  throw Error(std::to_string(num) + " samples in batches of " + std::to_string(batch) + " need about " +
-              std::to_string(static_cast<long long>(need / (1ull << 30))) + " GiB, more than " +
-              (file.empty() ? "this machine's " + gib : "the " + gib + " its cgroup allows (" + file + ")") +
+  const auto gib = [](long double bytes) {  // one decimal, as the Python host writes it
+    char text[32];
+    std::snprintf(text, sizeof text, "%.1Lf GiB", bytes / (1ull << 30));
+    return std::string(text);
+  };
+  throw Error(std::to_string(num) + " samples in batches of " + std::to_string(batch) + " need about " + gib(need) +
+              ", more than " +
+              (file.empty() ? "this machine's " + gib(have) : "the " + gib(have) + " its cgroup allows (" + file + ")") +
               ": sample fewer at a time (--num, --batch) and shard with --first-sample");
 }
 
