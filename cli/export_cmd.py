@@ -118,9 +118,9 @@ def run(args: argparse.Namespace) -> None:
         raise UsageError("give --steps or --nfe, not both")
     corrector = {k: v for k, v in (("snr", args.snr), ("corrector_steps", args.corrector_steps),
                                    ("coupling", args.coupling)) if v is not None}
-    steps = (steps_for_nfe(args.sampler, args.nfe, args.corrector_steps or 1) if args.nfe
-             else args.steps or DEFAULT_STEPS.get(args.sampler, 1000))
     try:
+        steps = (steps_for_nfe(args.sampler, args.nfe, args.corrector_steps or 1) if args.nfe
+                 else args.steps or DEFAULT_STEPS.get(args.sampler, 1000))
         sde = VPSDE(args.beta_min, args.beta_max, args.sampling_eps,
                     std_formula=default_std_formula(args.sampler, args.grid))
         if not (args.time_label_scale > 0 and args.time_label_scale < float("inf")):

@@ -282,8 +282,13 @@ SAMPLERS: dict[str, str] = {sampler: d.name for sampler, d in DEFINITIONS.items(
 
 
 def steps_for_nfe(sampler: str, nfe: int, corrector_steps: int = 1) -> int:
-    """The step count N that spends ``nfe`` model evaluations (rounded down, at least 1)."""
-    return max(1, nfe // DEFINITIONS[sampler].calls_per_step(corrector_steps))
+    """The step count N that spends at most ``nfe`` model evaluations (rounded down); ValueError where one step
+    costs more than ``nfe``."""
+    per_step = DEFINITIONS[sampler].calls_per_step(corrector_steps)
+    if nfe < per_step:
+        raise ValueError(f"--nfe {nfe}: one {sampler} step costs {per_step} model evaluations; expected --nfe >= "
+                         f"{per_step}")
+    return nfe // per_step
 
 
 def default_grid(sampler: str) -> str:

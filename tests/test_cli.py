@@ -117,6 +117,8 @@ def test_inpainting_from_the_command_line(tmp_path, capsys):
 @pytest.mark.parametrize("args, message", [
     (["--sampler", "ode-heun", "--grid", "diffusers"], "runs on the grids"),
     (["--steps", "10", "--nfe", "10"], "not both"),
+    (["--sampler", "ode-heun", "--nfe", "1"], "--nfe 1: one ode-heun step costs 2 model evaluations; expected "
+                                               "--nfe >= 2"),  # was 1 step: 2 evaluations, over the budget
     (["--sampler", "em", "--denoise-final"], "denoise_final is an option of dpmpp-2m"),
     (["--sampler", "em", "--snr", "0.2"], "snr, corrector_steps and coupling are options of pc"),
     (["--opset", "30"], "opset 30: the installed onnx"),
