@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--samplers", nargs="+", default=["em", "pc", "pc:coupling=batch", "ancestral", "ode-euler",
                                                       "ode-heun", "dpmpp-2m"],
                    help="sampler ids, with options as SAMPLER:key=value,... (grid; pc: snr, coupling, corrector_steps; unipc: order, variant; "
-                        "dpmpp-*: denoise_final=1)")
+                        "dpmpp-*: denoise_final=1; grid=tuned: tune_seed, tune_samples)")
     p.add_argument("--nfe", nargs="+", type=int, default=[10, 20, 50, 100, 1000])
     p.add_argument("--model", default="gmm:dim=2,components=3,seed=0", help="a gmm model spec")
     p.add_argument("--num", type=int, default=20000)
@@ -59,10 +59,11 @@ def main(argv: list[str] | None = None) -> None:
                 where = Path(tmp) / f"{spec.replace(':', '-').replace(',', '-').replace('=', '-')}-{nfe}"
                 steps = steps_for_nfe(sampler, nfe, options.get("corrector_steps", 1))
                 grid, mark = options.pop("grid", None), ""
-                if "tune_seed" in options:
+                if "tune_seed" in options or "tune_samples" in options:
                     from vpsde.export.tuning import Tuning
 
-                    options["tuning"] = Tuning(seed=options.pop("tune_seed"))
+                    options["tuning"] = Tuning(**{k: options.pop(f"tune_{k}") for k in ("seed", "samples")
+                                                  if f"tune_{k}" in options})
                 sde = VPSDE(std_formula=default_std_formula(sampler, None))
                 model = load_model(args.model, sde)
                 try:
