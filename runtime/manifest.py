@@ -47,6 +47,9 @@ PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 MAX_REPEAT = 1_000
 MAX_CALLS = 1_000_000  # graph calls per sample: steps x sum of repeats (noise call indices must stay < 2^32)
 MAX_SAMPLE_NUMEL = 1 << 28  # elements of one sample (1 GiB of float32)
+FLOAT32_LIMIT = float.fromhex("0x1.ffffffp+127")
+"""2^128 - 2^103: a float64 of smaller magnitude rounds to a finite float32, one at least this large to Infinity.
+Schedule values go into the graphs as float32; both hosts refuse any they could not hold."""
 IO_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")  # graph input/output names, schedule keys
 
 
@@ -221,8 +224,9 @@ class Manifest:
             raise fail("model.precision", f"expected one of {', '.join(map(repr, PRECISIONS))}, got "
                                           f"{self.model.precision!r:.80}")
         for key, values in self.schedule.items():
-            if not all(math.isfinite(v) for v in values):
-                raise fail(f"schedule.{key}", "expected finite numbers, found NaN or Infinity")
+            if not all(abs(v) < FLOAT32_LIMIT for v in values):  # also refuses NaN
+                raise fail(f"schedule.{key}", "expected finite float32 numbers, found NaN, Infinity or a magnitude "
+                                              "past float32's 3.4e38")
         for key, values in self.schedule.items():
             if len(values) != n:
                 raise BundleError(f"{source}: field 'schedule.{key}': expected {n} values (sampler.steps), got {len(values)}")

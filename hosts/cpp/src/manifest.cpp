@@ -241,8 +241,9 @@ Manifest load_bundle(const std::string& bundle_dir, const std::string& expect_di
                                     std::to_string(m.schedule[key].size()));
   }
   for (const auto& [key, values] : m.schedule)
-    if (!std::all_of(values.begin(), values.end(), [](double v) { return std::isfinite(v); }))
-      r.fail("schedule." + key, "expected finite numbers, found NaN or Infinity");
+    if (!std::all_of(values.begin(), values.end(), [](double v) { return std::fabs(v) < kFloat32Limit; }))
+      r.fail("schedule." + key, "expected finite float32 numbers, found NaN, Infinity or a magnitude past float32's "
+                                "3.4e38");
   if (m.schedule.count("dt"))
     for (double dt : m.schedule["dt"])
       if (!(dt < 0)) r.fail("schedule.dt", "reverse-time steps must be negative");

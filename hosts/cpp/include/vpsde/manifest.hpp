@@ -25,6 +25,8 @@ inline constexpr std::uint64_t kGraphLimit = 2ull << 30;      // bytes of one gr
 inline constexpr int kMaxDepth = 32;                          // JSON nesting
 inline constexpr std::int64_t kMaxSteps = 100000, kMaxRepeat = 1000, kMaxCalls = 1000000;
 inline constexpr std::int64_t kMaxSampleNumel = std::int64_t{1} << 28;
+/// Schedule values go into the graphs as float32: a magnitude at least this (2^128 - 2^103) rounds to Infinity.
+inline constexpr double kFloat32Limit = 0x1.ffffffp+127;
 
 struct TensorSpec {
   std::string name, dtype;
