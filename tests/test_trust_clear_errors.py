@@ -277,6 +277,23 @@ def test_an_output_dtype_the_graph_does_not_have_is_refused_by_both_hosts(bundle
     assert r.returncode == 2 and "graphs.em.outputs[0].dtype" in r.stderr and "float32 graph IO" in r.stderr, r.stderr
 
 
+@pytest.mark.parametrize("edit, kind", [
+    (lambda d: d["graphs"]["em"]["outputs"][0]["shape"].__setitem__(0, 1), "outputs"),  # [batch, 2] declared [1, 2]
+    (lambda d: d["graphs"]["em"]["outputs"][1].update(shape=["batch"]), "outputs"),       # another rank
+    (lambda d: d["graphs"]["em"]["inputs"][1].update(shape=[2]), "inputs"),  # t: [batch] declared [2]
+])
+def test_graph_io_the_file_does_not_have_is_refused_by_both_hosts(bundle, host, tmp_path, capsys, edit, kind):
+    """A re-signed manifest whose declared IO differs from the graph's in a fixed size or a rank: Python refused it
+    when the session opened, the C++ host compared only the number of inputs and outputs and sampled (found by
+    feeding both hosts randomly edited manifests). Both now apply the same rule."""
+    edit_manifest(bundle, edit)
+    assert main(["sample", str(bundle), "--num", "2", "--out", str(tmp_path / "o")]) == 2
+    assert f"do not match 'graphs.em.{kind}'" in capsys.readouterr().err
+    r = run_host(host / "vpsde-sample", bundle, "--num", 2, "--out", tmp_path / "x.npy", timeout=60)
+    assert r.returncode == 2 and f"graphs.em.{kind}" in r.stderr, r.stderr  # t's [batch]: a manifest rule in C++
+    assert not (tmp_path / "x.npy").exists()
+
+
 @pytest.fixture(scope="module")
 def rebuildable(tmp_path_factory):
     """Small bundles whose sampler options the eager reference rebuilds from sampler.params."""

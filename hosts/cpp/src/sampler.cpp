@@ -72,6 +72,58 @@ std::string explain_load_error(const std::string& what) {
   return first_line(what);
 }
 
+// Graph IO as ONNX Runtime reads it from the file against the manifest's declaration, the Python host's rule: the
+// same names and dtypes, and every size the manifest fixes equal to the graph's (a symbolic one takes any).
+void check_session_io(Ort::Session& session, const GraphSpec& spec, const std::string& key, const std::string& path) {
+  Ort::AllocatorWithDefaultOptions allocator;
+  const auto dtype = [](ONNXTensorElementDataType t) -> std::string {
+    switch (t) {
+      case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: return "float32";
+      case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: return "float16";
+      case ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16: return "bfloat16";
+      case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64: return "int64";
+      case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32: return "int32";
+      default: return "onnx element type " + std::to_string(static_cast<int>(t));
+    }
+  };
+  const auto describe = [](const std::string& name, const std::string& type, const std::vector<std::int64_t>& shape) {
+    std::string out = name + ": " + type + " [";
+    for (std::size_t i = 0; i < shape.size(); ++i) out += (i ? ", " : "") + (shape[i] < 0 ? "?" : std::to_string(shape[i]));
+    return out + "]";
+  };
+  for (const bool outputs : {false, true}) {
+    const std::vector<TensorSpec>& declared = outputs ? spec.outputs : spec.inputs;
+    const std::size_t count = outputs ? session.GetOutputCount() : session.GetInputCount();
+    const std::string kind = outputs ? "outputs" : "inputs";
+    std::map<std::string, std::string> graph_io, manifest_io;
+    for (std::size_t i = 0; i < count; ++i) {
+      const auto name = outputs ? session.GetOutputNameAllocated(i, allocator) : session.GetInputNameAllocated(i, allocator);
+      const Ort::TypeInfo type = outputs ? session.GetOutputTypeInfo(i) : session.GetInputTypeInfo(i);
+      if (type.GetONNXType() != ONNX_TYPE_TENSOR) {
+        graph_io[name.get()] = std::string(name.get()) + ": not a tensor";
+        continue;
+      }
+      const auto info = type.GetTensorTypeAndShapeInfo();
+      std::vector<std::int64_t> shape = info.GetShape();
+      const auto match = std::find_if(declared.begin(), declared.end(), [&](const TensorSpec& t) { return t.name == name.get(); });
+      if (match != declared.end() && match->shape.size() == shape.size())
+        for (std::size_t d = 0; d < shape.size(); ++d)
+          if (match->shape[d] < 0) shape[d] = -1;  // the manifest's symbolic dimension takes any size
+      graph_io[name.get()] = describe(name.get(), dtype(info.GetElementType()), shape);
+    }
+    for (const TensorSpec& t : declared) manifest_io[t.name] = describe(t.name, t.dtype, t.shape);
+    if (graph_io != manifest_io) {
+      const auto join = [](const std::map<std::string, std::string>& io) {
+        std::string out;
+        for (const auto& [_, text] : io) out += (out.empty() ? "" : ", ") + text;
+        return "{" + out + "}";
+      };
+      throw Error(path + ": graph " + kind + " " + join(graph_io) + " do not match 'graphs." + key + "." + kind +
+                  "' in the manifest " + join(manifest_io));
+    }
+  }
+}
+
 }  // namespace
 
 const char* version() { return VPSDE_VERSION; }
@@ -107,11 +159,7 @@ Sampler::Sampler(std::string bundle_dir, SamplerOptions options)
     } catch (const Ort::Exception& e) {
       throw Error(g->path + ": ONNX Runtime could not load graph '" + key + "': " + explain_load_error(e.what()));
     }
-    const std::size_t n_in = g->session.GetInputCount(), n_out = g->session.GetOutputCount();
-    if (n_in != spec.inputs.size() || n_out != spec.outputs.size())
-      throw Error(g->path + ": graph has " + std::to_string(n_in) + " inputs / " + std::to_string(n_out) +
-                  " outputs, 'graphs." + key + "' in the manifest declares " + std::to_string(spec.inputs.size()) + " / " +
-                  std::to_string(spec.outputs.size()));
+    check_session_io(g->session, spec, key, g->path);
     g->binding = std::make_unique<Ort::IoBinding>(g->session);
     graphs_.emplace(key, std::move(g));
   }
