@@ -392,6 +392,31 @@ def _type_name(tp: Any) -> str:
     return {int: "an integer", float: "a number", str: "a string", type(None): "null"}.get(tp, str(tp))
 
 
+def field_types(tp: Any = None) -> dict[str, Any]:
+    """The manifest's field types as JSON data, one node per type: {"type": "object" | "list" | "map" | "union" |
+    "int" | "number" | "string" | "null", "name": what a message says is expected, "of": the element type(s),
+    "fields": [[name, required, type], ...]}. The C++ host checks manifests against this table
+    (hosts/cpp/src/manifest_types.inc, written by hosts/cpp/write_manifest_types.py), so both hosts type every
+    field alike."""
+    tp = Manifest if tp is None else tp
+    node: dict[str, Any] = {"name": _type_name(tp)}
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        node.update(type="union", of=[field_types(a) for a in typing.get_args(tp)])
+    elif origin is list:
+        node.update(type="list", of=field_types(typing.get_args(tp)[0]))
+    elif origin is dict:
+        node.update(type="map", of=field_types(typing.get_args(tp)[1]))
+    elif dataclasses.is_dataclass(tp):
+        hints = typing.get_type_hints(tp)
+        node.update(type="object", fields=[
+            [f.name, f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING,
+             field_types(hints[f.name])] for f in dataclasses.fields(tp)])
+    else:
+        node["type"] = {int: "int", float: "number", str: "string", type(None): "null"}[tp]
+    return node
+
+
 def _convert(tp: Any, value: Any, source: str, where: str) -> Any:
     def fail() -> BundleError:
         return BundleError(f"{source}: field '{where or '<root>'}': expected {_type_name(tp)}, got {value!r:.80}")

@@ -8,7 +8,7 @@ from vpsde.runtime.backends import MAX_THREADS
 from vpsde.runtime.bundle import GRAPH_LIMIT
 from vpsde.runtime.digest import SUMS_LIMIT
 from vpsde.runtime.manifest import (FLOAT32_LIMIT, MANIFEST_LIMIT, MAX_CALLS, MAX_DEPTH, MAX_REPEAT,
-                                    MAX_SAMPLE_NUMEL, MAX_STEPS, READABLE_VERSIONS)
+                                    MAX_SAMPLE_NUMEL, MAX_STEPS, PRECISIONS, READABLE_VERSIONS)
 from vpsde.runtime.noise import PHILOX_ID
 
 INCLUDE = Path(__file__).parent.parent / "hosts" / "cpp" / "include" / "vpsde"
@@ -36,7 +36,7 @@ def test_both_hosts_enforce_the_same_limits_and_names():
     python = {"kManifestLimit": MANIFEST_LIMIT, "kSumsLimit": SUMS_LIMIT, "kGraphLimit": GRAPH_LIMIT,
               "kMaxDepth": MAX_DEPTH, "kMaxSteps": MAX_STEPS, "kMaxRepeat": MAX_REPEAT, "kMaxCalls": MAX_CALLS,
               "kMaxSampleNumel": MAX_SAMPLE_NUMEL, "kMaxThreads": MAX_THREADS, "kSchemaVersion": max(READABLE_VERSIONS),
-              "kPhiloxId": PHILOX_ID, "kFloat32Limit": FLOAT32_LIMIT}
+              "kPhiloxId": PHILOX_ID, "kFloat32Limit": FLOAT32_LIMIT, "kPrecisions": " ".join(PRECISIONS)}
     assert {k: cpp.get(k) for k in python} == python  # the C++ host reads every version
 
 
@@ -48,3 +48,71 @@ def test_the_reader_sees_a_changed_constant(tmp_path, monkeypatch):
     (tmp_path / "manifest.hpp").write_text(header)
     monkeypatch.setattr(sys.modules[__name__], "INCLUDE", tmp_path)
     assert _cpp_constants()["kMaxDepth"] == 33
+
+
+def test_the_cpp_hosts_field_types_are_the_python_dataclasses():
+    """hosts/cpp/src/manifest_types.inc is what write_manifest_types.py writes from today's dataclasses."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("write_manifest_types", INCLUDE.parent.parent / "write_manifest_types.py")
+    writer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(writer)
+    assert writer.TARGET.read_text() == writer.render(), "run hosts/cpp/write_manifest_types.py"
+
+
+WRONG_TYPES = ["x", 1.5, None, [], {}, True, 7]
+
+
+def _field_paths(node, prefix=()):
+    """Every path into parsed JSON (lists: their first two elements)."""
+    if prefix:
+        yield prefix
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _field_paths(value, prefix + (key,))
+    elif isinstance(node, list):
+        for i, value in enumerate(node[:2]):
+            yield from _field_paths(value, prefix + (i,))
+
+
+def test_both_hosts_give_every_field_the_same_verdict(gmm_bundle, host, tmp_path):
+    """Each field of a real manifest, in turn, replaced by a value of each wrong type (or one of the right type),
+    the bundle re-signed: the Python runtime (loading and opening the sessions) and the C++ host (sampling) accept
+    or refuse it alike, and a refusal names the field. Before the C++ host checked the Python dataclasses' types
+    (manifest_types.inc), it ran bundles whose descriptive fields (sde, noise.prior, sampler.params, producer, ...)
+    Python refused."""
+    import json
+    import shutil
+
+    from conftest import reseal, run_host
+
+    from vpsde.runtime import Sampler, VpsdeError
+
+    original = json.loads((gmm_bundle.root / "manifest.json").read_text())
+    disagree = []
+    for path in _field_paths(original):
+        for value in WRONG_TYPES:
+            data = json.loads(json.dumps(original))
+            parent = data
+            for key in path[:-1]:
+                parent = parent[key]
+            if parent[path[-1]] == value and type(parent[path[-1]]) is type(value):
+                continue
+            parent[path[-1]] = value
+            bundle = tmp_path / "b"
+            shutil.rmtree(bundle, ignore_errors=True)
+            shutil.copytree(gmm_bundle.root, bundle, ignore=shutil.ignore_patterns("engines"))
+            (bundle / "manifest.json").write_text(json.dumps(data))
+            reseal(bundle)
+            try:
+                Sampler(bundle, progress=False, threads=1)
+                python = "ok"
+            except VpsdeError as e:
+                python = str(e)
+            r = run_host(host / "vpsde-sample", bundle, "--num", 1, "--threads", 1, "--out", tmp_path / "x.npy",
+                         timeout=60)
+            cpp = "ok" if r.returncode == 0 else r.stderr.strip()
+            assert r.returncode in (0, 2), r.stderr
+            if (python == "ok") != (cpp == "ok"):
+                disagree.append(f"{'.'.join(map(str, path))} = {value!r}: python {python[:120]!r}, C++ {cpp[:120]!r}")
+    assert not disagree, "\n".join(disagree)

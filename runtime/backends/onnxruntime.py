@@ -124,13 +124,11 @@ class OnnxRuntimeRunner:
     def _check_session_io(self) -> None:
         for kind, declared, actual in (("inputs", self.spec.inputs, self.session.get_inputs()),
                                        ("outputs", self.spec.outputs, self.session.get_outputs())):
-            # fixed sizes must agree; a symbolic (batch) dimension in the manifest may be anything in the graph
+            # every size alike: a symbolic dimension (the batch, to the hosts) in the manifest is symbolic in the
+            # graph, a fixed one the same number
             got = {a.name: (ORT_TYPES.get(a.type, a.type), [d if isinstance(d, int) else "?" for d in a.shape])
                    for a in actual}
             want = {d.name: (d.dtype, [s if isinstance(s, int) else "?" for s in d.shape]) for d in declared}
-            for name, (dtype, shape) in want.items():
-                if name in got and len(got[name][1]) == len(shape):
-                    got[name] = (got[name][0], [g if w != "?" else "?" for g, w in zip(got[name][1], shape)])
             if got != want:
                 raise BundleError(f"{self.path}: graph {kind} {got} (name: (dtype, shape)) do not match "
                                   f"'graphs.{self.key}.{kind}' in the manifest {want}")

@@ -67,6 +67,63 @@ struct Reader {
   static std::string join(const std::string& where, const std::string& key) { return where.empty() ? key : where + "." + key; }
 };
 
+// The manifest's field types, from the Python runtime's dataclasses (write_manifest_types.py): every field is
+// typed here as Python types it, before the fields this host reads are read.
+const json& field_types() {
+  static const json table = json::parse(
+#include "manifest_types.inc"
+  );
+  return table;
+}
+
+bool conforms(const json& type, const json& value) {
+  const std::string& kind = type.at("type").get_ref<const std::string&>();
+  if (kind == "union")
+    return std::any_of(type.at("of").begin(), type.at("of").end(), [&](const json& t) { return conforms(t, value); });
+  if (kind == "list")
+    return value.is_array() &&
+           std::all_of(value.begin(), value.end(), [&](const json& v) { return conforms(type.at("of"), v); });
+  if (kind == "map")
+    return value.is_object() &&
+           std::all_of(value.begin(), value.end(), [&](const json& v) { return conforms(type.at("of"), v); });
+  if (kind == "object") {
+    if (!value.is_object()) return false;
+    for (const auto& f : type.at("fields")) {
+      const auto it = value.find(f[0].get<std::string>());
+      if (it == value.end() ? f[1].get<bool>() : !conforms(f[2], *it)) return false;
+    }
+    return true;
+  }
+  if (kind == "int") return value.is_number_integer();
+  if (kind == "number") return value.is_number();
+  if (kind == "string") return value.is_string();
+  return value.is_null();  // "null"
+}
+
+// The first field that does not conform, named as the Python host names it ("field 'x.y[2]': expected ...").
+void check_types(const Reader& r, const json& type, const json& value, const std::string& where) {
+  const std::string& kind = type.at("type").get_ref<const std::string&>();
+  const auto fail = [&] {
+    std::string got = value.dump();
+    if (got.size() > 80) got = got.substr(0, 80);
+    r.fail(where.empty() ? "<root>" : where, "expected " + type.at("name").get<std::string>() + ", got " + got);
+  };
+  if (kind == "list" && value.is_array()) {
+    for (std::size_t i = 0; i < value.size(); ++i) check_types(r, type.at("of"), value[i], where + "[" + std::to_string(i) + "]");
+  } else if (kind == "map" && value.is_object()) {
+    for (const auto& [key, v] : value.items()) check_types(r, type.at("of"), v, where.empty() ? key : where + "." + key);
+  } else if (kind == "object" && value.is_object()) {
+    for (const auto& f : type.at("fields")) {
+      const std::string name = f[0].get<std::string>(), sub = where.empty() ? name : where + "." + name;
+      const auto it = value.find(name);
+      if (it != value.end()) check_types(r, f[2], *it, sub);
+      else if (f[1].get<bool>()) r.fail(sub, "is missing (" + f[2].at("name").get<std::string>() + " expected)");
+    }
+  } else if (!conforms(type, value)) {
+    fail();
+  }
+}
+
 bool is_identifier(const std::string& name) {
   if (name.empty() || name.size() > 64 || !(std::isalpha(static_cast<unsigned char>(name[0])) || name[0] == '_')) return false;
   return std::all_of(name.begin(), name.end(), [](char c) { return std::isalnum(static_cast<unsigned char>(c)) || c == '_'; });
@@ -164,6 +221,7 @@ Manifest load_bundle(const std::string& bundle_dir, const std::string& expect_di
   if (version < 1 || version > kSchemaVersion)
     r.fail("schema_version", "this host reads schema versions 1.." + std::to_string(kSchemaVersion) + ", the bundle has " +
                                  std::to_string(version) + "; re-export the bundle or use a matching vpsde-sample");
+  check_types(r, field_types(), doc, "");
 
   Manifest m;
   const json& model = r.at(doc, "model", "");
@@ -182,8 +240,9 @@ Manifest load_bundle(const std::string& bundle_dir, const std::string& expect_di
       r.fail("model.value_range", "expected [lo, hi] with finite lo < hi, or null, got " + model["value_range"].dump());
   }
   if (model.contains("precision")) {
-    if (!model["precision"].is_string()) r.fail("model.precision", "expected \"fp32\", \"fp16\", \"bf16\" or \"int8\"");
-    m.precision = model["precision"].get<std::string>();
+    m.precision = r.str(model, "precision", "model");
+    if ((" " + std::string(kPrecisions) + " ").find(" " + m.precision + " ") == std::string::npos)
+      r.fail("model.precision", "expected one of " + std::string(kPrecisions) + ", got " + model["precision"].dump());
   }
 
   const json& sampler = r.at(doc, "sampler", "");

@@ -73,7 +73,7 @@ std::string explain_load_error(const std::string& what) {
 }
 
 // Graph IO as ONNX Runtime reads it from the file against the manifest's declaration, the Python host's rule: the
-// same names and dtypes, and every size the manifest fixes equal to the graph's (a symbolic one takes any).
+// same names, dtypes and sizes, a symbolic dimension (the batch) symbolic in both.
 void check_session_io(Ort::Session& session, const GraphSpec& spec, const std::string& key, const std::string& path) {
   Ort::AllocatorWithDefaultOptions allocator;
   const auto dtype = [](ONNXTensorElementDataType t) -> std::string {
@@ -104,12 +104,7 @@ void check_session_io(Ort::Session& session, const GraphSpec& spec, const std::s
         continue;
       }
       const auto info = type.GetTensorTypeAndShapeInfo();
-      std::vector<std::int64_t> shape = info.GetShape();
-      const auto match = std::find_if(declared.begin(), declared.end(), [&](const TensorSpec& t) { return t.name == name.get(); });
-      if (match != declared.end() && match->shape.size() == shape.size())
-        for (std::size_t d = 0; d < shape.size(); ++d)
-          if (match->shape[d] < 0) shape[d] = -1;  // the manifest's symbolic dimension takes any size
-      graph_io[name.get()] = describe(name.get(), dtype(info.GetElementType()), shape);
+      graph_io[name.get()] = describe(name.get(), dtype(info.GetElementType()), info.GetShape());
     }
     for (const TensorSpec& t : declared) manifest_io[t.name] = describe(t.name, t.dtype, t.shape);
     if (graph_io != manifest_io) {

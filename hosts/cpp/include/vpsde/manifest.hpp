@@ -18,6 +18,7 @@ struct Error : std::runtime_error {
 
 inline constexpr int kSchemaVersion = 3;  // newest version read; 1 (Euler-Maruyama only) and 2 read too
 inline constexpr const char* kPhiloxId = "philox4x32-10/box-muller/v1";
+inline constexpr const char* kPrecisions = "fp32 fp16 bf16 int8";  // model.precision values
 /// Bounds on what a manifest may ask for (the same as vpsde/runtime/manifest.py).
 inline constexpr std::uint64_t kManifestLimit = 64ull << 20;  // bytes of manifest.json
 inline constexpr std::uint64_t kSumsLimit = 1ull << 16;       // bytes of SHA256SUMS
