@@ -109,9 +109,11 @@ void check_types(const Reader& r, const json& type, const json& value, const std
     r.fail(where.empty() ? "<root>" : where, "expected " + type.at("name").get<std::string>() + ", got " + got);
   };
   if (kind == "list" && value.is_array()) {
-    for (std::size_t i = 0; i < value.size(); ++i) check_types(r, type.at("of"), value[i], where + "[" + std::to_string(i) + "]");
+    for (std::size_t i = 0; i < value.size(); ++i)
+      check_types(r, type.at("of"), value[i], where + "[" + std::to_string(i) + "]");
   } else if (kind == "map" && value.is_object()) {
-    for (const auto& [key, v] : value.items()) check_types(r, type.at("of"), v, where.empty() ? key : where + "." + key);
+    for (const auto& [key, v] : value.items())
+      check_types(r, type.at("of"), v, where.empty() ? key : where + "." + key);
   } else if (kind == "object" && value.is_object()) {
     for (const auto& f : type.at("fields")) {
       const std::string name = f[0].get<std::string>(), sub = where.empty() ? name : where + "." + name;

@@ -88,7 +88,8 @@ void check_session_io(Ort::Session& session, const GraphSpec& spec, const std::s
   };
   const auto describe = [](const std::string& name, const std::string& type, const std::vector<std::int64_t>& shape) {
     std::string out = name + ": " + type + " [";
-    for (std::size_t i = 0; i < shape.size(); ++i) out += (i ? ", " : "") + (shape[i] < 0 ? "?" : std::to_string(shape[i]));
+    for (std::size_t i = 0; i < shape.size(); ++i)
+      out += (i ? ", " : "") + (shape[i] < 0 ? "?" : std::to_string(shape[i]));
     return out + "]";
   };
   for (const bool outputs : {false, true}) {
@@ -97,7 +98,8 @@ void check_session_io(Ort::Session& session, const GraphSpec& spec, const std::s
     const std::string kind = outputs ? "outputs" : "inputs";
     std::map<std::string, std::string> graph_io, manifest_io;
     for (std::size_t i = 0; i < count; ++i) {
-      const auto name = outputs ? session.GetOutputNameAllocated(i, allocator) : session.GetInputNameAllocated(i, allocator);
+      const auto name =
+          outputs ? session.GetOutputNameAllocated(i, allocator) : session.GetInputNameAllocated(i, allocator);
       const Ort::TypeInfo type = outputs ? session.GetOutputTypeInfo(i) : session.GetInputTypeInfo(i);
       if (type.GetONNXType() != ONNX_TYPE_TENSOR) {
         graph_io[name.get()] = std::string(name.get()) + ": not a tensor";
@@ -190,9 +192,10 @@ void Sampler::check_memory(std::int64_t num, std::int64_t batch) const {
     std::snprintf(text, sizeof text, "%.1Lf GiB", bytes / (1ull << 30));
     return std::string(text);
   };
+  const std::string limit =
+      file.empty() ? "this machine's " + gib(have) : "the " + gib(have) + " its cgroup allows (" + file + ")";
   throw Error(std::to_string(num) + " samples in batches of " + std::to_string(batch) + " need about " + gib(need) +
-              ", more than " +
-              (file.empty() ? "this machine's " + gib(have) : "the " + gib(have) + " its cgroup allows (" + file + ")") +
+              ", more than " + limit +
               ": sample fewer at a time (--num, --batch) and shard with --first-sample");
 }
 
