@@ -392,6 +392,11 @@ def _type_name(tp: Any) -> str:
     return {int: "an integer", float: "a number", str: "a string", type(None): "null"}.get(tp, str(tp))
 
 
+def _required(f: dataclasses.Field) -> bool:
+    """Whether a manifest must have field ``f`` (it has no default)."""
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
 def field_types(tp: Any = None) -> dict[str, Any]:
     """The manifest's field types as JSON data, one node per type: {"type": "object" | "list" | "map" | "union" |
     "int" | "number" | "string" | "null", "name": what a message says is expected, "of": the element type(s),
@@ -410,8 +415,7 @@ def field_types(tp: Any = None) -> dict[str, Any]:
     elif dataclasses.is_dataclass(tp):
         hints = typing.get_type_hints(tp)
         node.update(type="object", fields=[
-            [f.name, f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING,
-             field_types(hints[f.name])] for f in dataclasses.fields(tp)])
+            [f.name, _required(f), field_types(hints[f.name])] for f in dataclasses.fields(tp)])
     else:
         node["type"] = {int: "int", float: "number", str: "string", type(None): "null"}[tp]
     return node
@@ -447,7 +451,7 @@ def _convert(tp: Any, value: Any, source: str, where: str) -> Any:
         for f in dataclasses.fields(tp):
             sub = f"{where}.{f.name}" if where else f.name
             if f.name not in value:
-                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                if _required(f):
                     raise BundleError(f"{source}: field '{sub}' is missing ({_type_name(hints[f.name])} expected)")
                 continue
             kwargs[f.name] = _convert(hints[f.name], value[f.name], source, sub)

@@ -63,7 +63,16 @@ def test_the_cpp_hosts_field_types_are_the_python_dataclasses():
     assert writer.TARGET.read_text() == writer.render(), "run hosts/cpp/write_manifest_types.py"
 
 
-WRONG_TYPES = ["x", 1.5, None, [], {}, True, 7]
+@pytest.fixture(scope="module")
+def small_bundles(tmp_path_factory):
+    """Mixture bundles of several program shapes: one graph, two graphs with repeats, carried state, conditioning."""
+    from vpsde.export import VPSDE, export_bundle, load_model
+
+    root = tmp_path_factory.mktemp("edited")
+    cases = {"em": ("gmm", {"steps": 5}), "pc": ("gmm", {"steps": 30, "corrector_steps": 2}),
+             "unipc": ("gmm", {"steps": 4}), "inpaint": ("gmm:dim=3", {"steps": 4})}
+    return {name: export_bundle(load_model(model, VPSDE()), root / name, sampler=name, log=lambda _: None,
+                                **options).root for name, (model, options) in cases.items()}
 
 
 def _field_paths(node, prefix=()):
@@ -78,20 +87,51 @@ def _field_paths(node, prefix=()):
             yield from _field_paths(value, prefix + (i,))
 
 
-def test_both_hosts_give_every_field_the_same_verdict(gmm_bundle, host, tmp_path):
-    """Each field of a real manifest, in turn, replaced by a value of each wrong type (or one of the right type),
-    the bundle re-signed: the Python runtime (loading and opening the sessions) and the C++ host (sampling) accept
-    or refuse it alike, and a refusal names the field. Before the C++ host checked the Python dataclasses' types
-    (manifest_types.inc), it ran bundles whose descriptive fields (sde, noise.prior, sampler.params, producer, ...)
-    Python refused."""
+def _verdicts(source: Path, data: dict, host: Path, work: Path) -> tuple[str | None, str | None]:
+    """``source`` (a bundle) with manifest ``data``, re-signed, and one sample drawn by each host: (Python's
+    refusal, the C++ host's refusal), None where a host drew it. A C++ refusal must be exit 2 in at most two lines
+    (its message, maybe ONNX Runtime's own)."""
     import json
     import shutil
 
+    import numpy as np
     from conftest import reseal, run_host
 
     from vpsde.runtime import Sampler, VpsdeError
 
-    original = json.loads((gmm_bundle.root / "manifest.json").read_text())
+    bundle = work / "b"
+    shutil.rmtree(bundle, ignore_errors=True)
+    shutil.copytree(source, bundle)
+    (bundle / "manifest.json").write_text(json.dumps(data))
+    reseal(bundle)
+    conditioning, cond_args = None, []
+    if source.name == "inpaint":  # the mixture of 3 dimensions: one known row, a mask
+        conditioning = {"known": np.array([[0.5, -0.25, 0.1]], np.float32), "mask": np.array([1, 0, 1], np.float32)}
+        for name, value in conditioning.items():
+            np.save(work / f"{name}.npy", value)
+            cond_args += ["--cond", f"{name}={work / f'{name}.npy'}"]
+    try:
+        Sampler(bundle, progress=False, threads=1).sample(1, seed=0, conditioning=conditioning)
+        python = None
+    except VpsdeError as e:
+        python = str(e)
+    r = run_host(host / "vpsde-sample", bundle, "--num", 1, "--threads", 1, *cond_args, "--out", work / "x.npy",
+                 timeout=60)
+    assert r.returncode in (0, 2) and len(r.stderr.strip().splitlines()) <= 2, r.stderr[-500:]
+    return python, (r.stderr.strip() if r.returncode else None)
+
+
+WRONG_TYPES = ["x", 1.5, None, [], {}, True, 7]
+
+
+def test_both_hosts_give_every_field_the_same_verdict(small_bundles, host, tmp_path):
+    """Each field of a real manifest, in turn, replaced by a value of each wrong type (or one of the right type),
+    the bundle re-signed: both hosts draw a sample or both refuse. Before the C++ host checked the Python
+    dataclasses' types (manifest_types.inc), it ran bundles whose descriptive fields (sde, noise.prior,
+    sampler.params, producer, ...) Python refused."""
+    import json
+
+    original = json.loads((small_bundles["em"] / "manifest.json").read_text())
     disagree = []
     for path in _field_paths(original):
         for value in WRONG_TYPES:
@@ -102,35 +142,10 @@ def test_both_hosts_give_every_field_the_same_verdict(gmm_bundle, host, tmp_path
             if parent[path[-1]] == value and type(parent[path[-1]]) is type(value):
                 continue
             parent[path[-1]] = value
-            bundle = tmp_path / "b"
-            shutil.rmtree(bundle, ignore_errors=True)
-            shutil.copytree(gmm_bundle.root, bundle, ignore=shutil.ignore_patterns("engines"))
-            (bundle / "manifest.json").write_text(json.dumps(data))
-            reseal(bundle)
-            try:
-                Sampler(bundle, progress=False, threads=1)
-                python = "ok"
-            except VpsdeError as e:
-                python = str(e)
-            r = run_host(host / "vpsde-sample", bundle, "--num", 1, "--threads", 1, "--out", tmp_path / "x.npy",
-                         timeout=60)
-            cpp = "ok" if r.returncode == 0 else r.stderr.strip()
-            assert r.returncode in (0, 2), r.stderr
-            if (python == "ok") != (cpp == "ok"):
-                disagree.append(f"{'.'.join(map(str, path))} = {value!r}: python {python[:120]!r}, C++ {cpp[:120]!r}")
+            python, cpp = _verdicts(small_bundles["em"], data, host, tmp_path)
+            if (python is None) != (cpp is None):
+                disagree.append(f"{'.'.join(map(str, path))} = {value!r}: python {python!r:.120}, C++ {cpp!r:.120}")
     assert not disagree, "\n".join(disagree)
-
-
-@pytest.fixture(scope="module")
-def small_bundles(tmp_path_factory):
-    """Mixture bundles of several program shapes: one graph, two graphs with repeats, carried state, conditioning."""
-    from vpsde.export import VPSDE, export_bundle, load_model
-
-    root = tmp_path_factory.mktemp("edited")
-    cases = {"em": ("gmm", {"steps": 5}), "pc": ("gmm", {"steps": 30, "corrector_steps": 2}),
-             "unipc": ("gmm", {"steps": 4}), "inpaint": ("gmm:dim=3", {"steps": 4})}
-    return {name: export_bundle(load_model(model, VPSDE()), root / name, sampler=name, log=lambda _: None,
-                                **options).root for name, (model, options) in cases.items()}
 
 
 EDGE_VALUES = [0, -1, 1.5, 1e300, "", "x", None, [], {}, True, [1], "batch", "float16", "zeros"]
@@ -143,19 +158,10 @@ def test_both_hosts_agree_on_randomly_edited_manifests(small_bundles, host, tmp_
     did not compare with the file (0.5.14)."""
     import json
     import random
-    import shutil
-
-    import numpy as np
-    from conftest import reseal, run_host
-
-    from vpsde.runtime import Sampler, VpsdeError
 
     rng = random.Random(20261208)
-    known, mask = np.array([[0.5, -0.25, 0.1]], np.float32), np.array([1, 0, 1], np.float32)
-    np.save(tmp_path / "known.npy", known)
-    np.save(tmp_path / "mask.npy", mask)
     disagree = []
-    for trial in range(120):
+    for _ in range(120):
         name = rng.choice(sorted(small_bundles))
         data = json.loads((small_bundles[name] / "manifest.json").read_text())
         edits = []
@@ -171,22 +177,7 @@ def test_both_hosts_agree_on_randomly_edited_manifests(small_bundles, host, tmp_
                 parent = parent[key]
             parent[path[-1]] = value
             edits.append(f"{'.'.join(map(str, path))} = {json.dumps(value)[:60]}")
-        bundle = tmp_path / "b"
-        shutil.rmtree(bundle, ignore_errors=True)
-        shutil.copytree(small_bundles[name], bundle)
-        (bundle / "manifest.json").write_text(json.dumps(data))
-        reseal(bundle)
-        conditioning = {"known": known, "mask": mask} if name == "inpaint" else None
-        try:
-            Sampler(bundle, progress=False, threads=1).sample(1, seed=0, conditioning=conditioning)
-            python = "ok"
-        except VpsdeError as e:
-            python = str(e)
-        cond = ["--cond", f"known={tmp_path / 'known.npy'}", "--cond", f"mask={tmp_path / 'mask.npy'}"] \
-            if name == "inpaint" else []
-        r = run_host(host / "vpsde-sample", bundle, "--num", 1, "--threads", 1, *cond, "--out", tmp_path / "x.npy",
-                     timeout=60)
-        assert r.returncode in (0, 2) and len(r.stderr.strip().splitlines()) <= 2, f"{edits}: {r.stderr[-500:]}"
-        if (python == "ok") != (r.returncode == 0):
-            disagree.append(f"{name} {edits}: python {python[:150]!r}, C++ {r.stderr.strip()[-150:]!r}")
+        python, cpp = _verdicts(small_bundles[name], data, host, tmp_path)
+        if (python is None) != (cpp is None):
+            disagree.append(f"{name} {edits}: python {python!r:.150}, C++ {cpp!r:.150}")
     assert not disagree, "\n".join(disagree)
